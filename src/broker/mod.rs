@@ -1,0 +1,1 @@
+//! RabbitMQ: the only module that knows lapin.

@@ -1,0 +1,15 @@
+//! `holdclear cases …` (being built: see the issue that owns it).
+
+use std::process::ExitCode;
+
+/// Subcommands of `holdclear cases`.
+#[derive(Debug, clap::Subcommand)]
+pub enum Command {
+    /// Placeholder until the subcommands land.
+    List,
+}
+
+/// Runs `holdclear cases …`.
+pub async fn execute(_settings: crate::config::Settings, _cmd: Command) -> anyhow::Result<ExitCode> {
+    anyhow::bail!("holdclear cases is not built yet")
+}

@@ -1,0 +1,286 @@
+//! The commerce API: the only module that knows HTTP to the remote side.
+//!
+//! The engine depends on the [`CommerceApi`] trait; [`HttpCommerce`] is the
+//! implementation against any server honouring the contract (Cisco's, or
+//! `holdclear sim`). Every failure is classified here, once:
+//! [`CommerceError::Transient`] (retry later) or [`CommerceError::Permanent`]
+//! (escalate, never retry).
+
+use std::fmt;
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+
+use crate::domain::{AccountSelector, AccountType, Domain, OrderId, SalesOrderNumber, VirtualAccountChoice};
+
+/// The contract's permanent error codes, plus the client's own.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub enum ErrorCode {
+    /// 400 `TNC_ERROR`: terms not accepted.
+    TncError,
+    /// 400 `BIZ_RULE_FAIL_ERROR`: a business rule failed.
+    BizRuleFail,
+    /// 403 `ORDER_ACCESS_DENIED`.
+    OrderAccessDenied,
+    /// 404 `ORDER_NOT_FOUND`.
+    OrderNotFound,
+    /// 404 `SMART_ACCOUNT_NOT_FOUND`.
+    SmartAccountNotFound,
+    /// 409 `ASSIGNMENT_LOCKED`.
+    AssignmentLocked,
+    /// 422 `SMART_ACCOUNT_NOT_ACTIVE`.
+    SmartAccountNotActive,
+    /// 422 `VIRTUAL_ACCOUNT_NOT_FOUND`.
+    VirtualAccountNotFound,
+    /// The token endpoint refused the client credentials (`invalid_client`).
+    InvalidCredentials,
+    /// Any other permanent answer, with the code the server gave (or the HTTP status).
+    Other(String),
+}
+
+impl ErrorCode {
+    /// Reads the contract's `errorCode`.
+    pub fn from_contract(code: &str) -> Self {
+        match code {
+            "TNC_ERROR" => Self::TncError,
+            "BIZ_RULE_FAIL_ERROR" => Self::BizRuleFail,
+            "ORDER_ACCESS_DENIED" => Self::OrderAccessDenied,
+            "ORDER_NOT_FOUND" => Self::OrderNotFound,
+            "SMART_ACCOUNT_NOT_FOUND" => Self::SmartAccountNotFound,
+            "ASSIGNMENT_LOCKED" => Self::AssignmentLocked,
+            "SMART_ACCOUNT_NOT_ACTIVE" => Self::SmartAccountNotActive,
+            "VIRTUAL_ACCOUNT_NOT_FOUND" => Self::VirtualAccountNotFound,
+            other => Self::Other(other.to_owned()),
+        }
+    }
+
+    /// The contract's spelling.
+    pub fn as_str(&self) -> &str {
+        match self {
+            Self::TncError => "TNC_ERROR",
+            Self::BizRuleFail => "BIZ_RULE_FAIL_ERROR",
+            Self::OrderAccessDenied => "ORDER_ACCESS_DENIED",
+            Self::OrderNotFound => "ORDER_NOT_FOUND",
+            Self::SmartAccountNotFound => "SMART_ACCOUNT_NOT_FOUND",
+            Self::AssignmentLocked => "ASSIGNMENT_LOCKED",
+            Self::SmartAccountNotActive => "SMART_ACCOUNT_NOT_ACTIVE",
+            Self::VirtualAccountNotFound => "VIRTUAL_ACCOUNT_NOT_FOUND",
+            Self::InvalidCredentials => "INVALID_CREDENTIALS",
+            Self::Other(code) => code,
+        }
+    }
+}
+
+impl fmt::Display for ErrorCode {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// A failed call, classified where it is known.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum CommerceError {
+    /// Worth retrying later: 429, 5xx, timeout, connection refused or reset.
+    #[error("transient commerce API failure: {detail}")]
+    Transient {
+        /// What the server asked for (`Retry-After`), if anything.
+        retry_after: Option<Duration>,
+        /// One line for the history; never a secret.
+        detail: String,
+    },
+    /// Never worth retrying as it is.
+    #[error("commerce API refused: {code}: {detail}")]
+    Permanent {
+        /// The contract's code.
+        code: ErrorCode,
+        /// The server's `statusMessage` or a description; never a secret.
+        detail: String,
+    },
+}
+
+/// A Smart Account as the search returns it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SmartAccount {
+    /// `SA-100231`.
+    pub id: String,
+    /// The account's domain.
+    pub domain: String,
+    /// The account's name.
+    pub name: String,
+    /// `CUSTOMER` or `HOLDING` as the server spells it.
+    pub account_type: String,
+    /// Activation state.
+    pub status: AccountStatus,
+}
+
+/// Whether an account can release a hold.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum AccountStatus {
+    /// Can release a hold.
+    Active,
+    /// Not yet activated by the customer: what causes a hold.
+    Pending,
+    /// Deactivated.
+    Inactive,
+    /// Anything else the server says.
+    Other(String),
+}
+
+impl AccountStatus {
+    /// Reads the contract's spelling.
+    pub fn parse(raw: &str) -> Self {
+        match raw {
+            "ACTIVE" => Self::Active,
+            "PENDING" => Self::Pending,
+            "INACTIVE" => Self::Inactive,
+            other => Self::Other(other.to_owned()),
+        }
+    }
+
+    /// The contract's spelling.
+    pub fn as_str(&self) -> &str {
+        match self {
+            Self::Active => "ACTIVE",
+            Self::Pending => "PENDING",
+            Self::Inactive => "INACTIVE",
+            Self::Other(s) => s,
+        }
+    }
+}
+
+/// A Virtual Account of a Smart Account.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VirtualAccount {
+    /// Its name.
+    pub name: String,
+    /// `isDefault == "true"`.
+    pub is_default: bool,
+    /// `commerceAccessLevel == "PUBLIC"`: only these can be chosen.
+    pub public: bool,
+}
+
+/// Picks the Virtual Account for an order: the named one if PUBLIC,
+/// otherwise the PUBLIC default one; `None` when there is none.
+pub fn choose_virtual_account<'a>(
+    accounts: &'a [VirtualAccount],
+    wanted: &VirtualAccountChoice,
+) -> Option<&'a VirtualAccount> {
+    match wanted {
+        VirtualAccountChoice::Named(name) => accounts
+            .iter()
+            .find(|va| va.public && va.name.eq_ignore_ascii_case(name)),
+        VirtualAccountChoice::AccountDefault => accounts.iter().find(|va| va.public && va.is_default),
+    }
+}
+
+/// One hold on an order.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Hold {
+    /// `SMART_ACCOUNT_HOLD`, `CREDIT_HOLD`, …
+    pub code: String,
+    /// When it was applied.
+    pub applied_at: Option<DateTime<Utc>>,
+    /// When it was released; `None` while on.
+    pub released_at: Option<DateTime<Utc>>,
+}
+
+/// The code of the hold this service clears.
+pub const SMART_ACCOUNT_HOLD: &str = "SMART_ACCOUNT_HOLD";
+
+/// An order as the commerce API shows it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Order {
+    /// Sales order number (needed to assign).
+    pub sales_order_number: SalesOrderNumber,
+    /// Web order id, if any.
+    pub web_order_id: Option<String>,
+    /// `ENTERED`, `BOOKED`, `SHIPPED`, `CLOSED`, `CANCELLED`.
+    pub status: String,
+    /// All holds, released or not.
+    pub holds: Vec<Hold>,
+    /// Domain of the assigned Smart Account, if any.
+    pub smart_account_domain: Option<String>,
+    /// Status of the assigned Smart Account, if any.
+    pub smart_account_status: Option<String>,
+    /// Name of the assigned Virtual Account, if any.
+    pub virtual_account_name: Option<String>,
+}
+
+impl Order {
+    /// True when no `SMART_ACCOUNT_HOLD` is still on.
+    pub fn smart_account_hold_released(&self) -> bool {
+        !self
+            .holds
+            .iter()
+            .any(|h| h.code == SMART_ACCOUNT_HOLD && h.released_at.is_none())
+    }
+
+    /// When the Smart Account hold was released (the latest release), if it was.
+    pub fn smart_account_hold_released_at(&self) -> Option<DateTime<Utc>> {
+        if !self.smart_account_hold_released() {
+            return None;
+        }
+        self.holds
+            .iter()
+            .filter(|h| h.code == SMART_ACCOUNT_HOLD)
+            .filter_map(|h| h.released_at)
+            .max()
+    }
+
+    /// Codes of the other holds still on the order (reported, not waited for).
+    pub fn other_holds(&self) -> Vec<String> {
+        self.holds
+            .iter()
+            .filter(|h| h.code != SMART_ACCOUNT_HOLD && h.released_at.is_none())
+            .map(|h| h.code.clone())
+            .collect()
+    }
+}
+
+/// What to assign to an order.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Assignment {
+    /// The chosen account's domain.
+    pub smart_account_domain: String,
+    /// Customer or holding account.
+    pub account_type: AccountType,
+    /// The chosen Virtual Account's name.
+    pub virtual_account_name: String,
+}
+
+/// The server's answer to an accepted assignment (202).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AssignmentReceipt {
+    /// `ASG-5521`.
+    pub assignment_id: String,
+    /// `SUBMITTED`.
+    pub status: String,
+}
+
+/// What the engine can ask of the commerce system.
+#[async_trait::async_trait]
+pub trait CommerceApi: Send + Sync {
+    /// The account that matches `selector` exactly (case-insensitively),
+    /// optionally of one type; `Ok(None)` when no account matches exactly.
+    async fn find_account(
+        &self,
+        selector: &AccountSelector,
+        account_type: Option<AccountType>,
+    ) -> Result<Option<SmartAccount>, CommerceError>;
+
+    /// The Virtual Accounts of the account with this domain.
+    async fn virtual_accounts(&self, domain: &Domain) -> Result<Vec<VirtualAccount>, CommerceError>;
+
+    /// Reads an order by sales order number, else by web order id.
+    async fn order(&self, order: &OrderId) -> Result<Order, CommerceError>;
+
+    /// Assigns a Smart Account; the same `idempotency_key` must be sent for
+    /// every retry of the same assignment.
+    async fn assign(
+        &self,
+        order: &SalesOrderNumber,
+        assignment: &Assignment,
+        idempotency_key: &str,
+    ) -> Result<AssignmentReceipt, CommerceError>;
+}

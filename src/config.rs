@@ -1,0 +1,782 @@
+//! Settings: an optional TOML file overridden by `HOLDCLEAR_*` environment
+//! variables, validated once into [`Settings`].
+//!
+//! Every setting has a default that works on a developer machine with
+//! RabbitMQ and PostgreSQL on localhost. An invalid value is a
+//! [`ConfigError`] that names the setting (the CLI exits 64 with it).
+//! Secrets are wrapped in [`Secret`], whose `Debug` and `Display` print
+//! `[redacted]`; URLs that may carry a password are [`SecretUrl`].
+
+use std::collections::HashMap;
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+use url::Url;
+
+/// What went wrong while reading the settings; always names the setting.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// A setting has a value that cannot be used.
+    #[error("invalid setting {setting}: {reason}")]
+    Invalid {
+        /// The environment variable or file key, e.g. `HOLDCLEAR_POLL_INTERVAL`.
+        setting: String,
+        /// What is wrong with it, without echoing secrets.
+        reason: String,
+    },
+    /// The settings file could not be read or parsed.
+    #[error("invalid settings file {path}: {reason}")]
+    File {
+        /// The file given with `--config` or `HOLDCLEAR_CONFIG`.
+        path: PathBuf,
+        /// The parser's message (file keys, never values of secrets).
+        reason: String,
+    },
+}
+
+impl ConfigError {
+    fn invalid(setting: &str, reason: impl fmt::Display) -> Self {
+        Self::Invalid {
+            setting: setting.to_owned(),
+            reason: reason.to_string(),
+        }
+    }
+}
+
+/// A value that must never appear in logs, errors or `Debug` output.
+#[derive(Clone, Default, PartialEq, Eq)]
+pub struct Secret(String);
+
+impl Secret {
+    /// Wraps a secret value.
+    pub fn new(value: impl Into<String>) -> Self {
+        Self(value.into())
+    }
+
+    /// The secret itself, for the one place that must send it.
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("[redacted]")
+    }
+}
+
+impl fmt::Display for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("[redacted]")
+    }
+}
+
+/// A connection URL whose password is redacted whenever it is shown.
+#[derive(Clone, PartialEq, Eq)]
+pub struct SecretUrl(Url);
+
+impl SecretUrl {
+    /// Parses a URL; the error never repeats the URL (it may hold a password).
+    pub fn parse(setting: &str, value: &str) -> Result<Self, ConfigError> {
+        Url::parse(value)
+            .map(Self)
+            .map_err(|e| ConfigError::invalid(setting, format!("not a URL ({e})")))
+    }
+
+    /// The full URL, password included, for the one place that connects.
+    pub fn expose(&self) -> &str {
+        self.0.as_str()
+    }
+
+    /// The parsed URL, password included.
+    pub fn url(&self) -> &Url {
+        &self.0
+    }
+
+    /// The URL with its password replaced, safe to log.
+    pub fn redacted(&self) -> String {
+        let mut shown = self.0.clone();
+        if shown.password().is_some() {
+            let _ = shown.set_password(Some("redacted"));
+        }
+        shown.to_string()
+    }
+}
+
+impl fmt::Debug for SecretUrl {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.redacted())
+    }
+}
+
+impl fmt::Display for SecretUrl {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.redacted())
+    }
+}
+
+/// How log lines are written.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum LogFormat {
+    /// Human-readable, coloured when on a terminal.
+    Pretty,
+    /// One JSON object per line.
+    Json,
+}
+
+/// Names of the AMQP exchanges and queues (defaults from the event contract).
+#[derive(Clone, Debug, PartialEq, Eq, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Topology {
+    /// Upstream topic exchange the held orders are published on.
+    pub orders_exchange: String,
+    /// Routing key of held-order events.
+    pub held_routing_key: String,
+    /// The worker's quorum queue of held orders.
+    pub held_queue: String,
+    /// Fanout dead-letter exchange.
+    pub dead_letter_exchange: String,
+    /// Quorum queue bound to the dead-letter exchange.
+    pub dead_letter_queue: String,
+    /// Topic exchange of everything the worker emits.
+    pub events_exchange: String,
+}
+
+impl Default for Topology {
+    fn default() -> Self {
+        Self {
+            orders_exchange: "commerce.orders".into(),
+            held_routing_key: "order.held".into(),
+            held_queue: "holdclear.order-held".into(),
+            dead_letter_exchange: "holdclear.dlx".into(),
+            dead_letter_queue: "holdclear.order-held.dlq".into(),
+            events_exchange: "holdclear.events".into(),
+        }
+    }
+}
+
+impl Topology {
+    /// The default names with `prefix` in front of each, for tests, the demo
+    /// and the benchmark, so they never touch a real setup.
+    pub fn prefixed(prefix: &str) -> Self {
+        let d = Self::default();
+        Self {
+            orders_exchange: format!("{prefix}{}", d.orders_exchange),
+            held_routing_key: d.held_routing_key,
+            held_queue: format!("{prefix}{}", d.held_queue),
+            dead_letter_exchange: format!("{prefix}{}", d.dead_letter_exchange),
+            dead_letter_queue: format!("{prefix}{}", d.dead_letter_queue),
+            events_exchange: format!("{prefix}{}", d.events_exchange),
+        }
+    }
+}
+
+/// Connection to RabbitMQ and the bounds of consuming.
+#[derive(Clone, Debug)]
+pub struct AmqpSettings {
+    /// `amqp://` or `amqps://` URL.
+    pub url: SecretUrl,
+    /// Exchange and queue names.
+    pub topology: Topology,
+    /// Unacknowledged deliveries the broker may hand the worker at once.
+    pub prefetch: u16,
+    /// Largest accepted message body, in bytes.
+    pub max_payload_bytes: usize,
+    /// `x-delivery-limit` of the held-order queue (poison-loop guard).
+    pub delivery_limit: u32,
+    /// Deliveries written to the database in one transaction, at most.
+    pub intake_batch: usize,
+    /// How long intake waits for a batch to fill before writing it.
+    pub intake_linger: Duration,
+}
+
+/// The commerce API client.
+#[derive(Clone, Debug)]
+pub struct CommerceSettings {
+    /// Base URL all API paths are relative to.
+    pub base_url: Url,
+    /// OAuth2 token endpoint.
+    pub token_url: Url,
+    /// OAuth2 client id.
+    pub client_id: String,
+    /// OAuth2 client secret; never logged.
+    pub client_secret: Secret,
+    /// Calls per second, all tasks of one worker together.
+    pub rate_limit: f64,
+    /// Timeout of one HTTP request.
+    pub request_timeout: Duration,
+}
+
+/// Exponential backoff for transient failures (see the `backoff` crate).
+#[derive(Clone, Debug, PartialEq)]
+pub struct RetrySettings {
+    /// First delay.
+    pub initial: Duration,
+    /// Longest delay between two attempts.
+    pub max_interval: Duration,
+    /// Retry budget: past this since the first failure, give up.
+    pub max_elapsed: Duration,
+    /// Growth factor of the delay.
+    pub multiplier: f64,
+    /// Jitter, as a fraction of the delay (0 to 1).
+    pub randomization: f64,
+}
+
+/// One `HOLD_PERSISTS` escalation threshold.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct EscalationThreshold {
+    /// Time since the accepted assignment.
+    pub after: Duration,
+    /// `warning` or `critical`.
+    pub level: crate::domain::EscalationLevel,
+}
+
+/// The case engine: watching, escalation, concurrency.
+#[derive(Clone, Debug)]
+pub struct EngineSettings {
+    /// First look at the order after an assignment.
+    pub poll_interval: Duration,
+    /// Longest wait between two looks.
+    pub poll_max_interval: Duration,
+    /// `HOLD_PERSISTS` thresholds, ascending; the first is `HOLDCLEAR_ESCALATE_AFTER`.
+    pub escalation: Vec<EscalationThreshold>,
+    /// Backoff of transient failures.
+    pub retry: RetrySettings,
+    /// Cases stepped at once by one worker.
+    pub concurrency: usize,
+    /// Cases claimed per query.
+    pub batch_size: usize,
+    /// How long a claim is valid unless renewed.
+    pub lease: Duration,
+    /// How often to look for due cases created by other workers.
+    pub idle_poll: Duration,
+}
+
+/// Everything `holdclear run` needs, validated.
+#[derive(Clone, Debug)]
+pub struct Settings {
+    /// PostgreSQL URL; the database is created if missing.
+    pub database_url: SecretUrl,
+    /// Connections in the pool.
+    pub database_max_connections: u32,
+    /// RabbitMQ.
+    pub amqp: AmqpSettings,
+    /// Commerce API.
+    pub commerce: CommerceSettings,
+    /// Rules file.
+    pub rules_path: PathBuf,
+    /// Case engine.
+    pub engine: EngineSettings,
+    /// Address of `/healthz`, `/readyz` and `/metrics`.
+    pub http_addr: SocketAddr,
+    /// Log format.
+    pub log_format: LogFormat,
+    /// How long shutdown waits for in-flight work.
+    pub shutdown_timeout: Duration,
+}
+
+/// The settings file: every key optional, unknown keys rejected.
+#[derive(Debug, Default, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+struct FileSettings {
+    database_url: Option<String>,
+    database_max_connections: Option<u32>,
+    amqp_url: Option<String>,
+    amqp_prefetch: Option<u16>,
+    max_payload_bytes: Option<usize>,
+    delivery_limit: Option<u32>,
+    intake_batch: Option<usize>,
+    intake_linger: Option<String>,
+    topology: Option<Topology>,
+    commerce_base_url: Option<String>,
+    commerce_token_url: Option<String>,
+    commerce_client_id: Option<String>,
+    commerce_client_secret: Option<String>,
+    commerce_rate_limit: Option<f64>,
+    commerce_timeout: Option<String>,
+    rules: Option<PathBuf>,
+    poll_interval: Option<String>,
+    poll_max_interval: Option<String>,
+    escalate_after: Option<String>,
+    escalation_levels: Option<Vec<FileEscalationLevel>>,
+    retry_initial: Option<String>,
+    retry_max_interval: Option<String>,
+    retry_max_elapsed: Option<String>,
+    retry_multiplier: Option<f64>,
+    retry_randomization: Option<f64>,
+    engine_concurrency: Option<usize>,
+    engine_batch_size: Option<usize>,
+    engine_lease: Option<String>,
+    engine_idle_poll: Option<String>,
+    http_addr: Option<String>,
+    log_format: Option<String>,
+    shutdown_timeout: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileEscalationLevel {
+    after: String,
+    level: String,
+}
+
+/// The simulator's demo client id (also the default of the worker).
+pub const DEMO_CLIENT_ID: &str = "holdclear-demo";
+/// The simulator's demo client secret (also the default of the worker).
+pub const DEMO_CLIENT_SECRET: &str = "holdclear-demo-secret";
+
+/// A source of `HOLDCLEAR_*` values: the process environment, or a map in tests.
+pub trait Env {
+    /// The value of `name`, if set and valid Unicode.
+    fn var(&self, name: &str) -> Option<String>;
+}
+
+/// The process environment.
+pub struct ProcessEnv;
+
+impl Env for ProcessEnv {
+    fn var(&self, name: &str) -> Option<String> {
+        std::env::var(name).ok().filter(|v| !v.is_empty())
+    }
+}
+
+impl Env for HashMap<String, String> {
+    fn var(&self, name: &str) -> Option<String> {
+        self.get(name).cloned()
+    }
+}
+
+/// Reads one setting: environment first, then the file, then the default.
+struct Reader<'a> {
+    env: &'a dyn Env,
+}
+
+impl Reader<'_> {
+    fn string(&self, env: &str, file: Option<String>, default: &str) -> String {
+        self.env
+            .var(env)
+            .or(file)
+            .unwrap_or_else(|| default.to_owned())
+    }
+
+    fn parsed<T: std::str::FromStr>(
+        &self,
+        env: &str,
+        file: Option<T>,
+        default: T,
+    ) -> Result<T, ConfigError>
+    where
+        T::Err: fmt::Display,
+    {
+        match self.env.var(env) {
+            Some(v) => v
+                .trim()
+                .parse()
+                .map_err(|e| ConfigError::invalid(env, format!("{v:?}: {e}"))),
+            None => Ok(file.unwrap_or(default)),
+        }
+    }
+
+    fn duration(&self, env: &str, file: Option<String>, default: &str) -> Result<Duration, ConfigError> {
+        let raw = self.string(env, file, default);
+        parse_duration(&raw).map_err(|reason| ConfigError::invalid(env, reason))
+    }
+}
+
+/// Parses `500ms`, `30s`, `15m`, `4h` (and combinations such as `1h30m`).
+pub fn parse_duration(raw: &str) -> Result<Duration, String> {
+    humantime::parse_duration(raw.trim())
+        .map_err(|e| format!("{raw:?} is not a duration like 500ms, 30s, 15m or 4h ({e})"))
+}
+
+impl Settings {
+    /// Reads the optional file and the process environment.
+    pub fn load(file: Option<&Path>) -> Result<Self, ConfigError> {
+        Self::from_sources(file, &ProcessEnv)
+    }
+
+    /// Reads the optional file and the given environment.
+    pub fn from_sources(file: Option<&Path>, env: &dyn Env) -> Result<Self, ConfigError> {
+        let path = file
+            .map(Path::to_path_buf)
+            .or_else(|| env.var("HOLDCLEAR_CONFIG").map(PathBuf::from));
+        let f = match &path {
+            Some(p) => {
+                let text = std::fs::read_to_string(p).map_err(|e| ConfigError::File {
+                    path: p.clone(),
+                    reason: e.to_string(),
+                })?;
+                toml::from_str::<FileSettings>(&text).map_err(|e| ConfigError::File {
+                    path: p.clone(),
+                    reason: e.message().to_owned(),
+                })?
+            }
+            None => FileSettings::default(),
+        };
+        Self::build(f, env)
+    }
+
+    fn build(f: FileSettings, env: &dyn Env) -> Result<Self, ConfigError> {
+        let r = Reader { env };
+
+        let database_url = SecretUrl::parse(
+            "HOLDCLEAR_DATABASE_URL",
+            &r.string(
+                "HOLDCLEAR_DATABASE_URL",
+                f.database_url,
+                "postgres://postgres@127.0.0.1:5432/holdclear",
+            ),
+        )?;
+        if !matches!(database_url.url().scheme(), "postgres" | "postgresql") {
+            return Err(ConfigError::invalid(
+                "HOLDCLEAR_DATABASE_URL",
+                "must start with postgres://",
+            ));
+        }
+        let database_max_connections = r.parsed(
+            "HOLDCLEAR_DATABASE_MAX_CONNECTIONS",
+            f.database_max_connections,
+            16,
+        )?;
+        positive("HOLDCLEAR_DATABASE_MAX_CONNECTIONS", database_max_connections as f64)?;
+
+        let amqp_url = SecretUrl::parse(
+            "HOLDCLEAR_AMQP_URL",
+            &r.string(
+                "HOLDCLEAR_AMQP_URL",
+                f.amqp_url,
+                "amqp://guest:guest@127.0.0.1:5672/%2f",
+            ),
+        )?;
+        if !matches!(amqp_url.url().scheme(), "amqp" | "amqps") {
+            return Err(ConfigError::invalid(
+                "HOLDCLEAR_AMQP_URL",
+                "must start with amqp:// or amqps://",
+            ));
+        }
+        let prefetch = r.parsed("HOLDCLEAR_AMQP_PREFETCH", f.amqp_prefetch, 512)?;
+        positive("HOLDCLEAR_AMQP_PREFETCH", prefetch as f64)?;
+        let max_payload_bytes =
+            r.parsed("HOLDCLEAR_MAX_PAYLOAD_BYTES", f.max_payload_bytes, 256 * 1024)?;
+        positive("HOLDCLEAR_MAX_PAYLOAD_BYTES", max_payload_bytes as f64)?;
+        let delivery_limit = r.parsed("HOLDCLEAR_DELIVERY_LIMIT", f.delivery_limit, 20)?;
+        positive("HOLDCLEAR_DELIVERY_LIMIT", delivery_limit as f64)?;
+        let intake_batch = r.parsed("HOLDCLEAR_INTAKE_BATCH", f.intake_batch, 256)?;
+        positive("HOLDCLEAR_INTAKE_BATCH", intake_batch as f64)?;
+        let intake_linger = r.duration("HOLDCLEAR_INTAKE_LINGER", f.intake_linger, "5ms")?;
+
+        let base_url = parse_http_url(
+            "HOLDCLEAR_COMMERCE_BASE_URL",
+            &r.string(
+                "HOLDCLEAR_COMMERCE_BASE_URL",
+                f.commerce_base_url,
+                "http://127.0.0.1:8089",
+            ),
+        )?;
+        let default_token = format!(
+            "{}/oauth2/default/v1/token",
+            base_url.as_str().trim_end_matches('/')
+        );
+        let token_url = parse_http_url(
+            "HOLDCLEAR_COMMERCE_TOKEN_URL",
+            &r.string("HOLDCLEAR_COMMERCE_TOKEN_URL", f.commerce_token_url, &default_token),
+        )?;
+        let client_id = r.string(
+            "HOLDCLEAR_COMMERCE_CLIENT_ID",
+            f.commerce_client_id,
+            DEMO_CLIENT_ID,
+        );
+        if client_id.trim().is_empty() {
+            return Err(ConfigError::invalid("HOLDCLEAR_COMMERCE_CLIENT_ID", "is empty"));
+        }
+        let client_secret = Secret::new(r.string(
+            "HOLDCLEAR_COMMERCE_CLIENT_SECRET",
+            f.commerce_client_secret,
+            DEMO_CLIENT_SECRET,
+        ));
+        if client_secret.expose().is_empty() {
+            return Err(ConfigError::invalid("HOLDCLEAR_COMMERCE_CLIENT_SECRET", "is empty"));
+        }
+        let rate_limit = r.parsed("HOLDCLEAR_COMMERCE_RATE_LIMIT", f.commerce_rate_limit, 10.0)?;
+        positive("HOLDCLEAR_COMMERCE_RATE_LIMIT", rate_limit)?;
+        let request_timeout = r.duration("HOLDCLEAR_COMMERCE_TIMEOUT", f.commerce_timeout, "10s")?;
+        nonzero("HOLDCLEAR_COMMERCE_TIMEOUT", request_timeout)?;
+
+        let rules_path = f
+            .rules
+            .map(|p| p.to_string_lossy().into_owned())
+            .map(Some)
+            .unwrap_or(None);
+        let rules_path = PathBuf::from(r.string(
+            "HOLDCLEAR_RULES",
+            rules_path,
+            "deploy/config/rules.toml",
+        ));
+
+        let poll_interval = r.duration("HOLDCLEAR_POLL_INTERVAL", f.poll_interval, "30s")?;
+        nonzero("HOLDCLEAR_POLL_INTERVAL", poll_interval)?;
+        let poll_max_interval =
+            r.duration("HOLDCLEAR_POLL_MAX_INTERVAL", f.poll_max_interval, "15m")?;
+        if poll_max_interval < poll_interval {
+            return Err(ConfigError::invalid(
+                "HOLDCLEAR_POLL_MAX_INTERVAL",
+                "is shorter than HOLDCLEAR_POLL_INTERVAL",
+            ));
+        }
+        let escalate_after = r.duration("HOLDCLEAR_ESCALATE_AFTER", f.escalate_after, "4h")?;
+        nonzero("HOLDCLEAR_ESCALATE_AFTER", escalate_after)?;
+        let mut escalation = vec![EscalationThreshold {
+            after: escalate_after,
+            level: crate::domain::EscalationLevel::Warning,
+        }];
+        for (i, lvl) in f.escalation_levels.unwrap_or_default().into_iter().enumerate() {
+            let key = format!("escalation_levels[{i}]");
+            let after = parse_duration(&lvl.after)
+                .map_err(|reason| ConfigError::invalid(&format!("{key}.after"), reason))?;
+            let level = lvl
+                .level
+                .parse()
+                .map_err(|reason| ConfigError::invalid(&format!("{key}.level"), reason))?;
+            if after <= escalation.last().map(|l| l.after).unwrap_or_default() {
+                return Err(ConfigError::invalid(
+                    &format!("{key}.after"),
+                    "must be later than HOLDCLEAR_ESCALATE_AFTER and the levels before it",
+                ));
+            }
+            escalation.push(EscalationThreshold { after, level });
+        }
+
+        let retry = RetrySettings {
+            initial: r.duration("HOLDCLEAR_RETRY_INITIAL", f.retry_initial, "1s")?,
+            max_interval: r.duration("HOLDCLEAR_RETRY_MAX_INTERVAL", f.retry_max_interval, "5m")?,
+            max_elapsed: r.duration("HOLDCLEAR_RETRY_MAX_ELAPSED", f.retry_max_elapsed, "1h")?,
+            multiplier: r.parsed("HOLDCLEAR_RETRY_MULTIPLIER", f.retry_multiplier, 2.0)?,
+            randomization: r.parsed("HOLDCLEAR_RETRY_RANDOMIZATION", f.retry_randomization, 0.2)?,
+        };
+        nonzero("HOLDCLEAR_RETRY_INITIAL", retry.initial)?;
+        if retry.max_interval < retry.initial {
+            return Err(ConfigError::invalid(
+                "HOLDCLEAR_RETRY_MAX_INTERVAL",
+                "is shorter than HOLDCLEAR_RETRY_INITIAL",
+            ));
+        }
+        nonzero("HOLDCLEAR_RETRY_MAX_ELAPSED", retry.max_elapsed)?;
+        if retry.multiplier < 1.0 || !retry.multiplier.is_finite() {
+            return Err(ConfigError::invalid("HOLDCLEAR_RETRY_MULTIPLIER", "must be at least 1"));
+        }
+        if !(0.0..=1.0).contains(&retry.randomization) {
+            return Err(ConfigError::invalid(
+                "HOLDCLEAR_RETRY_RANDOMIZATION",
+                "must be between 0 and 1",
+            ));
+        }
+
+        let engine = EngineSettings {
+            poll_interval,
+            poll_max_interval,
+            escalation,
+            retry,
+            concurrency: r.parsed("HOLDCLEAR_ENGINE_CONCURRENCY", f.engine_concurrency, 64)?,
+            batch_size: r.parsed("HOLDCLEAR_ENGINE_BATCH_SIZE", f.engine_batch_size, 128)?,
+            lease: r.duration("HOLDCLEAR_ENGINE_LEASE", f.engine_lease, "30s")?,
+            idle_poll: r.duration("HOLDCLEAR_ENGINE_IDLE_POLL", f.engine_idle_poll, "1s")?,
+        };
+        positive("HOLDCLEAR_ENGINE_CONCURRENCY", engine.concurrency as f64)?;
+        positive("HOLDCLEAR_ENGINE_BATCH_SIZE", engine.batch_size as f64)?;
+        nonzero("HOLDCLEAR_ENGINE_LEASE", engine.lease)?;
+        nonzero("HOLDCLEAR_ENGINE_IDLE_POLL", engine.idle_poll)?;
+
+        let http_addr_raw = r.string("HOLDCLEAR_HTTP_ADDR", f.http_addr, "127.0.0.1:9090");
+        let http_addr = http_addr_raw.trim().parse().map_err(|_| {
+            ConfigError::invalid(
+                "HOLDCLEAR_HTTP_ADDR",
+                format!("{http_addr_raw:?} is not an address like 127.0.0.1:9090"),
+            )
+        })?;
+
+        let log_format = match r.env.var("HOLDCLEAR_LOG_FORMAT").or(f.log_format) {
+            None => {
+                use std::io::IsTerminal;
+                if std::io::stderr().is_terminal() {
+                    LogFormat::Pretty
+                } else {
+                    LogFormat::Json
+                }
+            }
+            Some(v) => match v.trim() {
+                "pretty" => LogFormat::Pretty,
+                "json" => LogFormat::Json,
+                other => {
+                    return Err(ConfigError::invalid(
+                        "HOLDCLEAR_LOG_FORMAT",
+                        format!("{other:?} is neither pretty nor json"),
+                    ));
+                }
+            },
+        };
+        let shutdown_timeout =
+            r.duration("HOLDCLEAR_SHUTDOWN_TIMEOUT", f.shutdown_timeout, "20s")?;
+
+        let topology = f.topology.unwrap_or_default();
+        for (key, name) in [
+            ("topology.orders_exchange", &topology.orders_exchange),
+            ("topology.held_routing_key", &topology.held_routing_key),
+            ("topology.held_queue", &topology.held_queue),
+            ("topology.dead_letter_exchange", &topology.dead_letter_exchange),
+            ("topology.dead_letter_queue", &topology.dead_letter_queue),
+            ("topology.events_exchange", &topology.events_exchange),
+        ] {
+            if name.trim().is_empty() || name.len() > 255 {
+                return Err(ConfigError::invalid(key, "must be 1 to 255 characters"));
+            }
+        }
+
+        Ok(Self {
+            database_url,
+            database_max_connections,
+            amqp: AmqpSettings {
+                url: amqp_url,
+                topology,
+                prefetch,
+                max_payload_bytes,
+                delivery_limit,
+                intake_batch,
+                intake_linger,
+            },
+            commerce: CommerceSettings {
+                base_url,
+                token_url,
+                client_id,
+                client_secret,
+                rate_limit,
+                request_timeout,
+            },
+            rules_path,
+            engine,
+            http_addr,
+            log_format,
+            shutdown_timeout,
+        })
+    }
+}
+
+fn parse_http_url(setting: &str, raw: &str) -> Result<Url, ConfigError> {
+    let url = Url::parse(raw.trim())
+        .map_err(|e| ConfigError::invalid(setting, format!("not a URL ({e})")))?;
+    if !matches!(url.scheme(), "http" | "https") {
+        return Err(ConfigError::invalid(setting, "must start with http:// or https://"));
+    }
+    Ok(url)
+}
+
+fn positive(setting: &str, value: f64) -> Result<(), ConfigError> {
+    if value > 0.0 && value.is_finite() {
+        Ok(())
+    } else {
+        Err(ConfigError::invalid(setting, "must be greater than 0"))
+    }
+}
+
+fn nonzero(setting: &str, value: Duration) -> Result<(), ConfigError> {
+    if value.is_zero() {
+        Err(ConfigError::invalid(setting, "must be longer than 0s"))
+    } else {
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn with(vars: &[(&str, &str)]) -> Result<Settings, ConfigError> {
+        let env: HashMap<String, String> = vars
+            .iter()
+            .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+            .collect();
+        Settings::from_sources(None, &env)
+    }
+
+    #[test]
+    fn defaults_work_on_localhost() {
+        let s = with(&[]).unwrap();
+        assert_eq!(s.database_url.expose(), "postgres://postgres@127.0.0.1:5432/holdclear");
+        assert_eq!(s.commerce.token_url.as_str(), "http://127.0.0.1:8089/oauth2/default/v1/token");
+        assert_eq!(s.engine.poll_interval, Duration::from_secs(30));
+        assert_eq!(s.engine.poll_max_interval, Duration::from_secs(15 * 60));
+        assert_eq!(s.engine.escalation[0].after, Duration::from_secs(4 * 3600));
+        assert_eq!(s.engine.retry.max_elapsed, Duration::from_secs(3600));
+        assert_eq!(s.amqp.max_payload_bytes, 256 * 1024);
+        assert_eq!(s.amqp.topology.held_queue, "holdclear.order-held");
+    }
+
+    #[test]
+    fn bad_values_name_the_setting() {
+        let cases = [
+            ("HOLDCLEAR_POLL_INTERVAL", "soon"),
+            ("HOLDCLEAR_COMMERCE_RATE_LIMIT", "0"),
+            ("HOLDCLEAR_COMMERCE_RATE_LIMIT", "fast"),
+            ("HOLDCLEAR_AMQP_URL", "http://x"),
+            ("HOLDCLEAR_DATABASE_URL", "not a url"),
+            ("HOLDCLEAR_HTTP_ADDR", "localhost"),
+            ("HOLDCLEAR_LOG_FORMAT", "xml"),
+            ("HOLDCLEAR_RETRY_MULTIPLIER", "0.5"),
+        ];
+        for (name, value) in cases {
+            let err = with(&[(name, value)]).unwrap_err().to_string();
+            assert!(err.contains(name), "{name}={value}: {err}");
+        }
+    }
+
+    #[test]
+    fn secrets_are_redacted() {
+        let s = with(&[
+            ("HOLDCLEAR_COMMERCE_CLIENT_SECRET", "s3cr3t-value"),
+            ("HOLDCLEAR_AMQP_URL", "amqp://user:hunter2@rabbit:5672/%2f"),
+        ])
+        .unwrap();
+        let shown = format!("{s:?}");
+        assert!(!shown.contains("s3cr3t-value"), "{shown}");
+        assert!(!shown.contains("hunter2"), "{shown}");
+        assert!(shown.contains("[redacted]"));
+    }
+
+    #[test]
+    fn bad_url_error_does_not_echo_the_password() {
+        let err = with(&[("HOLDCLEAR_DATABASE_URL", "postgres://u:hunter2@[bad")])
+            .unwrap_err()
+            .to_string();
+        assert!(!err.contains("hunter2"), "{err}");
+    }
+
+    #[test]
+    fn file_settings_and_escalation_levels() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("holdclear.toml");
+        std::fs::write(
+            &path,
+            r#"
+poll_interval = "1s"
+escalate_after = "1h"
+escalation_levels = [{ after = "4h", level = "critical" }]
+[topology]
+held_queue = "custom.held"
+"#,
+        )
+        .unwrap();
+        let env: HashMap<String, String> =
+            [("HOLDCLEAR_POLL_INTERVAL".to_owned(), "2s".to_owned())].into();
+        let s = Settings::from_sources(Some(&path), &env).unwrap();
+        assert_eq!(s.engine.poll_interval, Duration::from_secs(2), "env wins over the file");
+        assert_eq!(s.engine.escalation.len(), 2);
+        assert_eq!(s.amqp.topology.held_queue, "custom.held");
+        assert_eq!(s.amqp.topology.events_exchange, "holdclear.events");
+
+        std::fs::write(&path, "pol_interval = \"1s\"\n").unwrap();
+        let err = Settings::from_sources(Some(&path), &env).unwrap_err().to_string();
+        assert!(err.contains("pol_interval"), "{err}");
+    }
+}

@@ -1,0 +1,1 @@
+//! The case engine: the state machine and the scheduler that steps due cases.

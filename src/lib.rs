@@ -1,0 +1,30 @@
+//! holdclear clears Cisco Smart Account holds without a person in the loop.
+//!
+//! One held order, in the order the folders are read:
+//! - [`config`]: settings from file and environment, validated; secrets redacted.
+//! - [`domain`]: validated values (event, order numbers, domains), case states, escalation reasons.
+//! - [`broker`]: RabbitMQ (the only module that knows lapin): connection, topology, consumer, publisher, dead letters.
+//! - [`intake`]: a delivery becomes a validated event and a case, or a dead letter.
+//! - [`rules`]: the operator's default Smart Account rules: file, compile, match, explain.
+//! - [`engine`]: the case state machine and the scheduler that steps due cases.
+//! - [`commerce`]: the commerce API client (token, rate limit, error classes).
+//! - [`store`]: PostgreSQL (the only module that writes SQL): inbox, cases, history, outbox.
+//! - [`outbox`]: the relay that publishes committed events with confirms.
+//! - [`ops`]: logs, health, readiness and metrics.
+//! - [`sim`]: the commerce-API simulator (`holdclear sim`).
+//! - [`cli`]: one file per subcommand.
+#![forbid(unsafe_code)]
+#![warn(missing_docs)]
+
+pub mod broker;
+pub mod cli;
+pub mod commerce;
+pub mod config;
+pub mod domain;
+pub mod engine;
+pub mod intake;
+pub mod ops;
+pub mod outbox;
+pub mod rules;
+pub mod sim;
+pub mod store;

@@ -1,0 +1,3 @@
+//! Operating the service: logs, health, readiness and metrics.
+
+pub mod logs;

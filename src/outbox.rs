@@ -1,0 +1,1 @@
+//! The outbox relay: committed events to `holdclear.events`, with confirms.

@@ -1,0 +1,1 @@
+//! The commerce-API simulator (`holdclear sim`).

@@ -1,0 +1,113 @@
+//! PostgreSQL: the only module that writes SQL.
+//!
+//! [`Store`] owns the pool. Its methods are grouped by table in the
+//! submodules: the inbox and new cases (intake), the case engine's claims and
+//! steps, case history, and the outbox.
+
+use std::str::FromStr;
+use std::time::Duration;
+
+use sqlx::migrate::MigrateDatabase;
+use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
+use sqlx::{PgPool, Postgres};
+
+use crate::config::SecretUrl;
+
+/// The migrations in `migrations/`, embedded in the binary.
+pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");
+
+/// What went wrong talking to PostgreSQL.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// The database could not be reached or answered with an error.
+    #[error("database error: {0}")]
+    Database(#[from] sqlx::Error),
+    /// A migration failed.
+    #[error("migration failed: {0}")]
+    Migrate(#[from] sqlx::migrate::MigrateError),
+    /// A stored row could not be read back into the domain.
+    #[error("corrupt row in {table}: {detail}")]
+    Corrupt {
+        /// Table the row is in.
+        table: &'static str,
+        /// What could not be read.
+        detail: String,
+    },
+}
+
+impl StoreError {
+    /// A failure of the connection rather than of the statement: worth
+    /// retrying once the database is back.
+    pub fn is_connection(&self) -> bool {
+        match self {
+            Self::Database(e) => matches!(
+                e,
+                sqlx::Error::Io(_)
+                    | sqlx::Error::PoolTimedOut
+                    | sqlx::Error::PoolClosed
+                    | sqlx::Error::WorkerCrashed
+                    | sqlx::Error::Tls(_)
+            ) || e
+                .as_database_error()
+                .and_then(|d| d.code())
+                // Class 08: connection exception; 57P01..03: admin shutdown, crash, cannot connect now.
+                .is_some_and(|c| c.starts_with("08") || c.starts_with("57P")),
+            _ => false,
+        }
+    }
+}
+
+/// The pool and every query of the service.
+#[derive(Clone, Debug)]
+pub struct Store {
+    pool: PgPool,
+}
+
+impl Store {
+    /// Connects to `url`, creating the database first if it does not exist.
+    pub async fn connect(url: &SecretUrl, max_connections: u32) -> Result<Self, StoreError> {
+        if !Postgres::database_exists(url.expose()).await? {
+            match Postgres::create_database(url.expose()).await {
+                Ok(()) => tracing::info!(database = %url, "Database created."),
+                // Another worker created it between the check and here.
+                Err(e) if Postgres::database_exists(url.expose()).await.unwrap_or(false) => {
+                    tracing::debug!(error = %e, "Database appeared concurrently.");
+                }
+                Err(e) => return Err(e.into()),
+            }
+        }
+        let options = PgConnectOptions::from_str(url.expose())?.application_name("holdclear");
+        let pool = PgPoolOptions::new()
+            .max_connections(max_connections)
+            .acquire_timeout(Duration::from_secs(5))
+            .connect_with(options)
+            .await?;
+        Ok(Self { pool })
+    }
+
+    /// Wraps an existing pool (tests get one per test from `#[sqlx::test]`).
+    pub fn from_pool(pool: PgPool) -> Self {
+        Self { pool }
+    }
+
+    /// The pool, for the few callers that need it (benchmarks, tests).
+    pub fn pool(&self) -> &PgPool {
+        &self.pool
+    }
+
+    /// Applies pending migrations.
+    pub async fn migrate(&self) -> Result<(), StoreError> {
+        MIGRATOR.run(&self.pool).await?;
+        Ok(())
+    }
+
+    /// True when the database answers and every migration is applied.
+    pub async fn ready(&self) -> bool {
+        let applied: Result<i64, _> = sqlx::query_scalar(
+            "SELECT count(*) FROM _sqlx_migrations WHERE success",
+        )
+        .fetch_one(&self.pool)
+        .await;
+        matches!(applied, Ok(n) if n as usize >= MIGRATOR.iter().count())
+    }
+}

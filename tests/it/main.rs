@@ -1,0 +1,6 @@
+//! The one integration-test binary: real RabbitMQ, real PostgreSQL, the
+//! simulator over real HTTP. Names are unique per test; `#[sqlx::test]`
+//! gives each test its own database.
+
+mod cli;
+mod support;

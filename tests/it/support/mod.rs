@@ -1,0 +1,102 @@
+//! What every integration test needs: unique names, settings that point at
+//! the test's own database and topology, the binary, and waiting with a
+//! deadline instead of sleeping.
+#![allow(dead_code)]
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::path::PathBuf;
+use std::process::Command;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use holdclear::config::{Settings, Topology};
+use sqlx::PgPool;
+
+/// The `holdclear` binary built for these tests.
+pub fn bin() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_holdclear"))
+}
+
+/// The repository root (for sample files in `deploy/`).
+pub fn repo_path(rel: &str) -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join(rel)
+}
+
+/// A name no other test (or run) uses: `prefix-<pid>-<n>-<nanos>`.
+pub fn unique(prefix: &str) -> String {
+    static N: AtomicU64 = AtomicU64::new(0);
+    let n = N.fetch_add(1, Ordering::Relaxed);
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .subsec_nanos();
+    format!("{prefix}-{}-{n}-{nanos}", std::process::id())
+}
+
+/// The AMQP URL of the local broker.
+pub fn amqp_url() -> String {
+    std::env::var("HOLDCLEAR_TEST_AMQP_URL")
+        .unwrap_or_else(|_| "amqp://guest:guest@127.0.0.1:5672/%2f".to_owned())
+}
+
+/// The URL of the database behind `pool` (the one `#[sqlx::test]` made).
+pub async fn database_url(pool: &PgPool) -> String {
+    let name: String = sqlx::query_scalar("SELECT current_database()")
+        .fetch_one(pool)
+        .await
+        .unwrap();
+    let base = std::env::var("DATABASE_URL")
+        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".to_owned());
+    let mut url = url::Url::parse(&base).unwrap();
+    url.set_path(&name);
+    url.to_string()
+}
+
+/// Environment for a worker of one test: its own database and topology
+/// (names prefixed with `prefix.`), fast timings, a free HTTP port.
+pub fn env_for(database_url: &str, prefix: &str) -> HashMap<String, String> {
+    let mut env = HashMap::new();
+    env.insert("HOLDCLEAR_DATABASE_URL".into(), database_url.to_owned());
+    env.insert("HOLDCLEAR_AMQP_URL".into(), amqp_url());
+    env.insert("HOLDCLEAR_HTTP_ADDR".into(), "127.0.0.1:0".into());
+    env.insert("HOLDCLEAR_LOG_FORMAT".into(), "json".into());
+    env.insert("HOLDCLEAR_TEST_TOPOLOGY_PREFIX".into(), format!("{prefix}."));
+    env
+}
+
+/// Settings for an in-process worker of one test (see [`env_for`]).
+pub fn settings(database_url: &str, prefix: &str, extra: &[(&str, &str)]) -> Settings {
+    let mut env = env_for(database_url, prefix);
+    for (k, v) in extra {
+        env.insert((*k).to_owned(), (*v).to_owned());
+    }
+    let mut s = Settings::from_sources(None, &env).expect("test settings are valid");
+    s.amqp.topology = topology(prefix);
+    s
+}
+
+/// The topology of one test: the default names prefixed with `prefix.`.
+pub fn topology(prefix: &str) -> Topology {
+    Topology::prefixed(&format!("{prefix}."))
+}
+
+/// Polls `check` until it returns `Some`, or panics naming `what` at the deadline.
+pub async fn wait_for<T, F, Fut>(deadline: Duration, what: &str, mut check: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Option<T>>,
+{
+    let start = Instant::now();
+    let mut pause = Duration::from_millis(10);
+    loop {
+        if let Some(v) = check().await {
+            return v;
+        }
+        if start.elapsed() > deadline {
+            panic!("timed out after {deadline:?} waiting for {what}");
+        }
+        tokio::time::sleep(pause).await;
+        pause = (pause * 2).min(Duration::from_millis(200));
+    }
+}
