@@ -380,7 +380,12 @@ impl Reader<'_> {
         }
     }
 
-    fn duration(&self, env: &str, file: Option<String>, default: &str) -> Result<Duration, ConfigError> {
+    fn duration(
+        &self,
+        env: &str,
+        file: Option<String>,
+        default: &str,
+    ) -> Result<Duration, ConfigError> {
         let raw = self.string(env, file, default);
         parse_duration(&raw).map_err(|reason| ConfigError::invalid(env, reason))
     }
@@ -441,7 +446,10 @@ impl Settings {
             f.database_max_connections,
             16,
         )?;
-        positive("HOLDCLEAR_DATABASE_MAX_CONNECTIONS", database_max_connections as f64)?;
+        positive(
+            "HOLDCLEAR_DATABASE_MAX_CONNECTIONS",
+            database_max_connections as f64,
+        )?;
 
         let amqp_url = SecretUrl::parse(
             "HOLDCLEAR_AMQP_URL",
@@ -459,8 +467,11 @@ impl Settings {
         }
         let prefetch = r.parsed("HOLDCLEAR_AMQP_PREFETCH", f.amqp_prefetch, 512)?;
         positive("HOLDCLEAR_AMQP_PREFETCH", prefetch as f64)?;
-        let max_payload_bytes =
-            r.parsed("HOLDCLEAR_MAX_PAYLOAD_BYTES", f.max_payload_bytes, 256 * 1024)?;
+        let max_payload_bytes = r.parsed(
+            "HOLDCLEAR_MAX_PAYLOAD_BYTES",
+            f.max_payload_bytes,
+            256 * 1024,
+        )?;
         positive("HOLDCLEAR_MAX_PAYLOAD_BYTES", max_payload_bytes as f64)?;
         let delivery_limit = r.parsed("HOLDCLEAR_DELIVERY_LIMIT", f.delivery_limit, 20)?;
         positive("HOLDCLEAR_DELIVERY_LIMIT", delivery_limit as f64)?;
@@ -482,7 +493,11 @@ impl Settings {
         );
         let token_url = parse_http_url(
             "HOLDCLEAR_COMMERCE_TOKEN_URL",
-            &r.string("HOLDCLEAR_COMMERCE_TOKEN_URL", f.commerce_token_url, &default_token),
+            &r.string(
+                "HOLDCLEAR_COMMERCE_TOKEN_URL",
+                f.commerce_token_url,
+                &default_token,
+            ),
         )?;
         let client_id = r.string(
             "HOLDCLEAR_COMMERCE_CLIENT_ID",
@@ -490,7 +505,10 @@ impl Settings {
             DEMO_CLIENT_ID,
         );
         if client_id.trim().is_empty() {
-            return Err(ConfigError::invalid("HOLDCLEAR_COMMERCE_CLIENT_ID", "is empty"));
+            return Err(ConfigError::invalid(
+                "HOLDCLEAR_COMMERCE_CLIENT_ID",
+                "is empty",
+            ));
         }
         let client_secret = Secret::new(r.string(
             "HOLDCLEAR_COMMERCE_CLIENT_SECRET",
@@ -498,11 +516,15 @@ impl Settings {
             DEMO_CLIENT_SECRET,
         ));
         if client_secret.expose().is_empty() {
-            return Err(ConfigError::invalid("HOLDCLEAR_COMMERCE_CLIENT_SECRET", "is empty"));
+            return Err(ConfigError::invalid(
+                "HOLDCLEAR_COMMERCE_CLIENT_SECRET",
+                "is empty",
+            ));
         }
         let rate_limit = r.parsed("HOLDCLEAR_COMMERCE_RATE_LIMIT", f.commerce_rate_limit, 10.0)?;
         positive("HOLDCLEAR_COMMERCE_RATE_LIMIT", rate_limit)?;
-        let request_timeout = r.duration("HOLDCLEAR_COMMERCE_TIMEOUT", f.commerce_timeout, "10s")?;
+        let request_timeout =
+            r.duration("HOLDCLEAR_COMMERCE_TIMEOUT", f.commerce_timeout, "10s")?;
         nonzero("HOLDCLEAR_COMMERCE_TIMEOUT", request_timeout)?;
 
         let rules_path = f
@@ -510,11 +532,8 @@ impl Settings {
             .map(|p| p.to_string_lossy().into_owned())
             .map(Some)
             .unwrap_or(None);
-        let rules_path = PathBuf::from(r.string(
-            "HOLDCLEAR_RULES",
-            rules_path,
-            "deploy/config/rules.toml",
-        ));
+        let rules_path =
+            PathBuf::from(r.string("HOLDCLEAR_RULES", rules_path, "deploy/config/rules.toml"));
 
         let poll_interval = r.duration("HOLDCLEAR_POLL_INTERVAL", f.poll_interval, "30s")?;
         nonzero("HOLDCLEAR_POLL_INTERVAL", poll_interval)?;
@@ -532,7 +551,12 @@ impl Settings {
             after: escalate_after,
             level: crate::domain::EscalationLevel::Warning,
         }];
-        for (i, lvl) in f.escalation_levels.unwrap_or_default().into_iter().enumerate() {
+        for (i, lvl) in f
+            .escalation_levels
+            .unwrap_or_default()
+            .into_iter()
+            .enumerate()
+        {
             let key = format!("escalation_levels[{i}]");
             let after = parse_duration(&lvl.after)
                 .map_err(|reason| ConfigError::invalid(&format!("{key}.after"), reason))?;
@@ -565,7 +589,10 @@ impl Settings {
         }
         nonzero("HOLDCLEAR_RETRY_MAX_ELAPSED", retry.max_elapsed)?;
         if retry.multiplier < 1.0 || !retry.multiplier.is_finite() {
-            return Err(ConfigError::invalid("HOLDCLEAR_RETRY_MULTIPLIER", "must be at least 1"));
+            return Err(ConfigError::invalid(
+                "HOLDCLEAR_RETRY_MULTIPLIER",
+                "must be at least 1",
+            ));
         }
         if !(0.0..=1.0).contains(&retry.randomization) {
             return Err(ConfigError::invalid(
@@ -625,7 +652,10 @@ impl Settings {
             ("topology.orders_exchange", &topology.orders_exchange),
             ("topology.held_routing_key", &topology.held_routing_key),
             ("topology.held_queue", &topology.held_queue),
-            ("topology.dead_letter_exchange", &topology.dead_letter_exchange),
+            (
+                "topology.dead_letter_exchange",
+                &topology.dead_letter_exchange,
+            ),
             ("topology.dead_letter_queue", &topology.dead_letter_queue),
             ("topology.events_exchange", &topology.events_exchange),
         ] {
@@ -667,7 +697,10 @@ fn parse_http_url(setting: &str, raw: &str) -> Result<Url, ConfigError> {
     let url = Url::parse(raw.trim())
         .map_err(|e| ConfigError::invalid(setting, format!("not a URL ({e})")))?;
     if !matches!(url.scheme(), "http" | "https") {
-        return Err(ConfigError::invalid(setting, "must start with http:// or https://"));
+        return Err(ConfigError::invalid(
+            setting,
+            "must start with http:// or https://",
+        ));
     }
     Ok(url)
 }
@@ -703,8 +736,14 @@ mod tests {
     #[test]
     fn defaults_work_on_localhost() {
         let s = with(&[]).unwrap();
-        assert_eq!(s.database_url.expose(), "postgres://postgres@127.0.0.1:5432/holdclear");
-        assert_eq!(s.commerce.token_url.as_str(), "http://127.0.0.1:8089/oauth2/default/v1/token");
+        assert_eq!(
+            s.database_url.expose(),
+            "postgres://postgres@127.0.0.1:5432/holdclear"
+        );
+        assert_eq!(
+            s.commerce.token_url.as_str(),
+            "http://127.0.0.1:8089/oauth2/default/v1/token"
+        );
         assert_eq!(s.engine.poll_interval, Duration::from_secs(30));
         assert_eq!(s.engine.poll_max_interval, Duration::from_secs(15 * 60));
         assert_eq!(s.engine.escalation[0].after, Duration::from_secs(4 * 3600));
@@ -770,13 +809,19 @@ held_queue = "custom.held"
         let env: HashMap<String, String> =
             [("HOLDCLEAR_POLL_INTERVAL".to_owned(), "2s".to_owned())].into();
         let s = Settings::from_sources(Some(&path), &env).unwrap();
-        assert_eq!(s.engine.poll_interval, Duration::from_secs(2), "env wins over the file");
+        assert_eq!(
+            s.engine.poll_interval,
+            Duration::from_secs(2),
+            "env wins over the file"
+        );
         assert_eq!(s.engine.escalation.len(), 2);
         assert_eq!(s.amqp.topology.held_queue, "custom.held");
         assert_eq!(s.amqp.topology.events_exchange, "holdclear.events");
 
         std::fs::write(&path, "pol_interval = \"1s\"\n").unwrap();
-        let err = Settings::from_sources(Some(&path), &env).unwrap_err().to_string();
+        let err = Settings::from_sources(Some(&path), &env)
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("pol_interval"), "{err}");
     }
 }

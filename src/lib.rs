@@ -10,6 +10,7 @@
 //! - [`commerce`]: the commerce API client (token, rate limit, error classes).
 //! - [`store`]: PostgreSQL (the only module that writes SQL): inbox, cases, history, outbox.
 //! - [`outbox`]: the relay that publishes committed events with confirms.
+//! - [`retry`]: delay policies (the one module that uses `backoff`).
 //! - [`ops`]: logs, health, readiness and metrics.
 //! - [`sim`]: the commerce-API simulator (`holdclear sim`).
 //! - [`cli`]: one file per subcommand.
@@ -25,6 +26,7 @@ pub mod engine;
 pub mod intake;
 pub mod ops;
 pub mod outbox;
+pub mod retry;
 pub mod rules;
 pub mod sim;
 pub mod store;

@@ -1,1 +1,24 @@
 //! RabbitMQ: the only module that knows lapin.
+//!
+//! - [`connection`]: connecting, with a named connection and a reconnect loop.
+//! - [`topology`]: the exchanges and queues of the event contract, declared idempotently.
+//! - [`publisher`]: publishing with confirms and `mandatory`, one message or a window of them.
+
+pub mod connection;
+pub mod publisher;
+pub mod topology;
+
+pub use connection::Broker;
+pub use publisher::{OutgoingMessage, PublishError, Publisher};
+pub use topology::declare_topology;
+
+/// What went wrong talking to RabbitMQ.
+#[derive(Debug, thiserror::Error)]
+pub enum BrokerError {
+    /// The connection or channel failed, or the broker refused an operation.
+    #[error("RabbitMQ: {0}")]
+    Amqp(#[from] lapin::Error),
+    /// Shutdown was requested while waiting for the broker.
+    #[error("cancelled while connecting to RabbitMQ")]
+    Cancelled,
+}

@@ -10,6 +10,9 @@ pub enum Command {
 }
 
 /// Runs `holdclear dlq …`.
-pub async fn execute(_settings: crate::config::Settings, _cmd: Command) -> anyhow::Result<ExitCode> {
+pub async fn execute(
+    _settings: crate::config::Settings,
+    _cmd: Command,
+) -> anyhow::Result<ExitCode> {
     anyhow::bail!("holdclear dlq is not built yet")
 }

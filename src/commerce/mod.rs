@@ -12,7 +12,9 @@ use std::time::Duration;
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 
-use crate::domain::{AccountSelector, AccountType, Domain, OrderId, SalesOrderNumber, VirtualAccountChoice};
+use crate::domain::{
+    AccountSelector, AccountType, Domain, OrderId, SalesOrderNumber, VirtualAccountChoice,
+};
 
 /// The contract's permanent error codes, plus the client's own.
 #[derive(Clone, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -170,7 +172,9 @@ pub fn choose_virtual_account<'a>(
         VirtualAccountChoice::Named(name) => accounts
             .iter()
             .find(|va| va.public && va.name.eq_ignore_ascii_case(name)),
-        VirtualAccountChoice::AccountDefault => accounts.iter().find(|va| va.public && va.is_default),
+        VirtualAccountChoice::AccountDefault => {
+            accounts.iter().find(|va| va.public && va.is_default)
+        }
     }
 }
 
@@ -270,7 +274,8 @@ pub trait CommerceApi: Send + Sync {
     ) -> Result<Option<SmartAccount>, CommerceError>;
 
     /// The Virtual Accounts of the account with this domain.
-    async fn virtual_accounts(&self, domain: &Domain) -> Result<Vec<VirtualAccount>, CommerceError>;
+    async fn virtual_accounts(&self, domain: &Domain)
+    -> Result<Vec<VirtualAccount>, CommerceError>;
 
     /// Reads an order by sales order number, else by web order id.
     async fn order(&self, order: &OrderId) -> Result<Order, CommerceError>;

@@ -161,15 +161,31 @@ impl EscalationReason {
     /// One sentence telling the operator what to do.
     pub fn action(self) -> &'static str {
         match self {
-            Self::NoRuleMatched => "Assign the Smart Account by hand or add a default rule that covers this order.",
-            Self::SmartAccountNotFound => "Check the rule's Smart Account, or ask the customer which account to use.",
-            Self::SmartAccountNotActive => "Ask the customer to activate their Smart Account, then run `holdclear cases retry`.",
-            Self::VirtualAccountNotFound => "Fix the rule's virtual account: it must exist and be PUBLIC.",
-            Self::OrderNotAccessible => "Check whether the order was fulfilled; if so, open a support case.",
-            Self::AssignmentLocked => "Open a support case: the order no longer takes a Smart Account assignment.",
+            Self::NoRuleMatched => {
+                "Assign the Smart Account by hand or add a default rule that covers this order."
+            }
+            Self::SmartAccountNotFound => {
+                "Check the rule's Smart Account, or ask the customer which account to use."
+            }
+            Self::SmartAccountNotActive => {
+                "Ask the customer to activate their Smart Account, then run `holdclear cases retry`."
+            }
+            Self::VirtualAccountNotFound => {
+                "Fix the rule's virtual account: it must exist and be PUBLIC."
+            }
+            Self::OrderNotAccessible => {
+                "Check whether the order was fulfilled; if so, open a support case."
+            }
+            Self::AssignmentLocked => {
+                "Open a support case: the order no longer takes a Smart Account assignment."
+            }
             Self::AssignmentRejected => "Read the detail: the commerce API refused the assignment.",
-            Self::RetriesExhausted => "Check the commerce API and the credentials, then run `holdclear cases retry`.",
-            Self::HoldPersists => "Open a licensing support case (SCM): the hold stayed on after a valid assignment.",
+            Self::RetriesExhausted => {
+                "Check the commerce API and the credentials, then run `holdclear cases retry`."
+            }
+            Self::HoldPersists => {
+                "Open a licensing support case (SCM): the hold stayed on after a valid assignment."
+            }
         }
     }
 }

@@ -7,7 +7,9 @@ use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 
-use super::values::{CountryCode, Domain, Email, EventId, OrderId, OrderType, SalesOrderNumber, WebOrderId};
+use super::values::{
+    CountryCode, Domain, Email, EventId, OrderId, OrderType, SalesOrderNumber, WebOrderId,
+};
 
 /// The CloudEvents `type` of a held order.
 pub const HELD_EVENT_TYPE: &str = "commerce.order.held.v1";
@@ -117,7 +119,11 @@ pub struct HeldOrder {
 impl HeldOrder {
     /// The domain of the end customer's e-mail, if there is one.
     pub fn end_customer_domain(&self) -> Option<Domain> {
-        self.end_customer.as_ref()?.email.as_ref().map(Email::domain)
+        self.end_customer
+            .as_ref()?
+            .email
+            .as_ref()
+            .map(Email::domain)
     }
 }
 
@@ -263,7 +269,6 @@ impl<'a> Fields<'a> {
             ))),
         }
     }
-
 }
 
 fn kind(v: &Value) -> &'static str {
@@ -290,16 +295,25 @@ impl HeldOrderEvent {
         }
         let text = std::str::from_utf8(body).map_err(|e| DecodeError {
             code: DeadLetterCode::MalformedJson,
-            detail: format!("body is not UTF-8 (invalid byte at offset {})", e.valid_up_to()),
+            detail: format!(
+                "body is not UTF-8 (invalid byte at offset {})",
+                e.valid_up_to()
+            ),
         })?;
         let value: Value = serde_json::from_str(text).map_err(|e| DecodeError {
             code: DeadLetterCode::MalformedJson,
             detail: format!("body is not JSON: {e}"),
         })?;
         let Value::Object(map) = &value else {
-            return Err(invalid(format!("the envelope must be a JSON object, not {}", kind(&value))));
+            return Err(invalid(format!(
+                "the envelope must be a JSON object, not {}",
+                kind(&value)
+            )));
         };
-        let env = Fields { path: String::new(), map };
+        let env = Fields {
+            path: String::new(),
+            map,
+        };
 
         let specversion = env.req_str("specversion")?;
         if specversion != "1.0" {
@@ -312,7 +326,9 @@ impl HeldOrderEvent {
         if event_type != HELD_EVENT_TYPE {
             return Err(DecodeError {
                 code: DeadLetterCode::UnsupportedEventType,
-                detail: format!("type {event_type:?} is not taken by this worker; expected {HELD_EVENT_TYPE:?}"),
+                detail: format!(
+                    "type {event_type:?} is not taken by this worker; expected {HELD_EVENT_TYPE:?}"
+                ),
             });
         }
         let id = EventId::parse(env.req_str("id")?).map_err(|e| invalid(format!("id: {e}")))?;
@@ -327,9 +343,8 @@ impl HeldOrderEvent {
 
         let sales = data.opt_parsed("salesOrderNumber", SalesOrderNumber::parse)?;
         let web = data.opt_parsed("webOrderId", WebOrderId::parse)?;
-        let order = OrderId::new(sales, web).ok_or_else(|| {
-            invalid("data.salesOrderNumber or data.webOrderId is required")
-        })?;
+        let order = OrderId::new(sales, web)
+            .ok_or_else(|| invalid("data.salesOrderNumber or data.webOrderId is required"))?;
         let reason_raw = data.req_str("holdReason")?;
         let hold_reason = HoldReason::parse(reason_raw).ok_or_else(|| {
             invalid(format!(
@@ -372,9 +387,15 @@ impl HeldOrderEvent {
                 .enumerate()
                 .map(|(i, item)| {
                     let Value::Object(map) = item else {
-                        return Err(invalid(format!("data.lines[{i}] must be an object, not {}", kind(item))));
+                        return Err(invalid(format!(
+                            "data.lines[{i}] must be an object, not {}",
+                            kind(item)
+                        )));
                     };
-                    let l = Fields { path: format!("data.lines[{i}]"), map };
+                    let l = Fields {
+                        path: format!("data.lines[{i}]"),
+                        map,
+                    };
                     Ok(Line {
                         line_number: l.opt_text("lineNumber")?,
                         sku: l.opt_text("sku")?,
@@ -382,7 +403,12 @@ impl HeldOrderEvent {
                     })
                 })
                 .collect::<Result<_, _>>()?,
-            Some(other) => return Err(invalid(format!("data.lines must be an array, not {}", kind(other)))),
+            Some(other) => {
+                return Err(invalid(format!(
+                    "data.lines must be an array, not {}",
+                    kind(other)
+                )));
+            }
         };
 
         Ok(Self {
@@ -476,19 +502,79 @@ mod tests {
             ("not json", b"{\"a\":".to_vec(), MalformedJson, "not JSON"),
             ("too deep", deep.into_bytes(), MalformedJson, "not JSON"),
             ("array", b"[]".to_vec(), InvalidEvent, "object"),
-            ("specversion", with(&["specversion"], Some("0.3".into())), UnsupportedEventType, "specversion"),
-            ("type", with(&["type"], Some("commerce.order.shipped.v1".into())), UnsupportedEventType, "type"),
-            ("no specversion", with(&["specversion"], None), InvalidEvent, "specversion is required"),
+            (
+                "specversion",
+                with(&["specversion"], Some("0.3".into())),
+                UnsupportedEventType,
+                "specversion",
+            ),
+            (
+                "type",
+                with(&["type"], Some("commerce.order.shipped.v1".into())),
+                UnsupportedEventType,
+                "type",
+            ),
+            (
+                "no specversion",
+                with(&["specversion"], None),
+                InvalidEvent,
+                "specversion is required",
+            ),
             ("no id", with(&["id"], None), InvalidEvent, "id is required"),
-            ("id number", with(&["id"], Some(7.into())), InvalidEvent, "id must be a string"),
-            ("no source", with(&["source"], None), InvalidEvent, "source is required"),
-            ("no data", with(&["data"], None), InvalidEvent, "data is required"),
-            ("no reason", with(&["data", "holdReason"], None), InvalidEvent, "data.holdReason is required"),
-            ("bad reason", with(&["data", "holdReason"], Some("CREDIT".into())), InvalidEvent, "CREDIT"),
-            ("bad email", with(&["data", "endCustomer", "email"], Some("nobody".into())), InvalidEvent, "data.endCustomer.email"),
-            ("bad time", with(&["data", "heldAt"], Some("yesterday".into())), InvalidEvent, "data.heldAt"),
-            ("bad so", with(&["data", "salesOrderNumber"], Some("1/2".into())), InvalidEvent, "salesOrderNumber"),
-            ("lines", with(&["data", "lines"], Some("x".into())), InvalidEvent, "data.lines must be an array"),
+            (
+                "id number",
+                with(&["id"], Some(7.into())),
+                InvalidEvent,
+                "id must be a string",
+            ),
+            (
+                "no source",
+                with(&["source"], None),
+                InvalidEvent,
+                "source is required",
+            ),
+            (
+                "no data",
+                with(&["data"], None),
+                InvalidEvent,
+                "data is required",
+            ),
+            (
+                "no reason",
+                with(&["data", "holdReason"], None),
+                InvalidEvent,
+                "data.holdReason is required",
+            ),
+            (
+                "bad reason",
+                with(&["data", "holdReason"], Some("CREDIT".into())),
+                InvalidEvent,
+                "CREDIT",
+            ),
+            (
+                "bad email",
+                with(&["data", "endCustomer", "email"], Some("nobody".into())),
+                InvalidEvent,
+                "data.endCustomer.email",
+            ),
+            (
+                "bad time",
+                with(&["data", "heldAt"], Some("yesterday".into())),
+                InvalidEvent,
+                "data.heldAt",
+            ),
+            (
+                "bad so",
+                with(&["data", "salesOrderNumber"], Some("1/2".into())),
+                InvalidEvent,
+                "salesOrderNumber",
+            ),
+            (
+                "lines",
+                with(&["data", "lines"], Some("x".into())),
+                InvalidEvent,
+                "data.lines must be an array",
+            ),
         ];
         for (name, body, code, needle) in cases {
             let err = HeldOrderEvent::decode(&body, LIMIT).expect_err(name);
@@ -500,7 +586,10 @@ mod tests {
     #[test]
     fn neither_order_number_is_invalid() {
         let mut v = sample();
-        v["data"].as_object_mut().unwrap().remove("salesOrderNumber");
+        v["data"]
+            .as_object_mut()
+            .unwrap()
+            .remove("salesOrderNumber");
         v["data"].as_object_mut().unwrap().remove("webOrderId");
         let err = HeldOrderEvent::decode(&serde_json::to_vec(&v).unwrap(), LIMIT).unwrap_err();
         assert_eq!(err.code, DeadLetterCode::InvalidEvent);
@@ -510,7 +599,10 @@ mod tests {
     #[test]
     fn web_order_id_alone_is_enough_and_unknown_fields_are_ignored() {
         let mut v = sample();
-        v["data"].as_object_mut().unwrap().remove("salesOrderNumber");
+        v["data"]
+            .as_object_mut()
+            .unwrap()
+            .remove("salesOrderNumber");
         v["data"]["somethingNew"] = 1.into();
         v["extension"] = "x".into();
         let e = HeldOrderEvent::decode(&serde_json::to_vec(&v).unwrap(), LIMIT).unwrap();
@@ -520,7 +612,10 @@ mod tests {
     #[test]
     fn peek_reads_the_order_number_of_an_invalid_event() {
         let body = with(&["specversion"], Some("9".into()));
-        assert_eq!(HeldOrderEvent::peek_order_number(&body).as_deref(), Some("104233871"));
+        assert_eq!(
+            HeldOrderEvent::peek_order_number(&body).as_deref(),
+            Some("104233871")
+        );
         assert_eq!(HeldOrderEvent::peek_order_number(b"garbage"), None);
     }
 }

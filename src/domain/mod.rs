@@ -11,7 +11,10 @@ mod values;
 pub use account::{AccountSelector, AccountType, Target, VirtualAccountChoice};
 pub use case::{CaseState, EscalationLevel, EscalationReason};
 pub use event::{
-    DecodeError, DeadLetterCode, EndCustomer, HeldOrder, HeldOrderEvent, HoldReason, Line, Partner,
-    PendingSmartAccount, HELD_EVENT_TYPE,
+    DeadLetterCode, DecodeError, EndCustomer, HELD_EVENT_TYPE, HeldOrder, HeldOrderEvent,
+    HoldReason, Line, Partner, PendingSmartAccount,
 };
-pub use values::{CountryCode, Domain, Email, EventId, OrderId, OrderType, SalesOrderNumber, ValueError, WebOrderId};
+pub use values::{
+    CountryCode, Domain, Email, EventId, OrderId, OrderType, SalesOrderNumber, ValueError,
+    WebOrderId,
+};

@@ -57,7 +57,10 @@ fn order_number(kind: &str, raw: &str) -> Result<String, ValueError> {
     if v.is_empty() || v.len() > 64 {
         return Err(ValueError(format!("{kind} must be 1 to 64 characters")));
     }
-    if !v.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_') {
+    if !v
+        .chars()
+        .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+    {
         return Err(ValueError(format!(
             "{kind} may hold only letters, digits, '-' and '_'"
         )));
@@ -140,7 +143,10 @@ impl Email {
         let (local, domain) = v
             .rsplit_once('@')
             .ok_or_else(|| ValueError(format!("{v:?} is not an e-mail address: no '@'")))?;
-        if local.is_empty() || local.len() > 64 || local.chars().any(|c| c.is_whitespace() || c.is_control()) {
+        if local.is_empty()
+            || local.len() > 64
+            || local.chars().any(|c| c.is_whitespace() || c.is_control())
+        {
             return Err(ValueError(format!("{v:?} is not an e-mail address")));
         }
         let domain = Domain::parse(domain)
@@ -166,7 +172,9 @@ impl CountryCode {
         if v.len() == 2 && v.chars().all(|c| c.is_ascii_uppercase()) {
             Ok(Self(v))
         } else {
-            Err(ValueError(format!("{raw:?} is not a two-letter country code")))
+            Err(ValueError(format!(
+                "{raw:?} is not a two-letter country code"
+            )))
         }
     }
 }
@@ -179,7 +187,12 @@ impl OrderType {
     /// Parses an order type: 1 to 64 letters, digits, `_` or `-`.
     pub fn parse(raw: &str) -> Result<Self, ValueError> {
         let v = raw.trim().to_ascii_uppercase();
-        if v.is_empty() || v.len() > 64 || !v.chars().all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-') {
+        if v.is_empty()
+            || v.len() > 64
+            || !v
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-')
+        {
             return Err(ValueError(format!("{raw:?} is not an order type")));
         }
         Ok(Self(v))
@@ -239,7 +252,10 @@ mod tests {
         assert_eq!(Domain::parse("Acme.COM.").unwrap().as_str(), "acme.com");
         assert!(Domain::parse("acme..com").is_err());
         assert!(Domain::parse("-acme.com").is_err());
-        assert_eq!(Email::parse("IT@Acme.com").unwrap().domain().as_str(), "acme.com");
+        assert_eq!(
+            Email::parse("IT@Acme.com").unwrap().domain().as_str(),
+            "acme.com"
+        );
         assert!(Email::parse("no-at-sign").is_err());
         assert!(Email::parse("a@b@").is_err());
         assert_eq!(CountryCode::parse("us").unwrap().as_str(), "US");

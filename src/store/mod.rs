@@ -40,18 +40,20 @@ impl StoreError {
     /// retrying once the database is back.
     pub fn is_connection(&self) -> bool {
         match self {
-            Self::Database(e) => matches!(
-                e,
-                sqlx::Error::Io(_)
-                    | sqlx::Error::PoolTimedOut
-                    | sqlx::Error::PoolClosed
-                    | sqlx::Error::WorkerCrashed
-                    | sqlx::Error::Tls(_)
-            ) || e
-                .as_database_error()
-                .and_then(|d| d.code())
-                // Class 08: connection exception; 57P01..03: admin shutdown, crash, cannot connect now.
-                .is_some_and(|c| c.starts_with("08") || c.starts_with("57P")),
+            Self::Database(e) => {
+                matches!(
+                    e,
+                    sqlx::Error::Io(_)
+                        | sqlx::Error::PoolTimedOut
+                        | sqlx::Error::PoolClosed
+                        | sqlx::Error::WorkerCrashed
+                        | sqlx::Error::Tls(_)
+                ) || e
+                    .as_database_error()
+                    .and_then(|d| d.code())
+                    // Class 08: connection exception; 57P01..03: admin shutdown, crash, cannot connect now.
+                    .is_some_and(|c| c.starts_with("08") || c.starts_with("57P"))
+            }
             _ => false,
         }
     }
@@ -70,7 +72,11 @@ impl Store {
             match Postgres::create_database(url.expose()).await {
                 Ok(()) => tracing::info!(database = %url, "Database created."),
                 // Another worker created it between the check and here.
-                Err(e) if Postgres::database_exists(url.expose()).await.unwrap_or(false) => {
+                Err(e)
+                    if Postgres::database_exists(url.expose())
+                        .await
+                        .unwrap_or(false) =>
+                {
                     tracing::debug!(error = %e, "Database appeared concurrently.");
                 }
                 Err(e) => return Err(e.into()),
@@ -103,11 +109,10 @@ impl Store {
 
     /// True when the database answers and every migration is applied.
     pub async fn ready(&self) -> bool {
-        let applied: Result<i64, _> = sqlx::query_scalar(
-            "SELECT count(*) FROM _sqlx_migrations WHERE success",
-        )
-        .fetch_one(&self.pool)
-        .await;
+        let applied: Result<i64, _> =
+            sqlx::query_scalar("SELECT count(*) FROM _sqlx_migrations WHERE success")
+                .fetch_one(&self.pool)
+                .await;
         matches!(applied, Ok(n) if n as usize >= MIGRATOR.iter().count())
     }
 }

@@ -18,11 +18,18 @@ fn a_bad_setting_exits_64_naming_it() {
 fn a_secret_in_a_bad_setting_is_not_echoed() {
     let out = bin()
         .arg("migrate")
-        .env("HOLDCLEAR_DATABASE_URL", "postgres://u:topsecret-pw@[broken")
+        .env(
+            "HOLDCLEAR_DATABASE_URL",
+            "postgres://u:topsecret-pw@[broken",
+        )
         .output()
         .unwrap();
     assert_eq!(out.status.code(), Some(64));
-    let all = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    let all = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
     assert!(all.contains("HOLDCLEAR_DATABASE_URL"), "{all}");
     assert!(!all.contains("topsecret-pw"), "{all}");
 }
@@ -38,7 +45,11 @@ async fn migrate_creates_the_database_and_is_idempotent() {
             .env("HOLDCLEAR_LOG_FORMAT", "json")
             .output()
             .unwrap();
-        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
     }
     let pool = sqlx::PgPool::connect(&url).await.unwrap();
     let tables: i64 = sqlx::query_scalar(
@@ -49,6 +60,13 @@ async fn migrate_creates_the_database_and_is_idempotent() {
     .unwrap();
     assert_eq!(tables, 4);
     pool.close().await;
-    let admin = sqlx::PgPool::connect("postgres://postgres@127.0.0.1:5432/postgres").await.unwrap();
-    sqlx::query(sqlx::AssertSqlSafe(format!("DROP DATABASE \"{name}\" WITH (FORCE)"))).execute(&admin).await.unwrap();
+    let admin = sqlx::PgPool::connect("postgres://postgres@127.0.0.1:5432/postgres")
+        .await
+        .unwrap();
+    sqlx::query(sqlx::AssertSqlSafe(format!(
+        "DROP DATABASE \"{name}\" WITH (FORCE)"
+    )))
+    .execute(&admin)
+    .await
+    .unwrap();
 }

@@ -2,5 +2,6 @@
 //! simulator over real HTTP. Names are unique per test; `#[sqlx::test]`
 //! gives each test its own database.
 
+mod broker;
 mod cli;
 mod support;

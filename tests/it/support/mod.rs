@@ -61,7 +61,10 @@ pub fn env_for(database_url: &str, prefix: &str) -> HashMap<String, String> {
     env.insert("HOLDCLEAR_AMQP_URL".into(), amqp_url());
     env.insert("HOLDCLEAR_HTTP_ADDR".into(), "127.0.0.1:0".into());
     env.insert("HOLDCLEAR_LOG_FORMAT".into(), "json".into());
-    env.insert("HOLDCLEAR_TEST_TOPOLOGY_PREFIX".into(), format!("{prefix}."));
+    env.insert(
+        "HOLDCLEAR_TEST_TOPOLOGY_PREFIX".into(),
+        format!("{prefix}."),
+    );
     env
 }
 

@@ -1,0 +1,113 @@
+//! The exchanges, queues and bindings of the event contract.
+
+use lapin::Channel;
+use lapin::ExchangeKind;
+use lapin::options::{ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptions};
+use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
+
+use super::BrokerError;
+use crate::config::Topology;
+
+fn durable_exchange() -> ExchangeDeclareOptions {
+    ExchangeDeclareOptions {
+        durable: true,
+        ..ExchangeDeclareOptions::default()
+    }
+}
+
+fn quorum_args(extra: &[(&str, AMQPValue)]) -> FieldTable {
+    let mut args = FieldTable::default();
+    args.insert(
+        ShortString::from("x-queue-type"),
+        AMQPValue::LongString(LongString::from("quorum")),
+    );
+    for (k, v) in extra {
+        args.insert(ShortString::from(*k), v.clone());
+    }
+    args
+}
+
+/// The arguments of the held-order queue: quorum, dead-lettering to the DLX,
+/// and a delivery limit against poison loops.
+pub fn held_queue_arguments(topology: &Topology, delivery_limit: u32) -> FieldTable {
+    quorum_args(&[
+        (
+            "x-dead-letter-exchange",
+            AMQPValue::LongString(LongString::from(topology.dead_letter_exchange.as_str())),
+        ),
+        (
+            "x-delivery-limit",
+            AMQPValue::LongLongInt(i64::from(delivery_limit)),
+        ),
+    ])
+}
+
+/// Declares every exchange, queue and binding of the contract. Idempotent:
+/// existing ones with the same arguments are accepted as they are.
+pub async fn declare_topology(
+    channel: &Channel,
+    topology: &Topology,
+    delivery_limit: u32,
+) -> Result<(), BrokerError> {
+    channel
+        .exchange_declare(
+            topology.orders_exchange.as_str().into(),
+            ExchangeKind::Topic,
+            durable_exchange(),
+            FieldTable::default(),
+        )
+        .await?;
+    channel
+        .exchange_declare(
+            topology.dead_letter_exchange.as_str().into(),
+            ExchangeKind::Fanout,
+            durable_exchange(),
+            FieldTable::default(),
+        )
+        .await?;
+    channel
+        .exchange_declare(
+            topology.events_exchange.as_str().into(),
+            ExchangeKind::Topic,
+            durable_exchange(),
+            FieldTable::default(),
+        )
+        .await?;
+    let durable = QueueDeclareOptions {
+        durable: true,
+        ..QueueDeclareOptions::default()
+    };
+    channel
+        .queue_declare(
+            topology.held_queue.as_str().into(),
+            durable,
+            held_queue_arguments(topology, delivery_limit),
+        )
+        .await?;
+    channel
+        .queue_bind(
+            topology.held_queue.as_str().into(),
+            topology.orders_exchange.as_str().into(),
+            topology.held_routing_key.as_str().into(),
+            QueueBindOptions::default(),
+            FieldTable::default(),
+        )
+        .await?;
+    channel
+        .queue_declare(
+            topology.dead_letter_queue.as_str().into(),
+            durable,
+            quorum_args(&[]),
+        )
+        .await?;
+    channel
+        .queue_bind(
+            topology.dead_letter_queue.as_str().into(),
+            topology.dead_letter_exchange.as_str().into(),
+            "".into(),
+            QueueBindOptions::default(),
+            FieldTable::default(),
+        )
+        .await?;
+    Ok(())
+}
