@@ -53,8 +53,8 @@ pub async fn database_url(pool: &PgPool) -> String {
     url.to_string()
 }
 
-/// Environment for a worker of one test: its own database and topology
-/// (names prefixed with `prefix.`), fast timings, a free HTTP port.
+/// Environment for a worker of one test: its own database, the local
+/// broker, a free HTTP port, JSON logs. (The topology comes from [`config_file`].)
 pub fn env_for(database_url: &str, prefix: &str) -> HashMap<String, String> {
     let mut env = HashMap::new();
     env.insert("HOLDCLEAR_DATABASE_URL".into(), database_url.to_owned());
