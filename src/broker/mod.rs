@@ -3,12 +3,18 @@
 //! - [`connection`]: connecting, with a named connection and a reconnect loop.
 //! - [`topology`]: the exchanges and queues of the event contract, declared idempotently.
 //! - [`publisher`]: publishing with confirms and `mandatory`, one message or a window of them.
+//! - [`consumer`]: consuming the held-order queue, reconnecting by itself; acks in runs.
+//! - [`dead_letter`]: moving a refused delivery to the dead-letter exchange with the reason headers.
 
 pub mod connection;
+pub mod consumer;
+pub mod dead_letter;
 pub mod publisher;
 pub mod topology;
 
 pub use connection::Broker;
+pub use consumer::{Acknowledged, Closing, Consumer, ConsumerSettings, Delivery, acknowledge};
+pub use dead_letter::dead_letter;
 pub use publisher::{OutgoingMessage, PublishError, Publisher};
 pub use topology::declare_topology;
 

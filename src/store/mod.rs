@@ -13,6 +13,10 @@ use sqlx::{PgPool, Postgres};
 
 use crate::config::SecretUrl;
 
+mod intake;
+
+pub use intake::Recorded;
+
 /// The migrations in `migrations/`, embedded in the binary.
 pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");
 
