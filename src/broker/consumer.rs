@@ -150,7 +150,9 @@ pub struct Acknowledged {
 /// its highest tag; otherwise only the settled ones are acked, one by one,
 /// and that channel is never acked with `multiple` again.
 pub async fn acknowledge(batch: &[(&Delivery, bool)]) -> Acknowledged {
-    let mut per_session: HashMap<u64, (Arc<Session>, Vec<(u64, bool)>)> = HashMap::new();
+    // Per session: its tags in the batch, each with whether it is settled.
+    type Tags = Vec<(u64, bool)>;
+    let mut per_session: HashMap<u64, (Arc<Session>, Tags)> = HashMap::new();
     for (d, settled) in batch {
         per_session
             .entry(d.session.id)

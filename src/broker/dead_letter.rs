@@ -4,7 +4,7 @@
 //! and where from. The publish is confirmed before the caller acks.
 
 use chrono::{DateTime, SecondsFormat, Utc};
-use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
+use lapin::types::{AMQPValue, LongString, ShortString};
 
 use super::PublishError;
 use super::consumer::Delivery;
@@ -35,11 +35,7 @@ pub async fn dead_letter(
     failed_at: DateTime<Utc>,
 ) -> Result<(), PublishError> {
     let session = &delivery.session;
-    let mut headers = delivery
-        .properties
-        .headers()
-        .clone()
-        .unwrap_or_else(FieldTable::default);
+    let mut headers = delivery.properties.headers().clone().unwrap_or_default();
     for (key, value) in [
         (ERROR_CODE, code.as_str().to_owned()),
         (ERROR_DETAIL, one_line(detail)),

@@ -149,37 +149,24 @@ impl Intake {
         tally.dead_lettered = refused.iter().filter(|(i, _)| settled[*i]).count() as u64;
 
         let mut committed = false;
-        if completed && !events.is_empty() {
-            if let Some(recorded) = self.commit(&events, abort).await {
-                committed = true;
-                for ((event, at), outcome) in events.iter().zip(&event_at).zip(&recorded) {
-                    settled[*at] = true;
-                    let (kind, case) = match outcome {
-                        Recorded::Opened { case_id } => {
-                            tally.accepted += 1;
-                            ("opened", Some(case_id))
-                        }
-                        Recorded::HeldAgain { case_id } => {
-                            tally.held_again += 1;
-                            ("held_again", Some(case_id))
-                        }
-                        Recorded::Duplicate => {
-                            tally.duplicate += 1;
-                            ("duplicate", None)
-                        }
-                    };
-                    tracing::debug!(
-                        event_id = %event.id,
-                        order = %event.data.order,
-                        case = ?case,
-                        outcome = kind,
-                        redelivered = batch[*at].redelivered(),
-                        "Held order recorded."
-                    );
-                }
-                if tally.accepted > 0 {
-                    self.cases_opened.notify_one();
-                }
+        if completed
+            && !events.is_empty()
+            && let Some(recorded) = self.commit(&events, abort).await
+        {
+            committed = true;
+            for ((event, &at), outcome) in events.iter().zip(&event_at).zip(&recorded) {
+                settled[at] = true;
+                tally.count(outcome);
+                tracing::debug!(
+                    event_id = %event.id,
+                    order = %event.data.order,
+                    outcome = ?outcome,
+                    redelivered = batch[at].redelivered(),
+                    "Held order recorded."
+                );
+            }
+            if tally.accepted > 0 {
+                self.cases_opened.notify_one();
             }
         }
 
@@ -329,6 +316,14 @@ impl Intake {
 }
 
 impl Tally {
+    fn count(&mut self, outcome: &Recorded) {
+        match outcome {
+            Recorded::Opened { .. } => self.accepted += 1,
+            Recorded::HeldAgain { .. } => self.held_again += 1,
+            Recorded::Duplicate => self.duplicate += 1,
+        }
+    }
+
     fn record(&self) {
         for (outcome, n) in [
             ("accepted", self.accepted),
