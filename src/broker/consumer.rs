@@ -209,12 +209,22 @@ pub async fn acknowledge(batch: &[(&Delivery, bool)]) -> Acknowledged {
 /// The connection of a consumer that stopped on request, kept open so that
 /// the deliveries it forwarded can still be acknowledged; close it once
 /// intake is done.
-pub struct Closing(Connection);
+pub struct Closing {
+    conn: Connection,
+    session: Arc<Session>,
+}
 
 impl Closing {
-    /// Closes the connection (a clean `connection.close`).
+    /// Closes the session's channels, then the connection (cleanly, so
+    /// that lapin does not close a channel of a closing connection).
     pub async fn close(self) {
-        if let Err(e) = self.0.close(200, "holdclear shutting down".into()).await {
+        let text = "holdclear shutting down";
+        for channel in [&self.session.channel, self.session.publisher.channel()] {
+            if let Err(e) = channel.close(200, text.into()).await {
+                tracing::debug!(error = %e, "RabbitMQ channel already closed.");
+            }
+        }
+        if let Err(e) = self.conn.close(200, text.into()).await {
             tracing::debug!(error = %e, "RabbitMQ connection already closed.");
         }
     }
@@ -284,14 +294,13 @@ impl Consumer {
                     );
                     let ended = self.pump(&session, consumer, &intake, &stop, &abort).await;
                     match ended {
-                        Ended::Stopped => {
+                        Ended::Stopped | Ended::IntakeGone | Ended::Aborted => {
                             tracing::info!(
                                 queue = %self.settings.topology.held_queue,
                                 "Stopped consuming held orders."
                             );
-                            return Some(Closing(conn));
+                            return Some(Closing { conn, session });
                         }
-                        Ended::IntakeGone | Ended::Aborted => return Some(Closing(conn)),
                         Ended::Lost(reason) => reason,
                     }
                 }

@@ -13,7 +13,9 @@ pub struct Args {}
 /// Runs the worker; SIGTERM and ctrl-c start a graceful shutdown, after
 /// which it exits 0.
 pub async fn execute(settings: Settings, _args: Args) -> anyhow::Result<ExitCode> {
-    crate::ops::logs::init(settings.log_format, "info");
+    // sqlx reports PostgreSQL notices (e.g. "relation already exists,
+    // skipping" from the migrator) at INFO; they are not the worker's lifecycle.
+    crate::ops::logs::init(settings.log_format, "info,sqlx::postgres::notice=warn");
     let cancel = CancellationToken::new();
     tokio::spawn(stop_on_signal(cancel.clone()));
     crate::worker::run(settings, cancel).await?;

@@ -283,7 +283,9 @@ impl Intake {
                 }
                 Err(e) => {
                     let delay = delays.next_delay();
-                    if e.is_connection() {
+                    // A database that fails its readiness probe is down,
+                    // whatever the error said.
+                    if e.is_unavailable() || !self.database_ready().await {
                         self.health.set_database(false);
                         tracing::warn!(
                             error = %e,
@@ -312,6 +314,15 @@ impl Intake {
                 }
             }
         }
+    }
+}
+
+impl Intake {
+    /// The readiness probe of the store, bounded.
+    async fn database_ready(&self) -> bool {
+        tokio::time::timeout(Duration::from_secs(2), self.store.ready())
+            .await
+            .unwrap_or(false)
     }
 }
 

@@ -141,7 +141,7 @@ impl Store {
     /// history row, or a `held_again` history row on the order's open case;
     /// nothing for an event id seen before. The result has one entry per
     /// input event, in order.
-    #[tracing::instrument(skip_all, fields(events = events.len()), err)]
+    #[tracing::instrument(skip_all, fields(events = events.len()))]
     pub async fn record_held(
         &self,
         events: &[HeldOrderEvent],
@@ -200,6 +200,20 @@ impl Store {
             "{} events found no case after {MAX_ROUNDS} rounds",
             pending.len()
         )))
+    }
+}
+
+impl StoreError {
+    /// The database refuses or lost the connection: a connection-class
+    /// error, or one PostgreSQL raises when connecting (the database does
+    /// not allow connections, does not exist, has no slot left). Worth
+    /// retrying once it is back; not the data's fault.
+    pub fn is_unavailable(&self) -> bool {
+        self.is_connection()
+            || matches!(self, Self::Database(e) if e
+                .as_database_error()
+                .and_then(|d| d.code())
+                .is_some_and(|c| matches!(c.as_ref(), "55000" | "3D000" | "53300")))
     }
 }
 

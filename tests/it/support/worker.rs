@@ -15,8 +15,15 @@ use tokio_util::sync::CancellationToken;
 
 use super::{bin, env_for, topology};
 
-/// Starts a worker in this process.
+/// Starts a worker in this process; its logs go to the test's output
+/// (shown when the test fails; `RUST_LOG` sets the level, INFO by default).
 pub async fn start(settings: Settings) -> WorkerHandle {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,sqlx::postgres::notice=warn"));
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_test_writer()
+        .try_init();
     Worker::start(settings, CancellationToken::new())
         .await
         .expect("the worker starts")
