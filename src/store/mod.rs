@@ -13,6 +13,9 @@ use sqlx::{PgPool, Postgres};
 
 use crate::config::SecretUrl;
 
+mod ops;
+pub use ops::OpsSnapshot;
+
 /// The migrations in `migrations/`, embedded in the binary.
 pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");
 
