@@ -4,5 +4,6 @@
 
 mod broker;
 mod cli;
+mod deploy;
 mod dlq;
 mod support;
