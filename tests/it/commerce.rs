@@ -1111,3 +1111,28 @@ fn holdclear_sim_refuses_a_bad_scenario_with_exit_64() {
         "{stderr}"
     );
 }
+
+#[tokio::test]
+async fn calls_are_counted_and_timed_per_endpoint_and_outcome() {
+    let Ok(metrics) = metrics_exporter_prometheus::PrometheusBuilder::new().install_recorder()
+    else {
+        // Another test of this process installed the recorder first (plain
+        // `cargo test`); nextest runs each test in its own process.
+        return;
+    };
+    let sim = start_demo().await;
+    let api = client(&sim);
+    sim.script(SimEndpoint::Order, &[Forced::ServerError]);
+    api.order(&by_number("104233871")).await.unwrap();
+    api.order(&by_number("104233874")).await.unwrap_err();
+    let text = metrics.render();
+    for line in [
+        r#"holdclear_commerce_calls_total{endpoint="token",outcome="ok"} 1"#,
+        r#"holdclear_commerce_calls_total{endpoint="order",outcome="transient"} 1"#,
+        r#"holdclear_commerce_calls_total{endpoint="order",outcome="ok"} 1"#,
+        r#"holdclear_commerce_calls_total{endpoint="order",outcome="permanent"} 1"#,
+        r#"holdclear_commerce_call_seconds_count{endpoint="order"} 3"#,
+    ] {
+        assert!(text.contains(line), "{line} missing from:\n{text}");
+    }
+}
