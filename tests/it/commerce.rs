@@ -552,10 +552,9 @@ async fn tokens_expiring_mid_run_are_refreshed() {
         stats.tokens_issued >= 3,
         "three lifetimes, a token each: {stats:?}"
     );
-    assert!(
-        stats.unauthorized < stats.tokens_issued,
-        "refreshed ahead of expiry, not after a 401 each time: {stats:?}"
-    );
+    // Refreshed ahead of expiry: without that, every lifetime would end in
+    // a 401 (three or more); one is tolerated for a scheduling hiccup.
+    assert!(stats.unauthorized <= 1, "{stats:?}");
 }
 
 #[tokio::test]
