@@ -8,18 +8,8 @@ use lapin::types::{AMQPValue, LongString, ShortString};
 
 use super::PublishError;
 use super::consumer::Delivery;
+use super::dlq::{ERROR_CODE, ERROR_DETAIL, FAILED_AT, ORIGINAL_EXCHANGE, ORIGINAL_ROUTING_KEY};
 use crate::domain::DeadLetterCode;
-
-/// Header: one of the contract's dead-letter codes.
-pub const ERROR_CODE: &str = "x-holdclear-error-code";
-/// Header: one line saying which field and what was wrong.
-pub const ERROR_DETAIL: &str = "x-holdclear-error-detail";
-/// Header: when the worker refused the message (RFC 3339).
-pub const FAILED_AT: &str = "x-holdclear-failed-at";
-/// Header: the exchange the message was first published to.
-pub const ORIGINAL_EXCHANGE: &str = "x-holdclear-original-exchange";
-/// Header: the routing key it was first published with.
-pub const ORIGINAL_ROUTING_KEY: &str = "x-holdclear-original-routing-key";
 
 /// Longest detail header, in characters; longer ones are cut with `…`.
 const MAX_DETAIL_CHARS: usize = 512;

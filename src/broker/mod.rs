@@ -2,6 +2,7 @@
 //!
 //! - [`connection`]: connecting, with a named connection and a reconnect loop.
 //! - [`topology`]: the exchanges and queues of the event contract, declared idempotently.
+//! - [`dlq`]: operators' view of the dead-letter queue: browse, replay, purge.
 //! - [`publisher`]: publishing with confirms and `mandatory`, one message or a window of them.
 //! - [`consumer`]: consuming the held-order queue, reconnecting by itself; acks in runs.
 //! - [`dead_letter`]: moving a refused delivery to the dead-letter exchange with the reason headers.
@@ -9,6 +10,7 @@
 pub mod connection;
 pub mod consumer;
 pub mod dead_letter;
+pub mod dlq;
 pub mod publisher;
 pub mod topology;
 

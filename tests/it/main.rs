@@ -4,5 +4,8 @@
 
 mod broker;
 mod cli;
+mod commerce;
+mod deploy;
+mod dlq;
 mod intake;
 mod support;

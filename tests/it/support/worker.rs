@@ -13,7 +13,7 @@ use holdclear::worker::{Worker, WorkerHandle};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio_util::sync::CancellationToken;
 
-use super::{bin, env_for, topology};
+use super::{bin, config_file, env_for};
 
 /// Starts a worker in this process; its logs go to the test's output
 /// (shown when the test fails; `RUST_LOG` sets the level, INFO by default).
@@ -53,24 +53,6 @@ pub async fn http_get(addr: SocketAddr, path: &str) -> (u16, String) {
     (status, body)
 }
 
-/// A settings file in `dir` that gives a worker process the topology of `prefix`.
-pub fn config_file(dir: &Path, prefix: &str) -> PathBuf {
-    let t = topology(prefix);
-    let path = dir.join("holdclear.toml");
-    let text = format!(
-        "[topology]\norders_exchange = {:?}\nheld_routing_key = {:?}\nheld_queue = {:?}\n\
-         dead_letter_exchange = {:?}\ndead_letter_queue = {:?}\nevents_exchange = {:?}\n",
-        t.orders_exchange,
-        t.held_routing_key,
-        t.held_queue,
-        t.dead_letter_exchange,
-        t.dead_letter_queue,
-        t.events_exchange
-    );
-    std::fs::write(&path, text).unwrap();
-    path
-}
-
 /// A `holdclear run` process of one test; killed if dropped while running.
 pub struct Process {
     child: Child,
@@ -91,7 +73,7 @@ impl Process {
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(std::fs::File::create(&log).unwrap());
-        for (k, v) in env_for(database_url, prefix) {
+        for (k, v) in env_for(database_url) {
             cmd.env(k, v);
         }
         for (k, v) in extra {
