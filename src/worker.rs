@@ -42,6 +42,9 @@ pub enum WorkerError {
     /// A task of the worker panicked.
     #[error("a worker task failed: {0}")]
     Task(#[from] tokio::task::JoinError),
+    /// A task of the worker ended before shutdown was requested.
+    #[error("the {0} task stopped unexpectedly")]
+    Stopped(&'static str),
 }
 
 /// The running worker.
@@ -208,7 +211,29 @@ async fn work(
     // - `/metrics`: add its route to `http::router` in `Worker::start`.
     // ─────────────────────────────────────────────────────────────────────
 
-    cancel.cancelled().await;
+    // Run until cancelled. Intake or the consumer ending before that is a
+    // bug (a panic): stop the worker so that it is restarted, rather than
+    // leave a consumer that takes nothing.
+    let mut consuming = consuming;
+    let mut intaking = intaking;
+    let early = tokio::select! {
+        () = cancel.cancelled() => None,
+        r = &mut intaking => Some(("intake", r.err())),
+        r = &mut consuming => Some(("consumer", r.err())),
+    };
+    if let Some((task, panic)) = early {
+        tracing::error!(
+            task,
+            "A worker task stopped unexpectedly; stopping the worker."
+        );
+        cancel.cancel();
+        abort.cancel();
+        background.cancel();
+        return Err(match panic {
+            Some(e) => WorkerError::Task(e),
+            None => WorkerError::Stopped(task),
+        });
+    }
     tracing::info!(
         timeout_ms = settings.shutdown_timeout.as_millis() as u64,
         "Shutting down: finishing in-flight batches."

@@ -10,8 +10,12 @@
 //! A failure outside the message never dead-letters it: while the database
 //! is unreachable the batch is kept and its commit retried with backoff
 //! (readiness reports the database down), and nothing is acked or requeued
-//! until it commits. Batches are handled one after another, in delivery
-//! order, which is what makes acks with `multiple` safe.
+//! until it commits.
+//!
+//! The next batch is decoded while earlier ones are written (up to
+//! [`MAX_IN_FLIGHT`] transactions at once; concurrent writes of one order
+//! are resolved by the store). Acks go strictly in delivery order, batch
+//! after batch, which is what makes acks with `multiple` safe.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -62,7 +66,7 @@ pub struct Intake {
 }
 
 /// Batches being written at once, at most (each is one transaction).
-pub const MAX_IN_FLIGHT: usize = 2;
+pub const MAX_IN_FLIGHT: usize = 4;
 
 /// A batch after writing: which of its deliveries are settled (committed
 /// or dead-lettered), ready to be acknowledged.
@@ -185,6 +189,7 @@ impl Intake {
         async {
             metrics::histogram!("holdclear_intake_batch_size").record(batch.len() as f64);
             let failed_at = Utc::now();
+            let t_start = std::time::Instant::now();
             let mut events = Vec::with_capacity(batch.len());
             let mut event_at = Vec::with_capacity(batch.len());
             let mut refused = Vec::new();
@@ -197,9 +202,21 @@ impl Intake {
                     Err(e) => refused.push((i, e)),
                 }
             }
+            let t_dec = std::time::Instant::now();
             let (dead_lettered, recorded) = tokio::join!(
                 self.dead_letter_all(&batch, &refused, failed_at, abort),
                 self.commit(&events, abort),
+            );
+            eprintln!(
+                "W n={} decode={:?} write={:?} end={:?}",
+                batch.len(),
+                t_dec.duration_since(t_start),
+                t_dec.elapsed(),
+                std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .unwrap()
+                    .as_millis()
+                    % 100000
             );
             let mut settled = vec![false; batch.len()];
             let mut tally = Tally::default();
