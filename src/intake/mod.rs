@@ -189,7 +189,6 @@ impl Intake {
         async {
             metrics::histogram!("holdclear_intake_batch_size").record(batch.len() as f64);
             let failed_at = Utc::now();
-            let t_start = std::time::Instant::now();
             let mut events = Vec::with_capacity(batch.len());
             let mut event_at = Vec::with_capacity(batch.len());
             let mut refused = Vec::new();
@@ -202,21 +201,9 @@ impl Intake {
                     Err(e) => refused.push((i, e)),
                 }
             }
-            let t_dec = std::time::Instant::now();
             let (dead_lettered, recorded) = tokio::join!(
                 self.dead_letter_all(&batch, &refused, failed_at, abort),
                 self.commit(&events, abort),
-            );
-            eprintln!(
-                "W n={} decode={:?} write={:?} end={:?}",
-                batch.len(),
-                t_dec.duration_since(t_start),
-                t_dec.elapsed(),
-                std::time::SystemTime::now()
-                    .duration_since(std::time::UNIX_EPOCH)
-                    .unwrap()
-                    .as_millis()
-                    % 100000
             );
             let mut settled = vec![false; batch.len()];
             let mut tally = Tally::default();
