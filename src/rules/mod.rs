@@ -249,7 +249,13 @@ impl Rules {
         };
         let bytes = std::fs::read(path).map_err(unreadable)?;
         let text = String::from_utf8(bytes)
-            .map_err(|e| unreadable(std::io::Error::new(std::io::ErrorKind::InvalidData, e)))?;
+            .map_err(|e| {
+            let offset = e.utf8_error().valid_up_to();
+            unreadable(std::io::Error::new(
+                std::io::ErrorKind::InvalidData,
+                format!("not UTF-8 (invalid byte at offset {offset})"),
+            ))
+        })?;
         Self::parse(&text, path)
     }
 
