@@ -3,4 +3,5 @@
 //! gives each test its own database.
 
 mod cli;
+mod rules;
 mod support;
