@@ -7,4 +7,5 @@ mod cli;
 mod commerce;
 mod deploy;
 mod dlq;
+mod rules;
 mod support;
