@@ -13,7 +13,10 @@ use sqlx::{PgPool, Postgres};
 
 use crate::config::SecretUrl;
 
+mod intake;
 mod ops;
+
+pub use intake::Recorded;
 pub use ops::OpsSnapshot;
 
 /// The migrations in `migrations/`, embedded in the binary.

@@ -7,5 +7,6 @@ mod cli;
 mod commerce;
 mod deploy;
 mod dlq;
+mod intake;
 mod rules;
 mod support;
