@@ -122,3 +122,10 @@ impl Store {
         matches!(applied, Ok(n) if n as usize >= MIGRATOR.iter().count())
     }
 }
+
+/// Drops the database at `url` (the demo's and the benchmark's own, when
+/// they finish), closing other sessions on it first.
+pub async fn drop_database(url: &SecretUrl) -> Result<(), StoreError> {
+    Postgres::force_drop_database(url.expose()).await?;
+    Ok(())
+}
