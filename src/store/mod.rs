@@ -13,6 +13,12 @@ use sqlx::{PgPool, Postgres};
 
 use crate::config::SecretUrl;
 
+mod cases;
+mod outbox;
+
+pub use cases::{CaseFilter, CaseRecord, CaseSummary, Claimed, HistoryRow, RetryCommit};
+pub use outbox::{OutboxBatch, OutboxFailure, OutboxRow};
+
 /// The migrations in `migrations/`, embedded in the binary.
 pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");
 
