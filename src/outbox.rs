@@ -521,7 +521,12 @@ mod tests {
             detail: "no default rule matches the order".into(),
             threshold: None,
         };
-        let env = ev.envelope(case_id, 0, &order(Some("104233871"), Some("98765432")), time());
+        let env = ev.envelope(
+            case_id,
+            0,
+            &order(Some("104233871"), Some("98765432")),
+            time(),
+        );
         assert_eq!(env.routing_key, "order.hold_escalated");
         let b = &env.body;
         assert_eq!(b["specversion"], "1.0");

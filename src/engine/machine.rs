@@ -558,7 +558,11 @@ pub fn plan(case: &Case, replies: &[Reply]) -> Next {
 
 fn plan_decide(case: &Case, replies: &[Reply]) -> Next {
     let order = &case.event.data;
-    if let Some(t) = order.order_type.as_ref().filter(|t| t.takes_no_assignment()) {
+    if let Some(t) = order
+        .order_type
+        .as_ref()
+        .filter(|t| t.takes_no_assignment())
+    {
         return escalate(
             EscalationReason::AssignmentLocked,
             format!("order type {t} takes no Smart Account assignment"),
@@ -904,8 +908,7 @@ pub fn apply(
         }
         Outcome::Assigned(receipt) => {
             let target = case.target.as_ref().and_then(ResolvedTarget::assignment);
-            let (S::Assigning, None, Some(assignment)) =
-                (case.state, &case.assignment_id, target)
+            let (S::Assigning, None, Some(assignment)) = (case.state, &case.assignment_id, target)
             else {
                 return Err(unexpected(&Outcome::Assigned(receipt)));
             };
@@ -1017,7 +1020,15 @@ pub fn apply(
             });
         }
         Outcome::Escalate { reason, detail } => {
-            terminal_escalation(case, &mut next, &mut history, &mut events, reason, detail, now);
+            terminal_escalation(
+                case,
+                &mut next,
+                &mut history,
+                &mut events,
+                reason,
+                detail,
+                now,
+            );
         }
         Outcome::Transient {
             call,

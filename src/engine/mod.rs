@@ -46,7 +46,9 @@ pub enum EngineError {
     #[error("no case for order {0}")]
     NoCase(String),
     /// The case is not escalated; only escalated cases are re-run.
-    #[error("the case of order {order} is {state}, not escalated: only escalated cases can be retried")]
+    #[error(
+        "the case of order {order} is {state}, not escalated: only escalated cases can be retried"
+    )]
     NotEscalated {
         /// The order.
         order: String,

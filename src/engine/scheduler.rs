@@ -313,7 +313,12 @@ async fn steps(inner: &Inner, owner: &str, mut case: Case, cancel: &Cancellation
                         "class" => reply.class()
                     )
                     .increment(1);
-                    tracing::debug!(call = call.name(), class = reply.class(), took_ms = took.as_millis() as u64, "Call answered.");
+                    tracing::debug!(
+                        call = call.name(),
+                        class = reply.class(),
+                        took_ms = took.as_millis() as u64,
+                        "Call answered."
+                    );
                     history.push(machine::call_entry(case.state, &call, &reply, at, took));
                     replies.push(reply);
                     if replies.len() > MAX_CALLS_PER_STEP {
@@ -377,10 +382,9 @@ async fn steps(inner: &Inner, owner: &str, mut case: Case, cancel: &Cancellation
         report(before, &outcome, &transition);
         case = transition.case;
         if !go_on {
-            if case
-                .next_action_at
-                .is_some_and(|t| (t - Utc::now()).to_std().unwrap_or_default() < inner.settings.idle_poll)
-            {
+            if case.next_action_at.is_some_and(|t| {
+                (t - Utc::now()).to_std().unwrap_or_default() < inner.settings.idle_poll
+            }) {
                 inner.local.notify_one();
             }
             return;

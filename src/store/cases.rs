@@ -171,8 +171,8 @@ fn case_from_row(row: &PgRow) -> Result<Case, StoreError> {
         .map(|s| WebOrderId::parse(&s))
         .transpose()
         .map_err(|e| corrupt(format!("case {id}: {e}")))?;
-    let event: HeldOrderEvent = json_column(row, "event")?
-        .ok_or_else(|| corrupt(format!("case {id}: event is null")))?;
+    let event: HeldOrderEvent =
+        json_column(row, "event")?.ok_or_else(|| corrupt(format!("case {id}: event is null")))?;
     // The columns are filled in as the engine learns; the event is the fallback.
     let order = OrderId::new(
         so.or_else(|| event.data.order.sales_order_number.clone()),
@@ -243,7 +243,12 @@ fn bind_case<'q>(
         i32::try_from(n).map_err(|_| corrupt(format!("{what} out of range: {n}")))
     };
     Ok(q.bind(case.state.as_str())
-        .bind(case.order.sales_order_number.as_ref().map(|s| s.to_string()))
+        .bind(
+            case.order
+                .sales_order_number
+                .as_ref()
+                .map(|s| s.to_string()),
+        )
         .bind(case.decision.as_ref().map(|d| d.rule.clone()))
         .bind(case.decision.as_ref().map(|d| d.rules_hash.clone()))
         .bind(decision)
@@ -277,7 +282,10 @@ async fn insert_history(
     }
     let ats: Vec<DateTime<Utc>> = history.iter().map(|h| h.at).collect();
     let kinds: Vec<String> = history.iter().map(|h| h.kind.to_owned()).collect();
-    let states: Vec<String> = history.iter().map(|h| h.state.as_str().to_owned()).collect();
+    let states: Vec<String> = history
+        .iter()
+        .map(|h| h.state.as_str().to_owned())
+        .collect();
     let details: Vec<Value> = history.iter().map(|h| h.detail.clone()).collect();
     sqlx::query(
         "INSERT INTO case_history (case_id, at, kind, state, detail) \

@@ -76,7 +76,11 @@ impl OutboxBatch {
 
     /// Marks `sent` rows sent and records `failed` ones (attempts + 1, the
     /// error, the next try), then commits and releases the locks.
-    pub async fn settle(mut self, sent: &[i64], failed: &[OutboxFailure]) -> Result<(), StoreError> {
+    pub async fn settle(
+        mut self,
+        sent: &[i64],
+        failed: &[OutboxFailure],
+    ) -> Result<(), StoreError> {
         if !sent.is_empty() {
             sqlx::query("UPDATE outbox SET sent_at = now() WHERE id = ANY($1)")
                 .bind(sent)
