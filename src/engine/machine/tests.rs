@@ -287,7 +287,8 @@ fn every_transition() {
     };
     let public_default = vas(&[("DEFAULT", true, true), ("Holding", false, true)]);
     let dec = Reply::Decision(Some(decision(false)));
-    let rows: Vec<(&str, Case, Vec<Reply>, Vec<&str>, Expect)> = vec![
+    type Row = (&'static str, Case, Vec<Reply>, Vec<&'static str>, Expect);
+    let rows: Vec<Row> = vec![
         // decide
         (
             "a rule matches",
@@ -1003,15 +1004,17 @@ fn reply_for(case: &Case, call: &Call, die: u8) -> Reply {
         ErrorCode::InvalidCredentials,
     ];
     let err = |die: u8| {
-        if die % 3 == 0 {
+        if die.is_multiple_of(3) {
             transient()
         } else {
             permanent(codes[usize::from(die) % codes.len()].clone())
         }
     };
-    let ok = die % 4 != 0;
+    let ok = !die.is_multiple_of(4);
     match call {
-        Call::Decide => Reply::Decision((die % 5 != 0).then(|| decision(die % 2 == 0))),
+        Call::Decide => {
+            Reply::Decision((!die.is_multiple_of(5)).then(|| decision(die.is_multiple_of(2))))
+        }
         Call::FindAccount { selector, .. } => {
             let d = match selector {
                 AccountSelector::Domain(d) => d.to_string(),
@@ -1024,12 +1027,13 @@ fn reply_for(case: &Case, call: &Call, die: u8) -> Reply {
                 _ => account(&d, AccountStatus::Active),
             }
         }
-        Call::VirtualAccounts { .. } if ok => {
-            vas(&[("DEFAULT", true, die % 7 != 0), ("Holding", false, true)])
-        }
+        Call::VirtualAccounts { .. } if ok => vas(&[
+            ("DEFAULT", true, !die.is_multiple_of(7)),
+            ("Holding", false, true),
+        ]),
         Call::VirtualAccounts { .. } => Reply::VirtualAccounts(Err(err(die / 4))),
         Call::ReadOrder { .. } if ok => {
-            let released = case.state == CaseState::Watching && die % 3 == 0;
+            let released = case.state == CaseState::Watching && die.is_multiple_of(3);
             Reply::Order(Ok(order(released, &[])))
         }
         Call::ReadOrder { .. } => Reply::Order(Err(err(die / 4))),
@@ -1075,8 +1079,7 @@ proptest! {
         let mut now = t0();
         let mut accepted = 0;
         let mut transitions = HashSet::new();
-        let mut dice = dice.into_iter();
-        'steps: while let Some((die, wait)) = dice.next() {
+        'steps: for (die, wait) in dice {
             now = case.next_action_at.map_or(now, |at| at.max(now)) + secs(i64::from(wait % 7));
             let mut replies = Vec::new();
             let mut die = die;
