@@ -80,6 +80,7 @@ pub struct CaseRecord {
 
 /// One line of `holdclear cases list`.
 #[derive(Clone, Debug, Serialize)]
+#[serde(rename_all = "camelCase")]
 pub struct CaseSummary {
     /// Case id.
     pub id: Uuid,
@@ -114,6 +115,7 @@ pub struct CaseFilter {
 
 /// One stored history line.
 #[derive(Clone, Debug, Serialize)]
+#[serde(rename_all = "camelCase")]
 pub struct HistoryRow {
     /// Position.
     pub id: i64,

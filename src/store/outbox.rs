@@ -14,6 +14,7 @@ use super::{Store, StoreError};
 
 /// One unsent event.
 #[derive(Clone, Debug, PartialEq, Serialize)]
+#[serde(rename_all = "camelCase")]
 pub struct OutboxRow {
     /// Position: events are published in this order.
     pub id: i64,

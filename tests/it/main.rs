@@ -4,4 +4,5 @@
 
 mod broker;
 mod cli;
+mod engine;
 mod support;
