@@ -2,9 +2,11 @@
 //!
 //! - [`connection`]: connecting, with a named connection and a reconnect loop.
 //! - [`topology`]: the exchanges and queues of the event contract, declared idempotently.
+//! - [`dlq`]: operators' view of the dead-letter queue: browse, replay, purge.
 //! - [`publisher`]: publishing with confirms and `mandatory`, one message or a window of them.
 
 pub mod connection;
+pub mod dlq;
 pub mod publisher;
 pub mod topology;
 

@@ -14,9 +14,11 @@ use sqlx::{PgPool, Postgres};
 use crate::config::SecretUrl;
 
 mod cases;
+mod ops;
 mod outbox;
 
 pub use cases::{CaseFilter, CaseRecord, CaseSummary, Claimed, HistoryRow, RetryCommit};
+pub use ops::OpsSnapshot;
 pub use outbox::{OutboxBatch, OutboxFailure, OutboxRow};
 
 /// The migrations in `migrations/`, embedded in the binary.

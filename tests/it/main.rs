@@ -4,5 +4,7 @@
 
 mod broker;
 mod cli;
+mod deploy;
+mod dlq;
 mod engine;
 mod support;

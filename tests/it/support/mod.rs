@@ -57,22 +57,38 @@ pub async fn database_url(pool: &PgPool) -> String {
 
 /// Environment for a worker of one test: its own database, the local
 /// broker, a free HTTP port, JSON logs. (The topology comes from [`config_file`].)
-pub fn env_for(database_url: &str, prefix: &str) -> HashMap<String, String> {
+pub fn env_for(database_url: &str) -> HashMap<String, String> {
     let mut env = HashMap::new();
     env.insert("HOLDCLEAR_DATABASE_URL".into(), database_url.to_owned());
     env.insert("HOLDCLEAR_AMQP_URL".into(), amqp_url());
     env.insert("HOLDCLEAR_HTTP_ADDR".into(), "127.0.0.1:0".into());
     env.insert("HOLDCLEAR_LOG_FORMAT".into(), "json".into());
-    env.insert(
-        "HOLDCLEAR_TEST_TOPOLOGY_PREFIX".into(),
-        format!("{prefix}."),
-    );
     env
+}
+
+/// A settings file for a worker *process* of one test: the topology names
+/// prefixed with `prefix.` (pass it with `--config`; the environment from
+/// [`env_for`] carries the rest).
+pub fn config_file(dir: &std::path::Path, prefix: &str) -> PathBuf {
+    let t = topology(prefix);
+    let path = dir.join(format!("{prefix}.toml"));
+    let text = format!(
+        "[topology]\norders_exchange = {:?}\nheld_routing_key = {:?}\nheld_queue = {:?}\n\
+         dead_letter_exchange = {:?}\ndead_letter_queue = {:?}\nevents_exchange = {:?}\n",
+        t.orders_exchange,
+        t.held_routing_key,
+        t.held_queue,
+        t.dead_letter_exchange,
+        t.dead_letter_queue,
+        t.events_exchange
+    );
+    std::fs::write(&path, text).unwrap();
+    path
 }
 
 /// Settings for an in-process worker of one test (see [`env_for`]).
 pub fn settings(database_url: &str, prefix: &str, extra: &[(&str, &str)]) -> Settings {
-    let mut env = env_for(database_url, prefix);
+    let mut env = env_for(database_url);
     for (k, v) in extra {
         env.insert((*k).to_owned(), (*v).to_owned());
     }

@@ -1,0 +1,306 @@
+//! Operators' view of the dead-letter queue: browse, replay, purge.
+//!
+//! Browsing takes messages with `basic.get` *without* acknowledging them and
+//! then closes the channel, which hands every one of them back to the queue:
+//! nothing is consumed. Replay and purge read at most the messages that were
+//! in the queue when they started, settle the chosen ones (replay: only after
+//! the republish is confirmed) and hand the rest back the same way.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use lapin::options::{BasicAckOptions, BasicGetOptions, QueueDeclareOptions};
+use lapin::types::{AMQPValue, FieldTable, ShortString};
+use lapin::{BasicProperties, Channel, Connection};
+use serde::Serialize;
+
+use super::{BrokerError, PublishError, Publisher};
+use crate::domain::HeldOrderEvent;
+
+/// Header: the dead-letter reason code.
+pub const ERROR_CODE: &str = "x-holdclear-error-code";
+/// Header: one line, which field and what was wrong.
+pub const ERROR_DETAIL: &str = "x-holdclear-error-detail";
+/// Header: when the message was dead-lettered (RFC 3339).
+pub const FAILED_AT: &str = "x-holdclear-failed-at";
+/// Header: the exchange the message was first published to.
+pub const ORIGINAL_EXCHANGE: &str = "x-holdclear-original-exchange";
+/// Header: the routing key the message was first published with.
+pub const ORIGINAL_ROUTING_KEY: &str = "x-holdclear-original-routing-key";
+/// Header: how many times the message was replayed from the DLQ.
+pub const REPLAYED: &str = "x-holdclear-replayed";
+
+/// The headers dead-lettering adds; a replay removes them again.
+const DEAD_LETTER_HEADERS: [&str; 5] = [
+    ERROR_CODE,
+    ERROR_DETAIL,
+    FAILED_AT,
+    ORIGINAL_EXCHANGE,
+    ORIGINAL_ROUTING_KEY,
+];
+
+/// One message of the dead-letter queue, as an operator reads it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct DeadLetter {
+    /// Position in the queue when it was read (0 = head).
+    pub position: usize,
+    /// AMQP `message_id` (the event id for well-formed envelopes).
+    pub message_id: Option<String>,
+    /// `x-holdclear-error-code`.
+    pub error_code: Option<String>,
+    /// `x-holdclear-error-detail`.
+    pub error_detail: Option<String>,
+    /// `x-holdclear-failed-at`.
+    pub failed_at: Option<DateTime<Utc>>,
+    /// Where it came from.
+    pub original_exchange: Option<String>,
+    /// Its original routing key.
+    pub original_routing_key: Option<String>,
+    /// The order number, if the body shows one.
+    pub order_number: Option<String>,
+    /// `x-holdclear-replayed` (0 when never replayed).
+    pub replayed: u32,
+    /// Body size in bytes.
+    pub body_bytes: usize,
+}
+
+/// Which messages a replay or purge takes.
+#[derive(Clone, Debug, Default)]
+pub struct Selection {
+    /// Only these message ids (empty: any).
+    pub message_ids: Vec<String>,
+    /// Only these error codes (empty: any).
+    pub error_codes: Vec<String>,
+    /// Only messages dead-lettered before this time.
+    pub failed_before: Option<DateTime<Utc>>,
+}
+
+impl Selection {
+    /// True when `letter` is selected.
+    pub fn matches(&self, letter: &DeadLetter) -> bool {
+        let id_ok = self.message_ids.is_empty()
+            || letter
+                .message_id
+                .as_ref()
+                .is_some_and(|id| self.message_ids.contains(id));
+        let code_ok = self.error_codes.is_empty()
+            || letter
+                .error_code
+                .as_ref()
+                .is_some_and(|c| self.error_codes.iter().any(|w| w.eq_ignore_ascii_case(c)));
+        let age_ok = match self.failed_before {
+            None => true,
+            Some(limit) => letter.failed_at.is_some_and(|t| t < limit),
+        };
+        id_ok && code_ok && age_ok
+    }
+}
+
+/// What a replay did.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
+pub struct ReplayReport {
+    /// Messages looked at.
+    pub examined: usize,
+    /// Messages republished (or, in a dry run, that would be).
+    pub replayed: Vec<DeadLetter>,
+    /// Selected messages that could not be republished, with the reason; they stay in the DLQ.
+    pub failed: Vec<(DeadLetter, String)>,
+}
+
+/// Reads up to `limit` messages without consuming any of them.
+pub async fn browse(
+    conn: &Connection,
+    queue: &str,
+    limit: usize,
+) -> Result<Vec<DeadLetter>, BrokerError> {
+    let channel = conn.create_channel().await?;
+    let depth = queue_depth(&channel, queue).await?;
+    let mut letters = Vec::new();
+    for position in 0..depth.min(limit) {
+        let Some(msg) = channel
+            .basic_get(queue.into(), BasicGetOptions { no_ack: false })
+            .await?
+        else {
+            break;
+        };
+        letters.push(read(position, &msg.delivery.properties, &msg.delivery.data));
+    }
+    // Closing the channel returns every unacknowledged message to the queue.
+    channel.close(200, "browsed".into()).await?;
+    Ok(letters)
+}
+
+/// Republishes the selected messages (at most `limit`, at most `per_second`
+/// a second) to their original exchange and routing key, with the
+/// dead-letter headers removed and `x-holdclear-replayed` incremented. Each
+/// one leaves the DLQ only after its republish is confirmed. A dry run
+/// settles nothing and publishes nothing.
+pub async fn replay(
+    conn: &Connection,
+    queue: &str,
+    selection: &Selection,
+    limit: usize,
+    per_second: f64,
+    dry_run: bool,
+) -> Result<ReplayReport, BrokerError> {
+    let channel = conn.create_channel().await?;
+    let publisher = Publisher::open(conn).await?;
+    let depth = queue_depth(&channel, queue).await?;
+    let pause = Duration::from_secs_f64(1.0 / per_second.max(0.001));
+    let mut report = ReplayReport::default();
+    let mut next_slot = tokio::time::Instant::now();
+    for position in 0..depth {
+        if report.replayed.len() >= limit {
+            break;
+        }
+        let Some(msg) = channel
+            .basic_get(queue.into(), BasicGetOptions { no_ack: false })
+            .await?
+        else {
+            break;
+        };
+        report.examined += 1;
+        let delivery = msg.delivery;
+        let letter = read(position, &delivery.properties, &delivery.data);
+        if !selection.matches(&letter) {
+            continue;
+        }
+        let (Some(exchange), Some(routing_key)) = (
+            letter.original_exchange.clone(),
+            letter.original_routing_key.clone(),
+        ) else {
+            report.failed.push((
+                letter,
+                "no x-holdclear-original-exchange/-routing-key header".into(),
+            ));
+            continue;
+        };
+        if dry_run {
+            report.replayed.push(letter);
+            continue;
+        }
+        tokio::time::sleep_until(next_slot).await;
+        next_slot = tokio::time::Instant::now() + pause;
+        let properties = replay_properties(&delivery.properties, letter.replayed + 1);
+        match publisher
+            .publish_raw(&exchange, &routing_key, &delivery.data, properties)
+            .await
+        {
+            Ok(()) => {
+                channel
+                    .basic_ack(delivery.delivery_tag, BasicAckOptions::default())
+                    .await?;
+                report.replayed.push(letter);
+            }
+            Err(PublishError::Broker(e)) => return Err(e),
+            Err(e) => report.failed.push((letter, e.to_string())),
+        }
+    }
+    channel.close(200, "replayed".into()).await?;
+    Ok(report)
+}
+
+/// Removes the selected messages; returns them.
+pub async fn purge(
+    conn: &Connection,
+    queue: &str,
+    selection: &Selection,
+) -> Result<Vec<DeadLetter>, BrokerError> {
+    let channel = conn.create_channel().await?;
+    let depth = queue_depth(&channel, queue).await?;
+    let mut purged = Vec::new();
+    for position in 0..depth {
+        let Some(msg) = channel
+            .basic_get(queue.into(), BasicGetOptions { no_ack: false })
+            .await?
+        else {
+            break;
+        };
+        let letter = read(position, &msg.delivery.properties, &msg.delivery.data);
+        if selection.matches(&letter) {
+            channel
+                .basic_ack(msg.delivery.delivery_tag, BasicAckOptions::default())
+                .await?;
+            purged.push(letter);
+        }
+    }
+    channel.close(200, "purged".into()).await?;
+    Ok(purged)
+}
+
+async fn queue_depth(channel: &Channel, queue: &str) -> Result<usize, BrokerError> {
+    let q = channel
+        .queue_declare(
+            queue.into(),
+            QueueDeclareOptions {
+                passive: true,
+                ..QueueDeclareOptions::default()
+            },
+            FieldTable::default(),
+        )
+        .await?;
+    Ok(q.message_count() as usize)
+}
+
+fn header_text(headers: Option<&FieldTable>, name: &str) -> Option<String> {
+    match headers?.inner().get(name)? {
+        AMQPValue::LongString(s) => Some(s.to_string()),
+        AMQPValue::ShortString(s) => Some(s.to_string()),
+        _ => None,
+    }
+}
+
+fn header_count(headers: Option<&FieldTable>, name: &str) -> u32 {
+    let Some(value) = headers.and_then(|h| h.inner().get(name)) else {
+        return 0;
+    };
+    let n = match value {
+        AMQPValue::ShortShortUInt(n) => i64::from(*n),
+        AMQPValue::ShortUInt(n) => i64::from(*n),
+        AMQPValue::LongUInt(n) => i64::from(*n),
+        AMQPValue::ShortShortInt(n) => i64::from(*n),
+        AMQPValue::ShortInt(n) => i64::from(*n),
+        AMQPValue::LongInt(n) => i64::from(*n),
+        AMQPValue::LongLongInt(n) => *n,
+        AMQPValue::LongString(s) => s.to_string().parse().unwrap_or(0),
+        _ => 0,
+    };
+    u32::try_from(n).unwrap_or(0)
+}
+
+fn read(position: usize, props: &BasicProperties, body: &[u8]) -> DeadLetter {
+    let headers = props.headers().as_ref();
+    DeadLetter {
+        position,
+        message_id: props.message_id().as_ref().map(ToString::to_string),
+        error_code: header_text(headers, ERROR_CODE),
+        error_detail: header_text(headers, ERROR_DETAIL),
+        failed_at: header_text(headers, FAILED_AT)
+            .and_then(|t| DateTime::parse_from_rfc3339(&t).ok())
+            .map(|t| t.with_timezone(&Utc)),
+        original_exchange: header_text(headers, ORIGINAL_EXCHANGE),
+        original_routing_key: header_text(headers, ORIGINAL_ROUTING_KEY),
+        order_number: HeldOrderEvent::peek_order_number(body),
+        replayed: header_count(headers, REPLAYED),
+        body_bytes: body.len(),
+    }
+}
+
+/// The original properties, without the dead-letter headers and with the
+/// replay count set.
+fn replay_properties(props: &BasicProperties, replayed: u32) -> BasicProperties {
+    let mut headers: BTreeMap<ShortString, AMQPValue> = props
+        .headers()
+        .as_ref()
+        .map(|h| h.inner().clone())
+        .unwrap_or_default();
+    for name in DEAD_LETTER_HEADERS {
+        headers.remove(name);
+    }
+    headers.insert(
+        ShortString::from(REPLAYED),
+        AMQPValue::LongLongInt(i64::from(replayed)),
+    );
+    props.clone().with_headers(FieldTable::from(headers))
+}

@@ -1,0 +1,44 @@
+//! What operators see of the store at a glance: counts and ages for `/metrics`.
+
+use super::{Store, StoreError};
+
+/// A snapshot of the store for gauges.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct OpsSnapshot {
+    /// Cases per state (stored spelling).
+    pub cases_by_state: Vec<(String, i64)>,
+    /// Outbox rows not yet published.
+    pub outbox_backlog: i64,
+    /// Age of the oldest unpublished outbox row, in seconds (0 when none).
+    pub outbox_oldest_seconds: f64,
+    /// Age of the oldest hold still being worked, in seconds (0 when none).
+    pub oldest_open_hold_seconds: f64,
+}
+
+impl Store {
+    /// Counts and ages for the gauges of `/metrics`.
+    pub async fn ops_snapshot(&self) -> Result<OpsSnapshot, StoreError> {
+        let cases_by_state: Vec<(String, i64)> =
+            sqlx::query_as("SELECT state, count(*) FROM cases GROUP BY state ORDER BY state")
+                .fetch_all(self.pool())
+                .await?;
+        let (outbox_backlog, outbox_oldest_seconds): (i64, f64) = sqlx::query_as(
+            "SELECT count(*), coalesce(extract(epoch FROM now() - min(created_at))::float8, 0)
+             FROM outbox WHERE sent_at IS NULL",
+        )
+        .fetch_one(self.pool())
+        .await?;
+        let oldest_open_hold_seconds: f64 = sqlx::query_scalar(
+            "SELECT coalesce(extract(epoch FROM now() - min(held_at))::float8, 0)
+             FROM cases WHERE state NOT IN ('released', 'escalated')",
+        )
+        .fetch_one(self.pool())
+        .await?;
+        Ok(OpsSnapshot {
+            cases_by_state,
+            outbox_backlog,
+            outbox_oldest_seconds,
+            oldest_open_hold_seconds,
+        })
+    }
+}
