@@ -267,11 +267,19 @@ async fn drive(inner: Arc<Inner>, owner: String, claim: Claimed, cancel: Cancell
             return;
         }
     };
+    // The renewal never ends the step by itself: a lost lease cancels
+    // `lost`, which aborts a call in flight; a commit always completes (it
+    // is fenced by the lease, so after a loss it writes nothing).
+    let lost = CancellationToken::new();
+    let renew = async {
+        keep_lease(&inner, &owner, claim.id).await;
+        lost.cancel();
+        std::future::pending::<()>().await;
+    };
     tokio::select! {
-        () = steps(&inner, &owner, case, &cancel) => {}
-        () = keep_lease(&inner, &owner, claim.id) => {
-            tracing::warn!(lease_owner = %owner, "Lease lost while stepping; the step is abandoned.");
-        }
+        biased;
+        () = steps(&inner, &owner, case, &cancel, &lost) => {}
+        () = renew => {}
     }
 }
 
@@ -290,7 +298,13 @@ async fn keep_lease(inner: &Inner, owner: &str, id: uuid::Uuid) {
 }
 
 /// Runs the case's steps back-to-back while they need no waiting.
-async fn steps(inner: &Inner, owner: &str, mut case: Case, cancel: &CancellationToken) {
+async fn steps(
+    inner: &Inner,
+    owner: &str,
+    mut case: Case,
+    cancel: &CancellationToken,
+    lost: &CancellationToken,
+) {
     for n in 1..=MAX_STEPS_PER_CLAIM {
         let before = case.state;
         let mut replies = Vec::new();
@@ -305,7 +319,13 @@ async fn steps(inner: &Inner, owner: &str, mut case: Case, cancel: &Cancellation
                 Next::Call(call) => {
                     let at = Utc::now();
                     let started = Instant::now();
-                    let reply = inner.call(&case, &call).await;
+                    let reply = tokio::select! {
+                        reply = inner.call(&case, &call) => reply,
+                        () = lost.cancelled() => {
+                            tracing::warn!(lease_owner = %owner, call = call.name(), "Lease lost while stepping; the step is abandoned.");
+                            return;
+                        }
+                    };
                     let took = started.elapsed();
                     metrics::counter!(
                         "holdclear_commerce_calls_total",
@@ -319,7 +339,9 @@ async fn steps(inner: &Inner, owner: &str, mut case: Case, cancel: &Cancellation
                         took_ms = took.as_millis() as u64,
                         "Call answered."
                     );
-                    history.push(machine::call_entry(case.state, &call, &reply, at, took));
+                    let mut entry = machine::call_entry(case.state, &call, &reply, at, took);
+                    entry.detail["worker"] = json!(owner);
+                    history.push(entry);
                     replies.push(reply);
                     if replies.len() > MAX_CALLS_PER_STEP {
                         // plan() ends the step on the next round.

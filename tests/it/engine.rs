@@ -62,6 +62,8 @@ struct Script {
     lose_first_response: bool,
     /// Another hold stays on the order.
     credit_hold: bool,
+    /// The assignment call takes this long.
+    assign_delay: Duration,
 }
 
 #[derive(Debug, Default)]
@@ -122,6 +124,10 @@ impl Fake {
     fn assignments(&self, so: &str) -> u32 {
         let s = self.state.lock().unwrap();
         s.assignments.get(so).copied().unwrap_or_default()
+    }
+
+    fn assign_calls(&self) -> u64 {
+        self.state.lock().unwrap().assign_calls
     }
 
     fn total_assignments(&self) -> (usize, u32) {
@@ -282,8 +288,16 @@ impl CommerceApi for Fake {
         if let Some(e) = self.flaky() {
             return Err(e);
         }
+        let delay = {
+            let mut s = self.state.lock().unwrap();
+            s.assign_calls += 1;
+            s.orders
+                .get(order.as_str())
+                .map(|o| o.script.assign_delay)
+                .unwrap_or_default()
+        };
+        tokio::time::sleep(delay).await;
         let mut s = self.state.lock().unwrap();
-        s.assign_calls += 1;
         if let Some(receipt) = s.keys.get(idempotency_key) {
             return Ok(receipt.clone());
         }
@@ -1358,6 +1372,36 @@ async fn two_engines_assign_each_of_500_orders_once(pool: PgPool) {
         .filter_map(|e| e.message_id.as_deref())
         .collect();
     assert_eq!(ids.len(), seen.len(), "no duplicate envelope ids");
+    let workers: Vec<String> = sqlx::query_scalar(
+        "SELECT DISTINCT split_part(detail->>'worker', '#', 1) FROM case_history \
+         WHERE kind = 'call' ORDER BY 1",
+    )
+    .fetch_all(&pool)
+    .await
+    .unwrap();
+    assert_eq!(workers.len(), 2, "both engines stepped cases: {workers:?}");
+    w.stop().await;
+}
+
+#[sqlx::test]
+async fn a_long_step_keeps_its_lease(pool: PgPool) {
+    let fake = Arc::new(Fake::default());
+    fake.account("acme.example", AccountStatus::Active);
+    fake.order(
+        "15001",
+        Script {
+            releases_after_reads: 1,
+            assign_delay: Duration::from_millis(2500),
+            ..Script::default()
+        },
+    );
+    let mut settings = fast_settings();
+    settings.lease = Duration::from_millis(1000);
+    let w = World::start(pool, fake.clone(), 2, settings).await;
+    let id = w.open(&held("15001", "acme.example", |_| {})).await;
+    w.wait_state(id, CaseState::Released).await;
+    assert_eq!(fake.assign_calls(), 1, "no other engine took the case over");
+    assert_eq!(fake.assignments("15001"), 1);
     w.stop().await;
 }
 
