@@ -71,7 +71,7 @@ pub enum EngineError {
 /// Re-opens the latest case of `order` after a person fixed its cause: from
 /// `deciding`, or where it stood if an assignment may already exist (see
 /// [`machine::retry`]). Returns the re-opened case.
-#[tracing::instrument(skip_all, fields(order = %order), err)]
+#[tracing::instrument(skip_all, fields(order = %order))]
 pub async fn retry_case(
     store: &crate::store::Store,
     order: &str,

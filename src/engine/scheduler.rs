@@ -327,12 +327,6 @@ async fn steps(
                         }
                     };
                     let took = started.elapsed();
-                    metrics::counter!(
-                        "holdclear_commerce_calls_total",
-                        "call" => call.name(),
-                        "class" => reply.class()
-                    )
-                    .increment(1);
                     tracing::debug!(
                         call = call.name(),
                         class = reply.class(),

@@ -339,6 +339,7 @@ impl Store {
     /// claimer gets it until the lease runs out (a dead worker's case is due
     /// again then). Uses `FOR UPDATE SKIP LOCKED`: concurrent claimers never
     /// get the same case.
+    #[tracing::instrument(skip_all, fields(lease_owner = %lease_owner, limit = limit), err(level = "debug"))]
     pub async fn claim_due(
         &self,
         lease_owner: &str,
@@ -423,6 +424,11 @@ impl Store {
     /// with the next step; without, the lease is given back and the case is
     /// due at its `next_action_at`. `Ok(false)`: the lease was lost, nothing
     /// was written.
+    #[tracing::instrument(
+        skip_all,
+        fields(case = %case.id, order = %case.order, state = %case.state),
+        err(level = "debug")
+    )]
     pub async fn commit_step(
         &self,
         lease_owner: &str,
@@ -451,6 +457,7 @@ impl Store {
 
     /// Writes a re-opened case (`holdclear cases retry`), fenced by its
     /// previous generation and escalated state.
+    #[tracing::instrument(skip_all, fields(case = %after.id, order = %after.order), err(level = "debug"))]
     pub async fn commit_retry(
         &self,
         before: &Case,

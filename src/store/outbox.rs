@@ -112,6 +112,7 @@ impl OutboxBatch {
 impl Store {
     /// Locks up to `limit` unsent rows that are due, oldest first, skipping
     /// rows another relay holds.
+    #[tracing::instrument(skip_all, fields(limit = limit), err(level = "debug"))]
     pub async fn outbox_take(&self, limit: usize) -> Result<OutboxBatch, StoreError> {
         let mut tx = self.pool.begin().await?;
         let rows = sqlx::query(
