@@ -458,11 +458,9 @@ fn report(before: CaseState, outcome: &Outcome, t: &Transition) {
         Outcome::Released { .. } => {
             tracing::info!(order = %order, rule = %rule, "Hold released.");
         }
-        Outcome::Escalate { .. } | Outcome::Transient { .. }
-            if case.state == CaseState::Escalated =>
-        {
-            let reason = case.escalation_reason.map_or("-", |r| r.as_str());
-            tracing::warn!(order = %order, reason = %reason, level = "critical", "Case escalated.");
+        Outcome::Escalate { .. } => escalated(&order, rule, t),
+        Outcome::Transient { .. } if case.state == CaseState::Escalated => {
+            escalated(&order, rule, t);
         }
         Outcome::Transient { call, detail, .. } => {
             metrics::counter!("holdclear_retries_total", "state" => before.as_str()).increment(1);
@@ -474,9 +472,24 @@ fn report(before: CaseState, outcome: &Outcome, t: &Transition) {
                 "Transient failure; the step is retried later."
             );
         }
-        Outcome::Escalate { .. } => {}
         Outcome::Redecide { detail } => {
             tracing::warn!(order = %order, detail = %detail, "Case lacked what its state needs; deciding again.");
+        }
+    }
+}
+
+/// Logs a terminal escalation (the event tells operators; the log tells
+/// whoever reads the worker's logs).
+fn escalated(order: &str, rule: &str, t: &Transition) {
+    for event in &t.events {
+        if let OutboundEvent::HoldEscalated {
+            reason,
+            level,
+            detail,
+            ..
+        } = event
+        {
+            tracing::warn!(order = %order, rule = %rule, reason = %reason, level = %level, detail = %detail, "Case escalated.");
         }
     }
 }
