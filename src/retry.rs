@@ -71,35 +71,61 @@ pub enum Quick<E> {
     Stop(E),
 }
 
-/// Runs `op` up to a few times within `budget`, with short exponential
-/// delays (100 ms doubling), for failures `op` marks [`Quick::Retry`].
-/// A requested delay longer than what is left of the budget stops the
-/// retries and returns that error: longer waits are the engine's job.
-pub async fn quick<T, E, F, Fut>(budget: Duration, mut op: F) -> Result<T, E>
+/// How hard one quick call tries before it reports a transient failure.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct QuickPolicy {
+    /// Tries in all, the first included.
+    pub max_attempts: u32,
+    /// Time from the first try after which no new try starts.
+    pub budget: Duration,
+    /// Pause after the first failure (doubles, with jitter, up to 1 s).
+    pub initial: Duration,
+}
+
+impl Default for QuickPolicy {
+    fn default() -> Self {
+        Self {
+            max_attempts: 3,
+            budget: Duration::from_secs(2),
+            initial: Duration::from_millis(100),
+        }
+    }
+}
+
+/// Runs `op` up to `policy.max_attempts` times within `policy.budget`, with
+/// short exponential delays, for failures `op` marks [`Quick::Retry`]. A
+/// requested delay longer than what is left of the budget stops the retries
+/// and returns that error: longer waits are the engine's job.
+pub async fn quick<T, E, F, Fut>(policy: QuickPolicy, mut op: F) -> Result<T, E>
 where
     F: FnMut() -> Fut,
     Fut: Future<Output = Result<T, Quick<E>>>,
 {
     let start = tokio::time::Instant::now();
-    let mut policy = exponential(
-        Duration::from_millis(100),
-        Duration::from_secs(1),
+    let mut delays = exponential(
+        policy.initial,
+        Duration::from_secs(1).max(policy.initial),
         2.0,
         0.3,
-        Some(budget),
+        Some(policy.budget),
     );
+    let mut tries = 0;
     loop {
+        tries += 1;
         match op().await {
             Ok(v) => return Ok(v),
             Err(Quick::Stop(e)) => return Err(e),
             Err(Quick::Retry(e, asked)) => {
-                let Some(mut delay) = policy.next_backoff() else {
+                if tries >= policy.max_attempts.max(1) {
+                    return Err(e);
+                }
+                let Some(mut delay) = delays.next_backoff() else {
                     return Err(e);
                 };
                 if let Some(asked) = asked {
                     delay = delay.max(asked);
                 }
-                if start.elapsed() + delay > budget {
+                if start.elapsed() + delay > policy.budget {
                     return Err(e);
                 }
                 tokio::time::sleep(delay).await;
@@ -183,7 +209,12 @@ mod tests {
     async fn quick_retries_then_gives_up_within_the_budget() {
         let mut calls = 0;
         let started = tokio::time::Instant::now();
-        let r: Result<(), &str> = quick(Duration::from_millis(800), || {
+        let policy = QuickPolicy {
+            max_attempts: 100,
+            budget: Duration::from_millis(800),
+            initial: Duration::from_millis(100),
+        };
+        let r: Result<(), &str> = quick(policy, || {
             calls += 1;
             async { Err(Quick::Retry("down", None)) }
         })
@@ -196,14 +227,14 @@ mod tests {
     #[tokio::test]
     async fn quick_stops_at_once_on_a_permanent_error_and_on_a_long_retry_after() {
         let mut calls = 0;
-        let r: Result<(), &str> = quick(Duration::from_secs(2), || {
+        let r: Result<(), &str> = quick(QuickPolicy::default(), || {
             calls += 1;
             async { Err(Quick::Stop("no")) }
         })
         .await;
         assert_eq!((r, calls), (Err("no"), 1));
         let mut calls = 0;
-        let r: Result<(), &str> = quick(Duration::from_secs(2), || {
+        let r: Result<(), &str> = quick(QuickPolicy::default(), || {
             calls += 1;
             async { Err(Quick::Retry("slow down", Some(Duration::from_secs(30)))) }
         })

@@ -16,6 +16,14 @@ use crate::domain::{
     AccountSelector, AccountType, Domain, OrderId, SalesOrderNumber, VirtualAccountChoice,
 };
 
+mod http;
+mod limiter;
+mod quick_retry;
+mod token;
+mod wire;
+
+pub use http::HttpCommerce;
+
 /// The contract's permanent error codes, plus the client's own.
 #[derive(Clone, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub enum ErrorCode {
@@ -288,4 +296,112 @@ pub trait CommerceApi: Send + Sync {
         assignment: &Assignment,
         idempotency_key: &str,
     ) -> Result<AssignmentReceipt, CommerceError>;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn va(name: &str, is_default: bool, public: bool) -> VirtualAccount {
+        VirtualAccount {
+            name: name.into(),
+            is_default,
+            public,
+        }
+    }
+
+    #[test]
+    fn choose_virtual_account_table() {
+        let accounts = [
+            va("DEFAULT", true, true),
+            va("Network", false, false),
+            va("Lab", false, true),
+        ];
+        let private_default = [va("DEFAULT", true, false), va("Lab", false, true)];
+        let named = |n: &str| VirtualAccountChoice::Named(n.into());
+        let cases: Vec<(&[VirtualAccount], VirtualAccountChoice, Option<&str>)> = vec![
+            (
+                &accounts,
+                VirtualAccountChoice::AccountDefault,
+                Some("DEFAULT"),
+            ),
+            (&accounts, named("Lab"), Some("Lab")),
+            (&accounts, named("lab"), Some("Lab")),
+            (&accounts, named("Network"), None),
+            (&accounts, named("Missing"), None),
+            (&private_default, VirtualAccountChoice::AccountDefault, None),
+            (&private_default, named("DEFAULT"), None),
+            (&[], VirtualAccountChoice::AccountDefault, None),
+        ];
+        for (list, wanted, expected) in cases {
+            let got = choose_virtual_account(list, &wanted).map(|v| v.name.as_str());
+            assert_eq!(got, expected, "{wanted} in {list:?}");
+        }
+    }
+
+    fn hold(code: &str, released: Option<&str>) -> Hold {
+        Hold {
+            code: code.into(),
+            applied_at: None,
+            released_at: released.map(|r| r.parse().unwrap()),
+        }
+    }
+
+    fn order(holds: Vec<Hold>) -> Order {
+        Order {
+            sales_order_number: SalesOrderNumber::parse("104233871").unwrap(),
+            web_order_id: None,
+            status: "BOOKED".into(),
+            holds,
+            smart_account_domain: None,
+            smart_account_status: None,
+            virtual_account_name: None,
+        }
+    }
+
+    #[test]
+    fn smart_account_hold_released_table() {
+        let t1 = "2026-11-23T09:12:44Z";
+        let t2 = "2026-11-23T10:00:00Z";
+        let cases: Vec<(Vec<Hold>, bool, Vec<&str>)> = vec![
+            (vec![], true, vec![]),
+            (vec![hold(SMART_ACCOUNT_HOLD, None)], false, vec![]),
+            (vec![hold(SMART_ACCOUNT_HOLD, Some(t1))], true, vec![]),
+            (
+                vec![
+                    hold(SMART_ACCOUNT_HOLD, Some(t1)),
+                    hold("CREDIT_HOLD", None),
+                ],
+                true,
+                vec!["CREDIT_HOLD"],
+            ),
+            (
+                vec![
+                    hold(SMART_ACCOUNT_HOLD, Some(t1)),
+                    hold(SMART_ACCOUNT_HOLD, None),
+                ],
+                false,
+                vec![],
+            ),
+            (vec![hold("CREDIT_HOLD", None)], true, vec!["CREDIT_HOLD"]),
+            (vec![hold("CREDIT_HOLD", Some(t1))], true, vec![]),
+        ];
+        for (holds, released, others) in cases {
+            let o = order(holds);
+            assert_eq!(o.smart_account_hold_released(), released, "{:?}", o.holds);
+            assert_eq!(o.other_holds(), others, "{:?}", o.holds);
+        }
+        let twice = order(vec![
+            hold(SMART_ACCOUNT_HOLD, Some(t1)),
+            hold(SMART_ACCOUNT_HOLD, Some(t2)),
+        ]);
+        assert_eq!(
+            twice.smart_account_hold_released_at(),
+            Some(t2.parse().unwrap())
+        );
+        assert_eq!(
+            order(vec![hold(SMART_ACCOUNT_HOLD, None)]).smart_account_hold_released_at(),
+            None
+        );
+    }
 }

@@ -4,6 +4,7 @@
 
 mod broker;
 mod cli;
+mod commerce;
 mod deploy;
 mod dlq;
 mod engine;

@@ -15,6 +15,8 @@ use std::time::{Duration, Instant};
 use holdclear::config::{Settings, Topology};
 use sqlx::PgPool;
 
+pub mod sim;
+
 /// The `holdclear` binary built for these tests.
 pub fn bin() -> Command {
     Command::new(env!("CARGO_BIN_EXE_holdclear"))
