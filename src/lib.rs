@@ -13,6 +13,7 @@
 //! - [`retry`]: delay policies (the one module that uses `backoff`).
 //! - [`ops`]: logs, health, readiness and metrics.
 //! - [`sim`]: the commerce-API simulator (`holdclear sim`).
+//! - [`worker`]: `holdclear run` assembled: HTTP server, store, consumer and intake, graceful shutdown.
 //! - [`cli`]: one file per subcommand.
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
@@ -30,3 +31,4 @@ pub mod retry;
 pub mod rules;
 pub mod sim;
 pub mod store;
+pub mod worker;

@@ -120,7 +120,6 @@ impl Publisher {
 
     /// Publishes with the given properties kept as they are (used to move a
     /// message between queues without changing it), waiting for the confirm.
-    #[allow(dead_code)] // for dead-lettering and replay, which move messages unchanged
     pub(crate) async fn publish_raw(
         &self,
         exchange: &str,

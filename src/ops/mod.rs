@@ -1,4 +1,11 @@
 //! Operating the service: logs, health, readiness and metrics.
+//!
+//! - [`logs`]: the log subscriber (JSON or pretty).
+//! - [`health`]: the shared state of the dependencies, and the database probe.
+//! - [`http`]: `/healthz`, `/readyz` (and the router to add `/metrics` to).
+//! - [`metrics`]: the Prometheus recorder and the store gauges for `/metrics`.
 
+pub mod health;
+pub mod http;
 pub mod logs;
 pub mod metrics;

@@ -8,4 +8,6 @@ mod commerce;
 mod deploy;
 mod dlq;
 mod engine;
+mod intake;
+mod rules;
 mod support;

@@ -15,7 +15,9 @@ use std::time::{Duration, Instant};
 use holdclear::config::{Settings, Topology};
 use sqlx::PgPool;
 
+pub mod broker;
 pub mod sim;
+pub mod worker;
 
 /// The `holdclear` binary built for these tests.
 pub fn bin() -> Command {

@@ -1,0 +1,81 @@
+//! The operations HTTP server: `/healthz` (the process runs) and `/readyz`
+//! (the database and the broker are usable). Build on [`router`] to add
+//! routes (e.g. `/metrics`).
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use axum::Router;
+use axum::extract::State;
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Json};
+use axum::routing::get;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use super::health::Health;
+
+/// What went wrong starting the HTTP server.
+#[derive(Debug, thiserror::Error)]
+pub enum HttpError {
+    /// The address could not be bound (in use, not local, no permission).
+    #[error("cannot listen on {addr}: {source}")]
+    Bind {
+        /// The configured address (`HOLDCLEAR_HTTP_ADDR`).
+        addr: SocketAddr,
+        /// Why.
+        source: std::io::Error,
+    },
+}
+
+/// The routes of the operations server, without state left to supply.
+pub fn router(health: Arc<Health>) -> Router {
+    Router::new()
+        .route("/healthz", get(healthz))
+        .route("/readyz", get(readyz))
+        .with_state(health)
+}
+
+async fn healthz() -> impl IntoResponse {
+    (StatusCode::OK, Json(serde_json::json!({"status": "ok"})))
+}
+
+async fn readyz(State(health): State<Arc<Health>>) -> impl IntoResponse {
+    let r = health.readiness();
+    if r.ready {
+        (StatusCode::OK, Json(serde_json::json!({"status": "ready"})))
+    } else {
+        (
+            StatusCode::SERVICE_UNAVAILABLE,
+            Json(serde_json::json!({"status": "not ready", "down": r.down})),
+        )
+    }
+}
+
+/// Binds `addr` (port 0 picks a free one) and serves `router` on a task of
+/// `tracker` until `cancel`; returns the address actually bound.
+pub async fn serve(
+    addr: SocketAddr,
+    router: Router,
+    cancel: CancellationToken,
+    tracker: &TaskTracker,
+) -> Result<SocketAddr, HttpError> {
+    let listener = TcpListener::bind(addr)
+        .await
+        .map_err(|source| HttpError::Bind { addr, source })?;
+    let bound = listener
+        .local_addr()
+        .map_err(|source| HttpError::Bind { addr, source })?;
+    tracker.spawn(async move {
+        let shutdown = async move { cancel.cancelled().await };
+        if let Err(e) = axum::serve(listener, router)
+            .with_graceful_shutdown(shutdown)
+            .await
+        {
+            tracing::error!(addr = %bound, error = %e, "The HTTP server failed.");
+        }
+    });
+    tracing::info!(addr = %bound, "HTTP server listening.");
+    Ok(bound)
+}
