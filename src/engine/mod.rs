@@ -27,6 +27,14 @@ pub trait DecisionSource: Send + Sync + 'static {
     fn decide(&self, order: &HeldOrder) -> Option<Decision>;
 }
 
+/// The rules in force at the moment of the decision (a reload never
+/// changes them under a decision in progress).
+impl DecisionSource for crate::rules::RulesHandle {
+    fn decide(&self, order: &HeldOrder) -> Option<Decision> {
+        self.current().decide(order)
+    }
+}
+
 impl<F> DecisionSource for F
 where
     F: Fn(&HeldOrder) -> Option<Decision> + Send + Sync + 'static,

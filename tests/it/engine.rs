@@ -3,8 +3,8 @@
 //! commerce-API simulator over HTTP in [`e2e`], and through a scripted
 //! in-process API (for what the simulator cannot do) in [`scripted`].
 //!
-//! Cases are opened with the row intake writes (`open_case`), so these tests
-//! do not depend on the consumer.
+//! Cases are opened with intake's store write (`Store::record_held`); the
+//! path through RabbitMQ and the worker is in [`e2e`] (`through_the_worker`).
 
 mod e2e;
 mod scripted;
@@ -24,7 +24,7 @@ use holdclear::engine::machine::HistoryEntry;
 use holdclear::engine::{DecisionSource, Engine};
 use holdclear::outbox::{OutboundEvent, Relay, RelaySettings};
 use holdclear::rules::Decision;
-use holdclear::store::{CaseRecord, Store};
+use holdclear::store::{CaseRecord, Recorded, Store};
 use lapin::options::{ExchangeDeleteOptions, QueueBindOptions, QueueDeclareOptions};
 use lapin::types::FieldTable;
 use serde_json::{Value, json};
@@ -107,34 +107,16 @@ fn held(so: &str, domain: &str, tweak: impl FnOnce(&mut Value)) -> HeldOrderEven
     HeldOrderEvent::decode(&serde_json::to_vec(&v).unwrap(), 256 * 1024).expect("valid event")
 }
 
-/// Opens a case in `deciding` as intake does (one row, one history line).
+/// Opens a case in `deciding` with intake's own write.
 async fn open_case(pool: &PgPool, ev: &HeldOrderEvent) -> Uuid {
-    let id = Uuid::new_v4();
-    let order = &ev.data.order;
-    sqlx::query(
-        "INSERT INTO cases (id, order_key, sales_order_number, web_order_id, state, event_id, \
-                            event, hold_reason, held_at) \
-         VALUES ($1, $2, $3, $4, 'deciding', $5, $6, $7, $8)",
-    )
-    .bind(id)
-    .bind(order.key())
-    .bind(order.sales_order_number.as_ref().map(|s| s.to_string()))
-    .bind(order.web_order_id.as_ref().map(|s| s.to_string()))
-    .bind(ev.id.as_str())
-    .bind(serde_json::to_value(ev).unwrap())
-    .bind(ev.data.hold_reason.as_str())
-    .bind(ev.data.held_at.unwrap_or_else(Utc::now))
-    .execute(pool)
-    .await
-    .unwrap();
-    sqlx::query(
-        "INSERT INTO case_history (case_id, kind, state) VALUES ($1, 'opened', 'deciding')",
-    )
-    .bind(id)
-    .execute(pool)
-    .await
-    .unwrap();
-    id
+    let recorded = Store::from_pool(pool.clone())
+        .record_held(std::slice::from_ref(ev))
+        .await
+        .expect("intake records the event");
+    match recorded.as_slice() {
+        [Recorded::Opened { case_id }] => *case_id,
+        other => panic!("the event opened no case: {other:?}"),
+    }
 }
 
 fn fast_settings() -> EngineSettings {
@@ -177,14 +159,26 @@ struct World {
 }
 
 impl World {
-    /// One engine per commerce client, one relay, a queue on the events exchange.
+    /// One engine per commerce client, one relay, a queue on the events
+    /// exchange; the test rules; a topology of its own.
     async fn start(
         pool: PgPool,
         commerce: Vec<Arc<dyn CommerceApi>>,
         settings: EngineSettings,
     ) -> Self {
         let prefix = unique("engine");
-        let topology = topology(&prefix);
+        Self::start_with(pool, commerce, rules(), settings, topology(&prefix)).await
+    }
+
+    /// [`World::start`] with the given rules and topology.
+    async fn start_with(
+        pool: PgPool,
+        commerce: Vec<Arc<dyn CommerceApi>>,
+        rules: Arc<dyn DecisionSource>,
+        settings: EngineSettings,
+        topology: Topology,
+    ) -> Self {
+        let prefix = unique("engine");
         let events = EventQueue::bind(&topology).await;
         let store = Store::from_pool(pool.clone());
         let wake = Arc::new(Notify::new());
@@ -195,7 +189,7 @@ impl World {
             let engine = Engine::new(
                 store.clone(),
                 api,
-                rules(),
+                rules.clone(),
                 settings.clone(),
                 format!("{prefix}-w{n}"),
                 wake.clone(),
@@ -249,12 +243,13 @@ impl World {
                 .unwrap();
         }
         let ch = events_channel().await;
-        ch.exchange_delete(
-            self.topology.events_exchange.as_str().into(),
-            ExchangeDeleteOptions::default(),
-        )
-        .await
-        .unwrap();
+        // The test's exchange; another cleanup may have deleted it already.
+        let _ = ch
+            .exchange_delete(
+                self.topology.events_exchange.as_str().into(),
+                ExchangeDeleteOptions::default(),
+            )
+            .await;
         self.events.close().await;
     }
 }

@@ -634,3 +634,117 @@ async fn cases_cli_lists_shows_and_retries(pool: PgPool) {
     assert_eq!(distinct.len(), 3);
     w.stop().await;
 }
+
+/// The whole path: held-order events published to RabbitMQ, taken by the
+/// worker's consumer and intake, decided by the shipped rules file, assigned
+/// through the simulator, published on the events exchange. (The engine and
+/// the relay run beside the in-process worker until the worker starts them
+/// itself; more than one engine and relay on a database is supported.)
+#[sqlx::test]
+async fn through_rabbitmq_intake_and_the_shipped_rules(pool: PgPool) {
+    use holdclear::rules::{Rules, RulesHandle};
+
+    use crate::support::broker::{Rabbit, held_event};
+    use crate::support::{repo_path, settings as worker_settings, worker};
+
+    let prefix = unique("e2e");
+    let rabbit = Rabbit::new(&prefix).await;
+    let sim = sim::start(demo()).await;
+    let rules = Rules::load(&repo_path("deploy/config/rules.toml")).expect("the shipped rules");
+    let hash = rules.hash().to_owned();
+    let url = database_url(&pool).await;
+    let worker = worker::start(worker_settings(&url, &prefix, &[])).await;
+    let mut w = World::start_with(
+        pool.clone(),
+        vec![client(&sim, Duration::from_millis(500))],
+        Arc::new(RulesHandle::new(rules)),
+        fast_settings(),
+        rabbit.topology.clone(),
+    )
+    .await;
+
+    // The contract's sample (acme.com), sent twice; initech.com's pending
+    // account with the partner's holding fallback; hooli.com, inactive.
+    let acme = held_event(&Uuid::new_v4().to_string(), "104233871");
+    let mut initech = held_event(&Uuid::new_v4().to_string(), "104233872");
+    initech["data"]["holdReason"] = json!("PENDING_SMART_ACCOUNT");
+    initech["data"]["smartAccount"] = json!({"domain": "initech.com", "status": "PENDING"});
+    initech["data"]["endCustomer"]["email"] = json!("it@initech.com");
+    let mut hooli = held_event(&Uuid::new_v4().to_string(), "500040");
+    hooli["data"]["endCustomer"]["email"] = json!("it@hooli.com");
+    hooli["data"]["partner"]["id"] = json!("P-200");
+    rabbit
+        .publish_events(&[acme.clone(), initech, hooli, acme])
+        .await;
+
+    let seen = w
+        .events
+        .until(
+            Duration::from_secs(30),
+            "two releases and an escalation",
+            |s| {
+                s.iter()
+                    .filter(|e| e.routing_key == "order.hold_released")
+                    .count()
+                    == 2
+                    && s.iter().any(|e| e.routing_key == "order.hold_escalated")
+            },
+        )
+        .await
+        .to_vec();
+    w.events.assert_quiet(Duration::from_millis(500)).await;
+    for e in &seen {
+        assert_contract(e);
+    }
+    let keys = |so: &str| -> Vec<String> {
+        of_order(&seen, so)
+            .iter()
+            .map(|e| e.routing_key.clone())
+            .collect()
+    };
+    assert_eq!(
+        keys("104233871"),
+        ["order.smart_account_assigned", "order.hold_released"]
+    );
+    assert_eq!(
+        keys("104233872"),
+        ["order.smart_account_assigned", "order.hold_released"]
+    );
+    assert_eq!(keys("500040"), ["order.hold_escalated"]);
+    let acme_assigned = of_order(&seen, "104233871")[0];
+    assert_eq!(acme_assigned.data("rule"), &json!("acme-direct"));
+    assert_eq!(acme_assigned.data("smartAccountDomain"), &json!("acme.com"));
+    let initech_assigned = of_order(&seen, "104233872")[0];
+    assert_eq!(
+        initech_assigned.data("rule"),
+        &json!("globex-partner-holding")
+    );
+    assert_eq!(initech_assigned.data("smartAccountDomain"), &json!(HOLDING));
+    assert_eq!(initech_assigned.data("accountType"), &json!("HOLDING"));
+    let hooli_escalated = of_order(&seen, "500040")[0];
+    assert_eq!(
+        hooli_escalated.data("reason"),
+        &json!("SMART_ACCOUNT_NOT_ACTIVE")
+    );
+
+    let stats = sim.stats();
+    assert_eq!(
+        stats.assignments_of("104233871"),
+        1,
+        "the duplicate event assigned nothing"
+    );
+    assert_eq!(stats.assignments_of("104233872"), 1);
+    let case = w.store.latest_case("104233871").await.unwrap().unwrap();
+    assert_eq!(
+        case.case.decision.map(|d| d.rules_hash),
+        Some(hash),
+        "the case records the rules file it was decided with"
+    );
+    let cases: i64 = sqlx::query_scalar("SELECT count(*) FROM cases")
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+    assert_eq!(cases, 3, "one case per order");
+    w.stop().await;
+    worker.shutdown().await.unwrap();
+}
