@@ -310,7 +310,7 @@ impl Relay {
     pub async fn run(self, cancel: CancellationToken) {
         let mut reconnect = Reconnect::default();
         'connect: while !cancel.is_cancelled() {
-            let conn = match self.broker.connect_until("relay", &cancel).await {
+            let conn = match self.broker.connect_until("outbox", &cancel).await {
                 Ok(conn) => conn,
                 Err(_) => break,
             };

@@ -52,6 +52,7 @@ const DEFAULT_DRAIN: Duration = Duration::from_secs(20);
 pub struct Engine {
     inner: Arc<Inner>,
     drain_timeout: Duration,
+    abort: CancellationToken,
 }
 
 struct Inner {
@@ -92,6 +93,7 @@ impl Engine {
                 claims: AtomicU64::new(0),
             }),
             drain_timeout: DEFAULT_DRAIN,
+            abort: CancellationToken::new(),
         }
     }
 
@@ -100,6 +102,13 @@ impl Engine {
     /// their leases run out.
     pub fn with_drain_timeout(mut self, timeout: Duration) -> Self {
         self.drain_timeout = timeout;
+        self
+    }
+
+    /// Ends the drain early when `abort` fires (the worker's shutdown
+    /// deadline), like the drain timeout.
+    pub fn with_abort(mut self, abort: CancellationToken) -> Self {
+        self.abort = abort;
         self
     }
 
@@ -179,11 +188,12 @@ impl Engine {
                 inner.idle(&cancel).await;
             }
         }
-        let drained = tokio::time::timeout(self.drain_timeout, async {
-            while tasks.join_next().await.is_some() {}
-        })
-        .await;
-        if drained.is_err() {
+        let drained = tokio::select! {
+            () = async { while tasks.join_next().await.is_some() {} } => true,
+            () = tokio::time::sleep(self.drain_timeout) => false,
+            () = self.abort.cancelled() => false,
+        };
+        if !drained {
             tracing::warn!(
                 in_flight = tasks.len(),
                 "Steps still running at the end of the drain; their cases resume when their leases run out."

@@ -2,7 +2,7 @@
 //! reason in one table (the simulator cannot refuse a valid assignment with
 //! a 400, so `ASSIGNMENT_REJECTED` is shown here), a pending account that
 //! turned ACTIVE (nothing to assign), a step longer than its lease, and
-//! `cases retry` refusing while another case is open.
+//! `cases retry` refusing while another case is open, and shutdown.
 
 use std::collections::HashMap;
 use std::sync::Mutex;
@@ -568,4 +568,40 @@ async fn retry_refuses_while_another_case_of_the_order_is_open(pool: PgPool) {
         "{err}"
     );
     w.stop().await;
+}
+
+#[sqlx::test]
+async fn shutdown_finishes_the_step_in_flight_and_gives_the_case_back(pool: PgPool) {
+    let fake = Arc::new(Fake::default());
+    fake.account("acme.example", AccountStatus::Active);
+    fake.order(
+        "16001",
+        Script {
+            releases_after_reads: 1,
+            assign_delay: Duration::from_millis(800),
+            ..Script::default()
+        },
+    );
+    let w = World::start(pool, vec![fake.clone()], fast_settings()).await;
+    let id = w.open(&held("16001", "acme.example", |_| {})).await;
+    wait_for(DEADLINE, "the assignment call", || async {
+        (fake.assign_calls() == 1).then_some(())
+    })
+    .await;
+    let store = w.store.clone();
+    let started = std::time::Instant::now();
+    w.stop().await;
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "{:?}",
+        started.elapsed()
+    );
+    let r = store.case_by_id(id).await.unwrap().unwrap();
+    assert_eq!(
+        r.case.state,
+        CaseState::Watching,
+        "the accepted assignment was committed"
+    );
+    assert_eq!(r.lease_owner, None, "the case was given back");
+    assert_eq!(fake.assignments("16001"), 1);
 }
