@@ -34,6 +34,7 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
+use crate::support::broker::{close_connection, connections_named};
 use crate::support::events::{EventQueue, Received, assert_contract, of_order};
 use crate::support::{amqp_url, topology, unique, wait_for};
 
@@ -478,7 +479,7 @@ fn relay(store: &Store, topology: &Topology, prefix: &str, wake: Arc<Notify>) ->
 }
 
 #[sqlx::test]
-async fn the_relay_publishes_contract_events_and_marks_them_sent(pool: PgPool) {
+async fn the_relay_publishes_contract_events_marks_them_sent_and_reconnects(pool: PgPool) {
     let store = Store::from_pool(pool.clone());
     let prefix = unique("relay");
     let topo = topology(&prefix);
@@ -502,6 +503,20 @@ async fn the_relay_publishes_contract_events_and_marks_them_sent(pool: PgPool) {
     })
     .await;
     events.assert_quiet(Duration::from_millis(300)).await;
+
+    // The relay's connection is closed under it: it reconnects by itself.
+    let pids = connections_named(&prefix);
+    assert_eq!(pids.len(), 1, "the relay's one connection: {pids:?}");
+    close_connection(&pids[0]);
+    let (_, second) = case_with_event(&store, &pool, "4002").await;
+    wake.notify_one();
+    let got = events
+        .next(DEADLINE)
+        .await
+        .expect("published after reconnecting");
+    assert_eq!(got.message_id, Some(second.to_string()));
+    events.assert_quiet(Duration::from_millis(300)).await;
+
     cancel.cancel();
     task.await.unwrap();
     let ch = events_channel().await;

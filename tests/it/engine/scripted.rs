@@ -1,7 +1,7 @@
 //! Whole cases through a scripted in-process commerce API: every escalation
 //! reason in one table (the simulator cannot refuse a valid assignment with
 //! a 400, so `ASSIGNMENT_REJECTED` is shown here), a pending account that
-//! turned ACTIVE (nothing to assign), a step longer than its lease, and
+//! turned ACTIVE (nothing to assign), a step longer than its lease,
 //! `cases retry` refusing while another case is open, and shutdown.
 
 use std::collections::HashMap;
