@@ -440,13 +440,13 @@ fn compile_target(
                 key: format!("{section}.account_type"),
             });
         }
-        Some(t) => {
-            AccountType::parse(t.get_ref().trim()).ok_or_else(|| RulesError::InvalidValue {
+        Some(t) => AccountType::parse(t.get_ref().trim()).ok_or_else(|| {
+            RulesError::InvalidValue {
                 at: ctx.at(t.span(), rule),
                 key: format!("{section}.account_type"),
                 reason: format!("{:?} is neither CUSTOMER nor HOLDING", t.get_ref()),
-            })?
-        }
+            }
+        })?,
     };
     let virtual_account = match raw.virtual_account {
         None => VirtualAccountChoice::AccountDefault,
@@ -487,7 +487,9 @@ fn compile_account(
         return Err(RulesError::InvalidValue {
             at: ctx.at(span, rule),
             key,
-            reason: format!("takes exactly one of domain, name, email or from; {given} given"),
+            reason: format!(
+                "takes exactly one of domain, name, email or from; {given} given"
+            ),
         });
     }
     let invalid = |span: Range<usize>, field: &str, reason: String| RulesError::InvalidValue {
@@ -518,13 +520,11 @@ fn compile_account(
                 "an account domain is exact; `*` belongs in when.end_customer_domain".into(),
             ));
         }
-        let domain =
-            Domain::parse(d.get_ref()).map_err(|e| invalid(d.span(), "domain", e.to_string()))?;
+        let domain = Domain::parse(d.get_ref()).map_err(|e| invalid(d.span(), "domain", e.to_string()))?;
         return Ok(AccountSource::Fixed(AccountSelector::Domain(domain)));
     }
     if let Some(e) = email {
-        let email =
-            Email::parse(e.get_ref()).map_err(|err| invalid(e.span(), "email", err.to_string()))?;
+        let email = Email::parse(e.get_ref()).map_err(|err| invalid(e.span(), "email", err.to_string()))?;
         return Ok(AccountSource::Fixed(AccountSelector::Email(email)));
     }
     match name {
@@ -597,11 +597,7 @@ fn serde_error(text: &str, ctx: &Ctx<'_>, error: &toml::de::Error) -> RulesError
     }
     RulesError::InvalidValue {
         at,
-        key: if key.is_empty() {
-            "(document)".into()
-        } else {
-            key
-        },
+        key: if key.is_empty() { "(document)".into() } else { key },
         reason: message,
     }
 }
@@ -623,11 +619,7 @@ fn find(table: &DeTable<'_>, offset: usize, path: &mut Vec<Seg>) -> Option<Vec<S
     None
 }
 
-fn find_value(
-    value: &Spanned<DeValue<'_>>,
-    offset: usize,
-    path: &mut Vec<Seg>,
-) -> Option<Vec<Seg>> {
+fn find_value(value: &Spanned<DeValue<'_>>, offset: usize, path: &mut Vec<Seg>) -> Option<Vec<Seg>> {
     match value.get_ref() {
         DeValue::Table(t) => {
             if let Some(found) = find(t, offset, path) {

@@ -197,11 +197,7 @@ impl Rules {
         if let Some(f) = &w.product_family
             && !matcher::family_ok(f, facts)
         {
-            fail(
-                "when.product_family",
-                f.clone(),
-                facts.families().map(str::to_owned).collect(),
-            );
+            fail("when.product_family", f.clone(), facts.families().map(str::to_owned).collect());
         }
         if !matcher::resolvable(&rule.assign, facts) {
             debug_assert_eq!(rule.assign.account, AccountSource::EndCustomerDomain);
@@ -231,11 +227,7 @@ impl fmt::Display for Explanation {
         writeln!(f, "  hold_reason          {}", o.hold_reason)?;
         writeln!(f, "  order_type           {}", or_none(&o.order_type))?;
         writeln!(f, "  partner_id           {}", or_none(&o.partner_id))?;
-        writeln!(
-            f,
-            "  end_customer_domain  {}",
-            or_none(&o.end_customer_domain)
-        )?;
+        writeln!(f, "  end_customer_domain  {}", or_none(&o.end_customer_domain))?;
         writeln!(f, "  country              {}", or_none(&o.country))?;
         let families = if o.product_families.is_empty() {
             "(none)".to_owned()
@@ -267,10 +259,7 @@ impl fmt::Display for Explanation {
                 writeln!(f, "Decision: rule {:?}", d.rule)?;
                 writeln!(f, "  assign    {}", d.target)?;
                 match &d.fallback {
-                    Some(fb) => write!(
-                        f,
-                        "  fallback  {fb} (if the account above is missing or not ACTIVE)"
-                    ),
+                    Some(fb) => write!(f, "  fallback  {fb} (if the account above is missing or not ACTIVE)"),
                     None => write!(f, "  fallback  (none)"),
                 }
             }

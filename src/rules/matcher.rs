@@ -66,19 +66,13 @@ impl<'a> Facts<'a> {
 
     fn glob_hit(&self, globs: &GlobIndex, rules: usize, rule: usize, domain: &str) -> bool {
         let bits = self.glob_hits.get_or_init(|| globs.hits(domain, rules));
-        bits.get(rule / 64)
-            .is_some_and(|w| w & (1 << (rule % 64)) != 0)
+        bits.get(rule / 64).is_some_and(|w| w & (1 << (rule % 64)) != 0)
     }
 }
 
 impl Rules {
     /// `when.end_customer_domain` holds for rule `index`.
-    pub(super) fn domain_ok(
-        &self,
-        index: usize,
-        cond: &DomainCondition,
-        facts: &Facts<'_>,
-    ) -> bool {
+    pub(super) fn domain_ok(&self, index: usize, cond: &DomainCondition, facts: &Facts<'_>) -> bool {
         let Some(domain) = facts.domain else {
             return false;
         };
@@ -90,20 +84,14 @@ impl Rules {
     /// Every `when` condition of rule `index` holds (cheapest first).
     pub(super) fn conditions_hold(&self, index: usize, rule: &Rule, facts: &Facts<'_>) -> bool {
         let w = &rule.when;
-        w.hold_reason
-            .as_ref()
-            .is_none_or(|r| hold_reason_ok(r, facts))
+        w.hold_reason.as_ref().is_none_or(|r| hold_reason_ok(r, facts))
             && w.country.as_ref().is_none_or(|c| country_ok(c, facts))
-            && w.order_type
-                .as_ref()
-                .is_none_or(|t| order_type_ok(t, facts))
+            && w.order_type.as_ref().is_none_or(|t| order_type_ok(t, facts))
             && w.partner_id.as_ref().is_none_or(|p| partner_ok(p, facts))
             && w.end_customer_domain
                 .as_ref()
                 .is_none_or(|d| self.domain_ok(index, d, facts))
-            && w.product_family
-                .as_ref()
-                .is_none_or(|f| family_ok(f, facts))
+            && w.product_family.as_ref().is_none_or(|f| family_ok(f, facts))
     }
 
     /// The first rule whose conditions hold and whose target can be built.
@@ -160,9 +148,7 @@ pub(super) fn resolvable(spec: &TargetSpec, facts: &Facts<'_>) -> bool {
 fn target(spec: &TargetSpec, facts: &Facts<'_>) -> Option<Target> {
     let account = match &spec.account {
         AccountSource::Fixed(a) => a.clone(),
-        AccountSource::EndCustomerDomain => {
-            AccountSelector::Domain(facts.order.end_customer_domain()?)
-        }
+        AccountSource::EndCustomerDomain => AccountSelector::Domain(facts.order.end_customer_domain()?),
     };
     Some(Target {
         account,

@@ -194,9 +194,7 @@ pub enum RulesError {
         reason: String,
     },
     /// A `when` list with no values: it would match no order.
-    #[error(
-        "{at}: `{key}` is an empty list, which matches no order; leave the key out to match any value"
-    )]
+    #[error("{at}: `{key}` is an empty list, which matches no order; leave the key out to match any value")]
     EmptyList {
         /// Where.
         at: Location,
@@ -204,17 +202,13 @@ pub enum RulesError {
         key: String,
     },
     /// A rule without `[rule.assign]`.
-    #[error(
-        "{at}: `assign` is missing: every rule needs [rule.assign] with smart_account and account_type"
-    )]
+    #[error("{at}: `assign` is missing: every rule needs [rule.assign] with smart_account and account_type")]
     MissingAssign {
         /// The rule.
         at: Location,
     },
     /// `from = …` other than `end_customer_domain`.
-    #[error(
-        "{at}: `{key}`: from = {value:?} is not supported; the only source is \"end_customer_domain\""
-    )]
+    #[error("{at}: `{key}`: from = {value:?} is not supported; the only source is \"end_customer_domain\"")]
     UnsupportedFrom {
         /// Where.
         at: Location,
@@ -224,17 +218,13 @@ pub enum RulesError {
         value: String,
     },
     /// `from` in a fallback, which must name a fixed account.
-    #[error(
-        "{at}: `fallback.smart_account.from`: a fallback names a fixed account (domain, name or email), not one taken from the order"
-    )]
+    #[error("{at}: `fallback.smart_account.from`: a fallback names a fixed account (domain, name or email), not one taken from the order")]
     FromInFallback {
         /// Where.
         at: Location,
     },
     /// A `[rule.fallback]` without `smart_account`.
-    #[error(
-        "{at}: `fallback.smart_account` is required: a fallback names the account to use instead"
-    )]
+    #[error("{at}: `fallback.smart_account` is required: a fallback names the account to use instead")]
     FallbackWithoutAccount {
         /// The fallback table.
         at: Location,
@@ -258,7 +248,8 @@ impl Rules {
             source,
         };
         let bytes = std::fs::read(path).map_err(unreadable)?;
-        let text = String::from_utf8(bytes).map_err(|e| {
+        let text = String::from_utf8(bytes)
+            .map_err(|e| {
             let offset = e.utf8_error().valid_up_to();
             unreadable(std::io::Error::new(
                 std::io::ErrorKind::InvalidData,
