@@ -13,11 +13,15 @@ use sqlx::{PgPool, Postgres};
 
 use crate::config::SecretUrl;
 
+mod cases;
 mod intake;
 mod ops;
+mod outbox;
 
+pub use cases::{CaseFilter, CaseRecord, CaseSummary, Claimed, HistoryRow, RetryCommit};
 pub use intake::Recorded;
 pub use ops::OpsSnapshot;
+pub use outbox::{OutboxBatch, OutboxFailure, OutboxRow};
 
 /// The migrations in `migrations/`, embedded in the binary.
 pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");

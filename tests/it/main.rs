@@ -7,6 +7,7 @@ mod cli;
 mod commerce;
 mod deploy;
 mod dlq;
+mod engine;
 mod intake;
 mod rules;
 mod support;

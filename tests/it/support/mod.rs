@@ -3,6 +3,8 @@
 //! deadline instead of sleeping.
 #![allow(dead_code)]
 
+pub mod events;
+
 use std::collections::HashMap;
 use std::future::Future;
 use std::path::PathBuf;
