@@ -123,10 +123,16 @@ struct Outcome {
 
 /// Runs `holdclear demo`.
 pub async fn execute(base: Settings, args: Args) -> anyhow::Result<ExitCode> {
-    super::quiet_logs();
+    // The table tells the story; logs only for errors an operator must see
+    // (RUST_LOG still wins). lapin reports the demo's own closing channels.
+    crate::ops::logs::init(crate::config::LogFormat::Pretty, "error,lapin=off");
     let timeout = crate::config::parse_duration(&args.timeout)
         .map_err(|e| super::UsageError(format!("--timeout: {e}")))?;
-    let run = format!("{}_{}", std::process::id(), &uuid::Uuid::new_v4().simple().to_string()[..6]);
+    let run = format!(
+        "{}_{}",
+        std::process::id(),
+        &uuid::Uuid::new_v4().simple().to_string()[..6]
+    );
     let mut db_url = base.database_url.url().clone();
     db_url.set_path(&format!("holdclear_demo_{run}"));
     let database_url = SecretUrl::parse("database", db_url.as_str())?;
@@ -171,8 +177,11 @@ pub async fn execute(base: Settings, args: Args) -> anyhow::Result<ExitCode> {
     let result = drive(&settings, &topology, timeout).await;
 
     worker.shutdown().await.ok();
-    sim.shutdown().await;
-    let broker = Broker::new(settings.amqp.url.clone(), format!("holdclear demo {run} cleanup"));
+    sim.shutdown().await.ok();
+    let broker = Broker::new(
+        settings.amqp.url.clone(),
+        format!("holdclear demo {run} cleanup"),
+    );
     if let Ok(conn) = broker.connect("cleanup").await {
         broker::delete_topology(&conn, &topology).await.ok();
         broker::close(&conn).await;
@@ -222,11 +231,15 @@ async fn drive(
         routing_key: topology.held_routing_key.clone(),
         message_id: "demo-malformed".into(),
         content_type: "application/cloudevents+json".into(),
-        body: br#"{"specversion": "1.0", "type": "commerce.order.held.v1", "id": "x", "data": {"#.to_vec(),
+        body: br#"{"specversion": "1.0", "type": "commerce.order.held.v1", "id": "x", "data": {"#
+            .to_vec(),
         timestamp: None,
         headers: vec![],
     });
-    for r in publisher.publish_all(&topology.orders_exchange, &messages).await {
+    for r in publisher
+        .publish_all(&topology.orders_exchange, &messages)
+        .await
+    {
         r?;
     }
 
@@ -307,6 +320,23 @@ async fn drive(
         ),
     };
     broker::close(&conn).await;
+
+    // Escalation events carry no rule; the case does.
+    let store = crate::store::Store::connect(&settings.database_url, 2).await?;
+    let cases = store
+        .list_cases(&crate::store::CaseFilter {
+            state: None,
+            order: None,
+            limit: 1000,
+        })
+        .await?;
+    for case in cases {
+        let o = outcomes.entry(case.order.clone()).or_default();
+        if o.rule.is_none() {
+            o.rule = case.rule;
+        }
+    }
+    store.pool().close().await;
 
     let mut table = Table::new();
     table.load_preset(UTF8_FULL_CONDENSED).set_header([
