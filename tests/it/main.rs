@@ -5,6 +5,7 @@
 mod broker;
 mod cli;
 mod commerce;
+mod demo;
 mod deploy;
 mod dlq;
 mod engine;
