@@ -52,6 +52,7 @@ use crate::domain::{HeldOrder, Target};
 mod compile;
 mod explain;
 mod file;
+mod index;
 mod matcher;
 mod reload;
 #[cfg(test)]
@@ -237,7 +238,7 @@ pub struct Rules {
     file: PathBuf,
     hash: String,
     rules: Vec<compile::Rule>,
-    globs: compile::GlobIndex,
+    index: index::MatchIndex,
 }
 
 impl Rules {
@@ -267,7 +268,7 @@ impl Rules {
     /// The first rule that matches `order` and what it assigns; `None` when
     /// no rule does.
     pub fn decide(&self, order: &HeldOrder) -> Option<Decision> {
-        let facts = matcher::Facts::new(order);
+        let facts = matcher::Facts::new(order, self);
         let index = self.first_match(&facts)?;
         self.decision(index, &facts)
     }
