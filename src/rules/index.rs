@@ -41,11 +41,21 @@ pub(super) fn first(bits: &[u64]) -> Option<usize> {
         .map(|(i, w)| i * 64 + w.trailing_zeros() as usize)
 }
 
+/// The rules that list one value: their indexes, or as bits once so many
+/// rules list it that ORing words is cheaper than setting bits one by one
+/// (at least one per 64 rules; so the bitsets take at most 8 bytes per
+/// listing in the file).
+#[derive(Clone, Debug)]
+enum Posting {
+    Sparse(Vec<u32>),
+    Dense(Bits),
+}
+
 /// One condition kind: its values and which rules list each.
 #[derive(Clone, Debug, Default)]
 pub(super) struct Kind {
     ids: HashMap<String, u32>,
-    postings: Vec<Vec<u32>>,
+    postings: Vec<Posting>,
     /// Rules that leave the condition out.
     pub absent: Bits,
 }
@@ -63,10 +73,26 @@ impl Kind {
         let id = *self.ids.entry(value).or_insert_with(|| {
             u32::try_from(next).unwrap_or(u32::MAX)
         });
-        if let Some(list) = self.postings.get_mut(id as usize) {
-            list.push(rule as u32);
-        } else {
-            self.postings.push(vec![rule as u32]);
+        match self.postings.get_mut(id as usize) {
+            Some(Posting::Sparse(list)) => list.push(rule as u32),
+            Some(Posting::Dense(bits)) => set(bits, rule),
+            None => self.postings.push(Posting::Sparse(vec![rule as u32])),
+        }
+    }
+
+    /// Turns the long posting lists into bitsets.
+    fn densify(&mut self) {
+        let words = self.absent.len();
+        for posting in &mut self.postings {
+            if let Posting::Sparse(list) = posting
+                && list.len() >= words
+            {
+                let mut bits = vec![0; words];
+                for &rule in list.iter() {
+                    set(&mut bits, rule as usize);
+                }
+                *posting = Posting::Dense(bits);
+            }
         }
     }
 
@@ -78,8 +104,10 @@ impl Kind {
     /// ORs into `out` the rules that list any of `ids`.
     fn or_listed(&self, ids: &[u32], out: &mut [u64]) {
         for id in ids {
-            for &rule in self.postings.get(*id as usize).map_or(&[][..], Vec::as_slice) {
-                set(out, rule as usize);
+            match self.postings.get(*id as usize) {
+                Some(Posting::Sparse(list)) => list.iter().for_each(|&rule| set(out, rule as usize)),
+                Some(Posting::Dense(bits)) => out.iter_mut().zip(bits).for_each(|(o, b)| *o |= b),
+                None => {}
             }
         }
     }
@@ -149,6 +177,7 @@ impl MatchIndex {
                 }
             }
         }
+        kinds.iter_mut().for_each(Kind::densify);
         Self {
             kinds,
             globs,
