@@ -54,9 +54,21 @@ fn bench(c: &mut Criterion) {
     let rules = rules();
     let last = format!("customer-{}", RULES - 1);
     let cases = [
-        ("decide/1000 rules/last matches by domain", order(&format!("it@customer{}.com", RULES - 1)), Some(&last)),
-        ("decide/1000 rules/last matches by pattern", order(&format!("it@eu.customer{}.com", RULES - 1)), Some(&last)),
-        ("decide/1000 rules/none matches", order("it@nobody.example"), None),
+        (
+            "decide/1000 rules/last matches by domain",
+            order(&format!("it@customer{}.com", RULES - 1)),
+            Some(&last),
+        ),
+        (
+            "decide/1000 rules/last matches by pattern",
+            order(&format!("it@eu.customer{}.com", RULES - 1)),
+            Some(&last),
+        ),
+        (
+            "decide/1000 rules/none matches",
+            order("it@nobody.example"),
+            None,
+        ),
     ];
     for (name, order, expected) in &cases {
         let got = rules.decide(order).map(|d| d.rule);

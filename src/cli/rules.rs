@@ -55,14 +55,16 @@ pub async fn execute(config: Option<&Path>, cmd: Command) -> anyhow::Result<Exit
         Command::Explain { rules, json, event } => {
             let path = rules_path(config, rules)?;
             let rules = load(&path)?;
-            let body = std::fs::read(&event)
-                .map_err(|e| UsageError(format!("{}: cannot read the event: {e}", event.display())))?;
+            let body = std::fs::read(&event).map_err(|e| {
+                UsageError(format!("{}: cannot read the event: {e}", event.display()))
+            })?;
             let held = HeldOrderEvent::decode(&body, MAX_EVENT_BYTES).map_err(|e| {
                 UsageError(format!("{}: not a held-order event: {e}", event.display()))
             })?;
             let explanation = rules.explain(&held.data);
             if json {
-                let text = serde_json::to_string_pretty(&explanation).context("writing the explanation as JSON")?;
+                let text = serde_json::to_string_pretty(&explanation)
+                    .context("writing the explanation as JSON")?;
                 println!("{text}");
             } else {
                 println!("{explanation}");

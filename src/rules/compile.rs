@@ -70,7 +70,9 @@ impl Conditions {
             values.iter().map(|v| v.to_ascii_uppercase()).collect()
         }
         match c {
-            Condition::EndCustomerDomain => self.end_customer_domain.as_ref().map(|d| strings(&d.exact)),
+            Condition::EndCustomerDomain => {
+                self.end_customer_domain.as_ref().map(|d| strings(&d.exact))
+            }
             Condition::PartnerId => self.partner_id.as_deref().map(upper),
             Condition::Country => self.country.as_deref().map(strings),
             Condition::HoldReason => self.hold_reason.as_deref().map(strings),
@@ -132,12 +134,12 @@ struct Ctx<'a> {
 }
 
 impl Ctx<'_> {
-    fn at(&self, span: Range<usize>, rule: &RuleRef) -> Location {
-        Location {
+    fn at(&self, span: Range<usize>, rule: &RuleRef) -> Box<Location> {
+        Box::new(Location {
             file: self.file.to_path_buf(),
             line: Some(self.lines.of(span.start)),
             rule: Some(rule.clone()),
-        }
+        })
     }
 }
 
@@ -152,11 +154,11 @@ pub(super) fn compile(text: &str, file: &Path) -> Result<Rules, RulesError> {
         let offset = error.span().map(|s| s.start);
         let rule = offset.and_then(|o| rule_before(table.get_ref(), o));
         return Err(RulesError::Syntax {
-            at: Location {
+            at: Box::new(Location {
                 file: file.to_path_buf(),
                 line: offset.map(|o| ctx.lines.of(o)),
                 rule,
-            },
+            }),
             message: error.message().to_owned(),
         });
     }
@@ -170,14 +172,14 @@ pub(super) fn compile(text: &str, file: &Path) -> Result<Rules, RulesError> {
     for (i, raw_rule) in raw.rule.into_iter().enumerate() {
         let rule = compile_rule(&ctx, i, raw_rule, &mut globs, &mut rule_of)?;
         if let Some(&(first, line)) = names.get(&rule.name) {
-            let at = Location {
+            let at = Box::new(Location {
                 file: file.to_path_buf(),
                 line: Some(rule.line),
                 rule: Some(RuleRef {
                     index: i + 1,
                     name: Some(rule.name.clone()),
                 }),
-            };
+            });
             return Err(RulesError::DuplicateName {
                 at,
                 name: rule.name,
@@ -191,11 +193,11 @@ pub(super) fn compile(text: &str, file: &Path) -> Result<Rules, RulesError> {
     let set = globs.build().map_err(|e| RulesError::BadGlob {
         // Each pattern compiled alone already; a set that fails to build
         // is a limit of the matcher (e.g. too many patterns), not a line.
-        at: Location {
+        at: Box::new(Location {
             file: file.to_path_buf(),
             line: None,
             rule: None,
-        },
+        }),
         key: "when.end_customer_domain".into(),
         pattern: e.glob().unwrap_or("(all patterns)").to_owned(),
         reason: e.kind().to_string(),
@@ -440,13 +442,13 @@ fn compile_target(
                 key: format!("{section}.account_type"),
             });
         }
-        Some(t) => AccountType::parse(t.get_ref().trim()).ok_or_else(|| {
-            RulesError::InvalidValue {
+        Some(t) => {
+            AccountType::parse(t.get_ref().trim()).ok_or_else(|| RulesError::InvalidValue {
                 at: ctx.at(t.span(), rule),
                 key: format!("{section}.account_type"),
                 reason: format!("{:?} is neither CUSTOMER nor HOLDING", t.get_ref()),
-            }
-        })?,
+            })?
+        }
     };
     let virtual_account = match raw.virtual_account {
         None => VirtualAccountChoice::AccountDefault,
@@ -487,9 +489,7 @@ fn compile_account(
         return Err(RulesError::InvalidValue {
             at: ctx.at(span, rule),
             key,
-            reason: format!(
-                "takes exactly one of domain, name, email or from; {given} given"
-            ),
+            reason: format!("takes exactly one of domain, name, email or from; {given} given"),
         });
     }
     let invalid = |span: Range<usize>, field: &str, reason: String| RulesError::InvalidValue {
@@ -520,11 +520,13 @@ fn compile_account(
                 "an account domain is exact; `*` belongs in when.end_customer_domain".into(),
             ));
         }
-        let domain = Domain::parse(d.get_ref()).map_err(|e| invalid(d.span(), "domain", e.to_string()))?;
+        let domain =
+            Domain::parse(d.get_ref()).map_err(|e| invalid(d.span(), "domain", e.to_string()))?;
         return Ok(AccountSource::Fixed(AccountSelector::Domain(domain)));
     }
     if let Some(e) = email {
-        let email = Email::parse(e.get_ref()).map_err(|err| invalid(e.span(), "email", err.to_string()))?;
+        let email =
+            Email::parse(e.get_ref()).map_err(|err| invalid(e.span(), "email", err.to_string()))?;
         return Ok(AccountSource::Fixed(AccountSelector::Email(email)));
     }
     match name {
@@ -543,8 +545,7 @@ fn rule_before(root: &DeTable<'_>, offset: usize) -> Option<RuleRef> {
     let (index, item) = rules
         .iter()
         .enumerate()
-        .filter(|(_, item)| item.span().start <= offset)
-        .last()?;
+        .rfind(|(_, item)| item.span().start <= offset)?;
     Some(RuleRef {
         index: index + 1,
         name: rule_name(item.get_ref()),
@@ -577,11 +578,11 @@ fn serde_error(text: &str, ctx: &Ctx<'_>, error: &toml::de::Error) -> RulesError
         Some((segs, root)) => split_rule(segs, root.get_ref()),
         None => (None, String::new()),
     };
-    let at = Location {
+    let at = Box::new(Location {
         file: ctx.file.to_path_buf(),
         line: offset.map(|o| ctx.lines.of(o)),
         rule,
-    };
+    });
     if let Some(rest) = message.strip_prefix("unknown field ") {
         // serde: "unknown field `x`, expected one of `a`, `b`"
         let expected = rest
@@ -597,7 +598,11 @@ fn serde_error(text: &str, ctx: &Ctx<'_>, error: &toml::de::Error) -> RulesError
     }
     RulesError::InvalidValue {
         at,
-        key: if key.is_empty() { "(document)".into() } else { key },
+        key: if key.is_empty() {
+            "(document)".into()
+        } else {
+            key
+        },
         reason: message,
     }
 }
@@ -619,7 +624,11 @@ fn find(table: &DeTable<'_>, offset: usize, path: &mut Vec<Seg>) -> Option<Vec<S
     None
 }
 
-fn find_value(value: &Spanned<DeValue<'_>>, offset: usize, path: &mut Vec<Seg>) -> Option<Vec<Seg>> {
+fn find_value(
+    value: &Spanned<DeValue<'_>>,
+    offset: usize,
+    path: &mut Vec<Seg>,
+) -> Option<Vec<Seg>> {
     match value.get_ref() {
         DeValue::Table(t) => {
             if let Some(found) = find(t, offset, path) {

@@ -148,7 +148,13 @@ impl Rules {
     }
 
     /// Every failed condition of rule `index`, with the order's value.
-    fn failures(&self, verdicts: &Verdicts, index: usize, rule: &Rule, facts: &Facts<'_>) -> Vec<Failure> {
+    fn failures(
+        &self,
+        verdicts: &Verdicts,
+        index: usize,
+        rule: &Rule,
+        facts: &Facts<'_>,
+    ) -> Vec<Failure> {
         fn show<T: ToString>(values: &[T]) -> Vec<String> {
             values.iter().map(ToString::to_string).collect()
         }
@@ -164,19 +170,31 @@ impl Rules {
                     Condition::EndCustomerDomain => {
                         let d = w.end_customer_domain.as_ref();
                         let wanted = d
-                            .map(|d| show(&d.exact).into_iter().chain(d.patterns.iter().cloned()).collect())
+                            .map(|d| {
+                                show(&d.exact)
+                                    .into_iter()
+                                    .chain(d.patterns.iter().cloned())
+                                    .collect()
+                            })
                             .unwrap_or_default();
                         (wanted, one(facts.domain))
                     }
-                    Condition::PartnerId => (w.partner_id.clone().unwrap_or_default(), one(facts.partner_id)),
-                    Condition::Country => (w.country.as_deref().map(show).unwrap_or_default(), one(facts.country)),
+                    Condition::PartnerId => (
+                        w.partner_id.clone().unwrap_or_default(),
+                        one(facts.partner_id),
+                    ),
+                    Condition::Country => (
+                        w.country.as_deref().map(show).unwrap_or_default(),
+                        one(facts.country),
+                    ),
                     Condition::HoldReason => (
                         w.hold_reason.as_deref().map(show).unwrap_or_default(),
                         one(Some(facts.hold_reason)),
                     ),
-                    Condition::OrderType => {
-                        (w.order_type.as_deref().map(show).unwrap_or_default(), one(facts.order_type))
-                    }
+                    Condition::OrderType => (
+                        w.order_type.as_deref().map(show).unwrap_or_default(),
+                        one(facts.order_type),
+                    ),
                     Condition::ProductFamily => (
                         w.product_family.clone().unwrap_or_default(),
                         facts.families().map(str::to_owned).collect(),
@@ -216,7 +234,11 @@ impl fmt::Display for Explanation {
         writeln!(f, "  hold_reason          {}", o.hold_reason)?;
         writeln!(f, "  order_type           {}", or_none(&o.order_type))?;
         writeln!(f, "  partner_id           {}", or_none(&o.partner_id))?;
-        writeln!(f, "  end_customer_domain  {}", or_none(&o.end_customer_domain))?;
+        writeln!(
+            f,
+            "  end_customer_domain  {}",
+            or_none(&o.end_customer_domain)
+        )?;
         writeln!(f, "  country              {}", or_none(&o.country))?;
         let families = if o.product_families.is_empty() {
             "(none)".to_owned()
@@ -248,7 +270,10 @@ impl fmt::Display for Explanation {
                 writeln!(f, "Decision: rule {:?}", d.rule)?;
                 writeln!(f, "  assign    {}", d.target)?;
                 match &d.fallback {
-                    Some(fb) => write!(f, "  fallback  {fb} (if the account above is missing or not ACTIVE)"),
+                    Some(fb) => write!(
+                        f,
+                        "  fallback  {fb} (if the account above is missing or not ACTIVE)"
+                    ),
                     None => write!(f, "  fallback  (none)"),
                 }
             }

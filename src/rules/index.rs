@@ -70,9 +70,10 @@ impl Kind {
 
     fn add(&mut self, rule: usize, value: String) {
         let next = self.postings.len();
-        let id = *self.ids.entry(value).or_insert_with(|| {
-            u32::try_from(next).unwrap_or(u32::MAX)
-        });
+        let id = *self
+            .ids
+            .entry(value)
+            .or_insert_with(|| u32::try_from(next).unwrap_or(u32::MAX));
         match self.postings.get_mut(id as usize) {
             Some(Posting::Sparse(list)) => list.push(rule as u32),
             Some(Posting::Dense(bits)) => set(bits, rule),
@@ -105,7 +106,9 @@ impl Kind {
     fn or_listed(&self, ids: &[u32], out: &mut [u64]) {
         for id in ids {
             match self.postings.get(*id as usize) {
-                Some(Posting::Sparse(list)) => list.iter().for_each(|&rule| set(out, rule as usize)),
+                Some(Posting::Sparse(list)) => {
+                    list.iter().for_each(|&rule| set(out, rule as usize))
+                }
                 Some(Posting::Dense(bits)) => out.iter_mut().zip(bits).for_each(|(o, b)| *o |= b),
                 None => {}
             }
@@ -129,7 +132,8 @@ impl GlobIndex {
             return;
         }
         let mut matched = Vec::new();
-        self.set.matches_candidate_into(&Candidate::new(domain), &mut matched);
+        self.set
+            .matches_candidate_into(&Candidate::new(domain), &mut matched);
         for glob in matched {
             if let Some(&rule) = self.rule_of.get(glob) {
                 set(out, rule);

@@ -101,9 +101,19 @@ impl<'a> Facts<'a> {
             facts.ids.by_kind[c as usize] = match c {
                 Condition::EndCustomerDomain => facts.domain.and_then(id).into_iter().collect(),
                 Condition::PartnerId => facts.partner_id.and_then(upper).into_iter().collect(),
-                Condition::Country => facts.country.map(CountryCode::as_str).and_then(id).into_iter().collect(),
+                Condition::Country => facts
+                    .country
+                    .map(CountryCode::as_str)
+                    .and_then(id)
+                    .into_iter()
+                    .collect(),
                 Condition::HoldReason => id(facts.hold_reason.as_str()).into_iter().collect(),
-                Condition::OrderType => facts.order_type.map(OrderType::as_str).and_then(id).into_iter().collect(),
+                Condition::OrderType => facts
+                    .order_type
+                    .map(OrderType::as_str)
+                    .and_then(id)
+                    .into_iter()
+                    .collect(),
                 Condition::ProductFamily => facts.families().filter_map(upper).collect(),
             };
         }
@@ -170,7 +180,9 @@ impl Rules {
 fn target(spec: &TargetSpec, facts: &Facts<'_>) -> Option<Target> {
     let account = match &spec.account {
         AccountSource::Fixed(a) => a.clone(),
-        AccountSource::EndCustomerDomain => AccountSelector::Domain(facts.order.end_customer_domain()?),
+        AccountSource::EndCustomerDomain => {
+            AccountSelector::Domain(facts.order.end_customer_domain()?)
+        }
     };
     Some(Target {
         account,

@@ -132,7 +132,7 @@ pub enum RulesError {
     #[error("{at}: not valid TOML: {message}")]
     Syntax {
         /// Where the parser stopped.
-        at: Location,
+        at: Box<Location>,
         /// The parser's message.
         message: String,
     },
@@ -140,7 +140,7 @@ pub enum RulesError {
     #[error("{at}: unknown key `{key}`{}", if expected.is_empty() { String::new() } else { format!("; {expected}") })]
     UnknownKey {
         /// Where.
-        at: Location,
+        at: Box<Location>,
         /// The key, with its table inside the rule (`when.contry`).
         key: String,
         /// The keys allowed there, as `expected one of …`.
@@ -150,7 +150,7 @@ pub enum RulesError {
     #[error("{at}: `{key}` is required")]
     MissingKey {
         /// Where (the rule or table that lacks it).
-        at: Location,
+        at: Box<Location>,
         /// The key (`name`, `assign.account_type`, …).
         key: String,
     },
@@ -158,7 +158,7 @@ pub enum RulesError {
     #[error("{at}: `{key}`: {reason}")]
     InvalidValue {
         /// Where.
-        at: Location,
+        at: Box<Location>,
         /// The key.
         key: String,
         /// What is wrong with the value.
@@ -168,13 +168,13 @@ pub enum RulesError {
     #[error("{at}: `name` is empty; every rule needs a unique name")]
     EmptyName {
         /// Where.
-        at: Location,
+        at: Box<Location>,
     },
     /// Two rules with the same name.
     #[error("{at}: `name` {name:?} is already the name of rule #{first} (line {first_line})")]
     DuplicateName {
         /// The second rule with the name.
-        at: Location,
+        at: Box<Location>,
         /// The name.
         name: String,
         /// Index (from 1) of the first rule with it.
@@ -186,7 +186,7 @@ pub enum RulesError {
     #[error("{at}: `{key}`: bad domain pattern {pattern:?}: {reason}")]
     BadGlob {
         /// Where.
-        at: Location,
+        at: Box<Location>,
         /// The key (`when.end_customer_domain`).
         key: String,
         /// The pattern as written.
@@ -195,40 +195,50 @@ pub enum RulesError {
         reason: String,
     },
     /// A `when` list with no values: it would match no order.
-    #[error("{at}: `{key}` is an empty list, which matches no order; leave the key out to match any value")]
+    #[error(
+        "{at}: `{key}` is an empty list, which matches no order; leave the key out to match any value"
+    )]
     EmptyList {
         /// Where.
-        at: Location,
+        at: Box<Location>,
         /// The key.
         key: String,
     },
     /// A rule without `[rule.assign]`.
-    #[error("{at}: `assign` is missing: every rule needs [rule.assign] with smart_account and account_type")]
+    #[error(
+        "{at}: `assign` is missing: every rule needs [rule.assign] with smart_account and account_type"
+    )]
     MissingAssign {
         /// The rule.
-        at: Location,
+        at: Box<Location>,
     },
     /// `from = …` other than `end_customer_domain`.
-    #[error("{at}: `{key}`: from = {value:?} is not supported; the only source is \"end_customer_domain\"")]
+    #[error(
+        "{at}: `{key}`: from = {value:?} is not supported; the only source is \"end_customer_domain\""
+    )]
     UnsupportedFrom {
         /// Where.
-        at: Location,
+        at: Box<Location>,
         /// The key (`assign.smart_account.from`).
         key: String,
         /// The value as written.
         value: String,
     },
     /// `from` in a fallback, which must name a fixed account.
-    #[error("{at}: `fallback.smart_account.from`: a fallback names a fixed account (domain, name or email), not one taken from the order")]
+    #[error(
+        "{at}: `fallback.smart_account.from`: a fallback names a fixed account (domain, name or email), not one taken from the order"
+    )]
     FromInFallback {
         /// Where.
-        at: Location,
+        at: Box<Location>,
     },
     /// A `[rule.fallback]` without `smart_account`.
-    #[error("{at}: `fallback.smart_account` is required: a fallback names the account to use instead")]
+    #[error(
+        "{at}: `fallback.smart_account` is required: a fallback names the account to use instead"
+    )]
     FallbackWithoutAccount {
         /// The fallback table.
-        at: Location,
+        at: Box<Location>,
     },
 }
 
@@ -249,8 +259,7 @@ impl Rules {
             source,
         };
         let bytes = std::fs::read(path).map_err(unreadable)?;
-        let text = String::from_utf8(bytes)
-            .map_err(|e| {
+        let text = String::from_utf8(bytes).map_err(|e| {
             let offset = e.utf8_error().valid_up_to();
             unreadable(std::io::Error::new(
                 std::io::ErrorKind::InvalidData,

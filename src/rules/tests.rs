@@ -4,7 +4,8 @@ use std::path::Path;
 
 use super::*;
 use crate::domain::{
-    CountryCode, Email, EndCustomer, HoldReason, Line, OrderId, OrderType, Partner, SalesOrderNumber,
+    CountryCode, Email, EndCustomer, HoldReason, Line, OrderId, OrderType, Partner,
+    SalesOrderNumber,
 };
 
 const FILE: &str = "rules.toml";
@@ -18,7 +19,8 @@ fn parse(text: &str) -> Result<Rules, RulesError> {
 /// (`NO`/`PENDING`), `type`, `fam` (comma-separated); `-` removes the value.
 fn order(spec: &str) -> HeldOrder {
     let mut o = HeldOrder {
-        order: OrderId::new(SalesOrderNumber::parse("104233871").ok(), None).expect("an order number"),
+        order: OrderId::new(SalesOrderNumber::parse("104233871").ok(), None)
+            .expect("an order number"),
         purchase_order_number: None,
         hold_reason: HoldReason::NoSmartAccount,
         held_at: None,
@@ -40,7 +42,9 @@ fn order(spec: &str) -> HeldOrder {
         let v = (v != "-").then_some(v);
         let customer = o.end_customer.get_or_insert_with(EndCustomer::default);
         match k {
-            "domain" => customer.email = v.map(|d| Email::parse(&format!("it@{d}")).expect("a domain")),
+            "domain" => {
+                customer.email = v.map(|d| Email::parse(&format!("it@{d}")).expect("a domain"))
+            }
             "email" => customer.email = v.map(|e| Email::parse(e).expect("an e-mail")),
             "country" => customer.country = v.map(|c| CountryCode::parse(c).expect("a country")),
             "partner" => o.partner.get_or_insert_with(Partner::default).id = v.map(str::to_owned),
@@ -51,7 +55,11 @@ fn order(spec: &str) -> HeldOrder {
                 }
             }
             "type" => o.order_type = v.map(|t| OrderType::parse(t).expect("an order type")),
-            "fam" => o.lines = v.map(|f| f.split(',').map(line).collect()).unwrap_or_default(),
+            "fam" => {
+                o.lines = v
+                    .map(|f| f.split(',').map(line).collect())
+                    .unwrap_or_default()
+            }
             other => panic!("unknown key {other} in the test spec"),
         }
     }
@@ -87,25 +95,89 @@ fn conditions_alone_and_together() {
         // end_customer_domain, exact and globs, any case
         (r#"end_customer_domain = ["acme.com"]"#, "", "match"),
         (r#"end_customer_domain = ["ACME.Com"]"#, "", "match"),
-        (r#"end_customer_domain = ["acme.com"]"#, "domain=eu.acme.com", "fail when.end_customer_domain"),
-        (r#"end_customer_domain = ["acme.com"]"#, "domain=-", "fail when.end_customer_domain"),
-        (r#"end_customer_domain = ["*.acme.com"]"#, "domain=acme.com", "fail when.end_customer_domain"),
-        (r#"end_customer_domain = ["*.acme.com"]"#, "domain=eu.acme.com", "match"),
-        (r#"end_customer_domain = ["*.acme.com"]"#, "domain=a.b.acme.com", "match"),
-        (r#"end_customer_domain = ["*.acme.com"]"#, "domain=EU.Acme.COM", "match"),
-        (r#"end_customer_domain = ["*.ACME.com"]"#, "domain=eu.acme.com", "match"),
-        (r#"end_customer_domain = ["*.acme.com"]"#, "domain=notacme.com", "fail when.end_customer_domain"),
-        (r#"end_customer_domain = ["*.acme.com"]"#, "domain=-", "fail when.end_customer_domain"),
-        (r#"end_customer_domain = ["acme.*"]"#, "domain=acme.de", "match"),
-        (r#"end_customer_domain = ["*"]"#, "domain=anything.org", "match"),
-        (r#"end_customer_domain = ["acme.com", "*.acme.com"]"#, "domain=acme.com", "match"),
-        (r#"end_customer_domain = ["acme.com", "*.acme.com"]"#, "domain=x.acme.com", "match"),
-        (r#"end_customer_domain = ["initech.com", "*.acme.com"]"#, "domain=acme.com", "fail when.end_customer_domain"),
+        (
+            r#"end_customer_domain = ["acme.com"]"#,
+            "domain=eu.acme.com",
+            "fail when.end_customer_domain",
+        ),
+        (
+            r#"end_customer_domain = ["acme.com"]"#,
+            "domain=-",
+            "fail when.end_customer_domain",
+        ),
+        (
+            r#"end_customer_domain = ["*.acme.com"]"#,
+            "domain=acme.com",
+            "fail when.end_customer_domain",
+        ),
+        (
+            r#"end_customer_domain = ["*.acme.com"]"#,
+            "domain=eu.acme.com",
+            "match",
+        ),
+        (
+            r#"end_customer_domain = ["*.acme.com"]"#,
+            "domain=a.b.acme.com",
+            "match",
+        ),
+        (
+            r#"end_customer_domain = ["*.acme.com"]"#,
+            "domain=EU.Acme.COM",
+            "match",
+        ),
+        (
+            r#"end_customer_domain = ["*.ACME.com"]"#,
+            "domain=eu.acme.com",
+            "match",
+        ),
+        (
+            r#"end_customer_domain = ["*.acme.com"]"#,
+            "domain=notacme.com",
+            "fail when.end_customer_domain",
+        ),
+        (
+            r#"end_customer_domain = ["*.acme.com"]"#,
+            "domain=-",
+            "fail when.end_customer_domain",
+        ),
+        (
+            r#"end_customer_domain = ["acme.*"]"#,
+            "domain=acme.de",
+            "match",
+        ),
+        (
+            r#"end_customer_domain = ["*"]"#,
+            "domain=anything.org",
+            "match",
+        ),
+        (
+            r#"end_customer_domain = ["acme.com", "*.acme.com"]"#,
+            "domain=acme.com",
+            "match",
+        ),
+        (
+            r#"end_customer_domain = ["acme.com", "*.acme.com"]"#,
+            "domain=x.acme.com",
+            "match",
+        ),
+        (
+            r#"end_customer_domain = ["initech.com", "*.acme.com"]"#,
+            "domain=acme.com",
+            "fail when.end_customer_domain",
+        ),
         // partner_id, ignoring case
         (r#"partner_id = ["P-100"]"#, "", "match"),
         (r#"partner_id = ["p-100"]"#, "", "match"),
-        (r#"partner_id = ["P-100"]"#, "partner=P-200", "fail when.partner_id"),
-        (r#"partner_id = ["P-100"]"#, "partner=-", "fail when.partner_id"),
+        (
+            r#"partner_id = ["P-100"]"#,
+            "partner=P-200",
+            "fail when.partner_id",
+        ),
+        (
+            r#"partner_id = ["P-100"]"#,
+            "partner=-",
+            "fail when.partner_id",
+        ),
         (r#"partner_id = ["P-200", "P-100"]"#, "", "match"),
         // country, any case in the file
         (r#"country = ["US"]"#, "", "match"),
@@ -114,20 +186,52 @@ fn conditions_alone_and_together() {
         (r#"country = ["US"]"#, "country=-", "fail when.country"),
         // hold_reason
         (r#"hold_reason = ["NO_SMART_ACCOUNT"]"#, "", "match"),
-        (r#"hold_reason = ["pending_smart_account"]"#, "", "fail when.hold_reason"),
-        (r#"hold_reason = ["PENDING_SMART_ACCOUNT"]"#, "reason=PENDING", "match"),
-        (r#"hold_reason = ["NO_SMART_ACCOUNT", "PENDING_SMART_ACCOUNT"]"#, "reason=PENDING", "match"),
+        (
+            r#"hold_reason = ["pending_smart_account"]"#,
+            "",
+            "fail when.hold_reason",
+        ),
+        (
+            r#"hold_reason = ["PENDING_SMART_ACCOUNT"]"#,
+            "reason=PENDING",
+            "match",
+        ),
+        (
+            r#"hold_reason = ["NO_SMART_ACCOUNT", "PENDING_SMART_ACCOUNT"]"#,
+            "reason=PENDING",
+            "match",
+        ),
         // order_type
         (r#"order_type = ["standard"]"#, "", "match"),
-        (r#"order_type = ["STANDARD"]"#, "type=EA", "fail when.order_type"),
-        (r#"order_type = ["STANDARD"]"#, "type=-", "fail when.order_type"),
-        (r#"order_type = ["EA", "STOCKING"]"#, "type=stocking", "match"),
+        (
+            r#"order_type = ["STANDARD"]"#,
+            "type=EA",
+            "fail when.order_type",
+        ),
+        (
+            r#"order_type = ["STANDARD"]"#,
+            "type=-",
+            "fail when.order_type",
+        ),
+        (
+            r#"order_type = ["EA", "STOCKING"]"#,
+            "type=stocking",
+            "match",
+        ),
         // product_family: any line
         (r#"product_family = ["C9300"]"#, "", "match"),
         (r#"product_family = ["c9300"]"#, "", "match"),
         (r#"product_family = ["C9200"]"#, "fam=C9300,C9200", "match"),
-        (r#"product_family = ["C9200"]"#, "fam=C9300", "fail when.product_family"),
-        (r#"product_family = ["C9200"]"#, "fam=-", "fail when.product_family"),
+        (
+            r#"product_family = ["C9200"]"#,
+            "fam=C9300",
+            "fail when.product_family",
+        ),
+        (
+            r#"product_family = ["C9200"]"#,
+            "fam=-",
+            "fail when.product_family",
+        ),
         // together: every condition must hold; explain names each failure
         (
             "end_customer_domain = [\"acme.com\"]\npartner_id = [\"P-100\"]\ncountry = [\"US\"]\n\
@@ -162,8 +266,15 @@ fn conditions_alone_and_together() {
         let got = verdict(&explanation.rules[0].outcome);
         assert_eq!(&got, expected, "when {when:?}, order {spec:?}");
         let decided = rules.decide(&o);
-        assert_eq!(decided.is_some(), *expected == "match", "decide, when {when:?}, order {spec:?}");
-        assert_eq!(decided, explanation.decision, "explain agrees with decide: {when:?}, {spec:?}");
+        assert_eq!(
+            decided.is_some(),
+            *expected == "match",
+            "decide, when {when:?}, order {spec:?}"
+        );
+        assert_eq!(
+            decided, explanation.decision,
+            "explain agrees with decide: {when:?}, {spec:?}"
+        );
     }
 }
 
@@ -182,9 +293,9 @@ fn rule(name: &str, when: &str, assign: &str, fallback: Option<&str>) -> String 
 }
 
 const ACME: &str = "smart_account = { domain = \"acme.com\" }\naccount_type = \"CUSTOMER\"";
-const FROM: &str = "smart_account = { from = \"end_customer_domain\" }\naccount_type = \"CUSTOMER\"";
-const HOLDING: &str =
-    "smart_account = { domain = \"globex-holding.com\" }\naccount_type = \"HOLDING\"\nvirtual_account = \"Holding\"";
+const FROM: &str =
+    "smart_account = { from = \"end_customer_domain\" }\naccount_type = \"CUSTOMER\"";
+const HOLDING: &str = "smart_account = { domain = \"globex-holding.com\" }\naccount_type = \"HOLDING\"\nvirtual_account = \"Holding\"";
 
 #[test]
 fn first_match_decides_the_target_and_fallback() {
@@ -213,7 +324,11 @@ fn first_match_decides_the_target_and_fallback() {
              | domain globex-holding.com (HOLDING, virtual account Holding)",
         ),
         // no rule matches
-        (format!("{acme_rule}{partner_rule}"), "domain=initech.com partner=P-7", "none"),
+        (
+            format!("{acme_rule}{partner_rule}"),
+            "domain=initech.com partner=P-7",
+            "none",
+        ),
         (String::new(), "", "none"),
         // `from` without an e-mail: the rule cannot build a target, the next is tried
         (
@@ -221,7 +336,11 @@ fn first_match_decides_the_target_and_fallback() {
             "domain=-",
             "fixed | domain acme.com (CUSTOMER, virtual account (account default)) | -",
         ),
-        (format!("{partner_rule}{catch_all}"), "domain=- partner=P-7", "none"),
+        (
+            format!("{partner_rule}{catch_all}"),
+            "domain=- partner=P-7",
+            "none",
+        ),
         // `from` takes the e-mail's domain, lower-case
         (
             catch_all.clone(),
@@ -263,7 +382,11 @@ fn first_match_decides_the_target_and_fallback() {
             }
         };
         assert_eq!(&got, expected, "order {spec:?} with\n{text}");
-        assert_eq!(rules.explain(&o).decision, rules.decide(&o), "explain agrees: {spec:?}\n{text}");
+        assert_eq!(
+            rules.explain(&o).decision,
+            rules.decide(&o),
+            "explain agrees: {spec:?}\n{text}"
+        );
     }
 }
 
@@ -278,8 +401,14 @@ fn explain_marks_rules_after_the_match_not_tried_and_names_the_missing_email() {
     let rules = parse(&text).expect("valid rules");
     let e = rules.explain(&order("domain=-"));
     let verdicts: Vec<String> = e.rules.iter().map(|r| verdict(&r.outcome)).collect();
-    assert_eq!(verdicts, ["fail assign.smart_account.from", "match", "not tried"]);
-    assert_eq!(e.rules.iter().map(|r| r.line).collect::<Vec<_>>(), [1, 12, 17]);
+    assert_eq!(
+        verdicts,
+        ["fail assign.smart_account.from", "match", "not tried"]
+    );
+    assert_eq!(
+        e.rules.iter().map(|r| r.line).collect::<Vec<_>>(),
+        [1, 12, 17]
+    );
     let shown = e.to_string();
     assert!(shown.contains("#1 partner (line 1): no match"), "{shown}");
     assert!(shown.contains("no end-customer e-mail"), "{shown}");
@@ -288,30 +417,48 @@ fn explain_marks_rules_after_the_match_not_tried_and_names_the_missing_email() {
     assert!(shown.contains("Decision: rule \"acme\""), "{shown}");
 
     let fallthrough = rules.explain(&order("domain=- partner=- fam=-"));
-    let json = serde_json::to_value(&parse(&rule("p", "partner_id = [\"P-100\"]", ACME, None)).expect("valid").explain(&order("partner=-")))
-        .expect("serialisable");
+    let no_partner = parse(&rule("p", "partner_id = [\"P-100\"]", ACME, None))
+        .expect("valid")
+        .explain(&order("partner=-"));
+    let json = serde_json::to_value(no_partner).expect("serialisable");
     assert_eq!(json["rules"][0]["outcome"], "failed");
     assert_eq!(json["rules"][0]["failures"][0]["key"], "when.partner_id");
     assert_eq!(json["rules"][0]["failures"][0]["wanted"][0], "P-100");
-    assert_eq!(json["rules"][0]["failures"][0]["event"], serde_json::json!([]));
+    assert_eq!(
+        json["rules"][0]["failures"][0]["event"],
+        serde_json::json!([])
+    );
     assert!(json["decision"].is_null());
-    assert_eq!(fallthrough.decision.map(|d| d.rule), Some("acme".to_owned()));
+    assert_eq!(
+        fallthrough.decision.map(|d| d.rule),
+        Some("acme".to_owned())
+    );
 }
 
 #[test]
 fn no_rule_matching_is_explained() {
-    let rules = parse(&rule("acme", "end_customer_domain = [\"acme.com\"]", ACME, None)).expect("valid");
+    let rules = parse(&rule(
+        "acme",
+        "end_customer_domain = [\"acme.com\"]",
+        ACME,
+        None,
+    ))
+    .expect("valid");
     let shown = rules.explain(&order("domain=initech.com")).to_string();
     assert!(
         shown.contains("when.end_customer_domain: wants acme.com; the order has initech.com"),
         "{shown}"
     );
-    assert!(shown.contains("no rule matched; the order escalates NO_RULE_MATCHED"), "{shown}");
+    assert!(
+        shown.contains("no rule matched; the order escalates NO_RULE_MATCHED"),
+        "{shown}"
+    );
 }
 
 #[test]
 fn every_mistake_names_file_rule_key_and_line() {
-    let ok = "[rule.assign]\nsmart_account = { domain = \"acme.com\" }\naccount_type = \"CUSTOMER\"\n";
+    let ok =
+        "[rule.assign]\nsmart_account = { domain = \"acme.com\" }\naccount_type = \"CUSTOMER\"\n";
     let first = format!("[[rule]]\nname = \"first\"\n{ok}"); // 5 lines
     // (file text, substrings the message must contain)
     let cases: Vec<(String, Vec<&str>)> = vec![
@@ -324,7 +471,7 @@ fn every_mistake_names_file_rule_key_and_line() {
             vec!["rules.toml:2: rule #1 (unnamed): unknown key `nmae`"],
         ),
         (
-            format!("[[rule]]\nname = \"a\"\n[rule.assign]\nsmart_account = {{ dommain = \"acme.com\" }}\naccount_type = \"CUSTOMER\"\n"),
+            "[[rule]]\nname = \"a\"\n[rule.assign]\nsmart_account = { dommain = \"acme.com\" }\naccount_type = \"CUSTOMER\"\n".to_owned(),
             vec!["rules.toml:4: rule #1 \"a\": unknown key `assign.smart_account.dommain`"],
         ),
         (
@@ -442,7 +589,10 @@ fn every_mistake_names_file_rule_key_and_line() {
             Err(e) => e.to_string(),
         };
         for needle in needles {
-            assert!(err.contains(needle), "expected {needle:?} in\n  {err}\nfor\n{text}");
+            assert!(
+                err.contains(needle),
+                "expected {needle:?} in\n  {err}\nfor\n{text}"
+            );
         }
     }
 }
@@ -452,12 +602,18 @@ fn an_unreadable_file_is_named() {
     let dir = tempfile::tempdir().expect("a temp dir");
     let missing = dir.path().join("missing.toml");
     let err = Rules::load(&missing).expect_err("missing file").to_string();
-    assert!(err.contains("missing.toml: cannot read the rules file"), "{err}");
+    assert!(
+        err.contains("missing.toml: cannot read the rules file"),
+        "{err}"
+    );
 
     let binary = dir.path().join("binary.toml");
     std::fs::write(&binary, [0xff, 0xfe, b'\n']).expect("write");
     let err = Rules::load(&binary).expect_err("not UTF-8").to_string();
-    assert!(err.contains("binary.toml: cannot read the rules file"), "{err}");
+    assert!(
+        err.contains("binary.toml: cannot read the rules file"),
+        "{err}"
+    );
     assert!(err.contains("UTF-8"), "{err}");
 }
 
@@ -469,7 +625,10 @@ fn hash_is_sha256_of_the_content_and_len_counts_rules() {
     assert!(!rules.is_empty());
     assert_eq!(rules.names().collect::<Vec<_>>(), ["a", "b"]);
     use sha2::Digest;
-    assert_eq!(rules.hash(), hex::encode(sha2::Sha256::digest(text.as_bytes())));
+    assert_eq!(
+        rules.hash(),
+        hex::encode(sha2::Sha256::digest(text.as_bytes()))
+    );
     let changed = parse(&format!("# a comment\n{text}")).expect("valid");
     assert_ne!(changed.hash(), rules.hash());
     let empty = parse("# no rules yet\n").expect("an empty file is valid");
@@ -487,7 +646,10 @@ fn the_example_file_loads_and_decides_the_sample_orders() {
     );
     let cases = [
         ("domain=eu.acme.com partner=-", Some("acme-direct")),
-        ("domain=initech.com reason=PENDING", Some("globex-partner-holding")),
+        (
+            "domain=initech.com reason=PENDING",
+            Some("globex-partner-holding"),
+        ),
         ("domain=umbrella.de partner=-", Some("any-end-customer")),
         ("domain=- partner=-", None),
     ];
@@ -495,8 +657,13 @@ fn the_example_file_loads_and_decides_the_sample_orders() {
         let d = rules.decide(&order(spec));
         assert_eq!(d.as_ref().map(|d| d.rule.as_str()), expected, "{spec}");
     }
-    let d = rules.decide(&order("domain=initech.com")).expect("a decision");
-    assert_eq!(d.target.to_string(), "domain initech.com (CUSTOMER, virtual account (account default))");
+    let d = rules
+        .decide(&order("domain=initech.com"))
+        .expect("a decision");
+    assert_eq!(
+        d.target.to_string(),
+        "domain initech.com (CUSTOMER, virtual account (account default))"
+    );
     assert_eq!(
         d.fallback.map(|f| f.to_string()).as_deref(),
         Some("domain globex-holding.com (HOLDING, virtual account Holding)")
@@ -519,22 +686,41 @@ mod reload {
         let held = handle.current();
         assert_eq!(held.len(), 1);
 
-        std::fs::write(&path, format!("{}{}", rule("one", "", ACME, None), rule("two", "", ACME, None)))
-            .expect("write");
+        std::fs::write(
+            &path,
+            format!(
+                "{}{}",
+                rule("one", "", ACME, None),
+                rule("two", "", ACME, None)
+            ),
+        )
+        .expect("write");
         handle.reload(&path).expect("valid reload");
         assert_eq!(handle.current().len(), 2);
-        assert_eq!(held.len(), 1, "a decision in progress keeps the rules it started with");
+        assert_eq!(
+            held.len(),
+            1,
+            "a decision in progress keeps the rules it started with"
+        );
         let good_hash = handle.current().hash().to_owned();
 
         std::fs::write(&path, "[[rule]]\nname = \"\"\n").expect("write");
         let err = handle.reload(&path).expect_err("an invalid file");
         assert!(err.to_string().contains("`name` is empty"), "{err}");
-        assert_eq!(handle.current().hash(), good_hash, "the rules in force stay");
+        assert_eq!(
+            handle.current().hash(),
+            good_hash,
+            "the rules in force stay"
+        );
 
         let clone = handle.clone();
         std::fs::write(&path, rule("three", "", ACME, None)).expect("write");
         clone.reload(&path).expect("valid reload");
-        assert_eq!(handle.current().names().collect::<Vec<_>>(), ["three"], "clones share the rules");
+        assert_eq!(
+            handle.current().names().collect::<Vec<_>>(),
+            ["three"],
+            "clones share the rules"
+        );
     }
 
     #[tokio::test]
@@ -549,19 +735,27 @@ mod reload {
         std::fs::write(&path, rule("one", "", ACME, None)).expect("write");
         let handle = RulesHandle::new(Rules::load(&path).expect("valid"));
         let cancel = CancellationToken::new();
-        let task = tokio::spawn(handle.clone().reload_on_sighup(path.clone(), cancel.clone()));
+        let task = tokio::spawn(
+            handle
+                .clone()
+                .reload_on_sighup(path.clone(), cancel.clone()),
+        );
 
         let hup_until = |want: &'static str| {
             let handle = handle.clone();
             async move {
                 let deadline = Instant::now() + Duration::from_secs(10);
                 loop {
-                    nix::sys::signal::raise(nix::sys::signal::Signal::SIGHUP).expect("raise SIGHUP");
+                    nix::sys::signal::raise(nix::sys::signal::Signal::SIGHUP)
+                        .expect("raise SIGHUP");
                     tokio::time::sleep(Duration::from_millis(20)).await;
                     if handle.current().names().any(|n| n == want) {
                         return;
                     }
-                    assert!(Instant::now() < deadline, "no reload to {want:?} within 10s");
+                    assert!(
+                        Instant::now() < deadline,
+                        "no reload to {want:?} within 10s"
+                    );
                 }
             }
         };
@@ -573,7 +767,11 @@ mod reload {
             nix::sys::signal::raise(nix::sys::signal::Signal::SIGHUP).expect("raise SIGHUP");
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
-        assert_eq!(handle.current().names().collect::<Vec<_>>(), ["two"], "a bad file keeps the rules");
+        assert_eq!(
+            handle.current().names().collect::<Vec<_>>(),
+            ["two"],
+            "a bad file keeps the rules"
+        );
 
         cancel.cancel();
         tokio::time::timeout(Duration::from_secs(5), task)
@@ -593,9 +791,25 @@ mod props {
         proptest::sample::select(values)
     }
 
-    const DOMAINS: &[&str] = &["acme.com", "eu.acme.com", "initech.com", "globex.io", "a.b.c.example", "a.example"];
-    const PATTERNS: &[&str] =
-        &["acme.com", "*.acme.com", "initech.com", "*", "*.io", "a.*.example", "globex.*", "*acme*", "ACME.com"];
+    const DOMAINS: &[&str] = &[
+        "acme.com",
+        "eu.acme.com",
+        "initech.com",
+        "globex.io",
+        "a.b.c.example",
+        "a.example",
+    ];
+    const PATTERNS: &[&str] = &[
+        "acme.com",
+        "*.acme.com",
+        "initech.com",
+        "*",
+        "*.io",
+        "a.*.example",
+        "globex.*",
+        "*acme*",
+        "ACME.com",
+    ];
     const PARTNERS: &[&str] = &["P-100", "p-100", "P-200", " P-300 "];
     const COUNTRIES: &[&str] = &["US", "CA", "DE", "fr"];
     const REASONS: &[&str] = &["NO_SMART_ACCOUNT", "PENDING_SMART_ACCOUNT"];
@@ -605,34 +819,57 @@ mod props {
     /// Arbitrary orders: any field may be missing; free-text fields arbitrary.
     fn any_order() -> impl Strategy<Value = HeldOrder> {
         (
-            proptest::option::of(prop_oneof![pick(DOMAINS).prop_map(str::to_owned), "[a-z]{1,8}\\.[a-z]{2,3}"]),
-            proptest::option::of(prop_oneof![pick(PARTNERS).prop_map(str::to_owned), any::<String>()]),
+            proptest::option::of(prop_oneof![
+                pick(DOMAINS).prop_map(str::to_owned),
+                "[a-z]{1,8}\\.[a-z]{2,3}"
+            ]),
+            proptest::option::of(prop_oneof![
+                pick(PARTNERS).prop_map(str::to_owned),
+                any::<String>()
+            ]),
             proptest::option::of(pick(COUNTRIES)),
             any::<bool>(),
             proptest::option::of(pick(TYPES)),
             proptest::collection::vec(
-                proptest::option::of(prop_oneof![pick(FAMILIES).prop_map(str::to_owned), any::<String>()]),
+                proptest::option::of(prop_oneof![
+                    pick(FAMILIES).prop_map(str::to_owned),
+                    any::<String>()
+                ]),
                 0..4,
             ),
         )
-            .prop_map(|(domain, partner, country, pending, order_type, families)| HeldOrder {
-                order: OrderId::new(SalesOrderNumber::parse("1").ok(), None).expect("an order number"),
-                purchase_order_number: None,
-                hold_reason: if pending { HoldReason::PendingSmartAccount } else { HoldReason::NoSmartAccount },
-                held_at: None,
-                order_type: order_type.and_then(|t| OrderType::parse(t).ok()),
-                partner: partner.map(|id| Partner { id: Some(id), name: None }),
-                end_customer: Some(EndCustomer {
-                    name: None,
-                    email: domain.and_then(|d| Email::parse(&format!("x@{d}")).ok()),
-                    country: country.and_then(|c| CountryCode::parse(c).ok()),
-                }),
-                smart_account: None,
-                lines: families
-                    .into_iter()
-                    .map(|f| Line { line_number: None, sku: None, product_family: f })
-                    .collect(),
-            })
+            .prop_map(
+                |(domain, partner, country, pending, order_type, families)| HeldOrder {
+                    order: OrderId::new(SalesOrderNumber::parse("1").ok(), None)
+                        .expect("an order number"),
+                    purchase_order_number: None,
+                    hold_reason: if pending {
+                        HoldReason::PendingSmartAccount
+                    } else {
+                        HoldReason::NoSmartAccount
+                    },
+                    held_at: None,
+                    order_type: order_type.and_then(|t| OrderType::parse(t).ok()),
+                    partner: partner.map(|id| Partner {
+                        id: Some(id),
+                        name: None,
+                    }),
+                    end_customer: Some(EndCustomer {
+                        name: None,
+                        email: domain.and_then(|d| Email::parse(&format!("x@{d}")).ok()),
+                        country: country.and_then(|c| CountryCode::parse(c).ok()),
+                    }),
+                    smart_account: None,
+                    lines: families
+                        .into_iter()
+                        .map(|f| Line {
+                            line_number: None,
+                            sku: None,
+                            product_family: f,
+                        })
+                        .collect(),
+                },
+            )
     }
 
     fn toml_list(values: &[&str]) -> String {
@@ -643,7 +880,10 @@ mod props {
     /// The `when` body and `assign` body of an arbitrary valid rule.
     fn any_rule() -> impl Strategy<Value = (String, bool)> {
         let list = |values: &'static [&'static str]| {
-            proptest::option::of(proptest::sample::subsequence(values, 1..=values.len().min(3)))
+            proptest::option::of(proptest::sample::subsequence(
+                values,
+                1..=values.len().min(3),
+            ))
         };
         let families: &'static [&'static str] = &FAMILIES[..3];
         (
@@ -679,7 +919,12 @@ mod props {
             .enumerate()
             .map(|(i, (when, from))| {
                 let assign = if *from { FROM } else { ACME };
-                rule(&format!("r{}", i + offset), when, assign, (!from).then_some(HOLDING))
+                rule(
+                    &format!("r{}", i + offset),
+                    when,
+                    assign,
+                    (!from).then_some(HOLDING),
+                )
             })
             .collect()
     }
@@ -688,8 +933,12 @@ mod props {
     fn wildcard(pattern: &str, text: &str) -> bool {
         let parts: Vec<&str> = pattern.split('*').collect();
         let (first, rest) = parts.split_first().expect("split yields one part");
-        let Some(mut tail) = text.strip_prefix(first) else { return false };
-        let Some((last, middle)) = rest.split_last() else { return tail.is_empty() };
+        let Some(mut tail) = text.strip_prefix(first) else {
+            return false;
+        };
+        let Some((last, middle)) = rest.split_last() else {
+            return tail.is_empty();
+        };
         for part in middle {
             match tail.find(part) {
                 Some(at) => tail = &tail[at + part.len()..],
@@ -703,7 +952,12 @@ mod props {
     /// bitset matcher is checked against.
     fn reference(rules: &Rules, o: &HeldOrder) -> Option<String> {
         let domain = o.end_customer_domain().map(|d| d.to_string());
-        let partner = o.partner.as_ref().and_then(|p| p.id.as_deref()).map(str::trim).filter(|p| !p.is_empty());
+        let partner = o
+            .partner
+            .as_ref()
+            .and_then(|p| p.id.as_deref())
+            .map(str::trim)
+            .filter(|p| !p.is_empty());
         let customer = o.end_customer.as_ref();
         let country = customer.and_then(|c| c.country.as_ref());
         let families: Vec<&str> = o
@@ -717,19 +971,28 @@ mod props {
             let w = &r.when;
             let ok = w.end_customer_domain.as_ref().is_none_or(|d| {
                 domain.as_deref().is_some_and(|dom| {
-                    d.exact.iter().any(|e| e.as_str() == dom) || d.patterns.iter().any(|p| wildcard(p, dom))
+                    d.exact.iter().any(|e| e.as_str() == dom)
+                        || d.patterns.iter().any(|p| wildcard(p, dom))
                 })
+            }) && w.partner_id.as_ref().is_none_or(|ps| {
+                partner.is_some_and(|id| ps.iter().any(|p| p.eq_ignore_ascii_case(id)))
             }) && w
-                .partner_id
+                .country
                 .as_ref()
-                .is_none_or(|ps| partner.is_some_and(|id| ps.iter().any(|p| p.eq_ignore_ascii_case(id))))
-                && w.country.as_ref().is_none_or(|cs| country.is_some_and(|c| cs.contains(c)))
-                && w.hold_reason.as_ref().is_none_or(|rs| rs.contains(&o.hold_reason))
-                && w.order_type.as_ref().is_none_or(|ts| o.order_type.as_ref().is_some_and(|t| ts.contains(t)))
+                .is_none_or(|cs| country.is_some_and(|c| cs.contains(c)))
+                && w.hold_reason
+                    .as_ref()
+                    .is_none_or(|rs| rs.contains(&o.hold_reason))
+                && w.order_type
+                    .as_ref()
+                    .is_none_or(|ts| o.order_type.as_ref().is_some_and(|t| ts.contains(t)))
                 && w.product_family.as_ref().is_none_or(|fs| {
-                    families.iter().any(|f| fs.iter().any(|w| w.eq_ignore_ascii_case(f)))
+                    families
+                        .iter()
+                        .any(|f| fs.iter().any(|w| w.eq_ignore_ascii_case(f)))
                 })
-                && (r.assign.account != compile::AccountSource::EndCustomerDomain || domain.is_some());
+                && (r.assign.account != compile::AccountSource::EndCustomerDomain
+                    || domain.is_some());
             ok.then(|| r.name.clone())
         })
     }

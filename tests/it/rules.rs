@@ -11,7 +11,8 @@ const EXAMPLE: &str = "deploy/config/rules.toml";
 fn run(args: &[&str], env: &[(&str, &str)]) -> Output {
     let mut cmd = bin();
     cmd.current_dir(repo_path("")).args(args);
-    cmd.env_remove("HOLDCLEAR_RULES").env_remove("HOLDCLEAR_CONFIG");
+    cmd.env_remove("HOLDCLEAR_RULES")
+        .env_remove("HOLDCLEAR_CONFIG");
     for (k, v) in env {
         cmd.env(k, v);
     }
@@ -60,7 +61,9 @@ fn check_follows_holdclear_rules_and_names_the_mistake() {
         assert_eq!(out.status.code(), Some(64), "{}", stdout(&out));
         let err = stderr(&out);
         assert!(
-            err.contains(&format!("{bad_str}:10: rule #2 \"two\": unknown key `when.hold_reson`")),
+            err.contains(&format!(
+                "{bad_str}:10: rule #2 \"two\": unknown key `when.hold_reson`"
+            )),
             "{err}"
         );
         assert!(stdout(&out).is_empty());
@@ -68,12 +71,20 @@ fn check_follows_holdclear_rules_and_names_the_mistake() {
 
     let out = run(&["rules", "check", "no/such/rules.toml"], &[]);
     assert_eq!(out.status.code(), Some(64));
-    assert!(stderr(&out).contains("no/such/rules.toml: cannot read the rules file"), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("no/such/rules.toml: cannot read the rules file"),
+        "{}",
+        stderr(&out)
+    );
 
     // A bad setting is still exit 64 naming it, when the settings are needed.
     let out = run(&["rules", "check"], &[("HOLDCLEAR_POLL_INTERVAL", "soon")]);
     assert_eq!(out.status.code(), Some(64));
-    assert!(stderr(&out).contains("HOLDCLEAR_POLL_INTERVAL"), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("HOLDCLEAR_POLL_INTERVAL"),
+        "{}",
+        stderr(&out)
+    );
 }
 
 #[test]
@@ -98,16 +109,31 @@ fn explain_shows_each_rule_and_the_decision() {
         assert!(text.contains(needle), "{needle:?} missing in\n{text}");
     }
 
-    let out = run(&["rules", "explain", "--rules", EXAMPLE, "tests/data/held-no-email.json"], &[]);
+    let out = run(
+        &[
+            "rules",
+            "explain",
+            "--rules",
+            EXAMPLE,
+            "tests/data/held-no-email.json",
+        ],
+        &[],
+    );
     assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
     let text = stdout(&out);
     assert!(text.contains("no end-customer e-mail"), "{text}");
-    assert!(text.contains("Decision: no rule matched; the order escalates NO_RULE_MATCHED"), "{text}");
+    assert!(
+        text.contains("Decision: no rule matched; the order escalates NO_RULE_MATCHED"),
+        "{text}"
+    );
 }
 
 #[test]
 fn explain_json_is_for_machines() {
-    let out = run(&["rules", "explain", "--json", "tests/data/held-acme.json"], &[]);
+    let out = run(
+        &["rules", "explain", "--json", "tests/data/held-acme.json"],
+        &[],
+    );
     assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("JSON on stdout");
     assert_eq!(v["rules_hash"], sha256_hex(&repo_path(EXAMPLE)));
@@ -120,10 +146,21 @@ fn explain_json_is_for_machines() {
     assert_eq!(v["decision"]["target"]["account_type"], "CUSTOMER");
     assert!(v["decision"]["fallback"].is_null());
 
-    let out = run(&["rules", "explain", "--json", "tests/data/held-no-email.json"], &[]);
+    let out = run(
+        &[
+            "rules",
+            "explain",
+            "--json",
+            "tests/data/held-no-email.json",
+        ],
+        &[],
+    );
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("JSON on stdout");
     assert!(v["decision"].is_null());
-    assert_eq!(v["rules"][2]["failures"][0]["key"], "assign.smart_account.from");
+    assert_eq!(
+        v["rules"][2]["failures"][0]["key"],
+        "assign.smart_account.from"
+    );
 }
 
 #[test]
@@ -136,7 +173,10 @@ fn explain_refuses_a_bad_event_or_bad_rules_with_64() {
     let out = run(&["rules", "explain", bad_str], &[]);
     assert_eq!(out.status.code(), Some(64));
     let err = stderr(&out);
-    assert!(err.contains("not a held-order event: INVALID_EVENT"), "{err}");
+    assert!(
+        err.contains("not a held-order event: INVALID_EVENT"),
+        "{err}"
+    );
     assert!(err.contains("CREDIT"), "{err}");
 
     std::fs::write(&bad_event, "not json").expect("write");
@@ -146,12 +186,29 @@ fn explain_refuses_a_bad_event_or_bad_rules_with_64() {
 
     let out = run(&["rules", "explain", "tests/data/no-such-event.json"], &[]);
     assert_eq!(out.status.code(), Some(64));
-    assert!(stderr(&out).contains("no-such-event.json: cannot read the event"), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("no-such-event.json: cannot read the event"),
+        "{}",
+        stderr(&out)
+    );
 
     let rules = dir.path().join("rules.toml");
     std::fs::write(&rules, "[[rule]]\nname = \"x\"\n").expect("write");
     let rules_str = rules.to_str().expect("a UTF-8 path");
-    let out = run(&["rules", "explain", "--rules", rules_str, "tests/data/held-acme.json"], &[]);
+    let out = run(
+        &[
+            "rules",
+            "explain",
+            "--rules",
+            rules_str,
+            "tests/data/held-acme.json",
+        ],
+        &[],
+    );
     assert_eq!(out.status.code(), Some(64));
-    assert!(stderr(&out).contains("rule #1 \"x\": `assign` is missing"), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("rule #1 \"x\": `assign` is missing"),
+        "{}",
+        stderr(&out)
+    );
 }
