@@ -1030,6 +1030,11 @@ mod props {
             let matched: Vec<usize> = explained.rules.iter().enumerate()
                 .filter(|(_, r)| r.outcome == Outcome::Matched).map(|(i, _)| i).collect();
             prop_assert!(matched.len() <= 1);
+            for r in &explained.rules {
+                if let Outcome::Failed { failures } = &r.outcome {
+                    prop_assert!(!failures.is_empty(), "rule {} failed without a reason", r.name);
+                }
+            }
             if let Some(d) = &decided {
                 prop_assert_eq!(&explained.rules[matched[0]].name, &d.rule);
                 // every rule before the match failed
