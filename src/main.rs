@@ -6,6 +6,16 @@ use std::process::ExitCode;
 use clap::Parser;
 
 fn main() -> ExitCode {
-    let cli = holdclear::cli::Cli::parse();
-    holdclear::cli::main(cli)
+    match holdclear::cli::Cli::try_parse() {
+        Ok(cli) => holdclear::cli::main(cli),
+        // --help and --version print and exit 0; a bad command line exits 64.
+        Err(e) if !e.use_stderr() => {
+            let _ = e.print();
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            let _ = e.print();
+            ExitCode::from(holdclear::cli::EXIT_USAGE)
+        }
+    }
 }

@@ -1,6 +1,8 @@
-//! The worker (`holdclear run`) assembled: the operations HTTP server, the
-//! store (database created and migrated), the held-order consumer feeding
-//! intake, and the database probe — all stopped by one cancellation token.
+//! The worker (`holdclear run`) assembled: the operations HTTP server
+//! (`/healthz`, `/readyz`, `/metrics`), the store (database created and
+//! migrated), the held-order consumer feeding intake, the case engine, the
+//! outbox relay, the rules reload on SIGHUP and the database probe — all
+//! stopped by one cancellation token.
 //!
 //! Shutdown, once the token fires: the consumer cancels its subscription
 //! and forwards what the broker had already sent; intake commits and acks
@@ -19,11 +21,15 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::broker::{Broker, Consumer, ConsumerSettings};
+use crate::commerce::{CommerceApi, CommerceError, HttpCommerce};
 use crate::config::Settings;
+use crate::engine::Engine;
 use crate::intake::{Intake, IntakeSettings};
 use crate::ops::health::{Health, probe_database};
 use crate::ops::http::{self, HttpError};
+use crate::outbox::Relay;
 use crate::retry::Reconnect;
+use crate::rules::{Rules, RulesError, RulesHandle};
 use crate::store::{Store, StoreError};
 
 /// How often the database probe runs.
@@ -45,6 +51,22 @@ pub enum WorkerError {
     /// A task of the worker ended before shutdown was requested.
     #[error("the {0} task stopped unexpectedly")]
     Stopped(&'static str),
+    /// The rules file is missing or invalid: the worker does not start without rules.
+    #[error(transparent)]
+    Rules(#[from] RulesError),
+    /// The commerce client could not be built from the settings.
+    #[error("cannot set up the commerce API client: {0}")]
+    Commerce(#[from] CommerceError),
+    /// The metrics recorder could not be installed.
+    #[error("cannot set up /metrics: {0}")]
+    Metrics(String),
+}
+
+/// What the worker needs besides its settings, ready before anything runs.
+struct Parts {
+    rules: RulesHandle,
+    commerce: Arc<dyn CommerceApi>,
+    store_slot: Arc<std::sync::OnceLock<Store>>,
 }
 
 /// The running worker.
@@ -85,18 +107,35 @@ impl Worker {
         settings: Settings,
         cancel: CancellationToken,
     ) -> Result<WorkerHandle, WorkerError> {
+        let rules = RulesHandle::new(Rules::load(&settings.rules_path)?);
+        tracing::info!(
+            file = %settings.rules_path.display(),
+            rules = rules.current().len(),
+            hash = %rules.current().hash(),
+            "Rules loaded."
+        );
+        let commerce: Arc<dyn CommerceApi> = Arc::new(HttpCommerce::new(&settings.commerce)?);
+        let metrics =
+            crate::ops::metrics::install().map_err(|e| WorkerError::Metrics(e.to_string()))?;
+        let store_slot = Arc::new(std::sync::OnceLock::new());
         let health = Health::new();
         let tracker = TaskTracker::new();
         let http_stop = CancellationToken::new();
-        let http_addr = http::serve(
-            settings.http_addr,
-            http::router(Arc::clone(&health)),
-            http_stop.clone(),
-            &tracker,
-        )
-        .await?;
+        let router = http::router(Arc::clone(&health)).merge(http::metrics_router(
+            metrics,
+            Arc::clone(&store_slot),
+            Arc::clone(&health),
+        ));
+        let http_addr =
+            http::serve(settings.http_addr, router, http_stop.clone(), &tracker).await?;
+        let parts = Parts {
+            rules,
+            commerce,
+            store_slot,
+        };
         let main = tokio::spawn(supervise(
             settings,
+            parts,
             Arc::clone(&health),
             tracker,
             http_stop,
@@ -127,12 +166,13 @@ fn connection_name(settings: &Settings) -> String {
 
 async fn supervise(
     settings: Settings,
+    parts: Parts,
     health: Arc<Health>,
     tracker: TaskTracker,
     http_stop: CancellationToken,
     cancel: CancellationToken,
 ) -> Result<(), WorkerError> {
-    let result = work(&settings, &health, &tracker, &cancel).await;
+    let result = work(&settings, parts, &health, &tracker, &cancel).await;
     http_stop.cancel();
     tracker.close();
     if tokio::time::timeout(Duration::from_secs(2), tracker.wait())
@@ -150,6 +190,7 @@ async fn supervise(
 
 async fn work(
     settings: &Settings,
+    parts: Parts,
     health: &Arc<Health>,
     tracker: &TaskTracker,
     cancel: &CancellationToken,
@@ -158,6 +199,7 @@ async fn work(
         return Ok(());
     };
     health.set_database(true);
+    let _ = parts.store_slot.set(store.clone());
     tracing::info!(
         database = %settings.database_url,
         broker = %settings.amqp.url,
@@ -198,18 +240,38 @@ async fn work(
     );
     let intaking = tracker.spawn(intake.run(inbox, abort.clone()));
 
-    // ── Plug-in points for the lead (not intake's to write) ──────────────
-    // - Case engine: spawn it on `tracker` with `store.clone()`,
-    //   `settings.engine`, the rules and `Arc::clone(&cases_opened)` (intake
-    //   calls `notify_one()` after each commit that opened cases); stop it
-    //   with `cancel`, bound its drain by `abort`.
-    // - Outbox relay: spawn it on `tracker` with `store.clone()` and its own
-    //   broker connection (`Broker::new(settings.amqp.url.clone(),
-    //   connection_name(settings))`, role "outbox"); stop it with `cancel`.
-    // - Rules reload: a SIGHUP listener on `tracker` that swaps the rules in
-    //   force, stopped by `background`.
-    // - `/metrics`: add its route to `http::router` in `Worker::start`.
-    // ─────────────────────────────────────────────────────────────────────
+    // The case engine: due cases are decided, resolved, assigned and watched.
+    let relay_wake = Arc::new(Notify::new());
+    let engine = Engine::new(
+        store.clone(),
+        parts.commerce,
+        Arc::new(parts.rules.clone()),
+        settings.engine.clone(),
+        connection_name(settings),
+        Arc::clone(&cases_opened),
+        Arc::clone(&relay_wake),
+    )
+    .with_drain_timeout(settings.shutdown_timeout.mul_f64(0.8))
+    .with_abort(abort.clone());
+    let engining = tracker.spawn(engine.run(cancel.clone()));
+
+    // The outbox relay: committed events to the events exchange. It runs
+    // until the engine has drained, so that the last steps' events go out.
+    let relay_stop = CancellationToken::new();
+    let relay = Relay::new(
+        store.clone(),
+        Broker::new(settings.amqp.url.clone(), connection_name(settings)),
+        settings.amqp.topology.clone(),
+        relay_wake,
+    );
+    let relaying = tracker.spawn(relay.run(relay_stop.clone()));
+
+    // Rules: SIGHUP reloads the file; a bad file keeps the rules in force.
+    tracker.spawn(
+        parts
+            .rules
+            .reload_on_sighup(settings.rules_path.clone(), background.clone()),
+    );
 
     // Run until cancelled. Intake or the consumer ending before that is a
     // bug (a panic): stop the worker so that it is restarted, rather than
@@ -228,6 +290,7 @@ async fn work(
         );
         cancel.cancel();
         abort.cancel();
+        relay_stop.cancel();
         background.cancel();
         return Err(match panic {
             Some(e) => WorkerError::Task(e),
@@ -249,9 +312,22 @@ async fn work(
     };
     let consumed = consuming.await;
     let taken = intaking.await;
+    let engined = engining.await;
+    // Give the relay a moment to publish what the drain committed; what it
+    // cannot is published on the next start.
+    let _ = tokio::time::timeout(Duration::from_millis(500), async {
+        while store.outbox_next_due().await.ok().flatten().is_some() {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    })
+    .await;
+    relay_stop.cancel();
+    let relayed = relaying.await;
     timer.abort();
     background.cancel();
     taken?;
+    engined?;
+    relayed?;
     if let Some(conn) = consumed? {
         let _ = tokio::time::timeout(Duration::from_secs(1), conn.close()).await;
     }

@@ -4,6 +4,7 @@
 //! - [`topology`]: the exchanges and queues of the event contract, declared idempotently.
 //! - [`dlq`]: operators' view of the dead-letter queue: browse, replay, purge.
 //! - [`publisher`]: publishing with confirms and `mandatory`, one message or a window of them.
+//! - [`subscription`]: a private queue on an exchange, to watch events as fulfilment would.
 //! - [`consumer`]: consuming the held-order queue, reconnecting by itself; acks in runs.
 //! - [`dead_letter`]: moving a refused delivery to the dead-letter exchange with the reason headers.
 
@@ -12,13 +13,15 @@ pub mod consumer;
 pub mod dead_letter;
 pub mod dlq;
 pub mod publisher;
+pub mod subscription;
 pub mod topology;
 
 pub use connection::Broker;
 pub use consumer::{Acknowledged, Closing, Consumer, ConsumerSettings, Delivery, acknowledge};
 pub use dead_letter::dead_letter;
 pub use publisher::{OutgoingMessage, PublishError, Publisher};
-pub use topology::declare_topology;
+pub use subscription::{Received, Subscription, close};
+pub use topology::{declare_topology, delete_topology};
 
 /// What went wrong talking to RabbitMQ.
 #[derive(Debug, thiserror::Error)]

@@ -111,3 +111,30 @@ pub async fn declare_topology(
         .await?;
     Ok(())
 }
+
+/// Deletes every exchange and queue of `topology` (the demo's and the
+/// benchmark's own, when they finish). Missing ones are fine.
+pub async fn delete_topology(
+    conn: &lapin::Connection,
+    topology: &Topology,
+) -> Result<(), BrokerError> {
+    use lapin::options::{ExchangeDeleteOptions, QueueDeleteOptions};
+    for queue in [&topology.held_queue, &topology.dead_letter_queue] {
+        // A failed delete closes the channel, so each gets its own.
+        let channel = conn.create_channel().await?;
+        let _ = channel
+            .queue_delete(queue.as_str().into(), QueueDeleteOptions::default())
+            .await;
+    }
+    for exchange in [
+        &topology.orders_exchange,
+        &topology.dead_letter_exchange,
+        &topology.events_exchange,
+    ] {
+        let channel = conn.create_channel().await?;
+        let _ = channel
+            .exchange_delete(exchange.as_str().into(), ExchangeDeleteOptions::default())
+            .await;
+    }
+    Ok(())
+}

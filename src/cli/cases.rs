@@ -1,18 +1,338 @@
-//! `holdclear cases …` (being built: see the issue that owns it).
+//! `holdclear cases list | show ORDER | retry ORDER`: the state of held
+//! orders, one case's full history, and re-running an escalated case after
+//! a person fixed its cause.
 
 use std::process::ExitCode;
+
+use anyhow::Context;
+use chrono::{DateTime, Utc};
+use comfy_table::{ContentArrangement, Table, presets::UTF8_FULL_CONDENSED};
+use serde_json::{Value, json};
+
+use super::UsageError;
+use crate::config::Settings;
+use crate::domain::CaseState;
+use crate::engine::{EngineError, retry_case};
+use crate::store::{CaseFilter, CaseRecord, HistoryRow, OutboxRow, Store};
+
+/// Most rows `cases list` prints.
+const MAX_LIST: u32 = 10_000;
+/// Most history lines `cases show` prints.
+const MAX_HISTORY: u32 = 10_000;
 
 /// Subcommands of `holdclear cases`.
 #[derive(Debug, clap::Subcommand)]
 pub enum Command {
-    /// Placeholder until the subcommands land.
-    List,
+    /// List cases, newest first.
+    List(ListArgs),
+    /// Show the latest case of an order: rule, decision, every call and its
+    /// outcome, every event emitted.
+    Show {
+        /// Sales order number or web order id.
+        order: String,
+        /// Print JSON instead of tables.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Re-run the order's escalated case (e.g. after the customer activated
+    /// the Smart Account).
+    Retry {
+        /// Sales order number or web order id.
+        order: String,
+    },
+}
+
+/// Arguments of `holdclear cases list`.
+#[derive(Debug, clap::Args)]
+pub struct ListArgs {
+    /// Only cases in this state (deciding, resolving, assigning, watching, released, escalated).
+    #[arg(long, value_parser = parse_state)]
+    pub state: Option<CaseState>,
+    /// Only the cases of this order (sales order number or web order id).
+    #[arg(long)]
+    pub order: Option<String>,
+    /// At most this many cases.
+    #[arg(long, default_value_t = 50, value_parser = clap::value_parser!(u32).range(1..=i64::from(MAX_LIST)))]
+    pub limit: u32,
+    /// Print JSON instead of a table.
+    #[arg(long)]
+    pub json: bool,
+}
+
+fn parse_state(raw: &str) -> Result<CaseState, String> {
+    CaseState::parse(raw).ok_or_else(|| {
+        let known: Vec<&str> = CaseState::ALL.iter().map(|s| s.as_str()).collect();
+        format!("{raw:?} is not a state; one of {}", known.join(", "))
+    })
 }
 
 /// Runs `holdclear cases …`.
-pub async fn execute(
-    _settings: crate::config::Settings,
-    _cmd: Command,
-) -> anyhow::Result<ExitCode> {
-    anyhow::bail!("holdclear cases is not built yet")
+pub async fn execute(settings: Settings, cmd: Command) -> anyhow::Result<ExitCode> {
+    super::quiet_logs();
+    let store = Store::connect(&settings.database_url, 2)
+        .await
+        .with_context(|| format!("cannot connect to {}", settings.database_url))?;
+    if !store.ready().await {
+        anyhow::bail!(
+            "the database {} has no (or an older) holdclear schema: run `holdclear migrate`",
+            settings.database_url
+        );
+    }
+    match cmd {
+        Command::List(args) => list(&store, args).await?,
+        Command::Show { order, json } => show(&store, &order, json).await?,
+        Command::Retry { order } => retry(&store, &order).await?,
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn when(t: DateTime<Utc>) -> String {
+    t.format("%Y-%m-%d %H:%M:%S").to_string()
+}
+
+fn table(headers: &[&str]) -> Table {
+    let mut t = Table::new();
+    t.load_preset(UTF8_FULL_CONDENSED)
+        .set_content_arrangement(ContentArrangement::Dynamic)
+        .set_header(headers.to_vec());
+    t
+}
+
+async fn list(store: &Store, args: ListArgs) -> anyhow::Result<()> {
+    let rows = store
+        .list_cases(&CaseFilter {
+            state: args.state,
+            order: args.order,
+            limit: args.limit,
+        })
+        .await?;
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&rows)?);
+        return Ok(());
+    }
+    if rows.is_empty() {
+        println!("No cases.");
+        return Ok(());
+    }
+    let mut t = table(&[
+        "ORDER",
+        "STATE",
+        "RULE",
+        "ACCOUNT",
+        "UPDATED",
+        "NEXT ACTION",
+    ]);
+    for r in &rows {
+        let state = match &r.escalation_reason {
+            Some(reason) => format!("{} ({reason})", r.state),
+            None => r.state.clone(),
+        };
+        t.add_row(vec![
+            r.order.clone(),
+            state,
+            r.rule.clone().unwrap_or_else(|| "-".into()),
+            r.account.clone().unwrap_or_else(|| "-".into()),
+            when(r.updated_at),
+            r.next_action_at.map_or_else(|| "-".into(), when),
+        ]);
+    }
+    println!("{t}");
+    println!("{} case(s), times in UTC.", rows.len());
+    Ok(())
+}
+
+fn case_json(r: &CaseRecord) -> Value {
+    let c = &r.case;
+    json!({
+        "id": c.id,
+        "order": r.order_key,
+        "salesOrderNumber": c.order.sales_order_number.as_ref().map(|s| s.as_str()),
+        "webOrderId": c.order.web_order_id.as_ref().map(|s| s.as_str()),
+        "state": c.state.as_str(),
+        "heldAt": c.held_at,
+        "holdReason": c.event.data.hold_reason.as_str(),
+        "eventId": c.event.id.as_str(),
+        "decision": c.decision,
+        "target": c.target,
+        "idempotencyKey": c.idempotency_key,
+        "assignmentId": c.assignment_id,
+        "assignedAt": c.assigned_at,
+        "watchingSince": c.watching_since,
+        "attempt": c.attempt,
+        "retrySince": c.retry_since,
+        "polls": c.polls,
+        "escalationReason": c.escalation_reason.map(|e| e.as_str()),
+        "escalationLevel": c.escalation_level,
+        "releasedAt": c.released_at,
+        "closedAt": c.closed_at,
+        "generation": c.generation,
+        "nextActionAt": c.next_action_at,
+        "leaseOwner": r.lease_owner,
+        "leaseExpiresAt": r.lease_expires_at,
+        "createdAt": r.created_at,
+        "updatedAt": r.updated_at,
+    })
+}
+
+/// One history line's particulars, compact.
+fn summary(h: &HistoryRow) -> String {
+    let d = &h.detail;
+    if h.kind == "call" {
+        let args = d.get("args").map(Value::to_string).unwrap_or_default();
+        let result = d.get("result").map(Value::to_string).unwrap_or_default();
+        let ms = d.get("ms").and_then(Value::as_u64).unwrap_or_default();
+        let call = d.get("call").and_then(Value::as_str).unwrap_or("?");
+        return format!("{call} {args} → {result} ({ms} ms)");
+    }
+    d.to_string()
+}
+
+async fn show(store: &Store, order: &str, as_json: bool) -> anyhow::Result<()> {
+    let record = store
+        .latest_case(order)
+        .await?
+        .ok_or_else(|| UsageError(format!("no case for order {order}")))?;
+    let history = store.case_history(record.case.id, MAX_HISTORY).await?;
+    let events = store.outbox_of_case(record.case.id).await?;
+    if as_json {
+        let out = json!({
+            "case": case_json(&record),
+            "history": history,
+            "events": events,
+        });
+        println!("{}", serde_json::to_string_pretty(&out)?);
+        return Ok(());
+    }
+    let c = &record.case;
+    let mut t = table(&["", ""]);
+    let mut row = |k: &str, v: String| {
+        t.add_row(vec![k.to_owned(), v]);
+    };
+    row("Case", c.id.to_string());
+    row("Order", record.order_key.clone());
+    if let Some(web) = &c.order.web_order_id {
+        row("Web order id", web.to_string());
+    }
+    let state = match c.escalation_reason {
+        Some(reason) => format!("{} ({reason})", c.state),
+        None => c.state.to_string(),
+    };
+    row("State", state);
+    row(
+        "Hold",
+        format!("{} since {}", c.event.data.hold_reason, when(c.held_at)),
+    );
+    if let Some(d) = &c.decision {
+        row("Rule", format!("{} (rules file {})", d.rule, d.rules_hash));
+        row("Decision", d.target.to_string());
+        if let Some(f) = &d.fallback {
+            row("Fallback", f.to_string());
+        }
+    }
+    if let Some(target) = &c.target {
+        row(
+            "Target",
+            format!(
+                "{} ({}, virtual account {}){}",
+                target.smart_account_domain,
+                target.account_type,
+                target
+                    .virtual_account_name
+                    .as_deref()
+                    .unwrap_or("- (nothing to assign)"),
+                if target.via_fallback {
+                    ", the rule's fallback"
+                } else {
+                    ""
+                }
+            ),
+        );
+    }
+    if let Some(key) = &c.idempotency_key {
+        row("Idempotency-Key", key.clone());
+    }
+    if let Some(id) = &c.assignment_id {
+        row(
+            "Assignment",
+            format!("{id} at {}", c.assigned_at.map_or_else(|| "?".into(), when)),
+        );
+    }
+    if let Some(at) = c.released_at {
+        row("Released", when(at));
+    }
+    if c.attempt > 0 {
+        row(
+            "Retrying",
+            format!(
+                "attempt {} since {}",
+                c.attempt,
+                c.retry_since.map_or_else(|| "?".into(), when)
+            ),
+        );
+    }
+    if let Some(next) = c.next_action_at {
+        row("Next action", when(next));
+    }
+    if let Some(owner) = &record.lease_owner {
+        row(
+            "Lease",
+            format!(
+                "{owner} until {}",
+                record.lease_expires_at.map_or_else(|| "?".into(), when)
+            ),
+        );
+    }
+    row("Generation", c.generation.to_string());
+    row(
+        "Opened / updated",
+        format!("{} / {}", when(record.created_at), when(record.updated_at)),
+    );
+    println!("{t}");
+
+    let mut h = table(&["AT", "KIND", "STATE", "DETAIL"]);
+    for line in &history {
+        h.add_row(vec![
+            line.at.format("%H:%M:%S%.3f").to_string(),
+            line.kind.clone(),
+            line.state.clone(),
+            summary(line),
+        ]);
+    }
+    println!("History ({} entries, times in UTC):\n{h}", history.len());
+    if !events.is_empty() {
+        println!("Events:\n{}", events_table(&events));
+    }
+    Ok(())
+}
+
+fn events_table(events: &[OutboxRow]) -> Table {
+    let mut t = table(&["ROUTING KEY", "ENVELOPE ID", "WRITTEN", "SENT"]);
+    for e in events {
+        let sent = match (e.sent_at, &e.last_error) {
+            (Some(at), _) => when(at),
+            (None, Some(err)) => format!("not yet ({} failed: {err})", e.attempts),
+            (None, None) => "not yet".into(),
+        };
+        t.add_row(vec![
+            e.routing_key.clone(),
+            e.envelope_id.to_string(),
+            when(e.created_at),
+            sent,
+        ]);
+    }
+    t
+}
+
+async fn retry(store: &Store, order: &str) -> anyhow::Result<()> {
+    match retry_case(store, order).await {
+        Ok(case) => {
+            println!(
+                "Case {} of order {order} re-opened: it resumes at {} (generation {}).",
+                case.id, case.state, case.generation
+            );
+            Ok(())
+        }
+        Err(EngineError::Store(e)) => Err(e.into()),
+        Err(e) => Err(UsageError(e.to_string()).into()),
+    }
 }

@@ -98,7 +98,7 @@ async fn execute(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Dlq(cmd) => dlq::execute(load(config)?, cmd).await,
         Command::Cases(cmd) => cases::execute(load(config)?, cmd).await,
         Command::Sim(args) => sim::execute(args).await,
-        Command::Demo(args) => demo::execute(args).await,
+        Command::Demo(args) => demo::execute(load(config)?, args).await,
         Command::Bench(args) => bench::execute(args).await,
     }
 }

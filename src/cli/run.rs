@@ -5,6 +5,7 @@ use std::process::ExitCode;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::Settings;
+use crate::worker::WorkerError;
 
 /// Arguments of `holdclear run`.
 #[derive(Debug, clap::Args)]
@@ -18,8 +19,14 @@ pub async fn execute(settings: Settings, _args: Args) -> anyhow::Result<ExitCode
     crate::ops::logs::init(settings.log_format, "info,sqlx::postgres::notice=warn");
     let cancel = CancellationToken::new();
     tokio::spawn(stop_on_signal(cancel.clone()));
-    crate::worker::run(settings, cancel).await?;
-    Ok(ExitCode::SUCCESS)
+    match crate::worker::run(settings, cancel).await {
+        Ok(()) => Ok(ExitCode::SUCCESS),
+        // A bad rules file or unusable commerce settings are the operator's to fix.
+        Err(e @ (WorkerError::Rules(_) | WorkerError::Commerce(_))) => {
+            Err(super::UsageError(e.to_string()).into())
+        }
+        Err(e) => Err(e.into()),
+    }
 }
 
 /// Cancels `cancel` on the first SIGTERM or ctrl-c (SIGINT).

@@ -37,6 +37,45 @@ pub fn router(health: Arc<Health>) -> Router {
         .with_state(health)
 }
 
+/// State of `/metrics`: the recorder, and the store once it is connected.
+#[derive(Clone)]
+struct MetricsState {
+    handle: metrics_exporter_prometheus::PrometheusHandle,
+    store: Arc<std::sync::OnceLock<crate::store::Store>>,
+    health: Arc<Health>,
+}
+
+/// `/metrics`: Prometheus text; store gauges are read at each scrape once
+/// the store is connected.
+pub fn metrics_router(
+    handle: metrics_exporter_prometheus::PrometheusHandle,
+    store: Arc<std::sync::OnceLock<crate::store::Store>>,
+    health: Arc<Health>,
+) -> Router {
+    Router::new()
+        .route("/metrics", get(metrics))
+        .with_state(MetricsState {
+            handle,
+            store,
+            health,
+        })
+}
+
+async fn metrics(State(m): State<MetricsState>) -> impl IntoResponse {
+    ::metrics::gauge!("holdclear_ready").set(if m.health.readiness().ready { 1.0 } else { 0.0 });
+    let body = match m.store.get() {
+        Some(store) => super::metrics::render(&m.handle, store).await,
+        None => m.handle.render(),
+    };
+    (
+        [(
+            axum::http::header::CONTENT_TYPE,
+            "text/plain; version=0.0.4",
+        )],
+        body,
+    )
+}
+
 async fn healthz() -> impl IntoResponse {
     (StatusCode::OK, Json(serde_json::json!({"status": "ok"})))
 }

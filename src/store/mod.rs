@@ -13,11 +13,15 @@ use sqlx::{PgPool, Postgres};
 
 use crate::config::SecretUrl;
 
+mod cases;
 mod intake;
 mod ops;
+mod outbox;
 
+pub use cases::{CaseFilter, CaseRecord, CaseSummary, Claimed, HistoryRow, RetryCommit};
 pub use intake::Recorded;
 pub use ops::OpsSnapshot;
+pub use outbox::{OutboxBatch, OutboxFailure, OutboxRow};
 
 /// The migrations in `migrations/`, embedded in the binary.
 pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");
@@ -121,4 +125,11 @@ impl Store {
                 .await;
         matches!(applied, Ok(n) if n as usize >= MIGRATOR.iter().count())
     }
+}
+
+/// Drops the database at `url` (the demo's and the benchmark's own, when
+/// they finish), closing other sessions on it first.
+pub async fn drop_database(url: &SecretUrl) -> Result<(), StoreError> {
+    Postgres::force_drop_database(url.expose()).await?;
+    Ok(())
 }

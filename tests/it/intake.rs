@@ -100,6 +100,16 @@ async fn a_batch_resolves_duplicates_and_orders_within_itself(pool: PgPool) {
     assert_eq!(kinds.iter().filter(|(k, _)| k == "opened").count(), 3);
     assert_eq!(kinds.iter().filter(|(k, _)| k == "held_again").count(), 1);
     assert_eq!(count(&pool, "SELECT count(*) FROM inbox").await, 4);
+    assert_eq!(
+        count(
+            &pool,
+            "SELECT count(*) FROM cases WHERE state = 'deciding' AND next_action_at <= now() \
+             AND lease_owner IS NULL AND attempt = 0"
+        )
+        .await,
+        3,
+        "new cases are deciding and due at once"
+    );
 
     // Later batches: a seen id is a duplicate; the open case collects the
     // next hold; once the case is closed a new hold opens a new case.
@@ -268,13 +278,18 @@ async fn a_held_order_becomes_one_case_once(pool: PgPool) {
     .await;
     let row = sqlx::query(
         "SELECT id, state, order_key, sales_order_number, web_order_id, event_id, event, \
-         hold_reason, held_at, next_action_at <= now() AS due FROM cases",
+         hold_reason, held_at FROM cases",
     )
     .fetch_one(&pool)
     .await
     .unwrap();
     let case_id: Uuid = row.get("id");
-    assert_eq!(row.get::<String, _>("state"), "deciding");
+    // The case engine runs beside intake: the case may already be a step further.
+    let state: String = row.get("state");
+    assert!(
+        ["deciding", "resolving"].contains(&state.as_str()),
+        "{state}"
+    );
     assert_eq!(row.get::<String, _>("order_key"), "104233871");
     assert_eq!(
         row.get::<Option<String>, _>("sales_order_number")
@@ -295,7 +310,6 @@ async fn a_held_order_becomes_one_case_once(pool: PgPool) {
             .to_rfc3339(),
         "2026-11-23T09:10:00+00:00"
     );
-    assert!(row.get::<bool, _>("due"));
     let stored: Value = row.get("event");
     assert_eq!(
         serde_json::from_value::<HeldOrderEvent>(stored).unwrap(),
@@ -308,7 +322,11 @@ async fn a_held_order_becomes_one_case_once(pool: PgPool) {
             .fetch_all(&pool)
             .await
             .unwrap();
-    assert_eq!(history, [("opened".to_owned(), "deciding".to_owned())]);
+    assert_eq!(history[0], ("opened".to_owned(), "deciding".to_owned()));
+    assert_eq!(
+        history.iter().filter(|(kind, _)| kind == "opened").count(),
+        1
+    );
 
     // The same event again, then a second hold of the same order: in queue
     // order, so once the second hold is recorded the duplicate was handled.
@@ -324,7 +342,15 @@ async fn a_held_order_becomes_one_case_once(pool: PgPool) {
     })
     .await;
     assert_eq!(count(&pool, "SELECT count(*) FROM cases").await, 1);
-    assert_eq!(count(&pool, "SELECT count(*) FROM case_history").await, 2);
+    // Intake's rows: one opened, one held again (the engine adds its own).
+    assert_eq!(
+        count(
+            &pool,
+            "SELECT count(*) FROM case_history WHERE kind IN ('opened', 'held_again')"
+        )
+        .await,
+        2
+    );
     assert_eq!(count(&pool, "SELECT count(*) FROM inbox").await, 2);
 
     worker.shutdown().await.unwrap();

@@ -5,7 +5,11 @@
 mod broker;
 mod cli;
 mod commerce;
+mod demo;
 mod deploy;
 mod dlq;
+mod engine;
 mod intake;
+mod ops;
+mod rules;
 mod support;

@@ -1,0 +1,1185 @@
+//! The case state machine: pure functions, no I/O, no clock.
+//!
+//! A step of a case is two pure functions and the calls between them:
+//! - [`plan`] looks at the case and the replies gathered so far in this step
+//!   and names the next [`Call`] to make, or the step's [`Outcome`];
+//! - [`apply`] turns the case and the outcome into a [`Transition`]: the
+//!   case's new columns, the history entries and the events to emit, and
+//!   when the case is next due.
+//!
+//! The scheduler makes the calls ([`Call`] → [`Reply`]) and commits each
+//! transition in one transaction. Everything that decides lives here and is
+//! tested without a database or a network.
+//!
+//! Choices worth knowing (the operator-facing consequences):
+//! - Stocking and EA orders escalate `ASSIGNMENT_LOCKED` before the rules
+//!   are consulted and without calling the commerce API.
+//! - The fallback target is tried only when the rule's account is missing or
+//!   not ACTIVE. When both fail, the escalation reason is the primary
+//!   account's (`SMART_ACCOUNT_NOT_FOUND` or `SMART_ACCOUNT_NOT_ACTIVE`);
+//!   the detail names what happened to the fallback.
+//! - For a `PENDING_SMART_ACCOUNT` hold the pending account is never
+//!   assigned again: still not ACTIVE, it is treated like any inactive
+//!   account (fallback, else `SMART_ACCOUNT_NOT_ACTIVE`); ACTIVE now, nothing
+//!   needs assigning and the case goes straight to watching.
+//! - The Idempotency-Key is a UUID v5 of the case id, its generation and the
+//!   resolved target: identical on every retry of the assignment and after a
+//!   crash; a re-run after `holdclear cases retry` gets a new one.
+//! - Transient failures (and `INVALID_CREDENTIALS`, which is not the order's
+//!   fault) reschedule the step after [`retry::durable_delay`], at least the
+//!   server's `Retry-After`; once `retry.max_elapsed` has passed since the
+//!   first failure of the streak the case escalates `RETRIES_EXHAUSTED`. Any
+//!   success ends the streak.
+//! - Terminal escalations (every reason but `HOLD_PERSISTS`) have level
+//!   `critical`. `HOLD_PERSISTS` uses the configured thresholds, each emitted
+//!   once per case (per generation), measured from the start of the watch;
+//!   the case keeps being watched, at the longest poll interval once a
+//!   threshold has passed.
+
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+use serde_json::{Value, json};
+use uuid::Uuid;
+
+use crate::commerce::{
+    AccountStatus, Assignment, AssignmentReceipt, CommerceError, ErrorCode, Order, SmartAccount,
+    VirtualAccount, choose_virtual_account,
+};
+use crate::config::EngineSettings;
+use crate::domain::{
+    AccountSelector, AccountType, CaseState, Domain, EscalationLevel, EscalationReason,
+    HeldOrderEvent, HoldReason, OrderId, SalesOrderNumber, Target,
+};
+use crate::outbox::OutboundEvent;
+use crate::retry;
+use crate::rules::Decision;
+
+/// Namespace of the Idempotency-Keys (UUID v5).
+const IDEMPOTENCY_NAMESPACE: Uuid = Uuid::from_u128(0x6c1f_2a4e_0b7d_4f3a_9e51_3d2c_8a77_b104);
+
+/// Calls one step may make at most; a plan asking for more is a bug and
+/// ends the step as a transient failure.
+pub const MAX_CALLS_PER_STEP: usize = 8;
+
+/// Why a transition cannot be made.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum MachineError {
+    /// The outcome does not belong to the case's state (e.g. an assignment
+    /// receipt for a case that is deciding), or the case is terminal.
+    #[error("outcome {outcome} does not apply to a case in state {state}")]
+    Unexpected {
+        /// The case's state.
+        state: CaseState,
+        /// The outcome's name.
+        outcome: &'static str,
+    },
+}
+
+/// The resolved target: what is (or was) assigned.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ResolvedTarget {
+    /// The chosen account's domain.
+    pub smart_account_domain: String,
+    /// Customer or holding account.
+    pub account_type: AccountType,
+    /// The chosen Virtual Account; `None` when nothing needed assigning (the
+    /// pending account of the hold turned ACTIVE).
+    pub virtual_account_name: Option<String>,
+    /// The rule's fallback target was used.
+    pub via_fallback: bool,
+}
+
+impl ResolvedTarget {
+    /// The assignment to send, if one is needed.
+    pub fn assignment(&self) -> Option<Assignment> {
+        Some(Assignment {
+            smart_account_domain: self.smart_account_domain.clone(),
+            account_type: self.account_type,
+            virtual_account_name: self.virtual_account_name.clone()?,
+        })
+    }
+}
+
+/// One case as the engine sees it (a row of `cases`).
+#[derive(Clone, Debug, PartialEq)]
+pub struct Case {
+    /// Case id.
+    pub id: Uuid,
+    /// The order; the sales order number is filled in once learned.
+    pub order: OrderId,
+    /// The event that opened the case.
+    pub event: HeldOrderEvent,
+    /// Where the case stands.
+    pub state: CaseState,
+    /// When the hold was applied (the event's `heldAt`, else its arrival).
+    pub held_at: DateTime<Utc>,
+    /// What the rules decided.
+    pub decision: Option<Decision>,
+    /// The resolved account, type and Virtual Account.
+    pub target: Option<ResolvedTarget>,
+    /// Idempotency-Key of the assignment.
+    pub idempotency_key: Option<String>,
+    /// The accepted assignment's id.
+    pub assignment_id: Option<String>,
+    /// When the assignment was accepted.
+    pub assigned_at: Option<DateTime<Utc>>,
+    /// When the current watch began.
+    pub watching_since: Option<DateTime<Utc>>,
+    /// Transient failures in the current streak.
+    pub attempt: u32,
+    /// First transient failure of the current streak.
+    pub retry_since: Option<DateTime<Utc>>,
+    /// Looks at the order since the watch began.
+    pub polls: u32,
+    /// Why the case escalated (terminal), if it did.
+    pub escalation_reason: Option<EscalationReason>,
+    /// `HOLD_PERSISTS` thresholds already emitted.
+    pub escalation_level: u32,
+    /// When the hold was released.
+    pub released_at: Option<DateTime<Utc>>,
+    /// When the case reached a terminal state.
+    pub closed_at: Option<DateTime<Utc>>,
+    /// Re-runs by `holdclear cases retry`.
+    pub generation: u32,
+    /// When the case is next due; `None` exactly when it is terminal.
+    pub next_action_at: Option<DateTime<Utc>>,
+}
+
+impl Case {
+    /// The number an operator knows the order by: the sales order number,
+    /// else the web order id.
+    pub fn subject(&self) -> String {
+        match (&self.order.sales_order_number, &self.order.web_order_id) {
+            (Some(so), _) => so.to_string(),
+            (None, Some(web)) => web.to_string(),
+            (None, None) => self.order.key(),
+        }
+    }
+
+    /// The rule that decided the case, if any.
+    pub fn rule(&self) -> Option<&str> {
+        self.decision.as_ref().map(|d| d.rule.as_str())
+    }
+
+    fn held_seconds(&self, at: DateTime<Utc>) -> i64 {
+        (at - self.held_at).num_seconds().max(0)
+    }
+}
+
+/// A call a step asks for.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Call {
+    /// Apply the rules to the held order.
+    Decide,
+    /// Search the Smart Account.
+    FindAccount {
+        /// Which account.
+        selector: AccountSelector,
+        /// Of which type.
+        account_type: AccountType,
+    },
+    /// List the Virtual Accounts of an account.
+    VirtualAccounts {
+        /// The account's domain.
+        domain: Domain,
+    },
+    /// Read the order.
+    ReadOrder {
+        /// Which order.
+        order: OrderId,
+    },
+    /// Assign the Smart Account.
+    Assign {
+        /// The order.
+        order: SalesOrderNumber,
+        /// What to assign.
+        assignment: Assignment,
+        /// The case's stable key.
+        idempotency_key: String,
+    },
+}
+
+impl Call {
+    /// A short name for logs, history and metrics.
+    pub fn name(&self) -> &'static str {
+        match self {
+            Self::Decide => "rules.decide",
+            Self::FindAccount { .. } => "find_account",
+            Self::VirtualAccounts { .. } => "virtual_accounts",
+            Self::ReadOrder { .. } => "read_order",
+            Self::Assign { .. } => "assign",
+        }
+    }
+
+    fn detail(&self) -> Value {
+        match self {
+            Self::Decide => json!({}),
+            Self::FindAccount {
+                selector,
+                account_type,
+            } => json!({"selector": selector.to_string(), "accountType": account_type.as_str()}),
+            Self::VirtualAccounts { domain } => json!({"domain": domain.as_str()}),
+            Self::ReadOrder { order } => json!({"order": order.to_string()}),
+            Self::Assign {
+                order,
+                assignment,
+                idempotency_key,
+            } => json!({
+                "salesOrderNumber": order.as_str(),
+                "smartAccountDomain": assignment.smart_account_domain,
+                "accountType": assignment.account_type.as_str(),
+                "virtualAccountName": assignment.virtual_account_name,
+                "idempotencyKey": idempotency_key,
+            }),
+        }
+    }
+}
+
+/// The answer to a [`Call`].
+#[derive(Clone, Debug, PartialEq)]
+pub enum Reply {
+    /// The rules' decision, `None` when no rule matched.
+    Decision(Option<Decision>),
+    /// The account search.
+    Account(Result<Option<SmartAccount>, CommerceError>),
+    /// The Virtual Accounts.
+    VirtualAccounts(Result<Vec<VirtualAccount>, CommerceError>),
+    /// The order.
+    Order(Result<Order, CommerceError>),
+    /// The assignment.
+    Assigned(Result<AssignmentReceipt, CommerceError>),
+}
+
+impl Reply {
+    fn result(&self) -> Value {
+        fn err(e: &CommerceError) -> Value {
+            match e {
+                CommerceError::Transient {
+                    retry_after,
+                    detail,
+                } => json!({
+                    "outcome": "transient",
+                    "detail": detail,
+                    "retryAfterMs": retry_after.map(|d| d.as_millis() as u64),
+                }),
+                CommerceError::Permanent { code, detail } => {
+                    json!({"outcome": "permanent", "code": code.as_str(), "detail": detail})
+                }
+            }
+        }
+        match self {
+            Self::Decision(Some(d)) => json!({"outcome": "ok", "rule": d.rule}),
+            Self::Decision(None) => json!({"outcome": "no_rule_matched"}),
+            Self::Account(Ok(Some(a))) => json!({
+                "outcome": "ok", "id": a.id, "domain": a.domain, "type": a.account_type,
+                "status": a.status.as_str(),
+            }),
+            Self::Account(Ok(None)) => json!({"outcome": "not_found"}),
+            Self::VirtualAccounts(Ok(vas)) => json!({
+                "outcome": "ok",
+                "virtualAccounts": vas.iter().map(|v| json!({
+                    "name": v.name, "isDefault": v.is_default, "public": v.public,
+                })).collect::<Vec<_>>(),
+            }),
+            Self::Order(Ok(o)) => json!({
+                "outcome": "ok",
+                "salesOrderNumber": o.sales_order_number.as_str(),
+                "status": o.status,
+                "smartAccountHoldReleased": o.smart_account_hold_released(),
+                "otherHolds": o.other_holds(),
+            }),
+            Self::Assigned(Ok(r)) => {
+                json!({"outcome": "ok", "assignmentId": r.assignment_id, "status": r.status})
+            }
+            Self::Account(Err(e))
+            | Self::VirtualAccounts(Err(e))
+            | Self::Order(Err(e))
+            | Self::Assigned(Err(e)) => err(e),
+        }
+    }
+
+    /// `ok`, `transient` or `permanent`, for metrics.
+    pub fn class(&self) -> &'static str {
+        let e = match self {
+            Self::Decision(_) => return "ok",
+            Self::Account(r) => r.as_ref().err(),
+            Self::VirtualAccounts(r) => r.as_ref().err(),
+            Self::Order(r) => r.as_ref().err(),
+            Self::Assigned(r) => r.as_ref().err(),
+        };
+        match e {
+            None => "ok",
+            Some(CommerceError::Transient { .. }) => "transient",
+            Some(CommerceError::Permanent { .. }) => "permanent",
+        }
+    }
+}
+
+/// How the resolve step ended well.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Resolution {
+    /// Assign this.
+    Assign {
+        /// The order's sales order number (read from the order if the event had none).
+        sales_order_number: SalesOrderNumber,
+        /// What to assign.
+        assignment: Assignment,
+        /// The rule's fallback is used.
+        via_fallback: bool,
+    },
+    /// The hold's pending account is ACTIVE now: nothing to assign, watch.
+    AlreadyActive {
+        /// The account's domain.
+        smart_account_domain: String,
+        /// Its type.
+        account_type: AccountType,
+        /// It was the rule's fallback target.
+        via_fallback: bool,
+    },
+}
+
+/// How one step ended.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Outcome {
+    /// A rule matched.
+    Decided(Decision),
+    /// The account, type and Virtual Account are known.
+    Resolved(Resolution),
+    /// The assignment was accepted.
+    Assigned(AssignmentReceipt),
+    /// The order still has the Smart Account hold.
+    StillHeld {
+        /// Other holds on the order.
+        other_holds: Vec<String>,
+    },
+    /// The Smart Account hold is released.
+    Released {
+        /// When, as the order says (else the time of the look).
+        released_at: Option<DateTime<Utc>>,
+        /// Other holds still on the order.
+        other_holds: Vec<String>,
+    },
+    /// A person must act.
+    Escalate {
+        /// Why.
+        reason: EscalationReason,
+        /// What exactly happened, one line.
+        detail: String,
+    },
+    /// Try the step again later.
+    Transient {
+        /// The call that failed.
+        call: &'static str,
+        /// What the server asked for.
+        retry_after: Option<Duration>,
+        /// What happened, one line.
+        detail: String,
+    },
+    /// The case lacks what its state needs (a decision, a target): decide again.
+    Redecide {
+        /// What was missing.
+        detail: String,
+    },
+}
+
+impl Outcome {
+    /// A short name for logs and metrics.
+    pub fn name(&self) -> &'static str {
+        match self {
+            Self::Decided(_) => "decided",
+            Self::Resolved(_) => "resolved",
+            Self::Assigned(_) => "assigned",
+            Self::StillHeld { .. } => "still_held",
+            Self::Released { .. } => "released",
+            Self::Escalate { .. } => "escalated",
+            Self::Transient { .. } => "transient",
+            Self::Redecide { .. } => "redecide",
+        }
+    }
+}
+
+/// What [`plan`] says next.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Next {
+    /// Make this call and plan again with its reply.
+    Call(Call),
+    /// The step is over.
+    Done(Outcome),
+    /// The case is terminal: nothing to do.
+    Stop,
+}
+
+/// One line of a case's history.
+#[derive(Clone, Debug, PartialEq)]
+pub struct HistoryEntry {
+    /// When it happened.
+    pub at: DateTime<Utc>,
+    /// `call`, `decided`, `resolved`, `assigned`, `still_held`, `released`,
+    /// `escalated`, `retry_scheduled`, `redecide`, `event`.
+    pub kind: &'static str,
+    /// The case's state after this entry.
+    pub state: CaseState,
+    /// The particulars.
+    pub detail: Value,
+}
+
+/// The history entry of one call and its reply.
+pub fn call_entry(
+    state: CaseState,
+    call: &Call,
+    reply: &Reply,
+    at: DateTime<Utc>,
+    took: Duration,
+) -> HistoryEntry {
+    HistoryEntry {
+        at,
+        kind: "call",
+        state,
+        detail: json!({
+            "call": call.name(),
+            "args": call.detail(),
+            "result": reply.result(),
+            "ms": took.as_millis() as u64,
+        }),
+    }
+}
+
+/// The result of [`apply`].
+#[derive(Clone, Debug, PartialEq)]
+pub struct Transition {
+    /// The case after the step.
+    pub case: Case,
+    /// What to add to its history (besides the calls).
+    pub history: Vec<HistoryEntry>,
+    /// Events to emit (one outbox row each).
+    pub events: Vec<OutboundEvent>,
+}
+
+/// How a failed commerce call counts.
+enum Failure {
+    Transient {
+        retry_after: Option<Duration>,
+        detail: String,
+    },
+    Escalate {
+        reason: EscalationReason,
+        detail: String,
+    },
+}
+
+/// Maps a commerce failure to what the engine does about it. Permanent
+/// codes map to escalation reasons; `INVALID_CREDENTIALS` is not the order's
+/// fault and counts as transient (against the retry budget).
+fn classify(call: &'static str, err: &CommerceError) -> Failure {
+    match err {
+        CommerceError::Transient {
+            retry_after,
+            detail,
+        } => Failure::Transient {
+            retry_after: *retry_after,
+            detail: format!("{call}: {detail}"),
+        },
+        CommerceError::Permanent { code, detail } => {
+            let detail = format!("{call}: {code}: {detail}");
+            let reason = match code {
+                ErrorCode::InvalidCredentials => {
+                    return Failure::Transient {
+                        retry_after: None,
+                        detail,
+                    };
+                }
+                ErrorCode::AssignmentLocked => EscalationReason::AssignmentLocked,
+                ErrorCode::OrderAccessDenied | ErrorCode::OrderNotFound => {
+                    EscalationReason::OrderNotAccessible
+                }
+                ErrorCode::SmartAccountNotFound => EscalationReason::SmartAccountNotFound,
+                ErrorCode::SmartAccountNotActive => EscalationReason::SmartAccountNotActive,
+                ErrorCode::VirtualAccountNotFound => EscalationReason::VirtualAccountNotFound,
+                ErrorCode::TncError | ErrorCode::BizRuleFail | ErrorCode::Other(_) => {
+                    EscalationReason::AssignmentRejected
+                }
+            };
+            Failure::Escalate { reason, detail }
+        }
+    }
+}
+
+fn failed(call: &'static str, err: &CommerceError) -> Next {
+    Next::Done(match classify(call, err) {
+        Failure::Transient {
+            retry_after,
+            detail,
+        } => Outcome::Transient {
+            call,
+            retry_after,
+            detail,
+        },
+        Failure::Escalate { reason, detail } => Outcome::Escalate { reason, detail },
+    })
+}
+
+fn escalate(reason: EscalationReason, detail: impl Into<String>) -> Next {
+    Next::Done(Outcome::Escalate {
+        reason,
+        detail: detail.into(),
+    })
+}
+
+/// A reply of the wrong kind: the executor and the plan disagree (a bug).
+/// The step ends as a transient failure, so the case retries within its
+/// budget and escalates `RETRIES_EXHAUSTED` rather than spinning.
+fn mismatch(expected: &'static str, got: &Reply) -> Next {
+    Next::Done(Outcome::Transient {
+        call: expected,
+        retry_after: None,
+        detail: format!("internal error: expected a {expected} reply, got {got:?}"),
+    })
+}
+
+/// The next call of the case's current step, or the step's outcome.
+pub fn plan(case: &Case, replies: &[Reply]) -> Next {
+    if replies.len() > MAX_CALLS_PER_STEP {
+        return Next::Done(Outcome::Transient {
+            call: "step",
+            retry_after: None,
+            detail: format!("internal error: more than {MAX_CALLS_PER_STEP} calls in one step"),
+        });
+    }
+    match case.state {
+        CaseState::Deciding => plan_decide(case, replies),
+        CaseState::Resolving => plan_resolve(case, replies),
+        CaseState::Assigning => plan_assign(case, replies),
+        CaseState::Watching => plan_watch(case, replies),
+        CaseState::Released | CaseState::Escalated => Next::Stop,
+    }
+}
+
+fn plan_decide(case: &Case, replies: &[Reply]) -> Next {
+    let order = &case.event.data;
+    if let Some(t) = order
+        .order_type
+        .as_ref()
+        .filter(|t| t.takes_no_assignment())
+    {
+        return escalate(
+            EscalationReason::AssignmentLocked,
+            format!("order type {t} takes no Smart Account assignment"),
+        );
+    }
+    match replies.first() {
+        None => Next::Call(Call::Decide),
+        Some(Reply::Decision(Some(d))) => Next::Done(Outcome::Decided(d.clone())),
+        Some(Reply::Decision(None)) => escalate(
+            EscalationReason::NoRuleMatched,
+            "no default rule matches the order",
+        ),
+        Some(other) => mismatch("rules.decide", other),
+    }
+}
+
+/// Why a candidate target could not be used.
+enum Unusable {
+    NotFound(String),
+    NotActive(String),
+}
+
+impl Unusable {
+    fn reason(&self) -> EscalationReason {
+        match self {
+            Self::NotFound(_) => EscalationReason::SmartAccountNotFound,
+            Self::NotActive(_) => EscalationReason::SmartAccountNotActive,
+        }
+    }
+
+    fn detail(&self) -> &str {
+        match self {
+            Self::NotFound(d) | Self::NotActive(d) => d,
+        }
+    }
+}
+
+fn plan_resolve(case: &Case, replies: &[Reply]) -> Next {
+    let Some(decision) = &case.decision else {
+        return Next::Done(Outcome::Redecide {
+            detail: "resolving without a decision".into(),
+        });
+    };
+    let pending = match case.event.data.hold_reason {
+        HoldReason::PendingSmartAccount => case
+            .event
+            .data
+            .smart_account
+            .as_ref()
+            .and_then(|s| s.domain.as_ref()),
+        HoldReason::NoSmartAccount => None,
+    };
+    let mut replies = replies.iter();
+    let candidates: Vec<(&Target, bool)> = std::iter::once((&decision.target, false))
+        .chain(decision.fallback.iter().map(|f| (f, true)))
+        .collect();
+
+    let mut unusable: Vec<Unusable> = Vec::new();
+    let mut chosen: Option<(&Target, SmartAccount, bool)> = None;
+    for (target, via_fallback) in candidates {
+        let which = if via_fallback { "fallback" } else { "rule's" };
+        let found = match replies.next() {
+            None => {
+                return Next::Call(Call::FindAccount {
+                    selector: target.account.clone(),
+                    account_type: target.account_type,
+                });
+            }
+            Some(Reply::Account(Ok(found))) => found.clone(),
+            Some(Reply::Account(Err(CommerceError::Permanent {
+                code: ErrorCode::SmartAccountNotFound,
+                ..
+            }))) => None,
+            Some(Reply::Account(Err(e))) => return failed("find_account", e),
+            Some(other) => return mismatch("find_account", other),
+        };
+        let Some(account) = found else {
+            unusable.push(Unusable::NotFound(format!(
+                "the {which} Smart Account ({}, {}) does not exist",
+                target.account, target.account_type
+            )));
+            continue;
+        };
+        let is_pending = pending.is_some_and(|p| account.domain.eq_ignore_ascii_case(p.as_str()));
+        if account.status != AccountStatus::Active {
+            unusable.push(Unusable::NotActive(format!(
+                "the {which} Smart Account {} is {}{}",
+                account.domain,
+                account.status.as_str(),
+                if is_pending {
+                    " (the pending account of the hold)"
+                } else {
+                    ""
+                }
+            )));
+            continue;
+        }
+        if is_pending {
+            return Next::Done(Outcome::Resolved(Resolution::AlreadyActive {
+                smart_account_domain: account.domain,
+                account_type: target.account_type,
+                via_fallback,
+            }));
+        }
+        chosen = Some((target, account, via_fallback));
+        break;
+    }
+    let Some((target, account, via_fallback)) = chosen else {
+        let Some(first) = unusable.first() else {
+            return Next::Done(Outcome::Redecide {
+                detail: "the decision has no target".into(),
+            });
+        };
+        let detail = unusable
+            .iter()
+            .map(Unusable::detail)
+            .collect::<Vec<_>>()
+            .join("; ");
+        return escalate(first.reason(), detail);
+    };
+
+    let domain = match Domain::parse(&account.domain) {
+        Ok(d) => d,
+        Err(e) => {
+            return escalate(
+                EscalationReason::SmartAccountNotFound,
+                format!("the account search returned an unusable domain: {e}"),
+            );
+        }
+    };
+    let va = match replies.next() {
+        None => return Next::Call(Call::VirtualAccounts { domain }),
+        Some(Reply::VirtualAccounts(Ok(vas))) => {
+            match choose_virtual_account(vas, &target.virtual_account) {
+                Some(va) => va.name.clone(),
+                None => {
+                    return escalate(
+                        EscalationReason::VirtualAccountNotFound,
+                        format!(
+                            "Smart Account {} has no PUBLIC virtual account {}",
+                            account.domain, target.virtual_account
+                        ),
+                    );
+                }
+            }
+        }
+        Some(Reply::VirtualAccounts(Err(e))) => return failed("virtual_accounts", e),
+        Some(other) => return mismatch("virtual_accounts", other),
+    };
+
+    let sales_order_number = match &case.order.sales_order_number {
+        Some(so) => so.clone(),
+        None => match replies.next() {
+            None => {
+                return Next::Call(Call::ReadOrder {
+                    order: case.order.clone(),
+                });
+            }
+            Some(Reply::Order(Ok(order))) => order.sales_order_number.clone(),
+            Some(Reply::Order(Err(e))) => return failed("read_order", e),
+            Some(other) => return mismatch("read_order", other),
+        },
+    };
+    Next::Done(Outcome::Resolved(Resolution::Assign {
+        sales_order_number,
+        assignment: Assignment {
+            smart_account_domain: account.domain,
+            account_type: target.account_type,
+            virtual_account_name: va,
+        },
+        via_fallback,
+    }))
+}
+
+fn plan_assign(case: &Case, replies: &[Reply]) -> Next {
+    let assignment = case.target.as_ref().and_then(ResolvedTarget::assignment);
+    let (Some(assignment), Some(key), Some(so)) = (
+        assignment,
+        &case.idempotency_key,
+        &case.order.sales_order_number,
+    ) else {
+        return Next::Done(Outcome::Redecide {
+            detail: "assigning without a target, a key or a sales order number".into(),
+        });
+    };
+    match replies.first() {
+        None => Next::Call(Call::Assign {
+            order: so.clone(),
+            assignment,
+            idempotency_key: key.clone(),
+        }),
+        Some(Reply::Assigned(Ok(receipt))) => Next::Done(Outcome::Assigned(receipt.clone())),
+        Some(Reply::Assigned(Err(e))) => failed("assign", e),
+        Some(other) => mismatch("assign", other),
+    }
+}
+
+fn plan_watch(case: &Case, replies: &[Reply]) -> Next {
+    match replies.first() {
+        None => Next::Call(Call::ReadOrder {
+            order: case.order.clone(),
+        }),
+        Some(Reply::Order(Ok(order))) => Next::Done(if order.smart_account_hold_released() {
+            Outcome::Released {
+                released_at: order.smart_account_hold_released_at(),
+                other_holds: order.other_holds(),
+            }
+        } else {
+            Outcome::StillHeld {
+                other_holds: order.other_holds(),
+            }
+        }),
+        Some(Reply::Order(Err(e))) => failed("read_order", e),
+        Some(other) => mismatch("read_order", other),
+    }
+}
+
+/// The Idempotency-Key of one assignment of one case generation.
+pub fn idempotency_key(case_id: Uuid, generation: u32, assignment: &Assignment) -> String {
+    let name = format!(
+        "{case_id}/{generation}/{}/{}/{}",
+        assignment.smart_account_domain.to_ascii_lowercase(),
+        assignment.account_type.as_str(),
+        assignment.virtual_account_name
+    );
+    Uuid::new_v5(&IDEMPOTENCY_NAMESPACE, name.as_bytes()).to_string()
+}
+
+fn after(now: DateTime<Utc>, d: Duration) -> DateTime<Utc> {
+    now + chrono::Duration::from_std(d).unwrap_or(chrono::Duration::MAX)
+}
+
+/// The case after `outcome`, with its history entries and events.
+pub fn apply(
+    case: &Case,
+    outcome: Outcome,
+    now: DateTime<Utc>,
+    settings: &EngineSettings,
+) -> Result<Transition, MachineError> {
+    use CaseState as S;
+    let unexpected = |outcome: &Outcome| MachineError::Unexpected {
+        state: case.state,
+        outcome: outcome.name(),
+    };
+    if case.state.is_terminal() {
+        return Err(unexpected(&outcome));
+    }
+    let mut next = case.clone();
+    let mut history = Vec::new();
+    let mut events = Vec::new();
+    if !matches!(outcome, Outcome::Transient { .. }) {
+        next.attempt = 0;
+        next.retry_since = None;
+    }
+    let entry = |kind: &'static str, state: CaseState, detail: Value| HistoryEntry {
+        at: now,
+        kind,
+        state,
+        detail,
+    };
+
+    match outcome {
+        Outcome::Decided(decision) => {
+            if case.state != S::Deciding {
+                return Err(unexpected(&Outcome::Decided(decision)));
+            }
+            next.state = S::Resolving;
+            next.next_action_at = Some(now);
+            history.push(entry(
+                "decided",
+                next.state,
+                json!({
+                    "rule": decision.rule,
+                    "rulesHash": decision.rules_hash,
+                    "target": decision.target.to_string(),
+                    "fallback": decision.fallback.as_ref().map(ToString::to_string),
+                }),
+            ));
+            next.decision = Some(decision);
+        }
+        Outcome::Resolved(resolution) => {
+            if case.state != S::Resolving {
+                return Err(unexpected(&Outcome::Resolved(resolution)));
+            }
+            match resolution {
+                Resolution::Assign {
+                    sales_order_number,
+                    assignment,
+                    via_fallback,
+                } => {
+                    next.state = S::Assigning;
+                    next.idempotency_key =
+                        Some(idempotency_key(case.id, case.generation, &assignment));
+                    next.order.sales_order_number = Some(sales_order_number);
+                    history.push(entry(
+                        "resolved",
+                        next.state,
+                        json!({
+                            "smartAccountDomain": assignment.smart_account_domain,
+                            "accountType": assignment.account_type.as_str(),
+                            "virtualAccountName": assignment.virtual_account_name,
+                            "viaFallback": via_fallback,
+                            "idempotencyKey": next.idempotency_key,
+                        }),
+                    ));
+                    next.target = Some(ResolvedTarget {
+                        smart_account_domain: assignment.smart_account_domain,
+                        account_type: assignment.account_type,
+                        virtual_account_name: Some(assignment.virtual_account_name),
+                        via_fallback,
+                    });
+                    next.next_action_at = Some(now);
+                }
+                Resolution::AlreadyActive {
+                    smart_account_domain,
+                    account_type,
+                    via_fallback,
+                } => {
+                    next.state = S::Watching;
+                    next.watching_since = Some(now);
+                    next.polls = 0;
+                    next.escalation_level = 0;
+                    history.push(entry(
+                        "resolved",
+                        next.state,
+                        json!({
+                            "smartAccountDomain": smart_account_domain,
+                            "accountType": account_type.as_str(),
+                            "viaFallback": via_fallback,
+                            "nothingToAssign": "the pending Smart Account of the hold is ACTIVE now",
+                        }),
+                    ));
+                    next.target = Some(ResolvedTarget {
+                        smart_account_domain,
+                        account_type,
+                        virtual_account_name: None,
+                        via_fallback,
+                    });
+                    // The hold may already be gone: look at once.
+                    next.next_action_at = Some(now);
+                }
+            }
+        }
+        Outcome::Assigned(receipt) => {
+            let target = case.target.as_ref().and_then(ResolvedTarget::assignment);
+            let (S::Assigning, None, Some(assignment)) = (case.state, &case.assignment_id, target)
+            else {
+                return Err(unexpected(&Outcome::Assigned(receipt)));
+            };
+            next.state = S::Watching;
+            next.assignment_id = Some(receipt.assignment_id.clone());
+            next.assigned_at = Some(now);
+            next.watching_since = Some(now);
+            next.polls = 0;
+            next.escalation_level = 0;
+            next.next_action_at = Some(after(now, settings.poll_interval));
+            history.push(entry(
+                "assigned",
+                next.state,
+                json!({"assignmentId": receipt.assignment_id, "status": receipt.status}),
+            ));
+            events.push(OutboundEvent::SmartAccountAssigned {
+                smart_account_domain: assignment.smart_account_domain,
+                account_type: assignment.account_type,
+                virtual_account_name: assignment.virtual_account_name,
+                rule: case.rule().unwrap_or_default().to_owned(),
+                assignment_id: receipt.assignment_id,
+                attempts: case.attempt + 1,
+            });
+        }
+        Outcome::StillHeld { other_holds } => {
+            if case.state != S::Watching {
+                return Err(unexpected(&Outcome::StillHeld { other_holds }));
+            }
+            next.polls = case.polls.saturating_add(1);
+            let since = case.watching_since.or(case.assigned_at).unwrap_or(now);
+            next.watching_since = Some(since);
+            let watched = (now - since).to_std().unwrap_or_default();
+            while let Some(threshold) = settings.escalation.get(next.escalation_level as usize) {
+                if watched < threshold.after {
+                    break;
+                }
+                let detail = format!(
+                    "the Smart Account hold is still on {} after the watch began{}",
+                    humantime::format_duration(Duration::from_secs(watched.as_secs())),
+                    match &case.assignment_id {
+                        Some(id) => format!(" (assignment {id})"),
+                        None => String::new(),
+                    }
+                );
+                history.push(entry(
+                    "escalated",
+                    next.state,
+                    json!({
+                        "reason": EscalationReason::HoldPersists.as_str(),
+                        "level": threshold.level.as_str(),
+                        "detail": detail,
+                    }),
+                ));
+                events.push(OutboundEvent::HoldEscalated {
+                    reason: EscalationReason::HoldPersists,
+                    level: threshold.level,
+                    held_seconds: case.held_seconds(now),
+                    detail,
+                    threshold: Some(next.escalation_level),
+                });
+                next.escalation_level += 1;
+            }
+            let delay = if next.escalation_level > 0 {
+                settings.poll_max_interval
+            } else {
+                retry::poll_delay(
+                    settings.poll_interval,
+                    settings.poll_max_interval,
+                    next.polls,
+                )
+            };
+            let mut at = after(now, delay);
+            if let Some(threshold) = settings.escalation.get(next.escalation_level as usize) {
+                at = at.min(after(since, threshold.after)).max(now);
+            }
+            next.next_action_at = Some(at);
+            history.push(entry(
+                "still_held",
+                next.state,
+                json!({"polls": next.polls, "otherHolds": other_holds, "nextLookAt": at}),
+            ));
+        }
+        Outcome::Released {
+            released_at,
+            other_holds,
+        } => {
+            if case.state != S::Watching {
+                return Err(unexpected(&Outcome::Released {
+                    released_at,
+                    other_holds,
+                }));
+            }
+            let released_at = released_at.unwrap_or(now);
+            next.state = S::Released;
+            next.released_at = Some(released_at);
+            next.closed_at = Some(now);
+            next.next_action_at = None;
+            history.push(entry(
+                "released",
+                next.state,
+                json!({"releasedAt": released_at, "otherHolds": other_holds}),
+            ));
+            events.push(OutboundEvent::HoldReleased {
+                released_at,
+                held_seconds: case.held_seconds(released_at),
+                smart_account_domain: case.target.as_ref().map(|t| t.smart_account_domain.clone()),
+                rule: case.rule().map(str::to_owned),
+                other_holds,
+            });
+        }
+        Outcome::Escalate { reason, detail } => {
+            terminal_escalation(
+                case,
+                &mut next,
+                &mut history,
+                &mut events,
+                reason,
+                detail,
+                now,
+            );
+        }
+        Outcome::Transient {
+            call,
+            retry_after,
+            detail,
+        } => {
+            let since = case.retry_since.unwrap_or(now);
+            let attempt = case.attempt.saturating_add(1);
+            let elapsed = (now - since).to_std().unwrap_or_default();
+            if elapsed >= settings.retry.max_elapsed {
+                let detail = format!(
+                    "{attempt} attempts over {}; last: {detail}",
+                    humantime::format_duration(Duration::from_secs(elapsed.as_secs()))
+                );
+                terminal_escalation(
+                    case,
+                    &mut next,
+                    &mut history,
+                    &mut events,
+                    EscalationReason::RetriesExhausted,
+                    detail,
+                    now,
+                );
+            } else {
+                let delay = retry::durable_delay(&settings.retry, attempt)
+                    .max(retry_after.unwrap_or_default());
+                next.attempt = attempt;
+                next.retry_since = Some(since);
+                next.next_action_at = Some(after(now, delay));
+                history.push(entry(
+                    "retry_scheduled",
+                    next.state,
+                    json!({
+                        "call": call,
+                        "attempt": attempt,
+                        "detail": detail,
+                        "delayMs": delay.as_millis() as u64,
+                    }),
+                ));
+            }
+        }
+        Outcome::Redecide { detail } => {
+            if !matches!(case.state, S::Resolving | S::Assigning) {
+                return Err(unexpected(&Outcome::Redecide { detail }));
+            }
+            next.state = S::Deciding;
+            next.decision = None;
+            next.target = None;
+            next.idempotency_key = None;
+            next.next_action_at = Some(now);
+            history.push(entry("redecide", next.state, json!({"detail": detail})));
+        }
+    }
+    Ok(Transition {
+        case: next,
+        history,
+        events,
+    })
+}
+
+fn terminal_escalation(
+    case: &Case,
+    next: &mut Case,
+    history: &mut Vec<HistoryEntry>,
+    events: &mut Vec<OutboundEvent>,
+    reason: EscalationReason,
+    detail: String,
+    now: DateTime<Utc>,
+) {
+    next.state = CaseState::Escalated;
+    next.escalation_reason = Some(reason);
+    next.closed_at = Some(now);
+    next.next_action_at = None;
+    history.push(HistoryEntry {
+        at: now,
+        kind: "escalated",
+        state: next.state,
+        detail: json!({
+            "reason": reason.as_str(),
+            "level": EscalationLevel::Critical.as_str(),
+            "detail": detail,
+        }),
+    });
+    events.push(OutboundEvent::HoldEscalated {
+        reason,
+        level: EscalationLevel::Critical,
+        held_seconds: case.held_seconds(now),
+        detail,
+        threshold: None,
+    });
+}
+
+/// Re-opens an escalated case (`holdclear cases retry`), as a new
+/// generation (new envelope ids, new Idempotency-Key):
+/// - an accepted assignment exists → back to `watching` (never assign twice);
+/// - the case ran out of retries while assigning → back to `assigning` with
+///   the same key, since the lost call may have been accepted and the key is
+///   what makes the repeat harmless;
+/// - otherwise → `deciding`, from scratch (rules, account, status).
+pub fn retry(case: &Case, now: DateTime<Utc>) -> Result<Transition, MachineError> {
+    if case.state != CaseState::Escalated {
+        return Err(MachineError::Unexpected {
+            state: case.state,
+            outcome: "retry",
+        });
+    }
+    let mut next = case.clone();
+    next.state = if case.assignment_id.is_some() {
+        CaseState::Watching
+    } else if case.idempotency_key.is_some()
+        && case.target.is_some()
+        && case.escalation_reason == Some(EscalationReason::RetriesExhausted)
+    {
+        CaseState::Assigning
+    } else {
+        CaseState::Deciding
+    };
+    next.generation = case.generation.saturating_add(1);
+    next.escalation_reason = None;
+    next.escalation_level = 0;
+    next.closed_at = None;
+    next.attempt = 0;
+    next.retry_since = None;
+    next.polls = 0;
+    next.next_action_at = Some(now);
+    match next.state {
+        CaseState::Deciding => {
+            next.decision = None;
+            next.target = None;
+            next.idempotency_key = None;
+            next.watching_since = None;
+        }
+        CaseState::Watching => next.watching_since = Some(now),
+        _ => {}
+    }
+    let history = vec![HistoryEntry {
+        at: now,
+        kind: "retry",
+        state: next.state,
+        detail: json!({
+            "from": case.escalation_reason.map(|r| r.as_str()),
+            "generation": next.generation,
+            "resumesAt": next.state.as_str(),
+        }),
+    }];
+    Ok(Transition {
+        case: next,
+        history,
+        events: Vec::new(),
+    })
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,505 @@
+//! The scheduler: claims due cases, steps them concurrently, commits each step.
+//!
+//! - Claims take up to `batch_size` due cases (never more than free
+//!   concurrency permits) with `FOR UPDATE SKIP LOCKED`, leasing each for
+//!   `lease` under a token unique to the claim (`<worker id>#<n>`), so two
+//!   claimers — processes or loops — never step one case at once.
+//! - A step holds one permit of a `Semaphore(concurrency)`; its lease is
+//!   renewed every third of `lease` while it runs; if a renewal finds the
+//!   lease lost, the step is abandoned (its outcome never written).
+//! - Each step's outcome is committed in one transaction, fenced by the
+//!   lease token: case columns + history (every call and its outcome, the
+//!   decision, every event) + outbox rows. Steps that need no waiting run
+//!   back-to-back within one claim (decide → resolve → assign).
+//! - Wake-ups: `wake` (intake opened cases), a local notify when a step
+//!   leaves its case due soon, the earliest `next_action_at`, and polling
+//!   every `idle_poll` for work other workers created. No SQL `NOTIFY`.
+//! - On cancel: no new claims; in-flight steps finish their current step,
+//!   give their lease back and stop, within the drain timeout.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use chrono::Utc;
+use serde_json::json;
+use tokio::sync::{Notify, Semaphore};
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
+
+use super::DecisionSource;
+use super::machine::{
+    self, Call, Case, HistoryEntry, MAX_CALLS_PER_STEP, Next, Outcome, Reply, Transition,
+};
+use crate::commerce::{CommerceApi, CommerceError};
+use crate::config::EngineSettings;
+use crate::domain::CaseState;
+use crate::outbox::{Envelope, OutboundEvent};
+use crate::retry::Reconnect;
+use crate::store::{Claimed, Store};
+
+/// Steps one claim may run back-to-back before giving the case back.
+const MAX_STEPS_PER_CLAIM: usize = 8;
+/// Longest wait for one commerce call (the client has its own, shorter,
+/// request timeout; this also bounds waiting in its rate limiter).
+const CALL_TIMEOUT: Duration = Duration::from_secs(120);
+/// How long an unreadable or inconsistent case is set aside.
+const SET_ASIDE: Duration = Duration::from_secs(3600);
+/// Default bound of the shutdown drain.
+const DEFAULT_DRAIN: Duration = Duration::from_secs(20);
+
+/// The case engine of one worker.
+pub struct Engine {
+    inner: Arc<Inner>,
+    drain_timeout: Duration,
+    abort: CancellationToken,
+}
+
+struct Inner {
+    store: Store,
+    commerce: Arc<dyn CommerceApi>,
+    rules: Arc<dyn DecisionSource>,
+    settings: EngineSettings,
+    worker_id: String,
+    wake: Arc<Notify>,
+    relay_wake: Arc<Notify>,
+    local: Notify,
+    claims: AtomicU64,
+}
+
+impl Engine {
+    /// An engine stepping the cases in `store`. `wake` is notified by intake
+    /// when it opens cases; the engine notifies `relay_wake` after commits
+    /// that wrote events. `worker_id` names this worker in leases.
+    pub fn new(
+        store: Store,
+        commerce: Arc<dyn CommerceApi>,
+        rules: Arc<dyn DecisionSource>,
+        settings: EngineSettings,
+        worker_id: String,
+        wake: Arc<Notify>,
+        relay_wake: Arc<Notify>,
+    ) -> Self {
+        Self {
+            inner: Arc::new(Inner {
+                store,
+                commerce,
+                rules,
+                settings,
+                worker_id,
+                wake,
+                relay_wake,
+                local: Notify::new(),
+                claims: AtomicU64::new(0),
+            }),
+            drain_timeout: DEFAULT_DRAIN,
+            abort: CancellationToken::new(),
+        }
+    }
+
+    /// How long `run` waits for in-flight steps after `cancel` (default 20 s);
+    /// steps still running then are dropped and their cases resume when
+    /// their leases run out.
+    pub fn with_drain_timeout(mut self, timeout: Duration) -> Self {
+        self.drain_timeout = timeout;
+        self
+    }
+
+    /// Ends the drain early when `abort` fires (the worker's shutdown
+    /// deadline), like the drain timeout.
+    pub fn with_abort(mut self, abort: CancellationToken) -> Self {
+        self.abort = abort;
+        self
+    }
+
+    /// Claims and steps due cases until `cancel` fires, then drains.
+    pub async fn run(self, cancel: CancellationToken) {
+        let inner = self.inner;
+        let permits = Arc::new(Semaphore::new(inner.settings.concurrency.max(1)));
+        let mut tasks = JoinSet::new();
+        let mut db_delays = Reconnect::default();
+        tracing::info!(
+            worker = %inner.worker_id,
+            concurrency = inner.settings.concurrency,
+            batch = inner.settings.batch_size,
+            "Case engine started."
+        );
+        loop {
+            while let Some(done) = tasks.try_join_next() {
+                if let Err(e) = done
+                    && e.is_panic()
+                {
+                    tracing::error!(error = %e, "A case step panicked; its case resumes when its lease runs out.");
+                }
+            }
+            if cancel.is_cancelled() {
+                break;
+            }
+            let free = permits
+                .available_permits()
+                .min(inner.settings.batch_size.max(1));
+            if free == 0 {
+                tokio::select! {
+                    () = cancel.cancelled() => break,
+                    permit = permits.clone().acquire_owned() => drop(permit),
+                }
+                continue;
+            }
+            let n = inner.claims.fetch_add(1, Ordering::Relaxed);
+            let owner = format!("{}#{n}", inner.worker_id);
+            let claimed = match inner
+                .store
+                .claim_due(&owner, inner.settings.lease, free)
+                .await
+            {
+                Ok(claimed) => {
+                    db_delays.reset();
+                    claimed
+                }
+                Err(e) => {
+                    let delay = db_delays.next_delay();
+                    tracing::warn!(error = %e, retry_in_ms = delay.as_millis() as u64, "Cannot claim cases; retrying.");
+                    tokio::select! {
+                        () = cancel.cancelled() => break,
+                        () = tokio::time::sleep(delay) => {}
+                    }
+                    continue;
+                }
+            };
+            let full = claimed.len() >= free;
+            for claim in claimed {
+                let Ok(permit) = permits.clone().try_acquire_owned() else {
+                    // Cannot happen (only this loop acquires); give the case back.
+                    let _ = inner
+                        .store
+                        .release_case(claim.id, &owner, Duration::ZERO)
+                        .await;
+                    continue;
+                };
+                let inner = inner.clone();
+                let owner = owner.clone();
+                let cancel = cancel.clone();
+                tasks.spawn(async move {
+                    drive(inner, owner, claim, cancel).await;
+                    drop(permit);
+                });
+            }
+            if !full {
+                inner.idle(&cancel).await;
+            }
+        }
+        let drained = tokio::select! {
+            () = async { while tasks.join_next().await.is_some() {} } => true,
+            () = tokio::time::sleep(self.drain_timeout) => false,
+            () = self.abort.cancelled() => false,
+        };
+        if !drained {
+            tracing::warn!(
+                in_flight = tasks.len(),
+                "Steps still running at the end of the drain; their cases resume when their leases run out."
+            );
+            tasks.abort_all();
+        }
+        tracing::info!(worker = %inner.worker_id, "Case engine stopped.");
+    }
+}
+
+impl Inner {
+    /// Waits for a wake-up, the earliest due case, or the idle poll.
+    async fn idle(&self, cancel: &CancellationToken) {
+        let mut wait = self.settings.idle_poll;
+        match self.store.next_due().await {
+            Ok(Some(due)) => {
+                let until = (due - Utc::now()).to_std().unwrap_or_default();
+                wait = wait.min(until.max(Duration::from_millis(2)));
+            }
+            Ok(None) => {}
+            Err(e) => tracing::debug!(error = %e, "Cannot read the next due time."),
+        }
+        tokio::select! {
+            () = cancel.cancelled() => {}
+            () = self.wake.notified() => {}
+            () = self.local.notified() => {}
+            () = tokio::time::sleep(wait) => {}
+        }
+    }
+
+    /// Makes one call of a step, bounded by [`CALL_TIMEOUT`].
+    async fn call(&self, case: &Case, call: &Call) -> Reply {
+        async fn timed<T>(
+            fut: impl Future<Output = Result<T, CommerceError>>,
+        ) -> Result<T, CommerceError> {
+            tokio::time::timeout(CALL_TIMEOUT, fut)
+                .await
+                .unwrap_or_else(|_| {
+                    Err(CommerceError::Transient {
+                        retry_after: None,
+                        detail: format!(
+                            "no answer within {}",
+                            humantime::format_duration(CALL_TIMEOUT)
+                        ),
+                    })
+                })
+        }
+        let api = &self.commerce;
+        match call {
+            Call::Decide => Reply::Decision(self.rules.decide(&case.event.data)),
+            Call::FindAccount {
+                selector,
+                account_type,
+            } => Reply::Account(timed(api.find_account(selector, Some(*account_type))).await),
+            Call::VirtualAccounts { domain } => {
+                Reply::VirtualAccounts(timed(api.virtual_accounts(domain)).await)
+            }
+            Call::ReadOrder { order } => Reply::Order(timed(api.order(order)).await),
+            Call::Assign {
+                order,
+                assignment,
+                idempotency_key,
+            } => Reply::Assigned(timed(api.assign(order, assignment, idempotency_key)).await),
+        }
+    }
+}
+
+/// Steps one claimed case while renewing its lease; a lost lease abandons
+/// the step.
+#[tracing::instrument(skip_all, fields(case = %claim.id, order = %claim.order_key))]
+async fn drive(inner: Arc<Inner>, owner: String, claim: Claimed, cancel: CancellationToken) {
+    let case = match claim.case {
+        Ok(case) => case,
+        Err(e) => {
+            tracing::error!(
+                error = %e,
+                set_aside_s = SET_ASIDE.as_secs(),
+                "Case cannot be read; it is set aside. Fix or close the row."
+            );
+            let _ = inner.store.release_case(claim.id, &owner, SET_ASIDE).await;
+            return;
+        }
+    };
+    // The renewal never ends the step by itself: a lost lease cancels
+    // `lost`, which aborts a call in flight; a commit always completes (it
+    // is fenced by the lease, so after a loss it writes nothing).
+    let lost = CancellationToken::new();
+    let renew = async {
+        keep_lease(&inner, &owner, claim.id).await;
+        lost.cancel();
+        std::future::pending::<()>().await;
+    };
+    tokio::select! {
+        biased;
+        () = steps(&inner, &owner, case, &cancel, &lost) => {}
+        () = renew => {}
+    }
+}
+
+/// Renews the lease every third of its length; returns once it is lost.
+async fn keep_lease(inner: &Inner, owner: &str, id: uuid::Uuid) {
+    let lease = inner.settings.lease;
+    let every = (lease / 3).max(Duration::from_millis(10));
+    loop {
+        tokio::time::sleep(every).await;
+        match inner.store.renew_lease(id, owner, lease).await {
+            Ok(true) => {}
+            Ok(false) => return,
+            Err(e) => tracing::warn!(error = %e, "Cannot renew a lease; trying again."),
+        }
+    }
+}
+
+/// Runs the case's steps back-to-back while they need no waiting.
+async fn steps(
+    inner: &Inner,
+    owner: &str,
+    mut case: Case,
+    cancel: &CancellationToken,
+    lost: &CancellationToken,
+) {
+    for n in 1..=MAX_STEPS_PER_CLAIM {
+        let before = case.state;
+        let mut replies = Vec::new();
+        let mut history = Vec::new();
+        let outcome = loop {
+            match machine::plan(&case, &replies) {
+                Next::Stop => {
+                    let _ = inner.store.release_case(case.id, owner, SET_ASIDE).await;
+                    return;
+                }
+                Next::Done(outcome) => break outcome,
+                Next::Call(call) => {
+                    let at = Utc::now();
+                    let started = Instant::now();
+                    let reply = tokio::select! {
+                        reply = inner.call(&case, &call) => reply,
+                        () = lost.cancelled() => {
+                            tracing::warn!(lease_owner = %owner, call = call.name(), "Lease lost while stepping; the step is abandoned.");
+                            return;
+                        }
+                    };
+                    let took = started.elapsed();
+                    tracing::debug!(
+                        call = call.name(),
+                        class = reply.class(),
+                        took_ms = took.as_millis() as u64,
+                        "Call answered."
+                    );
+                    let mut entry = machine::call_entry(case.state, &call, &reply, at, took);
+                    entry.detail["worker"] = json!(owner);
+                    history.push(entry);
+                    replies.push(reply);
+                    if replies.len() > MAX_CALLS_PER_STEP {
+                        // plan() ends the step on the next round.
+                        continue;
+                    }
+                }
+            }
+        };
+        let now = Utc::now();
+        let outcome_name = outcome.name();
+        let transition = match machine::apply(&case, outcome.clone(), now, &inner.settings) {
+            Ok(t) => t,
+            Err(e) => {
+                tracing::error!(error = %e, "The case's step has no valid transition; it is set aside.");
+                let _ = inner.store.release_case(case.id, owner, SET_ASIDE).await;
+                return;
+            }
+        };
+        let envelopes: Vec<Envelope> = transition
+            .events
+            .iter()
+            .map(|e| {
+                e.envelope(
+                    transition.case.id,
+                    transition.case.generation,
+                    &transition.case.order,
+                    now,
+                )
+            })
+            .collect();
+        history.extend(transition.history.iter().cloned());
+        history.extend(envelopes.iter().map(|e| HistoryEntry {
+            at: now,
+            kind: "event",
+            state: transition.case.state,
+            detail: json!({"routingKey": e.routing_key, "envelopeId": e.id}),
+        }));
+        let go_on = !cancel.is_cancelled()
+            && n < MAX_STEPS_PER_CLAIM
+            && transition.case.next_action_at.is_some_and(|t| t <= now);
+        let hold = go_on.then_some(inner.settings.lease);
+        match inner
+            .store
+            .commit_step(owner, &transition.case, &history, &envelopes, hold)
+            .await
+        {
+            Ok(true) => {}
+            Ok(false) => {
+                tracing::warn!(lease_owner = %owner, outcome = outcome_name, "Lease lost before the commit; the step's outcome is discarded.");
+                return;
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, outcome = outcome_name, "Cannot commit the step; the case resumes when its lease runs out.");
+                return;
+            }
+        }
+        if !envelopes.is_empty() {
+            inner.relay_wake.notify_one();
+        }
+        report(before, &outcome, &transition);
+        case = transition.case;
+        if !go_on {
+            if case.next_action_at.is_some_and(|t| {
+                (t - Utc::now()).to_std().unwrap_or_default() < inner.settings.idle_poll
+            }) {
+                inner.local.notify_one();
+            }
+            return;
+        }
+    }
+}
+
+/// Logs and counts one committed step.
+fn report(before: CaseState, outcome: &Outcome, t: &Transition) {
+    let case = &t.case;
+    metrics::counter!(
+        "holdclear_cases_stepped_total",
+        "state" => before.as_str(),
+        "outcome" => outcome.name()
+    )
+    .increment(1);
+    for event in &t.events {
+        if let OutboundEvent::HoldEscalated { reason, level, .. } = event {
+            metrics::counter!(
+                "holdclear_escalations_total",
+                "reason" => reason.as_str(),
+                "level" => level.as_str()
+            )
+            .increment(1);
+        }
+    }
+    let order = case.subject();
+    let rule = case.rule().unwrap_or("-");
+    match outcome {
+        Outcome::Decided(d) => {
+            tracing::info!(order = %order, rule = %d.rule, "Rule decided.");
+        }
+        Outcome::Resolved(_) => {
+            let account = case
+                .target
+                .as_ref()
+                .map_or("-", |t| t.smart_account_domain.as_str());
+            tracing::info!(order = %order, rule = %rule, account = %account, state = %case.state, "Smart Account resolved.");
+        }
+        Outcome::Assigned(r) => {
+            let account = case
+                .target
+                .as_ref()
+                .map_or("-", |t| t.smart_account_domain.as_str());
+            tracing::info!(order = %order, rule = %rule, account = %account, assignment = %r.assignment_id, "Smart Account assigned.");
+        }
+        Outcome::StillHeld { .. } => {
+            for event in &t.events {
+                if let OutboundEvent::HoldEscalated { level, .. } = event {
+                    tracing::warn!(order = %order, reason = "HOLD_PERSISTS", level = %level, "Hold persists; escalated, still watching.");
+                }
+            }
+            tracing::debug!(order = %order, polls = case.polls, "Hold still on.");
+        }
+        Outcome::Released { .. } => {
+            tracing::info!(order = %order, rule = %rule, "Hold released.");
+        }
+        Outcome::Escalate { .. } => escalated(&order, rule, t),
+        Outcome::Transient { .. } if case.state == CaseState::Escalated => {
+            escalated(&order, rule, t);
+        }
+        Outcome::Transient { call, detail, .. } => {
+            metrics::counter!("holdclear_retries_total", "state" => before.as_str()).increment(1);
+            tracing::warn!(
+                order = %order,
+                call = %call,
+                attempt = case.attempt,
+                detail = %detail,
+                "Transient failure; the step is retried later."
+            );
+        }
+        Outcome::Redecide { detail } => {
+            tracing::warn!(order = %order, detail = %detail, "Case lacked what its state needs; deciding again.");
+        }
+    }
+}
+
+/// Logs a terminal escalation (the event tells operators; the log tells
+/// whoever reads the worker's logs).
+fn escalated(order: &str, rule: &str, t: &Transition) {
+    for event in &t.events {
+        if let OutboundEvent::HoldEscalated {
+            reason,
+            level,
+            detail,
+            ..
+        } = event
+        {
+            tracing::warn!(order = %order, rule = %rule, reason = %reason, level = %level, detail = %detail, "Case escalated.");
+        }
+    }
+}

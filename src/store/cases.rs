@@ -1,0 +1,604 @@
+//! The case engine's queries: claims and leases, step commits (case +
+//! history + outbox in one transaction), and what `holdclear cases` shows.
+
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use serde::Serialize;
+use serde_json::Value;
+use sqlx::postgres::PgRow;
+use sqlx::{Postgres, Row, Transaction};
+use uuid::Uuid;
+
+use super::{Store, StoreError};
+use crate::domain::{
+    CaseState, EscalationReason, HeldOrderEvent, OrderId, SalesOrderNumber, WebOrderId,
+};
+use crate::engine::machine::{Case, HistoryEntry, ResolvedTarget};
+use crate::outbox::Envelope;
+use crate::rules::Decision;
+
+/// The columns a [`Case`] is read from, in every `SELECT`/`RETURNING`.
+macro_rules! case_columns {
+    () => {
+        "id, order_key, sales_order_number, web_order_id, state, event, held_at, decision, \
+         target, idempotency_key, assignment_id, assigned_at, watching_since, attempt, \
+         retry_since, polls, escalation_reason, escalation_level, released_at, closed_at, \
+         generation, next_action_at, lease_owner, lease_expires_at, created_at, updated_at"
+    };
+}
+
+/// The columns a step writes; `$1` is the case id, `$2` the fence value.
+macro_rules! case_update_set {
+    () => {
+        "UPDATE cases SET state = $3, sales_order_number = $4, rule_name = $5, \
+         rules_hash = $6, decision = $7, target = $8, idempotency_key = $9, \
+         assignment_id = $10, assigned_at = $11, watching_since = $12, attempt = $13, \
+         retry_since = $14, polls = $15, escalation_reason = $16, escalation_level = $17, \
+         released_at = $18, closed_at = $19, generation = $20, \
+         next_action_at = CASE WHEN $22::float8 IS NULL THEN coalesce($21, now()) \
+                               ELSE now() + make_interval(secs => $22::float8) END, \
+         lease_owner = CASE WHEN $22::float8 IS NULL THEN NULL ELSE lease_owner END, \
+         lease_expires_at = CASE WHEN $22::float8 IS NULL THEN NULL \
+                                 ELSE now() + make_interval(secs => $22::float8) END, \
+         updated_at = now() "
+    };
+}
+
+fn secs(d: Duration) -> f64 {
+    d.as_secs_f64()
+}
+
+/// One case handed out by [`Store::claim_due`]: readable, or corrupt (the
+/// id is enough to set it aside).
+#[derive(Debug)]
+pub struct Claimed {
+    /// The case id.
+    pub id: Uuid,
+    /// The order key, for logs.
+    pub order_key: String,
+    /// The case, or why its row cannot be read.
+    pub case: Result<Case, StoreError>,
+}
+
+/// A case with the bookkeeping columns `holdclear cases show` prints.
+#[derive(Clone, Debug)]
+pub struct CaseRecord {
+    /// The case.
+    pub case: Case,
+    /// `cases.order_key`.
+    pub order_key: String,
+    /// Who holds the lease, if anyone.
+    pub lease_owner: Option<String>,
+    /// Until when.
+    pub lease_expires_at: Option<DateTime<Utc>>,
+    /// When the case was opened.
+    pub created_at: DateTime<Utc>,
+    /// Last change.
+    pub updated_at: DateTime<Utc>,
+}
+
+/// One line of `holdclear cases list`.
+#[derive(Clone, Debug, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct CaseSummary {
+    /// Case id.
+    pub id: Uuid,
+    /// Sales order number, or `web:<id>`.
+    pub order: String,
+    /// State.
+    pub state: String,
+    /// Rule that decided it.
+    pub rule: Option<String>,
+    /// Resolved Smart Account domain.
+    pub account: Option<String>,
+    /// Escalation reason, when escalated.
+    pub escalation_reason: Option<String>,
+    /// Opened.
+    pub created_at: DateTime<Utc>,
+    /// Last change.
+    pub updated_at: DateTime<Utc>,
+    /// Next step due (open cases only).
+    pub next_action_at: Option<DateTime<Utc>>,
+}
+
+/// Which cases `holdclear cases list` shows.
+#[derive(Clone, Debug, Default)]
+pub struct CaseFilter {
+    /// Only this state.
+    pub state: Option<CaseState>,
+    /// Only this order (sales order number, web order id or order key).
+    pub order: Option<String>,
+    /// At most this many, newest first.
+    pub limit: u32,
+}
+
+/// One stored history line.
+#[derive(Clone, Debug, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct HistoryRow {
+    /// Position.
+    pub id: i64,
+    /// When.
+    pub at: DateTime<Utc>,
+    /// What kind of entry.
+    pub kind: String,
+    /// State after it.
+    pub state: String,
+    /// Particulars.
+    pub detail: Value,
+}
+
+/// The result of [`Store::commit_retry`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RetryCommit {
+    /// The case is open again.
+    Reopened,
+    /// Someone changed the case in between (another retry): nothing written.
+    Changed,
+    /// Another case of the order is open: nothing written.
+    OtherOpen,
+}
+
+fn corrupt(detail: impl Into<String>) -> StoreError {
+    StoreError::Corrupt {
+        table: "cases",
+        detail: detail.into(),
+    }
+}
+
+fn json_column<T: serde::de::DeserializeOwned>(
+    row: &PgRow,
+    column: &str,
+) -> Result<Option<T>, StoreError> {
+    let raw: Option<Value> = row.try_get(column)?;
+    raw.map(|v| serde_json::from_value(v).map_err(|e| corrupt(format!("{column}: {e}"))))
+        .transpose()
+}
+
+fn count(row: &PgRow, column: &str) -> Result<u32, StoreError> {
+    let n: i32 = row.try_get(column)?;
+    u32::try_from(n).map_err(|_| corrupt(format!("{column} is negative")))
+}
+
+fn case_from_row(row: &PgRow) -> Result<Case, StoreError> {
+    let id: Uuid = row.try_get("id")?;
+    let so: Option<String> = row.try_get("sales_order_number")?;
+    let web: Option<String> = row.try_get("web_order_id")?;
+    let so = so
+        .map(|s| SalesOrderNumber::parse(&s))
+        .transpose()
+        .map_err(|e| corrupt(format!("case {id}: {e}")))?;
+    let web = web
+        .map(|s| WebOrderId::parse(&s))
+        .transpose()
+        .map_err(|e| corrupt(format!("case {id}: {e}")))?;
+    let event: HeldOrderEvent =
+        json_column(row, "event")?.ok_or_else(|| corrupt(format!("case {id}: event is null")))?;
+    // The columns are filled in as the engine learns; the event is the fallback.
+    let order = OrderId::new(
+        so.or_else(|| event.data.order.sales_order_number.clone()),
+        web.or_else(|| event.data.order.web_order_id.clone()),
+    )
+    .ok_or_else(|| corrupt(format!("case {id}: no order number")))?;
+    let state: String = row.try_get("state")?;
+    let state = CaseState::parse(&state)
+        .ok_or_else(|| corrupt(format!("case {id}: unknown state {state:?}")))?;
+    let reason: Option<String> = row.try_get("escalation_reason")?;
+    let escalation_reason = reason
+        .map(|r| {
+            EscalationReason::parse(&r)
+                .ok_or_else(|| corrupt(format!("case {id}: unknown escalation reason {r:?}")))
+        })
+        .transpose()?;
+    let level: i16 = row.try_get("escalation_level")?;
+    let next_action_at: DateTime<Utc> = row.try_get("next_action_at")?;
+    Ok(Case {
+        id,
+        order,
+        held_at: row.try_get("held_at")?,
+        decision: json_column::<Decision>(row, "decision")?,
+        target: json_column::<ResolvedTarget>(row, "target")?,
+        idempotency_key: row.try_get("idempotency_key")?,
+        assignment_id: row.try_get("assignment_id")?,
+        assigned_at: row.try_get("assigned_at")?,
+        watching_since: row.try_get("watching_since")?,
+        attempt: count(row, "attempt")?,
+        retry_since: row.try_get("retry_since")?,
+        polls: count(row, "polls")?,
+        escalation_reason,
+        escalation_level: u32::try_from(level)
+            .map_err(|_| corrupt(format!("case {id}: escalation_level is negative")))?,
+        released_at: row.try_get("released_at")?,
+        closed_at: row.try_get("closed_at")?,
+        generation: count(row, "generation")?,
+        next_action_at: (!state.is_terminal()).then_some(next_action_at),
+        state,
+        event,
+    })
+}
+
+fn record_from_row(row: &PgRow) -> Result<CaseRecord, StoreError> {
+    Ok(CaseRecord {
+        case: case_from_row(row)?,
+        order_key: row.try_get("order_key")?,
+        lease_owner: row.try_get("lease_owner")?,
+        lease_expires_at: row.try_get("lease_expires_at")?,
+        created_at: row.try_get("created_at")?,
+        updated_at: row.try_get("updated_at")?,
+    })
+}
+
+fn to_json<T: Serialize>(v: &T) -> Result<Value, StoreError> {
+    serde_json::to_value(v).map_err(|e| corrupt(format!("cannot serialise: {e}")))
+}
+
+/// Binds the `case_update_set!` parameters `$3..$22` (after `$1`, `$2`).
+fn bind_case<'q>(
+    q: sqlx::query::Query<'q, Postgres, sqlx::postgres::PgArguments>,
+    case: &Case,
+    hold: Option<Duration>,
+) -> Result<sqlx::query::Query<'q, Postgres, sqlx::postgres::PgArguments>, StoreError> {
+    let decision = case.decision.as_ref().map(to_json).transpose()?;
+    let target = case.target.as_ref().map(to_json).transpose()?;
+    let int = |n: u32, what: &str| {
+        i32::try_from(n).map_err(|_| corrupt(format!("{what} out of range: {n}")))
+    };
+    Ok(q.bind(case.state.as_str())
+        .bind(
+            case.order
+                .sales_order_number
+                .as_ref()
+                .map(|s| s.to_string()),
+        )
+        .bind(case.decision.as_ref().map(|d| d.rule.clone()))
+        .bind(case.decision.as_ref().map(|d| d.rules_hash.clone()))
+        .bind(decision)
+        .bind(target)
+        .bind(case.idempotency_key.clone())
+        .bind(case.assignment_id.clone())
+        .bind(case.assigned_at)
+        .bind(case.watching_since)
+        .bind(int(case.attempt, "attempt")?)
+        .bind(case.retry_since)
+        .bind(int(case.polls, "polls")?)
+        .bind(case.escalation_reason.map(|r| r.as_str()))
+        .bind(
+            i16::try_from(case.escalation_level)
+                .map_err(|_| corrupt("escalation_level out of range"))?,
+        )
+        .bind(case.released_at)
+        .bind(case.closed_at)
+        .bind(int(case.generation, "generation")?)
+        .bind(case.next_action_at)
+        .bind(hold.map(secs)))
+}
+
+async fn insert_history(
+    tx: &mut Transaction<'static, Postgres>,
+    case_id: Uuid,
+    history: &[HistoryEntry],
+) -> Result<(), StoreError> {
+    if history.is_empty() {
+        return Ok(());
+    }
+    let ats: Vec<DateTime<Utc>> = history.iter().map(|h| h.at).collect();
+    let kinds: Vec<String> = history.iter().map(|h| h.kind.to_owned()).collect();
+    let states: Vec<String> = history
+        .iter()
+        .map(|h| h.state.as_str().to_owned())
+        .collect();
+    let details: Vec<Value> = history.iter().map(|h| h.detail.clone()).collect();
+    sqlx::query(
+        "INSERT INTO case_history (case_id, at, kind, state, detail) \
+         SELECT $1, h.at, h.kind, h.state, h.detail \
+         FROM unnest($2::timestamptz[], $3::text[], $4::text[], $5::jsonb[]) \
+              WITH ORDINALITY AS h(at, kind, state, detail, n) ORDER BY h.n",
+    )
+    .bind(case_id)
+    .bind(ats)
+    .bind(kinds)
+    .bind(states)
+    .bind(details)
+    .execute(&mut **tx)
+    .await?;
+    Ok(())
+}
+
+async fn insert_outbox(
+    tx: &mut Transaction<'static, Postgres>,
+    case_id: Uuid,
+    outbox: &[Envelope],
+) -> Result<(), StoreError> {
+    if outbox.is_empty() {
+        return Ok(());
+    }
+    let ids: Vec<Uuid> = outbox.iter().map(|e| e.id).collect();
+    let keys: Vec<String> = outbox.iter().map(|e| e.routing_key.to_owned()).collect();
+    let bodies: Vec<Value> = outbox.iter().map(|e| e.body.clone()).collect();
+    // The same transition written twice is one event (its id is stable).
+    sqlx::query(
+        "INSERT INTO outbox (envelope_id, case_id, routing_key, body) \
+         SELECT o.id, $1, o.key, o.body \
+         FROM unnest($2::uuid[], $3::text[], $4::jsonb[]) WITH ORDINALITY AS o(id, key, body, n) \
+         ORDER BY o.n \
+         ON CONFLICT (envelope_id) DO NOTHING",
+    )
+    .bind(case_id)
+    .bind(ids)
+    .bind(keys)
+    .bind(bodies)
+    .execute(&mut **tx)
+    .await?;
+    Ok(())
+}
+
+impl Store {
+    /// Claims up to `limit` due open cases for `lease_owner`: each is leased
+    /// for `lease` and pushed out of the due set for as long, so no other
+    /// claimer gets it until the lease runs out (a dead worker's case is due
+    /// again then). Uses `FOR UPDATE SKIP LOCKED`: concurrent claimers never
+    /// get the same case.
+    #[tracing::instrument(skip_all, fields(lease_owner = %lease_owner, limit = limit), err(level = "debug"))]
+    pub async fn claim_due(
+        &self,
+        lease_owner: &str,
+        lease: Duration,
+        limit: usize,
+    ) -> Result<Vec<Claimed>, StoreError> {
+        let limit = i64::try_from(limit).unwrap_or(i64::MAX);
+        let rows = sqlx::query(concat!(
+            "UPDATE cases SET lease_owner = $1, \
+                lease_expires_at = now() + make_interval(secs => $2::float8), \
+                next_action_at = now() + make_interval(secs => $2::float8) \
+             WHERE id IN (SELECT id FROM cases \
+                          WHERE state NOT IN ('released', 'escalated') AND next_action_at <= now() \
+                          ORDER BY next_action_at LIMIT $3 FOR UPDATE SKIP LOCKED) \
+             RETURNING ",
+            case_columns!()
+        ))
+        .bind(lease_owner)
+        .bind(secs(lease))
+        .bind(limit)
+        .fetch_all(&self.pool)
+        .await?;
+        let now = Utc::now();
+        rows.iter()
+            .map(|row| {
+                Ok(Claimed {
+                    id: row.try_get("id")?,
+                    order_key: row.try_get("order_key")?,
+                    // Claimed means due: the stored time is the lease's.
+                    case: case_from_row(row).map(|mut c| {
+                        c.next_action_at = Some(now);
+                        c
+                    }),
+                })
+            })
+            .collect()
+    }
+
+    /// Extends a lease that `lease_owner` still holds; `false` when it was lost.
+    pub async fn renew_lease(
+        &self,
+        id: Uuid,
+        lease_owner: &str,
+        lease: Duration,
+    ) -> Result<bool, StoreError> {
+        let done = sqlx::query(
+            "UPDATE cases SET lease_expires_at = now() + make_interval(secs => $3::float8), \
+                next_action_at = now() + make_interval(secs => $3::float8) \
+             WHERE id = $1 AND lease_owner = $2 AND state NOT IN ('released', 'escalated')",
+        )
+        .bind(id)
+        .bind(lease_owner)
+        .bind(secs(lease))
+        .execute(&self.pool)
+        .await?;
+        Ok(done.rows_affected() == 1)
+    }
+
+    /// Gives a leased case back, due after `delay`; `false` when the lease was lost.
+    pub async fn release_case(
+        &self,
+        id: Uuid,
+        lease_owner: &str,
+        delay: Duration,
+    ) -> Result<bool, StoreError> {
+        let done = sqlx::query(
+            "UPDATE cases SET next_action_at = now() + make_interval(secs => $3::float8), \
+                lease_owner = NULL, lease_expires_at = NULL, updated_at = now() \
+             WHERE id = $1 AND lease_owner = $2",
+        )
+        .bind(id)
+        .bind(lease_owner)
+        .bind(secs(delay))
+        .execute(&self.pool)
+        .await?;
+        Ok(done.rows_affected() == 1)
+    }
+
+    /// Commits one step in one transaction: the case's new columns (fenced by
+    /// `lease_owner`), its history entries and its outbox rows. With `hold`,
+    /// the lease is kept (and extended by `hold`) because the caller goes on
+    /// with the next step; without, the lease is given back and the case is
+    /// due at its `next_action_at`. `Ok(false)`: the lease was lost, nothing
+    /// was written.
+    #[tracing::instrument(
+        skip_all,
+        fields(case = %case.id, order = %case.order, state = %case.state),
+        err(level = "debug")
+    )]
+    pub async fn commit_step(
+        &self,
+        lease_owner: &str,
+        case: &Case,
+        history: &[HistoryEntry],
+        outbox: &[Envelope],
+        hold: Option<Duration>,
+    ) -> Result<bool, StoreError> {
+        let mut tx = self.pool.begin().await?;
+        let q = sqlx::query(concat!(
+            case_update_set!(),
+            "WHERE id = $1 AND lease_owner = $2"
+        ))
+        .bind(case.id)
+        .bind(lease_owner);
+        let done = bind_case(q, case, hold)?.execute(&mut *tx).await?;
+        if done.rows_affected() != 1 {
+            tx.rollback().await?;
+            return Ok(false);
+        }
+        insert_history(&mut tx, case.id, history).await?;
+        insert_outbox(&mut tx, case.id, outbox).await?;
+        tx.commit().await?;
+        Ok(true)
+    }
+
+    /// Writes a re-opened case (`holdclear cases retry`), fenced by its
+    /// previous generation and escalated state.
+    #[tracing::instrument(skip_all, fields(case = %after.id, order = %after.order), err(level = "debug"))]
+    pub async fn commit_retry(
+        &self,
+        before: &Case,
+        after: &Case,
+        history: &[HistoryEntry],
+    ) -> Result<RetryCommit, StoreError> {
+        let mut tx = self.pool.begin().await?;
+        let q = sqlx::query(concat!(
+            case_update_set!(),
+            "WHERE id = $1 AND generation = $2 AND state = 'escalated'"
+        ))
+        .bind(after.id)
+        .bind(i32::try_from(before.generation).map_err(|_| corrupt("generation out of range"))?);
+        let done = match bind_case(q, after, None)?.execute(&mut *tx).await {
+            Ok(done) => done,
+            Err(sqlx::Error::Database(e)) if e.is_unique_violation() => {
+                return Ok(RetryCommit::OtherOpen);
+            }
+            Err(e) => return Err(e.into()),
+        };
+        if done.rows_affected() != 1 {
+            tx.rollback().await?;
+            return Ok(RetryCommit::Changed);
+        }
+        insert_history(&mut tx, after.id, history).await?;
+        tx.commit().await?;
+        Ok(RetryCommit::Reopened)
+    }
+
+    /// The earliest `next_action_at` of the open cases, if any.
+    pub async fn next_due(&self) -> Result<Option<DateTime<Utc>>, StoreError> {
+        Ok(sqlx::query_scalar(
+            "SELECT min(next_action_at) FROM cases WHERE state NOT IN ('released', 'escalated')",
+        )
+        .fetch_one(&self.pool)
+        .await?)
+    }
+
+    /// One case by id.
+    pub async fn case_by_id(&self, id: Uuid) -> Result<Option<CaseRecord>, StoreError> {
+        sqlx::query(concat!(
+            "SELECT ",
+            case_columns!(),
+            " FROM cases WHERE id = $1"
+        ))
+        .bind(id)
+        .fetch_optional(&self.pool)
+        .await?
+        .as_ref()
+        .map(record_from_row)
+        .transpose()
+    }
+
+    /// The newest case of an order, found by sales order number, web order id
+    /// or order key.
+    pub async fn latest_case(&self, order: &str) -> Result<Option<CaseRecord>, StoreError> {
+        sqlx::query(concat!(
+            "SELECT ",
+            case_columns!(),
+            " FROM cases WHERE order_key = $1 OR sales_order_number = $1 OR web_order_id = $1 \
+              ORDER BY created_at DESC, id DESC LIMIT 1"
+        ))
+        .bind(order)
+        .fetch_optional(&self.pool)
+        .await?
+        .as_ref()
+        .map(record_from_row)
+        .transpose()
+    }
+
+    /// The open case of an order key other than `except`, if there is one.
+    pub async fn other_open_case(
+        &self,
+        order_key: &str,
+        except: Uuid,
+    ) -> Result<Option<Uuid>, StoreError> {
+        Ok(sqlx::query_scalar(
+            "SELECT id FROM cases WHERE order_key = $1 AND id <> $2 \
+             AND state NOT IN ('released', 'escalated') LIMIT 1",
+        )
+        .bind(order_key)
+        .bind(except)
+        .fetch_optional(&self.pool)
+        .await?)
+    }
+
+    /// Cases for `holdclear cases list`, newest first.
+    pub async fn list_cases(&self, filter: &CaseFilter) -> Result<Vec<CaseSummary>, StoreError> {
+        let rows = sqlx::query(
+            "SELECT id, order_key, state, rule_name, target->>'smart_account_domain' AS account, \
+                    escalation_reason, created_at, updated_at, next_action_at \
+             FROM cases \
+             WHERE ($1::text IS NULL OR state = $1) \
+               AND ($2::text IS NULL OR order_key = $2 OR sales_order_number = $2 OR web_order_id = $2) \
+             ORDER BY created_at DESC, id DESC LIMIT $3",
+        )
+        .bind(filter.state.map(|s| s.as_str()))
+        .bind(filter.order.as_deref())
+        .bind(i64::from(filter.limit))
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter()
+            .map(|row| {
+                let state: String = row.try_get("state")?;
+                let open = CaseState::parse(&state).is_some_and(|s| !s.is_terminal());
+                let next: DateTime<Utc> = row.try_get("next_action_at")?;
+                Ok(CaseSummary {
+                    id: row.try_get("id")?,
+                    order: row.try_get("order_key")?,
+                    state,
+                    rule: row.try_get("rule_name")?,
+                    account: row.try_get("account")?,
+                    escalation_reason: row.try_get("escalation_reason")?,
+                    created_at: row.try_get("created_at")?,
+                    updated_at: row.try_get("updated_at")?,
+                    next_action_at: open.then_some(next),
+                })
+            })
+            .collect()
+    }
+
+    /// A case's history, oldest first (at most `limit` lines).
+    pub async fn case_history(&self, id: Uuid, limit: u32) -> Result<Vec<HistoryRow>, StoreError> {
+        let rows = sqlx::query(
+            "SELECT id, at, kind, state, detail FROM case_history WHERE case_id = $1 \
+             ORDER BY id LIMIT $2",
+        )
+        .bind(id)
+        .bind(i64::from(limit))
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter()
+            .map(|row| {
+                Ok(HistoryRow {
+                    id: row.try_get("id")?,
+                    at: row.try_get("at")?,
+                    kind: row.try_get("kind")?,
+                    state: row.try_get("state")?,
+                    detail: row.try_get("detail")?,
+                })
+            })
+            .collect()
+    }
+}
