@@ -7,10 +7,7 @@ use std::process::Command;
 
 use holdclear::broker::{Broker, OutgoingMessage, Publisher, declare_topology};
 use holdclear::config::{SecretUrl, Topology};
-use lapin::options::{
-    BasicAckOptions, BasicGetOptions, ExchangeDeleteOptions, QueueDeclareOptions,
-    QueueDeleteOptions,
-};
+use lapin::options::{BasicAckOptions, BasicGetOptions, QueueDeclareOptions, QueueDeleteOptions};
 use lapin::types::FieldTable;
 use lapin::{BasicProperties, Channel, Connection};
 use serde_json::{Value, json};
@@ -218,25 +215,8 @@ async fn delete_topology(topology: &Topology) {
     let Ok(conn) = Connection::connect(&amqp_url(), Default::default()).await else {
         return;
     };
-    for queue in [&topology.held_queue, &topology.dead_letter_queue] {
-        if let Ok(ch) = conn.create_channel().await {
-            let _ = ch
-                .queue_delete(queue.as_str().into(), QueueDeleteOptions::default())
-                .await;
-        }
-    }
-    for ex in [
-        &topology.orders_exchange,
-        &topology.dead_letter_exchange,
-        &topology.events_exchange,
-    ] {
-        if let Ok(ch) = conn.create_channel().await {
-            let _ = ch
-                .exchange_delete(ex.as_str().into(), ExchangeDeleteOptions::default())
-                .await;
-        }
-    }
-    let _ = conn.close(200, "cleanup".into()).await;
+    let _ = holdclear::broker::delete_topology(&conn, topology).await;
+    holdclear::broker::close(&conn).await;
 }
 
 /// The RabbitMQ pids of the connections whose client-given name contains
