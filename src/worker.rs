@@ -57,6 +57,9 @@ pub enum WorkerError {
     /// The metrics recorder could not be installed.
     #[error("cannot set up /metrics: {0}")]
     Metrics(String),
+    /// A task of the worker ended before shutdown was requested.
+    #[error("the {0} task stopped unexpectedly")]
+    Stopped(&'static str),
 }
 
 /// What the worker needs besides its settings, ready before anything runs.
@@ -270,7 +273,30 @@ async fn work(
             .reload_on_sighup(settings.rules_path.clone(), background.clone()),
     );
 
-    cancel.cancelled().await;
+    // Run until cancelled. Intake or the consumer ending before that is a
+    // bug (a panic): stop the worker so that it is restarted, rather than
+    // leave a consumer that takes nothing.
+    let mut consuming = consuming;
+    let mut intaking = intaking;
+    let early = tokio::select! {
+        () = cancel.cancelled() => None,
+        r = &mut intaking => Some(("intake", r.err())),
+        r = &mut consuming => Some(("consumer", r.err())),
+    };
+    if let Some((task, panic)) = early {
+        tracing::error!(
+            task,
+            "A worker task stopped unexpectedly; stopping the worker."
+        );
+        cancel.cancel();
+        abort.cancel();
+        background.cancel();
+        relay_stop.cancel();
+        return Err(match panic {
+            Some(e) => WorkerError::Task(e),
+            None => WorkerError::Stopped(task),
+        });
+    }
     tracing::info!(
         timeout_ms = settings.shutdown_timeout.as_millis() as u64,
         "Shutting down: finishing in-flight batches."

@@ -282,7 +282,11 @@ impl Consumer {
                 Err(_) => return None,
             };
             let id = SESSIONS.fetch_add(1, Ordering::Relaxed) + 1;
-            let reason = match self.open(&conn, id).await {
+            // Why the session ended, and whether it could not start on a
+            // live connection: the queue could not be declared or consumed
+            // (arguments that differ from the existing queue's, missing
+            // permissions), which an operator must fix.
+            let (reason, setup_failed) = match self.open(&conn, id).await {
                 Ok((session, consumer)) => {
                     self.health.set_broker(true);
                     delays.reset();
@@ -301,19 +305,23 @@ impl Consumer {
                             );
                             return Some(Closing { conn, session });
                         }
-                        Ended::Lost(reason) => reason,
+                        Ended::Lost(reason) => (reason, false),
                     }
                 }
-                Err(e) => e.to_string(),
+                Err(e) => (e.to_string(), conn.status().connected()),
             };
             self.health.set_broker(false);
             let delay = delays.next_delay();
-            tracing::warn!(
-                queue = %self.settings.topology.held_queue,
-                error = %reason,
-                retry_in_ms = delay.as_millis() as u64,
-                "Lost the held-order consumer; reconnecting."
-            );
+            let queue = &self.settings.topology.held_queue;
+            let retry_in_ms = delay.as_millis() as u64;
+            if setup_failed {
+                tracing::error!(%queue, error = %reason, retry_in_ms, "Cannot consume the held-order queue; retrying.");
+            } else {
+                tracing::warn!(%queue, error = %reason, retry_in_ms, "Lost the held-order consumer; reconnecting.");
+            }
+            if conn.status().connected() {
+                let _ = conn.close(200, "holdclear reconnecting".into()).await;
+            }
             drop(conn);
             tokio::select! {
                 () = stop.cancelled() => return None,

@@ -10,8 +10,12 @@
 //! A failure outside the message never dead-letters it: while the database
 //! is unreachable the batch is kept and its commit retried with backoff
 //! (readiness reports the database down), and nothing is acked or requeued
-//! until it commits. Batches are handled one after another, in delivery
-//! order, which is what makes acks with `multiple` safe.
+//! until it commits.
+//!
+//! The next batch is decoded while earlier ones are written (up to
+//! [`MAX_IN_FLIGHT`] transactions at once; concurrent writes of one order
+//! are resolved by the store). Acks go strictly in delivery order, batch
+//! after batch, which is what makes acks with `multiple` safe.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -62,7 +66,7 @@ pub struct Intake {
 }
 
 /// Batches being written at once, at most (each is one transaction).
-pub const MAX_IN_FLIGHT: usize = 2;
+pub const MAX_IN_FLIGHT: usize = 4;
 
 /// A batch after writing: which of its deliveries are settled (committed
 /// or dead-lettered), ready to be acknowledged.

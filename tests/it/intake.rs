@@ -623,6 +623,33 @@ async fn the_consumer_comes_back_after_its_connection_is_closed(pool: PgPool) {
 }
 
 #[sqlx::test]
+async fn a_conflicting_queue_keeps_the_worker_unready_until_it_is_fixed(pool: PgPool) {
+    let prefix = unique("intake-conflict");
+    let rabbit = Rabbit::new(&prefix).await;
+    rabbit.break_held_queue(true).await;
+    let worker = start(settings(&database_url(&pool).await, &prefix, &[])).await;
+    wait_for(DEADLINE, "/readyz to name the broker alone", || async {
+        let (status, body) = http_get(worker.http_addr, "/readyz").await;
+        (status == 503 && body == r#"{"down":["broker"],"status":"not ready"}"#).then_some(())
+    })
+    .await;
+    assert_eq!(http_get(worker.http_addr, "/healthz").await.0, 200);
+
+    // Once the operator removes the conflicting queue, the worker declares
+    // its own and consumes.
+    rabbit.break_held_queue(false).await;
+    wait_ready(worker.http_addr).await;
+    rabbit
+        .publish_events(&[held_event(&format!("{prefix}-1"), "5000001")])
+        .await;
+    wait_for(DEADLINE, "the case", || async {
+        (count_cases(&pool).await == Some(1)).then_some(())
+    })
+    .await;
+    worker.shutdown().await.unwrap();
+}
+
+#[sqlx::test]
 async fn sigterm_stops_run_with_everything_taken_committed_and_acked(pool: PgPool) {
     let prefix = unique("intake-sigterm");
     let rabbit = Rabbit::new(&prefix).await;

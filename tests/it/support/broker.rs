@@ -165,6 +165,29 @@ impl Rabbit {
         })
     }
 
+    /// Replaces the held queue with a classic one (arguments the worker's
+    /// declaration conflicts with), or removes it.
+    pub async fn break_held_queue(&self, replace: bool) {
+        let queue = self.topology.held_queue.as_str();
+        self.channel
+            .queue_delete(queue.into(), QueueDeleteOptions::default())
+            .await
+            .unwrap();
+        if replace {
+            self.channel
+                .queue_declare(
+                    queue.into(),
+                    QueueDeclareOptions {
+                        durable: true,
+                        ..QueueDeclareOptions::default()
+                    },
+                    FieldTable::default(),
+                )
+                .await
+                .unwrap();
+        }
+    }
+
     /// Takes every message of `queue`.
     pub async fn drain(&self, queue: &str) -> Vec<Got> {
         let mut all = Vec::new();
