@@ -208,7 +208,10 @@ impl Bench {
             settings: flow::used_settings(self),
             ..Report::default()
         };
-        let mut memory = memory::Memory::default();
+        let mut memory = memory::Memory {
+            target_mib: memory::TARGET_MIB,
+            ..memory::Memory::default()
+        };
         let mut intake_events = None;
         if s.contains(&1) || s.contains(&5) {
             let (result, peak, events) = intake::against_broker(self).await?;
