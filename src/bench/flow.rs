@@ -155,7 +155,10 @@ pub async fn run(b: &Bench, workers: usize, slot: u64) -> Result<Flow, BenchErro
     // half-received.
     let (events_tx, events) = mpsc::channel(4096);
     let mut forwarders = Vec::new();
-    for (binding, is_release) in [("order.hold_released", true), ("order.hold_escalated", false)] {
+    for (binding, is_release) in [
+        ("order.hold_released", true),
+        ("order.hold_escalated", false),
+    ] {
         let mut sub = Subscription::open(&conn, &topology.events_exchange, binding).await?;
         let tx = events_tx.clone();
         forwarders.push(tokio::spawn(async move {
@@ -206,14 +209,9 @@ pub async fn run(b: &Bench, workers: usize, slot: u64) -> Result<Flow, BenchErro
             if workers == 1 { 3 } else { 6 }
         );
         let bar = b.bar(n, &label);
-        let flow = drive(
-            b,
-            &publisher,
-            events,
-            first,
-            &mut procs,
-            &|d| bar.set_position(d),
-        )
+        let flow = drive(b, &publisher, events, first, &mut procs, &|d| {
+            bar.set_position(d)
+        })
         .await;
         bar.finish_and_clear();
         flow
@@ -456,7 +454,10 @@ fn write_private(path: &Path, text: &str) -> std::io::Result<()> {
 /// Starts `holdclear run` with `config` only (no `HOLDCLEAR_*` of ours
 /// leaks in), warnings and errors logged to a file of the run.
 fn spawn_worker(b: &Bench, config: &Path, i: usize) -> Result<(Child, PathBuf), BenchError> {
-    let log = b.bench.work_dir.join(format!("worker-{i}-{}.log", Utc::now().timestamp_millis()));
+    let log = b
+        .bench
+        .work_dir
+        .join(format!("worker-{i}-{}.log", Utc::now().timestamp_millis()));
     let stderr = std::fs::File::create(&log).map_err(BenchError::io(format!(
         "cannot create the worker log {}",
         log.display()

@@ -201,7 +201,11 @@ async fn run_intake(b: &Bench, n: u64, progress: &dyn Fn(u64)) -> Result<Duratio
                     waited: STALL,
                 });
             }
-            let pause = if ready == 0 { COUNT_LAST_EVERY } else { DEPTH_EVERY };
+            let pause = if ready == 0 {
+                COUNT_LAST_EVERY
+            } else {
+                DEPTH_EVERY
+            };
             tokio::time::sleep(pause).await;
         };
         broker::close(&conn).await;

@@ -223,9 +223,8 @@ impl Bench {
         }
         if s.contains(&2) {
             let intake_rate = report.intake_vs_broker.as_ref().map(|r| r.intake_per_sec);
-            report.intake_vs_database = Some(
-                intake::against_database(self, intake_events.take(), intake_rate).await?,
-            );
+            report.intake_vs_database =
+                Some(intake::against_database(self, intake_events.take(), intake_rate).await?);
         }
         let mut one_worker = None;
         if s.contains(&3) || s.contains(&5) || s.contains(&6) {
@@ -352,7 +351,10 @@ mod tests {
     #[test]
     fn percentiles_by_rank() {
         let p = Percentiles::of((1..=100).rev().map(f64::from).collect());
-        assert_eq!((p.samples, p.p50, p.p95, p.p99, p.max), (100, 50.0, 95.0, 99.0, 100.0));
+        assert_eq!(
+            (p.samples, p.p50, p.p95, p.p99, p.max),
+            (100, 50.0, 95.0, 99.0, 100.0)
+        );
         let one = Percentiles::of(vec![7.0]);
         assert_eq!((one.p50, one.p99), (7.0, 7.0));
         assert_eq!(Percentiles::of(vec![]).samples, 0);

@@ -193,7 +193,10 @@ pub fn table(r: &Report) -> Table {
         ]);
         t.add_row([
             sec.clone(),
-            format!("broker: ack-only consumer, prefetch {}", r.settings.prefetch),
+            format!(
+                "broker: ack-only consumer, prefetch {}",
+                r.settings.prefetch
+            ),
             per_sec(s.broker_per_sec),
             String::new(),
         ]);

@@ -361,11 +361,11 @@ impl Store {
     ) -> Result<Vec<Claimed>, StoreError> {
         let limit = i64::try_from(limit).unwrap_or(i64::MAX);
         let rows = sqlx::query(CLAIM_DUE)
-        .bind(lease_owner)
-        .bind(secs(lease))
-        .bind(limit)
-        .fetch_all(&self.pool)
-        .await?;
+            .bind(lease_owner)
+            .bind(secs(lease))
+            .bind(limit)
+            .fetch_all(&self.pool)
+            .await?;
         let now = Utc::now();
         rows.iter()
             .map(|row| {

@@ -30,7 +30,12 @@ async fn a_small_bench_reports_every_section_and_every_order_arrives() {
     let r: Value = serde_json::from_str(&stdout).unwrap_or_else(|e| panic!("{e}: {stdout}"));
 
     assert!(r["machine"]["cores"].as_u64().unwrap() >= 1, "{r:#}");
-    assert!(r["machine"]["postgresql"].as_str().unwrap().starts_with("1"));
+    assert!(
+        r["machine"]["postgresql"]
+            .as_str()
+            .unwrap()
+            .starts_with("1")
+    );
 
     let s1 = &r["intakeVsBroker"];
     assert_eq!(s1["orders"], orders);
@@ -49,7 +54,10 @@ async fn a_small_bench_reports_every_section_and_every_order_arrives() {
         assert_eq!(f["escalated"], 0, "{f:#}");
         assert_eq!(f["latencyMs"]["samples"], orders, "{f:#}");
         let l = &f["latencyMs"];
-        assert!(l["p50"].as_f64().unwrap() <= l["p99"].as_f64().unwrap(), "{f:#}");
+        assert!(
+            l["p50"].as_f64().unwrap() <= l["p99"].as_f64().unwrap(),
+            "{f:#}"
+        );
         assert_eq!(f["peakRssMib"].as_array().unwrap().len() as u64, workers);
         assert!(f["apiCallsPerOrder"].as_f64().unwrap() >= 2.0, "{f:#}");
     };
