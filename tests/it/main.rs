@@ -2,6 +2,7 @@
 //! simulator over real HTTP. Names are unique per test; `#[sqlx::test]`
 //! gives each test its own database.
 
+mod bench;
 mod broker;
 mod cli;
 mod commerce;
