@@ -3,6 +3,7 @@
 //! gives each test its own database.
 
 mod broker;
+mod chaos;
 mod cli;
 mod commerce;
 mod demo;
