@@ -52,7 +52,7 @@ pub fn worker_env(
         ("HOLDCLEAR_RULES", rules.display().to_string()),
         ("HOLDCLEAR_COMMERCE_BASE_URL", sim.base_url()),
         ("HOLDCLEAR_COMMERCE_TOKEN_URL", sim.token_url()),
-        ("HOLDCLEAR_COMMERCE_RATE_LIMIT", "300".into()),
+        ("HOLDCLEAR_COMMERCE_RATE_LIMIT", "150".into()),
         ("HOLDCLEAR_COMMERCE_TIMEOUT", "3s".into()),
         ("HOLDCLEAR_POLL_INTERVAL", "200ms".into()),
         ("HOLDCLEAR_POLL_MAX_INTERVAL", "1s".into()),

@@ -25,11 +25,11 @@ async fn feed(stage: &Stage, orders: &[Order], i: usize, n: usize) {
 }
 
 /// The worker SIGKILLed every 2 s, five times, and started again each time,
-/// while 500 held orders arrive.
+/// while 600 held orders arrive.
 #[sqlx::test]
 async fn kill_worker(pool: PgPool) {
     let stage = Stage::new("kill", pool, demo()).await;
-    let orders = orders("kill", 81_000_000, 500);
+    let orders = orders("kill", 81_000_000, 600);
     let mut worker = stage.worker().await;
     for i in 0..5 {
         feed(&stage, &orders, i, 5).await;
@@ -192,7 +192,7 @@ async fn database_outage(pool: PgPool) {
 /// simulator hangs 6 s, the worker gives up after 3 s), 429 bursts with
 /// Retry-After, 10 % of assignments taking effect with the answer lost,
 /// 2 s latency on the token and virtual-account calls, tokens expiring
-/// every 3 s. 300 held orders.
+/// every 3 s. 150 held orders.
 #[sqlx::test]
 async fn commerce_faults(pool: PgPool) {
     let mut scenario = demo();
@@ -212,7 +212,7 @@ async fn commerce_faults(pool: PgPool) {
     scenario.faults.virtual_accounts.latency = Duration::from_secs(2);
     scenario.faults.token.latency = Duration::from_secs(2);
     let stage = Stage::new("faults", pool, scenario).await;
-    let orders = orders("faults", 84_000_000, 300);
+    let orders = orders("faults", 84_000_000, 150);
     let _worker = stage.worker().await;
     for i in 0..3 {
         feed(&stage, &orders, i, 3).await;
@@ -226,7 +226,22 @@ async fn commerce_faults(pool: PgPool) {
             .map(|e| stats.responses(*e, status))
             .sum()
     };
-    assert!(count(503) > 0 && count(504) > 0 && count(429) > 0, "{stats:?}");
+    // A call the worker gave up on is never answered.
+    let unanswered: u64 = SimEndpoint::API
+        .iter()
+        .map(|e| {
+            let answered: u64 = stats
+                .responses
+                .get(e.as_str())
+                .map(|by| by.values().sum())
+                .unwrap_or(0);
+            stats.calls(*e) - answered
+        })
+        .sum();
+    assert!(
+        count(503) > 0 && count(429) > 0 && count(502) > 0 && unanswered > 0,
+        "{stats:?}"
+    );
     assert!(stats.tokens_issued > 1, "tokens expired: {stats:?}");
     report.assert_clean();
 }
