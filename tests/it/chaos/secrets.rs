@@ -36,12 +36,13 @@ fn cli(env: &HashMap<String, String>, args: &[&str]) -> (Output, String) {
     (out, text)
 }
 
-/// The address the worker's HTTP server bound, from its JSON logs.
+/// The address the worker's HTTP server bound, from its JSON logs (one
+/// flat object per line).
 fn http_addr(logs: &str) -> Option<SocketAddr> {
     logs.lines()
         .filter_map(|l| serde_json::from_str::<Value>(l).ok())
-        .filter(|v| v["fields"]["message"] == "HTTP server listening.")
-        .filter_map(|v| v["fields"]["addr"].as_str()?.parse().ok())
+        .filter(|v| v["message"] == "HTTP server listening.")
+        .filter_map(|v| v["addr"].as_str()?.parse().ok())
         .last()
 }
 
@@ -73,7 +74,7 @@ async fn secrets_never_shown(pool: PgPool) {
         &stage,
         "secrets_never_shown",
         &orders,
-        &[],
+        &[("secret-bad-1".to_owned(), "MALFORMED_JSON")],
         Instant::now(),
         Duration::from_secs(90),
     )
