@@ -98,11 +98,7 @@ impl Report {
                 let _ = writeln!(f, "{}", self.row());
             }
         }
-        assert!(
-            self.is_clean(),
-            "{}: {self:#?}",
-            self.scenario
-        );
+        assert!(self.is_clean(), "{}: {self:#?}", self.scenario);
     }
 }
 

@@ -40,11 +40,7 @@ pub use checker::{Expect, check};
 /// Settings that make a worker process quick enough for a test: short
 /// polls, backoff and leases; a commerce timeout shorter than the
 /// simulator's hang; few database connections (tests run side by side).
-pub fn worker_env(
-    database_url: &str,
-    sim: &SimHandle,
-    config: &Path,
-) -> HashMap<String, String> {
+pub fn worker_env(database_url: &str, sim: &SimHandle, config: &Path) -> HashMap<String, String> {
     let mut env = env_for(database_url);
     let rules = repo_path("deploy/config/rules.toml");
     for (k, v) in [

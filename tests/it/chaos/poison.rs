@@ -35,7 +35,10 @@ fn malformed(i: usize) -> (Vec<u8>, &'static str) {
             let cut = (body.len() * (i % 97 + 1) / 100).min(body.len() - 1);
             (body[..cut].to_vec(), "MALFORMED_JSON")
         }
-        1 => (edit(&|v| v["data"]["holdReason"] = json!(42)), "INVALID_EVENT"),
+        1 => (
+            edit(&|v| v["data"]["holdReason"] = json!(42)),
+            "INVALID_EVENT",
+        ),
         2 => (edit(&|v| v["data"] = json!("held")), "INVALID_EVENT"),
         3 => (
             edit(&|v| {

@@ -71,7 +71,15 @@ async fn broker_connections_closed(pool: PgPool) {
     }
     let over = Instant::now();
     feed(&stage, &orders, 2, 3).await;
-    let report = check(&stage, "broker_connections_closed", &orders, &[], over, SETTLE).await;
+    let report = check(
+        &stage,
+        "broker_connections_closed",
+        &orders,
+        &[],
+        over,
+        SETTLE,
+    )
+    .await;
     assert!(
         worker.running(),
         "the worker survives its connections closing:\n{}",
@@ -132,7 +140,10 @@ impl DbGate {
 impl Drop for DbGate {
     fn drop(&mut self) {
         let admin = self.admin.clone();
-        let sql = format!("ALTER DATABASE \"{}\" WITH ALLOW_CONNECTIONS true", self.name);
+        let sql = format!(
+            "ALTER DATABASE \"{}\" WITH ALLOW_CONNECTIONS true",
+            self.name
+        );
         let _ = std::thread::spawn(move || {
             let rt = tokio::runtime::Builder::new_current_thread()
                 .enable_all()

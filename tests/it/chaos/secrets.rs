@@ -123,9 +123,16 @@ async fn secrets_never_shown(pool: PgPool) {
         e
     };
     let bad_settings = [
-        (with("HOLDCLEAR_COMMERCE_RATE_LIMIT", "fast"), vec!["run"], 64),
         (
-            with("HOLDCLEAR_COMMERCE_BASE_URL", &format!("not a url {SECRET}")),
+            with("HOLDCLEAR_COMMERCE_RATE_LIMIT", "fast"),
+            vec!["run"],
+            64,
+        ),
+        (
+            with(
+                "HOLDCLEAR_COMMERCE_BASE_URL",
+                &format!("not a url {SECRET}"),
+            ),
             vec!["run"],
             64,
         ),
@@ -175,9 +182,11 @@ async fn secrets_never_shown(pool: PgPool) {
     let more = orders_after(&orders);
     stage.rabbit.publish(&messages(&more)).await;
     let refused = stage.sim.stats().responses(SimEndpoint::Token, 401);
-    wait_for(Duration::from_secs(30), "a refused token request", || async {
-        (stage.sim.stats().responses(SimEndpoint::Token, 401) > refused).then_some(())
-    })
+    wait_for(
+        Duration::from_secs(30),
+        "a refused token request",
+        || async { (stage.sim.stats().responses(SimEndpoint::Token, 401) > refused).then_some(()) },
+    )
     .await;
     let _ = wrong.terminate(Duration::from_secs(15)).await;
     let logs = worker.logs();
