@@ -377,10 +377,12 @@ def check_no_secrets() -> None:
                 value = m.group(2)
                 if "://" in value or value.endswith((".toml", ".json")) or m.group(1).lower() == "token" and value.startswith("http"):
                     continue
+                if re.search(r"(?i)(ttl|lifetime|expir)", line.split("=")[0].split(":")[0]):
+                    continue  # a duration (token_ttl), not a credential
                 check(ok(value), f"{rel(path)}:{n}", f"{m.group(1)} value looks like a secret; use a placeholder")
     for must in ("rules.toml", "sim-scenario.toml"):
-        if not (DEPLOY / "config" / must).is_file():
-            warnings.append(f"deploy/config/{must} is not in this tree yet: the image and compose.yaml need it at run time")
+        check((DEPLOY / "config" / must).is_file(), f"deploy/config/{must}",
+              "missing: the image and compose.yaml need it at run time")
 
 
 def main() -> int:

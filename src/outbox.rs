@@ -320,7 +320,7 @@ impl Relay {
                     Ok(p) => p,
                     Err(e) => {
                         tracing::warn!(error = %e, "Cannot open a publishing channel; reconnecting.");
-                        let _ = conn.close(200, "reconnecting".into()).await;
+                        crate::broker::close(&conn).await;
                         if !pause(&cancel, reconnect.next_delay()).await {
                             break 'connect;
                         }
@@ -330,7 +330,7 @@ impl Relay {
                 // Publish until the channel is lost.
                 loop {
                     if cancel.is_cancelled() {
-                        let _ = conn.close(200, "shutting down".into()).await;
+                        crate::broker::close(&conn).await;
                         break 'connect;
                     }
                     match self.round(&publisher).await {
@@ -348,7 +348,7 @@ impl Relay {
                                 "Outbox relay round failed; retrying."
                             );
                             if !pause(&cancel, delay).await {
-                                let _ = conn.close(200, "shutting down".into()).await;
+                                crate::broker::close(&conn).await;
                                 break 'connect;
                             }
                         }
@@ -356,7 +356,7 @@ impl Relay {
                 }
                 // The channel is gone; the connection may be too.
                 if !pause(&cancel, reconnect.next_delay()).await {
-                    let _ = conn.close(200, "shutting down".into()).await;
+                    crate::broker::close(&conn).await;
                     break 'connect;
                 }
             }

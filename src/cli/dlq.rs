@@ -168,7 +168,7 @@ pub async fn execute(settings: Settings, cmd: Command) -> anyhow::Result<ExitCod
             writeln!(out, "{} message(s) purged from {queue}.", purged.len())?;
         }
     }
-    conn.close(200, "done".into()).await.ok();
+    crate::broker::close(&conn).await;
     Ok(ExitCode::SUCCESS)
 }
 

@@ -17,7 +17,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
+use futures_util::StreamExt;
 use futures_util::future::join_all;
+use futures_util::stream::FuturesOrdered;
 use serde_json::Value;
 use tokio::sync::{Notify, mpsc};
 use tokio_util::sync::CancellationToken;
@@ -59,6 +61,69 @@ pub struct Intake {
     cases_opened: Arc<Notify>,
 }
 
+/// Batches being written at once, at most (each is one transaction).
+pub const MAX_IN_FLIGHT: usize = 2;
+
+/// A batch after writing: which of its deliveries are settled (committed
+/// or dead-lettered), ready to be acknowledged.
+struct Written {
+    batch: Vec<Delivery>,
+    settled: Vec<bool>,
+    tally: Tally,
+    span: tracing::Span,
+}
+
+/// Collects deliveries into batches. Deliveries stay in the buffer between
+/// calls, so a call dropped half-way (in a `select!`) loses nothing.
+struct Buffer {
+    limit: usize,
+    linger: Duration,
+    batch: Vec<Delivery>,
+    /// When the batch being collected is due, counted from its first delivery.
+    due: Option<tokio::time::Instant>,
+}
+
+impl Buffer {
+    fn new(settings: IntakeSettings) -> Self {
+        let limit = settings.batch.max(1);
+        Self {
+            limit,
+            linger: settings.linger,
+            batch: Vec::with_capacity(limit),
+            due: None,
+        }
+    }
+
+    /// The next batch: full, or due, or the last one once `deliveries` is
+    /// closed; `None` when it is closed and nothing is left.
+    async fn fill(&mut self, deliveries: &mut mpsc::Receiver<Delivery>) -> Option<Vec<Delivery>> {
+        loop {
+            let room = self.limit - self.batch.len();
+            if room == 0 {
+                break;
+            }
+            let received = match self.due {
+                None => deliveries.recv_many(&mut self.batch, room).await,
+                Some(due) => tokio::select! {
+                    () = tokio::time::sleep_until(due) => break,
+                    n = deliveries.recv_many(&mut self.batch, room) => n,
+                },
+            };
+            if received == 0 {
+                break;
+            }
+            self.due
+                .get_or_insert_with(|| tokio::time::Instant::now() + self.linger);
+        }
+        if self.batch.is_empty() {
+            return None;
+        }
+        self.due = None;
+        let next = Vec::with_capacity(self.limit);
+        Some(std::mem::replace(&mut self.batch, next))
+    }
+}
+
 /// Outcomes of one batch, counted for metrics.
 #[derive(Debug, Default)]
 struct Tally {
@@ -87,91 +152,100 @@ impl Intake {
     }
 
     /// Takes deliveries until `deliveries` is closed and drained, handling
-    /// each batch to the end (commit, then ack). `abort` (the shutdown
-    /// deadline) gives up on a batch that cannot be committed: it is left
+    /// each batch to the end (commit, then ack). The next batch is decoded
+    /// while earlier ones are written (up to [`MAX_IN_FLIGHT`] at once);
+    /// acks go strictly in delivery order. `abort` (the shutdown deadline)
+    /// gives up on batches that cannot be committed: they are left
     /// unacknowledged for the broker to deliver again.
     pub async fn run(self, mut deliveries: mpsc::Receiver<Delivery>, abort: CancellationToken) {
-        let limit = self.settings.batch.max(1);
-        let mut batch: Vec<Delivery> = Vec::with_capacity(limit);
-        loop {
-            let received = tokio::select! {
-                () = abort.cancelled() => return,
-                n = deliveries.recv_many(&mut batch, limit) => n,
-            };
-            if received == 0 {
-                return;
-            }
-            let deadline = tokio::time::Instant::now() + self.settings.linger;
-            while batch.len() < limit {
-                let room = limit - batch.len();
-                let more = tokio::select! {
-                    () = tokio::time::sleep_until(deadline) => break,
-                    n = deliveries.recv_many(&mut batch, room) => n,
-                };
-                if more == 0 {
-                    break;
+        let this = &self;
+        let mut buffer = Buffer::new(self.settings);
+        let mut in_flight = FuturesOrdered::new();
+        let mut open = true;
+        while open || !in_flight.is_empty() {
+            tokio::select! {
+                biased;
+                Some(written) = in_flight.next() => this.acknowledge(written).await,
+                filled = buffer.fill(&mut deliveries), if open && in_flight.len() < MAX_IN_FLIGHT => {
+                    match filled {
+                        Some(batch) => in_flight.push_back(this.write(batch, &abort)),
+                        None => open = false,
+                    }
                 }
+                () = abort.cancelled(), if open => open = false,
+                else => break,
             }
-            let span = tracing::info_span!("intake_batch", size = batch.len());
-            let done = self
-                .handle(std::mem::take(&mut batch), &abort)
-                .instrument(span)
-                .await;
-            if !done {
-                return;
-            }
-            batch.reserve(limit);
         }
     }
 
-    /// Handles one batch; false when `abort` cut it short.
-    async fn handle(&self, batch: Vec<Delivery>, abort: &CancellationToken) -> bool {
-        metrics::histogram!("holdclear_intake_batch_size").record(batch.len() as f64);
-        let failed_at = Utc::now();
-        let mut events = Vec::with_capacity(batch.len());
-        let mut event_at = Vec::with_capacity(batch.len());
-        let mut refused = Vec::new();
-        for (i, d) in batch.iter().enumerate() {
-            match self.decode(d.body()) {
-                Ok(e) => {
-                    events.push(e);
-                    event_at.push(i);
+    /// Decodes a batch, then dead-letters the refused deliveries and
+    /// records the events (both at once), each retried until done or `abort`.
+    async fn write(&self, batch: Vec<Delivery>, abort: &CancellationToken) -> Written {
+        let span = tracing::info_span!("intake_batch", size = batch.len());
+        async {
+            metrics::histogram!("holdclear_intake_batch_size").record(batch.len() as f64);
+            let failed_at = Utc::now();
+            let mut events = Vec::with_capacity(batch.len());
+            let mut event_at = Vec::with_capacity(batch.len());
+            let mut refused = Vec::new();
+            for (i, d) in batch.iter().enumerate() {
+                match self.decode(d.body()) {
+                    Ok(e) => {
+                        events.push(e);
+                        event_at.push(i);
+                    }
+                    Err(e) => refused.push((i, e)),
                 }
-                Err(e) => refused.push((i, e)),
+            }
+            let (dead_lettered, recorded) = tokio::join!(
+                self.dead_letter_all(&batch, &refused, failed_at, abort),
+                self.commit(&events, abort),
+            );
+            let mut settled = vec![false; batch.len()];
+            let mut tally = Tally::default();
+            for i in dead_lettered {
+                settled[i] = true;
+                tally.dead_lettered += 1;
+            }
+            if let Some(recorded) = recorded {
+                for ((event, &at), outcome) in events.iter().zip(&event_at).zip(&recorded) {
+                    settled[at] = true;
+                    tally.count(outcome);
+                    tracing::debug!(
+                        event_id = %event.id,
+                        order = %event.data.order,
+                        outcome = ?outcome,
+                        redelivered = batch[at].redelivered(),
+                        "Held order recorded."
+                    );
+                }
+            }
+            Written {
+                batch,
+                settled,
+                tally,
+                span: tracing::Span::current(),
             }
         }
-        let mut settled = vec![false; batch.len()];
-        let mut tally = Tally::default();
+        .instrument(span)
+        .await
+    }
 
-        let completed = self
-            .dead_letter_all(&batch, &refused, failed_at, abort, &mut settled)
-            .await;
-        tally.dead_lettered = refused.iter().filter(|(i, _)| settled[*i]).count() as u64;
-
-        let mut committed = false;
-        if completed
-            && !events.is_empty()
-            && let Some(recorded) = self.commit(&events, abort).await
-        {
-            committed = true;
-            for ((event, &at), outcome) in events.iter().zip(&event_at).zip(&recorded) {
-                settled[at] = true;
-                tally.count(outcome);
-                tracing::debug!(
-                    event_id = %event.id,
-                    order = %event.data.order,
-                    outcome = ?outcome,
-                    redelivered = batch[at].redelivered(),
-                    "Held order recorded."
-                );
-            }
-            if tally.accepted > 0 {
-                self.cases_opened.notify_one();
-            }
+    /// Acknowledges a written batch (only its settled deliveries), wakes the
+    /// case engine if cases were opened, and counts the outcomes.
+    async fn acknowledge(&self, written: Written) {
+        let Written {
+            batch,
+            settled,
+            tally,
+            span,
+        } = written;
+        let pairs: Vec<(&Delivery, bool)> = batch.iter().zip(settled).collect();
+        let acks = acknowledge(&pairs).instrument(span.clone()).await;
+        let _entered = span.enter();
+        if tally.accepted > 0 {
+            self.cases_opened.notify_one();
         }
-
-        let pairs: Vec<(&Delivery, bool)> = batch.iter().zip(settled.iter().copied()).collect();
-        let acks = acknowledge(&pairs).await;
         if acks.lost > 0 {
             tracing::warn!(
                 deliveries = acks.lost,
@@ -188,7 +262,6 @@ impl Intake {
             ack_frames = acks.frames,
             "Batch settled."
         );
-        completed && (committed || events.is_empty())
     }
 
     /// Decodes a body once and checks that the event can be stored.
@@ -198,18 +271,18 @@ impl Intake {
         Ok(event)
     }
 
-    /// Dead-letters the refused deliveries, concurrently, each confirmed.
-    /// A refusal or nack by the broker is retried with backoff; a delivery
-    /// whose channel is gone is left (it comes again). False when `abort`
-    /// cut it short.
+    /// Dead-letters the refused deliveries, concurrently, each confirmed;
+    /// returns the positions of those the broker took. A refusal or nack by
+    /// the broker is retried with backoff; a delivery whose channel is gone
+    /// is left (it comes again), and so is everything once `abort` fires.
     async fn dead_letter_all(
         &self,
         batch: &[Delivery],
         refused: &[(usize, DecodeError)],
         failed_at: DateTime<Utc>,
         abort: &CancellationToken,
-        settled: &mut [bool],
-    ) -> bool {
+    ) -> Vec<usize> {
+        let mut done = Vec::with_capacity(refused.len());
         let mut pending: Vec<&(usize, DecodeError)> = refused.iter().collect();
         let mut delays = Reconnect::default();
         while !pending.is_empty() {
@@ -223,12 +296,12 @@ impl Intake {
             for (item, result) in pending.into_iter().zip(results) {
                 let (i, err) = item;
                 let d = &batch[*i];
-                let order = HeldOrderEvent::peek_order_number(d.body());
                 match result {
                     Ok(()) => {
-                        settled[*i] = true;
+                        done.push(*i);
                         metrics::counter!("holdclear_dead_letters_total", "code" => err.code.as_str())
                             .increment(1);
+                        let order = HeldOrderEvent::peek_order_number(d.body());
                         tracing::warn!(
                             code = %err.code,
                             detail = %err.detail,
@@ -259,12 +332,12 @@ impl Intake {
             pending = retry;
             if !pending.is_empty() {
                 tokio::select! {
-                    () = abort.cancelled() => return false,
+                    () = abort.cancelled() => break,
                     () = tokio::time::sleep(delays.next_delay()) => {}
                 }
             }
         }
-        true
+        done
     }
 
     /// Writes the events, retrying with backoff until it commits; `None`
@@ -274,6 +347,9 @@ impl Intake {
         events: &[HeldOrderEvent],
         abort: &CancellationToken,
     ) -> Option<Vec<Recorded>> {
+        if events.is_empty() {
+            return Some(Vec::new());
+        }
         let mut delays = Reconnect::default();
         loop {
             match self.store.record_held(events).await {

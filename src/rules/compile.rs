@@ -6,13 +6,15 @@ use std::collections::HashMap;
 use std::ops::Range;
 use std::path::Path;
 
-use globset::{GlobBuilder, GlobSet, GlobSetBuilder};
+use globset::{GlobBuilder, GlobSetBuilder};
 use serde::Deserialize;
 use sha2::{Digest, Sha256};
 use toml::Spanned;
 use toml::de::{DeTable, DeValue};
 
 use super::file::{RawAccount, RawFile, RawList, RawRule, RawTarget, RawWhen};
+use super::index::{GlobIndex, MatchIndex};
+use super::matcher::Condition;
 use super::{Location, RuleRef, Rules, RulesError};
 use crate::domain::{
     AccountSelector, AccountType, CountryCode, Domain, Email, HoldReason, OrderType, Target,
@@ -55,6 +57,31 @@ pub(super) struct Conditions {
     pub product_family: Option<Vec<String>>,
 }
 
+impl Conditions {
+    /// The values of condition `c` as the index keys them (domains lower
+    /// case; partners, families, countries, order types upper case);
+    /// `None` when the rule leaves it out. Domain patterns are not here:
+    /// they are in the [`GlobIndex`].
+    pub fn values(&self, c: Condition) -> Option<Vec<String>> {
+        fn strings<T: ToString>(values: &[T]) -> Vec<String> {
+            values.iter().map(ToString::to_string).collect()
+        }
+        fn upper(values: &[String]) -> Vec<String> {
+            values.iter().map(|v| v.to_ascii_uppercase()).collect()
+        }
+        match c {
+            Condition::EndCustomerDomain => {
+                self.end_customer_domain.as_ref().map(|d| strings(&d.exact))
+            }
+            Condition::PartnerId => self.partner_id.as_deref().map(upper),
+            Condition::Country => self.country.as_deref().map(strings),
+            Condition::HoldReason => self.hold_reason.as_deref().map(strings),
+            Condition::OrderType => self.order_type.as_deref().map(strings),
+            Condition::ProductFamily => self.product_family.as_deref().map(upper),
+        }
+    }
+}
+
 /// `when.end_customer_domain`: exact domains plus glob patterns. The globs
 /// themselves live in the [`GlobIndex`] shared by all rules.
 #[derive(Clone, Debug, Default)]
@@ -85,35 +112,6 @@ pub(super) struct TargetSpec {
     pub virtual_account: VirtualAccountChoice,
 }
 
-/// Every domain glob of every rule in one [`GlobSet`], so an event's domain
-/// is matched against all patterns in one pass, not once per rule.
-#[derive(Clone, Debug)]
-pub(super) struct GlobIndex {
-    /// All patterns.
-    pub set: GlobSet,
-    /// Rule index of each pattern of `set`.
-    pub rule_of: Vec<usize>,
-}
-
-impl GlobIndex {
-    /// One bit per rule: set when one of the rule's patterns matches `domain`.
-    pub fn hits(&self, domain: &str, rules: usize) -> Vec<u64> {
-        let mut bits = vec![0u64; rules.div_ceil(64)];
-        if self.set.is_empty() {
-            return bits;
-        }
-        let candidate = globset::Candidate::new(domain);
-        let mut matched = Vec::new();
-        self.set.matches_candidate_into(&candidate, &mut matched);
-        for glob in matched {
-            if let Some(&rule) = self.rule_of.get(glob) {
-                bits[rule / 64] |= 1 << (rule % 64);
-            }
-        }
-        bits
-    }
-}
-
 /// Byte offsets of line starts, to turn a span into a 1-based line number.
 struct Lines(Vec<usize>);
 
@@ -136,12 +134,12 @@ struct Ctx<'a> {
 }
 
 impl Ctx<'_> {
-    fn at(&self, span: Range<usize>, rule: &RuleRef) -> Location {
-        Location {
+    fn at(&self, span: Range<usize>, rule: &RuleRef) -> Box<Location> {
+        Box::new(Location {
             file: self.file.to_path_buf(),
             line: Some(self.lines.of(span.start)),
             rule: Some(rule.clone()),
-        }
+        })
     }
 }
 
@@ -156,11 +154,11 @@ pub(super) fn compile(text: &str, file: &Path) -> Result<Rules, RulesError> {
         let offset = error.span().map(|s| s.start);
         let rule = offset.and_then(|o| rule_before(table.get_ref(), o));
         return Err(RulesError::Syntax {
-            at: Location {
+            at: Box::new(Location {
                 file: file.to_path_buf(),
                 line: offset.map(|o| ctx.lines.of(o)),
                 rule,
-            },
+            }),
             message: error.message().to_owned(),
         });
     }
@@ -174,14 +172,14 @@ pub(super) fn compile(text: &str, file: &Path) -> Result<Rules, RulesError> {
     for (i, raw_rule) in raw.rule.into_iter().enumerate() {
         let rule = compile_rule(&ctx, i, raw_rule, &mut globs, &mut rule_of)?;
         if let Some(&(first, line)) = names.get(&rule.name) {
-            let at = Location {
+            let at = Box::new(Location {
                 file: file.to_path_buf(),
                 line: Some(rule.line),
                 rule: Some(RuleRef {
                     index: i + 1,
                     name: Some(rule.name.clone()),
                 }),
-            };
+            });
             return Err(RulesError::DuplicateName {
                 at,
                 name: rule.name,
@@ -195,11 +193,11 @@ pub(super) fn compile(text: &str, file: &Path) -> Result<Rules, RulesError> {
     let set = globs.build().map_err(|e| RulesError::BadGlob {
         // Each pattern compiled alone already; a set that fails to build
         // is a limit of the matcher (e.g. too many patterns), not a line.
-        at: Location {
+        at: Box::new(Location {
             file: file.to_path_buf(),
             line: None,
             rule: None,
-        },
+        }),
         key: "when.end_customer_domain".into(),
         pattern: e.glob().unwrap_or("(all patterns)").to_owned(),
         reason: e.kind().to_string(),
@@ -207,8 +205,8 @@ pub(super) fn compile(text: &str, file: &Path) -> Result<Rules, RulesError> {
     Ok(Rules {
         file: file.to_path_buf(),
         hash: hex::encode(Sha256::digest(text.as_bytes())),
+        index: MatchIndex::build(&rules, GlobIndex { set, rule_of }),
         rules,
-        globs: GlobIndex { set, rule_of },
     })
 }
 
@@ -399,8 +397,12 @@ fn compile_domains(
                     .into(),
             ));
         }
+        // Case-insensitive by folding: the pattern is lower-cased here and
+        // an event's domain by `Email::parse`. globset's own
+        // `case_insensitive` would turn every pattern into a regex (its
+        // literal prefix/suffix strategies are off then): ~10x slower.
         let glob = GlobBuilder::new(&pattern)
-            .case_insensitive(true)
+            .case_insensitive(false)
             .literal_separator(false)
             .backslash_escape(false)
             .build()
@@ -543,8 +545,7 @@ fn rule_before(root: &DeTable<'_>, offset: usize) -> Option<RuleRef> {
     let (index, item) = rules
         .iter()
         .enumerate()
-        .filter(|(_, item)| item.span().start <= offset)
-        .last()?;
+        .rfind(|(_, item)| item.span().start <= offset)?;
     Some(RuleRef {
         index: index + 1,
         name: rule_name(item.get_ref()),
@@ -577,11 +578,11 @@ fn serde_error(text: &str, ctx: &Ctx<'_>, error: &toml::de::Error) -> RulesError
         Some((segs, root)) => split_rule(segs, root.get_ref()),
         None => (None, String::new()),
     };
-    let at = Location {
+    let at = Box::new(Location {
         file: ctx.file.to_path_buf(),
         line: offset.map(|o| ctx.lines.of(o)),
         rule,
-    };
+    });
     if let Some(rest) = message.strip_prefix("unknown field ") {
         // serde: "unknown field `x`, expected one of `a`, `b`"
         let expected = rest

@@ -7,8 +7,8 @@ use std::path::PathBuf;
 
 use serde::Serialize;
 
-use super::compile::{AccountSource, FROM_END_CUSTOMER_DOMAIN, Rule};
-use super::matcher::{self, Facts};
+use super::compile::{FROM_END_CUSTOMER_DOMAIN, Rule};
+use super::matcher::{Condition, Facts, Verdicts};
 use super::{Decision, Rules};
 use crate::domain::{HeldOrder, HoldReason};
 
@@ -110,8 +110,9 @@ impl fmt::Display for Failure {
 
 impl Rules {
     pub(super) fn explain_facts(&self, order: &HeldOrder) -> Explanation {
-        let facts = Facts::new(order);
+        let facts = Facts::new(order, self);
         let winner = self.first_match(&facts);
+        let verdicts = self.verdicts(&facts);
         let rules = self
             .rules
             .iter()
@@ -124,7 +125,7 @@ impl Rules {
                     Some(w) if w == i => Outcome::Matched,
                     Some(w) if w < i => Outcome::NotTried,
                     _ => Outcome::Failed {
-                        failures: self.failures(i, rule, &facts),
+                        failures: self.failures(&verdicts, i, rule, &facts),
                     },
                 },
             })
@@ -147,7 +148,13 @@ impl Rules {
     }
 
     /// Every failed condition of rule `index`, with the order's value.
-    fn failures(&self, index: usize, rule: &Rule, facts: &Facts<'_>) -> Vec<Failure> {
+    fn failures(
+        &self,
+        verdicts: &Verdicts,
+        index: usize,
+        rule: &Rule,
+        facts: &Facts<'_>,
+    ) -> Vec<Failure> {
         fn show<T: ToString>(values: &[T]) -> Vec<String> {
             values.iter().map(ToString::to_string).collect()
         }
@@ -155,61 +162,57 @@ impl Rules {
             value.map(|v| v.to_string()).into_iter().collect()
         }
         let w = &rule.when;
-        let mut out = Vec::new();
-        let mut fail = |key: &str, wanted: Vec<String>, event: Vec<String>| {
+        let mut out: Vec<Failure> = Condition::ALL
+            .into_iter()
+            .filter(|&c| self.holds(verdicts, index, c) == Some(false))
+            .map(|c| {
+                let (wanted, event) = match c {
+                    Condition::EndCustomerDomain => {
+                        let d = w.end_customer_domain.as_ref();
+                        let wanted = d
+                            .map(|d| {
+                                show(&d.exact)
+                                    .into_iter()
+                                    .chain(d.patterns.iter().cloned())
+                                    .collect()
+                            })
+                            .unwrap_or_default();
+                        (wanted, one(facts.domain))
+                    }
+                    Condition::PartnerId => (
+                        w.partner_id.clone().unwrap_or_default(),
+                        one(facts.partner_id),
+                    ),
+                    Condition::Country => (
+                        w.country.as_deref().map(show).unwrap_or_default(),
+                        one(facts.country),
+                    ),
+                    Condition::HoldReason => (
+                        w.hold_reason.as_deref().map(show).unwrap_or_default(),
+                        one(Some(facts.hold_reason)),
+                    ),
+                    Condition::OrderType => (
+                        w.order_type.as_deref().map(show).unwrap_or_default(),
+                        one(facts.order_type),
+                    ),
+                    Condition::ProductFamily => (
+                        w.product_family.clone().unwrap_or_default(),
+                        facts.families().map(str::to_owned).collect(),
+                    ),
+                };
+                Failure {
+                    key: c.key().to_owned(),
+                    wanted,
+                    event,
+                }
+            })
+            .collect();
+        if !self.resolvable(index, facts) {
             out.push(Failure {
-                key: key.to_owned(),
-                wanted,
-                event,
+                key: "assign.smart_account.from".to_owned(),
+                wanted: vec![FROM_END_CUSTOMER_DOMAIN.to_owned()],
+                event: Vec::new(),
             });
-        };
-        if let Some(d) = &w.end_customer_domain
-            && !self.domain_ok(index, d, facts)
-        {
-            let wanted = d
-                .exact
-                .iter()
-                .map(ToString::to_string)
-                .chain(d.patterns.iter().cloned())
-                .collect();
-            fail("when.end_customer_domain", wanted, one(facts.domain));
-        }
-        if let Some(p) = &w.partner_id
-            && !matcher::partner_ok(p, facts)
-        {
-            fail("when.partner_id", p.clone(), one(facts.partner_id));
-        }
-        if let Some(c) = &w.country
-            && !matcher::country_ok(c, facts)
-        {
-            fail("when.country", show(c), one(facts.country));
-        }
-        if let Some(r) = &w.hold_reason
-            && !matcher::hold_reason_ok(r, facts)
-        {
-            fail("when.hold_reason", show(r), one(Some(facts.hold_reason)));
-        }
-        if let Some(t) = &w.order_type
-            && !matcher::order_type_ok(t, facts)
-        {
-            fail("when.order_type", show(t), one(facts.order_type));
-        }
-        if let Some(f) = &w.product_family
-            && !matcher::family_ok(f, facts)
-        {
-            fail(
-                "when.product_family",
-                f.clone(),
-                facts.families().map(str::to_owned).collect(),
-            );
-        }
-        if !matcher::resolvable(&rule.assign, facts) {
-            debug_assert_eq!(rule.assign.account, AccountSource::EndCustomerDomain);
-            fail(
-                "assign.smart_account.from",
-                vec![FROM_END_CUSTOMER_DOMAIN.to_owned()],
-                Vec::new(),
-            );
         }
         out
     }

@@ -1,18 +1,57 @@
 //! First match: the rules against one validated order, no I/O.
 //!
-//! The event's facts are read once into [`Facts`] (borrowed, no copies);
-//! each rule then costs a few comparisons and no allocation. Domain globs of
-//! all rules are matched in one pass, lazily, the first time a rule with a
-//! pattern is reached. [`super::explain`] uses the same predicates, so what
-//! explain says is what decide does.
+//! The order's values are read once into [`Facts`] (borrowed) and looked up
+//! in the rules' index once; then all rules are matched together as bitsets
+//! (see [`super::index`]). Explain reads the same bits rule by rule
+//! ([`Rules::holds`]), so what explain says is what decide does.
 
-use std::cell::OnceCell;
-
-use super::compile::{AccountSource, DomainCondition, GlobIndex, Rule, TargetSpec};
+use super::compile::{AccountSource, TargetSpec};
+use super::index::{Bits, OrderIds, bit, first};
 use super::{Decision, Rules};
 use crate::domain::{AccountSelector, CountryCode, HeldOrder, HoldReason, Line, OrderType, Target};
 
-/// What the rules look at in one order, borrowed from it.
+/// A condition of `[rule.when]`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) enum Condition {
+    /// `end_customer_domain`
+    EndCustomerDomain,
+    /// `partner_id`
+    PartnerId,
+    /// `country`
+    Country,
+    /// `hold_reason`
+    HoldReason,
+    /// `order_type`
+    OrderType,
+    /// `product_family`
+    ProductFamily,
+}
+
+impl Condition {
+    /// In file-key order, for explain.
+    pub const ALL: [Self; 6] = [
+        Self::EndCustomerDomain,
+        Self::PartnerId,
+        Self::Country,
+        Self::HoldReason,
+        Self::OrderType,
+        Self::ProductFamily,
+    ];
+
+    /// The key in the rules file.
+    pub fn key(self) -> &'static str {
+        match self {
+            Self::EndCustomerDomain => "when.end_customer_domain",
+            Self::PartnerId => "when.partner_id",
+            Self::Country => "when.country",
+            Self::HoldReason => "when.hold_reason",
+            Self::OrderType => "when.order_type",
+            Self::ProductFamily => "when.product_family",
+        }
+    }
+}
+
+/// What the rules look at in one order, borrowed from it, and its ids.
 pub(super) struct Facts<'a> {
     /// The order itself (for building targets).
     pub order: &'a HeldOrder,
@@ -27,15 +66,17 @@ pub(super) struct Facts<'a> {
     /// `orderType`.
     pub order_type: Option<&'a OrderType>,
     /// The order lines (product families).
-    pub lines: &'a [Line],
-    /// One bit per rule whose domain pattern matches `domain`; filled on first use.
-    glob_hits: OnceCell<Vec<u64>>,
+    lines: &'a [Line],
+    /// The values as ids of the rules' index.
+    ids: OrderIds,
 }
 
 impl<'a> Facts<'a> {
-    pub fn new(order: &'a HeldOrder) -> Self {
+    /// Reads `order` and looks its values up in the rules' index (one hash
+    /// lookup per value).
+    pub fn new(order: &'a HeldOrder, rules: &Rules) -> Self {
         let customer = order.end_customer.as_ref();
-        Self {
+        let mut facts = Self {
             order,
             domain: customer
                 .and_then(|c| c.email.as_ref())
@@ -51,66 +92,77 @@ impl<'a> Facts<'a> {
             hold_reason: order.hold_reason,
             order_type: order.order_type.as_ref(),
             lines: &order.lines,
-            glob_hits: OnceCell::new(),
+            ids: OrderIds::default(),
+        };
+        for c in Condition::ALL {
+            let kind = rules.index.kind(c);
+            let id = |v: &str| kind.id(v);
+            let upper = |v: &str| kind.id(&v.to_ascii_uppercase());
+            facts.ids.by_kind[c as usize] = match c {
+                Condition::EndCustomerDomain => facts.domain.and_then(id).into_iter().collect(),
+                Condition::PartnerId => facts.partner_id.and_then(upper).into_iter().collect(),
+                Condition::Country => facts
+                    .country
+                    .map(CountryCode::as_str)
+                    .and_then(id)
+                    .into_iter()
+                    .collect(),
+                Condition::HoldReason => id(facts.hold_reason.as_str()).into_iter().collect(),
+                Condition::OrderType => facts
+                    .order_type
+                    .map(OrderType::as_str)
+                    .and_then(id)
+                    .into_iter()
+                    .collect(),
+                Condition::ProductFamily => facts.families().filter_map(upper).collect(),
+            };
         }
+        facts
     }
 
     /// Product families of the lines, trimmed, empty ones skipped.
     pub fn families(&self) -> impl Iterator<Item = &'a str> + 'a {
-        self.lines
-            .iter()
-            .filter_map(|l| l.product_family.as_deref())
-            .map(str::trim)
-            .filter(|f| !f.is_empty())
-    }
-
-    fn glob_hit(&self, globs: &GlobIndex, rules: usize, rule: usize, domain: &str) -> bool {
-        let bits = self.glob_hits.get_or_init(|| globs.hits(domain, rules));
-        bits.get(rule / 64)
-            .is_some_and(|w| w & (1 << (rule % 64)) != 0)
+        families(self.lines)
     }
 }
 
+/// Per condition kind, the rules whose condition is present and holds for
+/// one order (what explain reads rule by rule).
+pub(super) struct Verdicts([Bits; 6]);
+
+fn families(lines: &[Line]) -> impl Iterator<Item = &str> {
+    lines
+        .iter()
+        .filter_map(|l| l.product_family.as_deref())
+        .map(str::trim)
+        .filter(|f| !f.is_empty())
+}
+
 impl Rules {
-    /// `when.end_customer_domain` holds for rule `index`.
-    pub(super) fn domain_ok(
-        &self,
-        index: usize,
-        cond: &DomainCondition,
-        facts: &Facts<'_>,
-    ) -> bool {
-        let Some(domain) = facts.domain else {
-            return false;
-        };
-        cond.exact.iter().any(|d| d.as_str() == domain)
-            || (!cond.patterns.is_empty()
-                && facts.glob_hit(&self.globs, self.rules.len(), index, domain))
+    /// Which rules each condition kind holds for, for this order.
+    pub(super) fn verdicts(&self, facts: &Facts<'_>) -> Verdicts {
+        Verdicts(Condition::ALL.map(|c| self.index.listed(c, &facts.ids, facts.domain)))
     }
 
-    /// Every `when` condition of rule `index` holds (cheapest first).
-    pub(super) fn conditions_hold(&self, index: usize, rule: &Rule, facts: &Facts<'_>) -> bool {
-        let w = &rule.when;
-        w.hold_reason
-            .as_ref()
-            .is_none_or(|r| hold_reason_ok(r, facts))
-            && w.country.as_ref().is_none_or(|c| country_ok(c, facts))
-            && w.order_type
-                .as_ref()
-                .is_none_or(|t| order_type_ok(t, facts))
-            && w.partner_id.as_ref().is_none_or(|p| partner_ok(p, facts))
-            && w.end_customer_domain
-                .as_ref()
-                .is_none_or(|d| self.domain_ok(index, d, facts))
-            && w.product_family
-                .as_ref()
-                .is_none_or(|f| family_ok(f, facts))
+    /// Whether condition `c` of rule `index` holds for the order; `None`
+    /// when the rule leaves the condition out. Decide ANDs the same bits.
+    pub(super) fn holds(&self, verdicts: &Verdicts, index: usize, c: Condition) -> Option<bool> {
+        if bit(&self.index.kind(c).absent, index) {
+            None
+        } else {
+            Some(bit(&verdicts.0[c as usize], index))
+        }
+    }
+
+    /// The account of rule `index` can be named for this order (`from`
+    /// needs an end-customer e-mail).
+    pub(super) fn resolvable(&self, index: usize, facts: &Facts<'_>) -> bool {
+        self.index.resolvable(index, facts.domain.is_some())
     }
 
     /// The first rule whose conditions hold and whose target can be built.
     pub(super) fn first_match(&self, facts: &Facts<'_>) -> Option<usize> {
-        self.rules.iter().enumerate().position(|(i, rule)| {
-            self.conditions_hold(i, rule, facts) && resolvable(&rule.assign, facts)
-        })
+        first(&self.index.matching(&facts.ids, facts.domain))
     }
 
     /// The decision of rule `index`, which matched.
@@ -122,38 +174,6 @@ impl Rules {
             target: target(&rule.assign, facts)?,
             fallback: rule.fallback.clone(),
         })
-    }
-}
-
-pub(super) fn hold_reason_ok(wanted: &[HoldReason], facts: &Facts<'_>) -> bool {
-    wanted.contains(&facts.hold_reason)
-}
-
-pub(super) fn country_ok(wanted: &[CountryCode], facts: &Facts<'_>) -> bool {
-    facts.country.is_some_and(|c| wanted.contains(c))
-}
-
-pub(super) fn order_type_ok(wanted: &[OrderType], facts: &Facts<'_>) -> bool {
-    facts.order_type.is_some_and(|t| wanted.contains(t))
-}
-
-pub(super) fn partner_ok(wanted: &[String], facts: &Facts<'_>) -> bool {
-    facts
-        .partner_id
-        .is_some_and(|id| wanted.iter().any(|w| w.eq_ignore_ascii_case(id)))
-}
-
-pub(super) fn family_ok(wanted: &[String], facts: &Facts<'_>) -> bool {
-    facts
-        .families()
-        .any(|f| wanted.iter().any(|w| w.eq_ignore_ascii_case(f)))
-}
-
-/// The target can be built from this order (`from` needs an e-mail).
-pub(super) fn resolvable(spec: &TargetSpec, facts: &Facts<'_>) -> bool {
-    match spec.account {
-        AccountSource::Fixed(_) => true,
-        AccountSource::EndCustomerDomain => facts.domain.is_some(),
     }
 }
 

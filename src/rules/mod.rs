@@ -52,6 +52,7 @@ use crate::domain::{HeldOrder, Target};
 mod compile;
 mod explain;
 mod file;
+mod index;
 mod matcher;
 mod reload;
 #[cfg(test)]
@@ -131,7 +132,7 @@ pub enum RulesError {
     #[error("{at}: not valid TOML: {message}")]
     Syntax {
         /// Where the parser stopped.
-        at: Location,
+        at: Box<Location>,
         /// The parser's message.
         message: String,
     },
@@ -139,7 +140,7 @@ pub enum RulesError {
     #[error("{at}: unknown key `{key}`{}", if expected.is_empty() { String::new() } else { format!("; {expected}") })]
     UnknownKey {
         /// Where.
-        at: Location,
+        at: Box<Location>,
         /// The key, with its table inside the rule (`when.contry`).
         key: String,
         /// The keys allowed there, as `expected one of …`.
@@ -149,7 +150,7 @@ pub enum RulesError {
     #[error("{at}: `{key}` is required")]
     MissingKey {
         /// Where (the rule or table that lacks it).
-        at: Location,
+        at: Box<Location>,
         /// The key (`name`, `assign.account_type`, …).
         key: String,
     },
@@ -157,7 +158,7 @@ pub enum RulesError {
     #[error("{at}: `{key}`: {reason}")]
     InvalidValue {
         /// Where.
-        at: Location,
+        at: Box<Location>,
         /// The key.
         key: String,
         /// What is wrong with the value.
@@ -167,13 +168,13 @@ pub enum RulesError {
     #[error("{at}: `name` is empty; every rule needs a unique name")]
     EmptyName {
         /// Where.
-        at: Location,
+        at: Box<Location>,
     },
     /// Two rules with the same name.
     #[error("{at}: `name` {name:?} is already the name of rule #{first} (line {first_line})")]
     DuplicateName {
         /// The second rule with the name.
-        at: Location,
+        at: Box<Location>,
         /// The name.
         name: String,
         /// Index (from 1) of the first rule with it.
@@ -185,7 +186,7 @@ pub enum RulesError {
     #[error("{at}: `{key}`: bad domain pattern {pattern:?}: {reason}")]
     BadGlob {
         /// Where.
-        at: Location,
+        at: Box<Location>,
         /// The key (`when.end_customer_domain`).
         key: String,
         /// The pattern as written.
@@ -199,7 +200,7 @@ pub enum RulesError {
     )]
     EmptyList {
         /// Where.
-        at: Location,
+        at: Box<Location>,
         /// The key.
         key: String,
     },
@@ -209,7 +210,7 @@ pub enum RulesError {
     )]
     MissingAssign {
         /// The rule.
-        at: Location,
+        at: Box<Location>,
     },
     /// `from = …` other than `end_customer_domain`.
     #[error(
@@ -217,7 +218,7 @@ pub enum RulesError {
     )]
     UnsupportedFrom {
         /// Where.
-        at: Location,
+        at: Box<Location>,
         /// The key (`assign.smart_account.from`).
         key: String,
         /// The value as written.
@@ -229,7 +230,7 @@ pub enum RulesError {
     )]
     FromInFallback {
         /// Where.
-        at: Location,
+        at: Box<Location>,
     },
     /// A `[rule.fallback]` without `smart_account`.
     #[error(
@@ -237,7 +238,7 @@ pub enum RulesError {
     )]
     FallbackWithoutAccount {
         /// The fallback table.
-        at: Location,
+        at: Box<Location>,
     },
 }
 
@@ -247,7 +248,7 @@ pub struct Rules {
     file: PathBuf,
     hash: String,
     rules: Vec<compile::Rule>,
-    globs: compile::GlobIndex,
+    index: index::MatchIndex,
 }
 
 impl Rules {
@@ -276,7 +277,7 @@ impl Rules {
     /// The first rule that matches `order` and what it assigns; `None` when
     /// no rule does.
     pub fn decide(&self, order: &HeldOrder) -> Option<Decision> {
-        let facts = matcher::Facts::new(order);
+        let facts = matcher::Facts::new(order, self);
         let index = self.first_match(&facts)?;
         self.decision(index, &facts)
     }

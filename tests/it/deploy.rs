@@ -491,3 +491,21 @@ async fn definitions_accept_the_workers_topology_and_nothing_more() {
         let _ = c.close(200, "done".into()).await;
     }
 }
+
+/// The rules files shipped for Compose and Kubernetes pass `holdclear rules check`.
+#[test]
+fn shipped_rules_files_are_valid() {
+    for file in ["deploy/config/rules.toml", "deploy/k8s/rules.toml"] {
+        let out = crate::support::bin()
+            .args(["rules", "check"])
+            .arg(repo_path(file))
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{file}: {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+}

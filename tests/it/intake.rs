@@ -274,7 +274,12 @@ async fn a_held_order_becomes_one_case_once(pool: PgPool) {
     .await
     .unwrap();
     let case_id: Uuid = row.get("id");
-    assert_eq!(row.get::<String, _>("state"), "deciding");
+    // The case engine runs beside intake: the case may already be a step further.
+    let state: String = row.get("state");
+    assert!(
+        ["deciding", "resolving"].contains(&state.as_str()),
+        "{state}"
+    );
     assert_eq!(row.get::<String, _>("order_key"), "104233871");
     assert_eq!(
         row.get::<Option<String>, _>("sales_order_number")
@@ -295,7 +300,9 @@ async fn a_held_order_becomes_one_case_once(pool: PgPool) {
             .to_rfc3339(),
         "2026-11-23T09:10:00+00:00"
     );
-    assert!(row.get::<bool, _>("due"));
+    if state == "deciding" {
+        assert!(row.get::<bool, _>("due"));
+    }
     let stored: Value = row.get("event");
     assert_eq!(
         serde_json::from_value::<HeldOrderEvent>(stored).unwrap(),
@@ -308,7 +315,11 @@ async fn a_held_order_becomes_one_case_once(pool: PgPool) {
             .fetch_all(&pool)
             .await
             .unwrap();
-    assert_eq!(history, [("opened".to_owned(), "deciding".to_owned())]);
+    assert_eq!(history[0], ("opened".to_owned(), "deciding".to_owned()));
+    assert_eq!(
+        history.iter().filter(|(kind, _)| kind == "opened").count(),
+        1
+    );
 
     // The same event again, then a second hold of the same order: in queue
     // order, so once the second hold is recorded the duplicate was handled.
@@ -324,7 +335,15 @@ async fn a_held_order_becomes_one_case_once(pool: PgPool) {
     })
     .await;
     assert_eq!(count(&pool, "SELECT count(*) FROM cases").await, 1);
-    assert_eq!(count(&pool, "SELECT count(*) FROM case_history").await, 2);
+    // Intake's rows: one opened, one held again (the engine adds its own).
+    assert_eq!(
+        count(
+            &pool,
+            "SELECT count(*) FROM case_history WHERE kind IN ('opened', 'held_again')"
+        )
+        .await,
+        2
+    );
     assert_eq!(count(&pool, "SELECT count(*) FROM inbox").await, 2);
 
     worker.shutdown().await.unwrap();

@@ -11,5 +11,6 @@ mod deploy;
 mod dlq;
 mod engine;
 mod intake;
+mod ops;
 mod rules;
 mod support;
