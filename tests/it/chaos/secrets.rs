@@ -40,10 +40,10 @@ fn cli(env: &HashMap<String, String>, args: &[&str]) -> (Output, String) {
 /// flat object per line).
 fn http_addr(logs: &str) -> Option<SocketAddr> {
     logs.lines()
+        .rev()
         .filter_map(|l| serde_json::from_str::<Value>(l).ok())
         .filter(|v| v["message"] == "HTTP server listening.")
-        .filter_map(|v| v["addr"].as_str()?.parse().ok())
-        .last()
+        .find_map(|v| v["addr"].as_str()?.parse().ok())
 }
 
 #[sqlx::test]
