@@ -4,6 +4,7 @@
 
 mod bench;
 mod broker;
+mod chaos;
 mod cli;
 mod commerce;
 mod demo;
