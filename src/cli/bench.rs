@@ -183,6 +183,13 @@ pub fn table(r: &Report) -> Table {
         ),
         String::new(),
     ]);
+    let load = |x: Option<f64>| x.map_or("?".into(), |l| format!("{l:.1}"));
+    t.add_row([
+        "machine".to_owned(),
+        "load average (1 min) at start, at end".to_owned(),
+        format!("{}, {}", load(m.load_average[0]), load(m.load_average[1])),
+        format!("≤ {} (else others shared the CPU)", m.cores),
+    ]);
     if let Some(s) = &r.intake_vs_broker {
         let sec = format!("1. intake vs broker ({} orders)", s.orders);
         t.add_row([
