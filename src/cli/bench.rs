@@ -113,9 +113,14 @@ pub async fn execute(base: Settings, args: Args) -> anyhow::Result<ExitCode> {
             bench,
             store: store.clone(),
         };
-        let report = b.run().await;
+        // Ctrl-C or SIGTERM ends the run (worker processes are killed as
+        // the run is dropped) and still cleans up below.
+        let report = tokio::select! {
+            r = b.run() => r.map_err(anyhow::Error::from),
+            () = interrupted() => Err(anyhow::anyhow!("interrupted")),
+        };
         store.pool().close().await;
-        anyhow::Ok(report?)
+        report
     }
     .await;
 
@@ -155,6 +160,15 @@ pub async fn execute(base: Settings, args: Args) -> anyhow::Result<ExitCode> {
         writeln!(out, "{}", table(&report))?;
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// Resolves on ctrl-c or SIGTERM.
+async fn interrupted() {
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        Some(()) = async { match term.as_mut() { Some(t) => t.recv().await, None => None } } => {}
+    }
 }
 
 fn per_sec(x: f64) -> String {
