@@ -1,5 +1,5 @@
 //! Resident memory from `/proc`: a process's peak (`VmHWM`), resetting this
-//! process's peak before a measurement, and the machine's total.
+//! process's peak before a measurement, the machine's total, and its load.
 
 use serde::Serialize;
 
@@ -34,6 +34,16 @@ pub fn reset_peak() -> bool {
 pub fn mem_total_mib() -> Option<u64> {
     let text = std::fs::read_to_string("/proc/meminfo").ok()?;
     field_kib(&text, "MemTotal:").map(|kib| kib / 1024)
+}
+
+/// The 1-minute load average (`/proc/loadavg`).
+pub fn load_average() -> Option<f64> {
+    std::fs::read_to_string("/proc/loadavg")
+        .ok()?
+        .split_whitespace()
+        .next()?
+        .parse()
+        .ok()
 }
 
 fn status_kib(pid: &str, field: &str) -> Option<u64> {

@@ -159,6 +159,9 @@ pub struct Machine {
     pub postgresql: String,
     /// RabbitMQ's version (`rabbitmqctl version`, when it can be asked).
     pub rabbitmq: Option<String>,
+    /// The 1-minute load average when the run started and when it ended:
+    /// above the number of cores, other work competed for the CPU.
+    pub load_average: [Option<f64>; 2],
 }
 
 /// The worker settings the run used (the user's, except where the
@@ -241,6 +244,10 @@ impl Bench {
         if s.contains(&5) {
             report.memory = Some(memory);
         }
+        let finish = |mut report: Report| {
+            report.machine.load_average[1] = memory::load_average();
+            report
+        };
         if s.contains(&6) {
             let mut runs: Vec<flow::Flow> = one_worker.into_iter().collect();
             for workers in 2..=self.bench.workers.max(1) {
@@ -248,7 +255,7 @@ impl Bench {
             }
             report.workers = Some(runs);
         }
-        Ok(report)
+        Ok(finish(report))
     }
 
     /// A progress bar of `len` steps (hidden unless progress is on).
@@ -281,6 +288,7 @@ async fn machine(store: &Store) -> Machine {
             .await
             .unwrap_or_else(|e| format!("unknown ({e})")),
         rabbitmq: rabbitmq_version().await,
+        load_average: [memory::load_average(), None],
     }
 }
 

@@ -113,9 +113,14 @@ pub async fn execute(base: Settings, args: Args) -> anyhow::Result<ExitCode> {
             bench,
             store: store.clone(),
         };
-        let report = b.run().await;
+        // Ctrl-C or SIGTERM ends the run (worker processes are killed as
+        // the run is dropped) and still cleans up below.
+        let report = tokio::select! {
+            r = b.run() => r.map_err(anyhow::Error::from),
+            () = interrupted() => Err(anyhow::anyhow!("interrupted")),
+        };
         store.pool().close().await;
-        anyhow::Ok(report?)
+        report
     }
     .await;
 
@@ -157,6 +162,15 @@ pub async fn execute(base: Settings, args: Args) -> anyhow::Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
+/// Resolves on ctrl-c or SIGTERM.
+async fn interrupted() {
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        Some(()) = async { match term.as_mut() { Some(t) => t.recv().await, None => None } } => {}
+    }
+}
+
 fn per_sec(x: f64) -> String {
     format!("{x:.0}/s")
 }
@@ -182,6 +196,13 @@ pub fn table(r: &Report) -> Table {
             m.rabbitmq.as_deref().unwrap_or("?")
         ),
         String::new(),
+    ]);
+    let load = |x: Option<f64>| x.map_or("?".into(), |l| format!("{l:.1}"));
+    t.add_row([
+        "machine".to_owned(),
+        "load average (1 min) at start, at end".to_owned(),
+        format!("{}, {}", load(m.load_average[0]), load(m.load_average[1])),
+        format!("≤ {} (else others shared the CPU)", m.cores),
     ]);
     if let Some(s) = &r.intake_vs_broker {
         let sec = format!("1. intake vs broker ({} orders)", s.orders);
