@@ -14,10 +14,12 @@
 //! - [`ops`]: logs, health, readiness and metrics.
 //! - [`sim`]: the commerce-API simulator (`holdclear sim`).
 //! - [`worker`]: `holdclear run` assembled: HTTP server, store, consumer and intake, graceful shutdown.
+//! - [`bench`]: `holdclear bench`: intake, end to end, watching at scale and memory, against the machine's limits.
 //! - [`cli`]: one file per subcommand.
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
 
+pub mod bench;
 pub mod broker;
 pub mod cli;
 pub mod commerce;

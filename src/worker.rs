@@ -48,9 +48,6 @@ pub enum WorkerError {
     /// A task of the worker panicked.
     #[error("a worker task failed: {0}")]
     Task(#[from] tokio::task::JoinError),
-    /// A task of the worker ended before shutdown was requested.
-    #[error("the {0} task stopped unexpectedly")]
-    Stopped(&'static str),
     /// The rules file is missing or invalid: the worker does not start without rules.
     #[error(transparent)]
     Rules(#[from] RulesError),
@@ -60,6 +57,9 @@ pub enum WorkerError {
     /// The metrics recorder could not be installed.
     #[error("cannot set up /metrics: {0}")]
     Metrics(String),
+    /// A task of the worker ended before shutdown was requested.
+    #[error("the {0} task stopped unexpectedly")]
+    Stopped(&'static str),
 }
 
 /// What the worker needs besides its settings, ready before anything runs.
@@ -290,8 +290,8 @@ async fn work(
         );
         cancel.cancel();
         abort.cancel();
-        relay_stop.cancel();
         background.cancel();
+        relay_stop.cancel();
         return Err(match panic {
             Some(e) => WorkerError::Task(e),
             None => WorkerError::Stopped(task),

@@ -1,5 +1,6 @@
 //! RabbitMQ: the only module that knows lapin.
 //!
+//! - [`bench`]: the benchmark's broker limit (an ack-only consumer), queue counts, purge.
 //! - [`connection`]: connecting, with a named connection and a reconnect loop.
 //! - [`topology`]: the exchanges and queues of the event contract, declared idempotently.
 //! - [`dlq`]: operators' view of the dead-letter queue: browse, replay, purge.
@@ -8,6 +9,7 @@
 //! - [`consumer`]: consuming the held-order queue, reconnecting by itself; acks in runs.
 //! - [`dead_letter`]: moving a refused delivery to the dead-letter exchange with the reason headers.
 
+pub mod bench;
 pub mod connection;
 pub mod consumer;
 pub mod dead_letter;

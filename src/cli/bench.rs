@@ -1,12 +1,369 @@
-//! `holdclear bench` (being built: see the issue that owns it).
+//! `holdclear bench`: throughput, latency and memory of one worker on this
+//! machine, next to the limits of the machine's RabbitMQ and PostgreSQL,
+//! measured in the same run (see [`crate::bench`]).
+//!
+//! It works on a database and exchange/queue names of its own, created
+//! here and removed at the end, also when a section fails.
 
+use std::collections::BTreeSet;
+use std::io::Write;
 use std::process::ExitCode;
+
+use comfy_table::{Table, presets::UTF8_FULL_CONDENSED};
+
+use crate::bench::{Bench, BenchSettings, Report, SECTIONS};
+use crate::broker::{self, Broker};
+use crate::config::{SecretUrl, Settings, Topology};
+use crate::store::Store;
+
+/// The rules the worker runs with: the shipped example file (its
+/// `acme-direct` rule decides every benchmark order).
+const BENCH_RULES: &str = include_str!("../../deploy/config/rules.toml");
 
 /// Arguments of `holdclear bench`.
 #[derive(Debug, clap::Args)]
-pub struct Args {}
+pub struct Args {
+    /// Held orders for sections 1 and 2 (intake vs broker and database).
+    #[arg(long, default_value_t = 100_000, value_parser = clap::value_parser!(u64).range(1..=10_000_000))]
+    pub orders: u64,
+    /// Held orders per end-to-end run (sections 3, 5 and 6).
+    #[arg(long, default_value_t = 20_000, value_parser = clap::value_parser!(u64).range(1..=1_000_000))]
+    pub flow_orders: u64,
+    /// Watched cases for section 4 (at least 10,000).
+    #[arg(long, default_value_t = 1_000_000, value_parser = clap::value_parser!(u64).range(10_000..=10_000_000))]
+    pub watching: u64,
+    /// Most worker processes in section 6 (runs with 1, 2, … of them).
+    #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u16).range(1..=16))]
+    pub workers: u16,
+    /// Sections to run, e.g. `1,3,5` (1 intake vs broker, 2 intake vs
+    /// database, 3 end to end, 4 watching at scale, 5 memory, 6 more workers).
+    #[arg(long, default_value = "1,2,3,4,5,6")]
+    pub sections: String,
+    /// Print the report as JSON (for machines) instead of a table.
+    #[arg(long)]
+    pub json: bool,
+}
+
+fn sections(raw: &str) -> Result<BTreeSet<u8>, super::UsageError> {
+    let mut set = BTreeSet::new();
+    for part in raw.split(',').map(str::trim).filter(|p| !p.is_empty()) {
+        match part.parse::<u8>() {
+            Ok(n) if SECTIONS.iter().any(|(s, _)| *s == n) => {
+                set.insert(n);
+            }
+            _ => {
+                return Err(super::UsageError(format!(
+                    "--sections: {part:?} is not a section (1 to 6)"
+                )));
+            }
+        }
+    }
+    if set.is_empty() {
+        return Err(super::UsageError("--sections: name at least one".into()));
+    }
+    Ok(set)
+}
 
 /// Runs `holdclear bench`.
-pub async fn execute(_args: Args) -> anyhow::Result<ExitCode> {
-    anyhow::bail!("holdclear bench is not built yet")
+pub async fn execute(base: Settings, args: Args) -> anyhow::Result<ExitCode> {
+    crate::ops::logs::init(crate::config::LogFormat::Pretty, "error,lapin=off");
+    let sections = sections(&args.sections)?;
+    let run = format!(
+        "{}_{}",
+        std::process::id(),
+        &uuid::Uuid::new_v4().simple().to_string()[..6]
+    );
+    let mut db_url = base.database_url.url().clone();
+    db_url.set_path(&format!("holdclear_bench_{run}"));
+    let database_url = SecretUrl::parse("database", db_url.as_str())?;
+    let topology = Topology::prefixed(&format!("holdclear-bench-{run}."));
+    let work_dir = std::env::temp_dir().join(format!("holdclear-bench-{run}"));
+    {
+        use std::os::unix::fs::DirBuilderExt;
+        std::fs::DirBuilder::new().mode(0o700).create(&work_dir)?;
+    }
+    let rules_path = work_dir.join("rules.toml");
+    std::fs::write(&rules_path, BENCH_RULES)?;
+
+    let mut settings = base.clone();
+    settings.database_url = database_url.clone();
+    settings.amqp.topology = topology.clone();
+    settings.rules_path = rules_path;
+    let bench = BenchSettings {
+        orders: args.orders,
+        flow_orders: args.flow_orders,
+        watching: args.watching,
+        workers: usize::from(args.workers),
+        sections,
+        worker_exe: std::env::current_exe()?,
+        work_dir: work_dir.clone(),
+        progress: !args.json,
+    };
+    let mut err = std::io::stderr();
+    writeln!(
+        err,
+        "holdclear bench: database {database_url}, exchanges and queues prefixed holdclear-bench-{run}."
+    )?;
+
+    let result = async {
+        let store = Store::connect(&database_url, 8).await?;
+        store.migrate().await?;
+        let b = Bench {
+            settings: settings.clone(),
+            bench,
+            store: store.clone(),
+        };
+        // Ctrl-C or SIGTERM ends the run (worker processes are killed as
+        // the run is dropped) and still cleans up below.
+        let report = tokio::select! {
+            r = b.run() => r.map_err(anyhow::Error::from),
+            () = interrupted() => Err(anyhow::anyhow!("interrupted")),
+        };
+        store.pool().close().await;
+        report
+    }
+    .await;
+
+    // Clean up whatever happened.
+    let broker = Broker::new(
+        settings.amqp.url.clone(),
+        format!("holdclear bench {run} cleanup"),
+    );
+    if let Ok(conn) = broker.connect("cleanup").await {
+        broker::delete_topology(&conn, &topology).await.ok();
+        broker::close(&conn).await;
+    }
+    crate::store::drop_database(&database_url).await.ok();
+    let report = match result {
+        Ok(report) => {
+            std::fs::remove_dir_all(&work_dir).ok();
+            report
+        }
+        Err(e) => {
+            // Keep the worker logs for the reader; the settings files hold URLs.
+            if let Ok(entries) = std::fs::read_dir(&work_dir) {
+                for entry in entries.flatten() {
+                    if entry.path().extension().is_some_and(|x| x == "toml") {
+                        std::fs::remove_file(entry.path()).ok();
+                    }
+                }
+            }
+            writeln!(err, "Worker logs, if any: {}", work_dir.display())?;
+            return Err(e);
+        }
+    };
+
+    let mut out = std::io::stdout().lock();
+    if args.json {
+        writeln!(out, "{}", serde_json::to_string_pretty(&report)?)?;
+    } else {
+        writeln!(out, "{}", table(&report))?;
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Resolves on ctrl-c or SIGTERM.
+async fn interrupted() {
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        Some(()) = async { match term.as_mut() { Some(t) => t.recv().await, None => None } } => {}
+    }
+}
+
+fn per_sec(x: f64) -> String {
+    format!("{x:.0}/s")
+}
+
+fn pct(x: f64) -> String {
+    format!("{:.0} %", x * 100.0)
+}
+
+/// The report as a plain table: section, what, value, the bar.
+pub fn table(r: &Report) -> Table {
+    let mut t = Table::new();
+    t.load_preset(UTF8_FULL_CONDENSED)
+        .set_header(["section", "measure", "value", "bar"]);
+    let m = &r.machine;
+    t.add_row([
+        "machine".to_owned(),
+        "cores, memory, PostgreSQL, RabbitMQ".to_owned(),
+        format!(
+            "{} cores, {} MiB, PostgreSQL {}, RabbitMQ {}",
+            m.cores,
+            m.memory_mib.map_or("?".into(), |x| x.to_string()),
+            m.postgresql,
+            m.rabbitmq.as_deref().unwrap_or("?")
+        ),
+        String::new(),
+    ]);
+    let load = |x: Option<f64>| x.map_or("?".into(), |l| format!("{l:.1}"));
+    t.add_row([
+        "machine".to_owned(),
+        "load average (1 min) at start, at end".to_owned(),
+        format!("{}, {}", load(m.load_average[0]), load(m.load_average[1])),
+        format!("≤ {} (else others shared the CPU)", m.cores),
+    ]);
+    if let Some(s) = &r.intake_vs_broker {
+        let sec = format!("1. intake vs broker ({} orders)", s.orders);
+        t.add_row([
+            sec.clone(),
+            "preload, windows of confirms".into(),
+            per_sec(s.publish_per_sec),
+            String::new(),
+        ]);
+        t.add_row([
+            sec.clone(),
+            format!(
+                "broker: ack-only consumer, prefetch {}",
+                r.settings.prefetch
+            ),
+            per_sec(s.broker_per_sec),
+            String::new(),
+        ]);
+        t.add_row([
+            sec.clone(),
+            "worker: consumer + intake".into(),
+            per_sec(s.intake_per_sec),
+            String::new(),
+        ]);
+        t.add_row([
+            sec,
+            "intake / broker".into(),
+            pct(s.ratio),
+            format!("≥ {}", pct(s.target_ratio)),
+        ]);
+    }
+    if let Some(s) = &r.intake_vs_database {
+        let sec = format!("2. intake vs database ({} orders)", s.orders);
+        t.add_row([
+            sec.clone(),
+            format!(
+                "database: record_held, batches of {}, {} at a time",
+                s.batch, s.concurrency
+            ),
+            per_sec(s.database_per_sec),
+            String::new(),
+        ]);
+        if let Some(ratio) = s.ratio {
+            t.add_row([sec, "intake / database".into(), pct(ratio), String::new()]);
+        }
+    }
+    if let Some(f) = &r.end_to_end {
+        let sec = format!("3. end to end ({} orders, 1 worker)", f.orders);
+        flow_rows(&mut t, &sec, f, true);
+    }
+    if let Some(w) = &r.watching {
+        for (c, label) in [(&w.small, "few"), (&w.large, "many")] {
+            t.add_row([
+                format!("4. watching ({label} waiting)"),
+                format!(
+                    "claim of {:.0} due among {} watched: p50 / p99",
+                    c.claimed_per_claim, c.waiting
+                ),
+                format!("{:.2} / {:.2} ms", c.claim_ms.p50, c.claim_ms.p99),
+                if label == "many" {
+                    format!("≤ {} ms", w.target_ms)
+                } else {
+                    String::new()
+                },
+            ]);
+        }
+        t.add_row([
+            "4. watching".to_owned(),
+            "per claimed case: few → many waiting".to_owned(),
+            format!(
+                "{:.1} → {:.1} µs (× {:.2})",
+                w.small.per_case_us, w.large.per_case_us, w.growth
+            ),
+            "no growth".to_owned(),
+        ]);
+        t.add_row([
+            "4. watching".to_owned(),
+            "claim plan uses the cases_due index".to_owned(),
+            if w.plan_uses_cases_due { "yes" } else { "NO" }.to_owned(),
+            "yes".to_owned(),
+        ]);
+    }
+    if let Some(mem) = &r.memory {
+        let fmt = |x: Option<f64>| x.map_or("not measured".into(), |m| format!("{m:.1} MiB"));
+        t.add_row([
+            "5. memory".to_owned(),
+            "peak RSS, intake (section 1, in-process)".to_owned(),
+            fmt(mem.intake_peak_rss_mib),
+            format!("≤ {} MiB", mem.target_mib),
+        ]);
+        t.add_row([
+            "5. memory".to_owned(),
+            "peak RSS, worker process (section 3)".to_owned(),
+            fmt(mem.end_to_end_peak_rss_mib),
+            format!("≤ {} MiB", mem.target_mib),
+        ]);
+    }
+    if let Some(runs) = &r.workers {
+        for f in runs {
+            let sec = format!("6. {} worker(s), {} orders", f.workers, f.orders);
+            flow_rows(&mut t, &sec, f, false);
+        }
+    }
+    t
+}
+
+fn flow_rows(t: &mut Table, sec: &str, f: &crate::bench::flow::Flow, detailed: bool) {
+    t.add_row([
+        sec.to_owned(),
+        "released orders per second".into(),
+        per_sec(f.per_sec),
+        if detailed {
+            "≥ 1000/s".into()
+        } else {
+            String::new()
+        },
+    ]);
+    t.add_row([
+        sec.to_owned(),
+        "publish → released: p50 / p95 / p99".into(),
+        format!(
+            "{:.0} / {:.0} / {:.0} ms",
+            f.latency_ms.p50, f.latency_ms.p95, f.latency_ms.p99
+        ),
+        String::new(),
+    ]);
+    t.add_row([
+        sec.to_owned(),
+        "released / escalated / published".into(),
+        format!("{} / {} / {}", f.released, f.escalated, f.orders),
+        String::new(),
+    ]);
+    let peaks: Vec<String> = f.peak_rss_mib.iter().map(|m| format!("{m:.0}")).collect();
+    t.add_row([
+        sec.to_owned(),
+        "peak RSS per worker process".into(),
+        format!("{} MiB", peaks.join(", ")),
+        String::new(),
+    ]);
+    if detailed {
+        t.add_row([
+            sec.to_owned(),
+            "commerce API calls per order".into(),
+            format!("{:.1}", f.api_calls_per_order),
+            String::new(),
+        ]);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sections_are_checked() {
+        assert_eq!(
+            sections("1, 3,5").unwrap().into_iter().collect::<Vec<_>>(),
+            vec![1, 3, 5]
+        );
+        assert!(sections("7").is_err());
+        assert!(sections("").is_err());
+        assert!(sections("x").is_err());
+    }
 }

@@ -99,7 +99,7 @@ async fn execute(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Cases(cmd) => cases::execute(load(config)?, cmd).await,
         Command::Sim(args) => sim::execute(args).await,
         Command::Demo(args) => demo::execute(load(config)?, args).await,
-        Command::Bench(args) => bench::execute(args).await,
+        Command::Bench(args) => bench::execute(load(config)?, args).await,
     }
 }
 

@@ -2,7 +2,8 @@
 //!
 //! [`Store`] owns the pool. Its methods are grouped by table in the
 //! submodules: the inbox and new cases (intake), the case engine's claims and
-//! steps, case history, and the outbox.
+//! steps, case history, and the outbox; `bench` holds what only
+//! `holdclear bench` asks (seeding, counting, the claim's plan).
 
 use std::str::FromStr;
 use std::time::Duration;
@@ -13,6 +14,7 @@ use sqlx::{PgPool, Postgres};
 
 use crate::config::SecretUrl;
 
+mod bench;
 mod cases;
 mod intake;
 mod ops;

@@ -2,7 +2,9 @@
 //! simulator over real HTTP. Names are unique per test; `#[sqlx::test]`
 //! gives each test its own database.
 
+mod bench;
 mod broker;
+mod chaos;
 mod cli;
 mod commerce;
 mod demo;

@@ -1,0 +1,147 @@
+//! Section 4: the engine's claim ([`crate::store::Store::claim_due`]) of
+//! about a hundred due cases among many that are being watched and not due
+//! for hours; first with a small number waiting, then with the large one,
+//! so that the cost per claimed case can be compared. Also the claim's
+//! plan: it must walk the `cases_due` partial index, not the table.
+
+use std::time::{Duration, Instant};
+
+use chrono::Utc;
+use serde::Serialize;
+
+use super::{Bench, BenchError, Percentiles, load};
+
+/// Cases made due before each claim (and the claim's limit).
+pub const DUE: i64 = 100;
+/// Claims timed at each size.
+const CLAIMS: usize = 200;
+/// The small number of waiting cases.
+const SMALL: u64 = 10_000;
+/// Cases inserted per statement while seeding.
+const SEED_CHUNK: u64 = 100_000;
+/// The claims' lease: long enough that a claimed case is not due again
+/// during the section.
+const LEASE: Duration = Duration::from_secs(3600);
+
+/// Section 4.
+#[derive(Clone, Debug, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Watching {
+    /// The claims with few cases waiting.
+    pub small: Claims,
+    /// The claims with the large number waiting.
+    pub large: Claims,
+    /// Seeding the large number, seconds (set-based inserts).
+    pub seed_seconds: f64,
+    /// `large.p50 per case / small.p50 per case`: 1 means no growth.
+    pub growth: f64,
+    /// The claim's plan uses the `cases_due` index.
+    pub plan_uses_cases_due: bool,
+    /// The plan, as PostgreSQL printed it (with the large number waiting).
+    pub plan: Vec<String>,
+    /// The bar for `large.p50` and `large.p99`, milliseconds.
+    pub target_ms: f64,
+}
+
+/// Claims timed with a number of cases waiting.
+#[derive(Clone, Debug, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Claims {
+    /// Watched cases not due.
+    pub waiting: u64,
+    /// Cases claimed per claim, on average (about [`DUE`]).
+    pub claimed_per_claim: f64,
+    /// One claim, milliseconds.
+    pub claim_ms: Percentiles,
+    /// The median claim divided by the cases it claimed, microseconds.
+    pub per_case_us: f64,
+}
+
+/// Runs section 4.
+pub async fn run(b: &Bench) -> Result<Watching, BenchError> {
+    b.store.bench_truncate().await?;
+    let event = serde_json::to_value(load::decoded(&load::held_body(
+        "watch",
+        4_000_000_000,
+        Utc::now(),
+    ))?)
+    .map_err(|e| BenchError::BadEvent(e.to_string()))?;
+    let large = b.bench.watching.max(SMALL);
+    let start = Utc::now();
+    // Due between one and seven hours from now: nothing of it is due during the run.
+    let (offset, spread) = (Duration::from_secs(3600), Duration::from_secs(6 * 3600));
+
+    let bar = b.bar(SMALL, "4. seeding watched cases");
+    b.store
+        .bench_seed_watching(0, SMALL as i64, &event, start, offset, spread)
+        .await?;
+    b.store.bench_analyze().await?;
+    bar.finish_and_clear();
+    let small = claims(b, SMALL, "4. claims, few waiting").await?;
+
+    let bar = b.bar(large, "4. seeding watched cases");
+    bar.set_position(SMALL);
+    let seeding = Instant::now();
+    let mut seeded = SMALL;
+    while seeded < large {
+        let take = (large - seeded).min(SEED_CHUNK);
+        b.store
+            .bench_seed_watching(seeded as i64, take as i64, &event, start, offset, spread)
+            .await?;
+        seeded += take;
+        bar.set_position(seeded);
+    }
+    b.store.bench_analyze().await?;
+    let seed_seconds = seeding.elapsed().as_secs_f64();
+    bar.finish_and_clear();
+    let large = claims(b, large, "4. claims, many waiting").await?;
+
+    let plan = b.store.bench_explain_claim(DUE).await?;
+    let plan_uses_cases_due = plan.iter().any(|l| l.contains("cases_due"));
+    let growth = if small.per_case_us > 0.0 {
+        large.per_case_us / small.per_case_us
+    } else {
+        0.0
+    };
+    b.store.bench_truncate().await?;
+    Ok(Watching {
+        small,
+        large,
+        seed_seconds,
+        growth,
+        plan_uses_cases_due,
+        plan,
+        target_ms: 5.0,
+    })
+}
+
+/// Makes [`DUE`] cases due, times one claim, [`CLAIMS`] times.
+async fn claims(b: &Bench, waiting: u64, label: &str) -> Result<Claims, BenchError> {
+    let bar = b.bar(CLAIMS as u64, label);
+    let mut times = Vec::with_capacity(CLAIMS);
+    let mut claimed = 0usize;
+    for i in 0..CLAIMS {
+        b.store.bench_make_due(DUE).await?;
+        let started = Instant::now();
+        let got = b
+            .store
+            .claim_due("holdclear-bench", LEASE, DUE as usize)
+            .await?;
+        times.push(started.elapsed().as_secs_f64() * 1e3);
+        claimed += got.len();
+        bar.set_position(i as u64 + 1);
+    }
+    bar.finish_and_clear();
+    let claim_ms = Percentiles::of(times);
+    let claimed_per_claim = claimed as f64 / CLAIMS as f64;
+    Ok(Claims {
+        waiting,
+        claimed_per_claim,
+        per_case_us: if claimed_per_claim > 0.0 {
+            claim_ms.p50 * 1e3 / claimed_per_claim
+        } else {
+            0.0
+        },
+        claim_ms,
+    })
+}

@@ -1,0 +1,125 @@
+//! What `holdclear bench` asks of PostgreSQL besides the service's own
+//! statements (which it calls as they are: [`Store::record_held`],
+//! [`Store::claim_due`]): emptying the tables between runs, counting what
+//! intake wrote, seeding a million watched cases set-based, making a few of
+//! them due, and the plan of the claim.
+
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use serde_json::Value;
+use sqlx::Row;
+
+use super::{Store, StoreError};
+
+/// Makes the `$1` open cases due last due a second ago.
+const MAKE_DUE: &str = "UPDATE cases SET next_action_at = now() - interval '1 second' \
+     WHERE id IN (SELECT id FROM cases WHERE state NOT IN ('released', 'escalated') \
+                  ORDER BY next_action_at DESC LIMIT $1)";
+
+/// Seeds cases `from..from + n` in state `watching` (see [`Store::bench_seed_watching`]).
+const SEED_WATCHING: &str = r#"
+INSERT INTO cases (id, order_key, sales_order_number, state, event_id, event, hold_reason,
+                   held_at, next_action_at, watching_since, assigned_at, polls,
+                   idempotency_key, assignment_id, created_at, updated_at)
+SELECT gen_random_uuid(),
+       'bench-w' || g,
+       'bench-w' || g,
+       'watching',
+       'bench-watch-' || g,
+       $3::jsonb,
+       'NO_SMART_ACCOUNT',
+       $4::timestamptz,
+       $4::timestamptz + make_interval(secs => $5::float8 + random() * $6::float8),
+       $4::timestamptz,
+       $4::timestamptz,
+       1,
+       'bench-key-' || g,
+       'bench-assignment-' || g,
+       $4::timestamptz,
+       $4::timestamptz
+FROM generate_series($1::bigint, $1::bigint + $2::bigint - 1) AS g
+"#;
+
+impl Store {
+    /// Empties every table of the service (the benchmark's own database only).
+    pub async fn bench_truncate(&self) -> Result<(), StoreError> {
+        sqlx::query("TRUNCATE inbox, outbox, case_history, cases")
+            .execute(&self.pool)
+            .await?;
+        Ok(())
+    }
+
+    /// Event ids intake has recorded.
+    pub async fn bench_inbox_count(&self) -> Result<i64, StoreError> {
+        Ok(sqlx::query_scalar("SELECT count(*) FROM inbox")
+            .fetch_one(&self.pool)
+            .await?)
+    }
+
+    /// Inserts `n` cases in state `watching`, numbered from `from`, whose
+    /// next look falls at a random moment between `start` plus `offset` and
+    /// `start` plus `offset + spread` seconds; each carries `event` (a valid
+    /// held-order event, as intake would have stored it). One statement.
+    pub async fn bench_seed_watching(
+        &self,
+        from: i64,
+        n: i64,
+        event: &Value,
+        start: DateTime<Utc>,
+        offset: Duration,
+        spread: Duration,
+    ) -> Result<(), StoreError> {
+        sqlx::query(SEED_WATCHING)
+            .bind(from)
+            .bind(n)
+            .bind(event)
+            .bind(start)
+            .bind(offset.as_secs_f64())
+            .bind(spread.as_secs_f64())
+            .execute(&self.pool)
+            .await?;
+        Ok(())
+    }
+
+    /// Refreshes the planner's statistics of the cases table (autovacuum
+    /// would, a little later).
+    pub async fn bench_analyze(&self) -> Result<(), StoreError> {
+        sqlx::query("VACUUM ANALYZE cases")
+            .execute(&self.pool)
+            .await?;
+        Ok(())
+    }
+
+    /// Makes the `n` open cases due last due now (they then wait a second
+    /// past their time, as cases do between two claims).
+    pub async fn bench_make_due(&self, n: i64) -> Result<u64, StoreError> {
+        Ok(sqlx::query(MAKE_DUE)
+            .bind(n)
+            .execute(&self.pool)
+            .await?
+            .rows_affected())
+    }
+
+    /// The plan PostgreSQL picks for the engine's claim, as text lines.
+    pub async fn bench_explain_claim(&self, limit: i64) -> Result<Vec<String>, StoreError> {
+        // A fixed prefix on a constant statement: nothing from outside.
+        let sql = sqlx::AssertSqlSafe(format!("EXPLAIN {}", super::cases::CLAIM_DUE));
+        let rows = sqlx::query(sql)
+            .bind("bench-explain")
+            .bind(30.0f64)
+            .bind(limit)
+            .fetch_all(&self.pool)
+            .await?;
+        rows.iter()
+            .map(|r| r.try_get::<String, _>(0).map_err(StoreError::from))
+            .collect()
+    }
+
+    /// The server's version (`SHOW server_version`).
+    pub async fn bench_server_version(&self) -> Result<String, StoreError> {
+        Ok(sqlx::query_scalar("SHOW server_version")
+            .fetch_one(&self.pool)
+            .await?)
+    }
+}

@@ -1,0 +1,480 @@
+//! Chaos: real worker processes, the real broker and database, the
+//! simulator over HTTP — and something breaking while held orders flow.
+//! Each scenario ends with the [`checker`]: every order has exactly one
+//! terminal event, at most one accepted assignment, every malformed input is
+//! dead-lettered once, and no case is stuck.
+//!
+//! Disruptions touch only what belongs to the test: its worker processes,
+//! the worker's own broker connections, the test's database, its exchange.
+
+mod checker;
+mod poison;
+mod scenarios;
+mod secrets;
+
+use std::collections::HashMap;
+use std::fs::OpenOptions;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use futures_util::StreamExt;
+use holdclear::broker::OutgoingMessage;
+use holdclear::config::Topology;
+use holdclear::sim::SimHandle;
+use lapin::options::{
+    BasicConsumeOptions, ExchangeDeclareOptions, ExchangeDeleteOptions, QueueBindOptions,
+    QueueDeclareOptions,
+};
+use lapin::types::FieldTable;
+use lapin::{Channel, Connection, ConnectionProperties, ExchangeKind};
+use serde_json::{Value, json};
+use sqlx::PgPool;
+
+use crate::support::broker::message;
+use crate::support::{amqp_url, bin, config_file, env_for, repo_path, unique};
+
+pub use checker::{Expect, check};
+
+/// Settings that make a worker process quick enough for a test: short
+/// polls, backoff and leases; a commerce timeout shorter than the
+/// simulator's hang; few database connections (tests run side by side).
+pub fn worker_env(database_url: &str, sim: &SimHandle, config: &Path) -> HashMap<String, String> {
+    let mut env = env_for(database_url);
+    let rules = repo_path("deploy/config/rules.toml");
+    for (k, v) in [
+        ("HOLDCLEAR_CONFIG", config.display().to_string()),
+        ("HOLDCLEAR_RULES", rules.display().to_string()),
+        ("HOLDCLEAR_COMMERCE_BASE_URL", sim.base_url()),
+        ("HOLDCLEAR_COMMERCE_TOKEN_URL", sim.token_url()),
+        ("HOLDCLEAR_COMMERCE_RATE_LIMIT", "150".into()),
+        ("HOLDCLEAR_COMMERCE_TIMEOUT", "3s".into()),
+        ("HOLDCLEAR_POLL_INTERVAL", "200ms".into()),
+        ("HOLDCLEAR_POLL_MAX_INTERVAL", "1s".into()),
+        ("HOLDCLEAR_RETRY_INITIAL", "200ms".into()),
+        ("HOLDCLEAR_RETRY_MAX_INTERVAL", "2s".into()),
+        ("HOLDCLEAR_RETRY_MAX_ELAPSED", "5m".into()),
+        ("HOLDCLEAR_ENGINE_LEASE", "3s".into()),
+        ("HOLDCLEAR_ENGINE_IDLE_POLL", "200ms".into()),
+        ("HOLDCLEAR_SHUTDOWN_TIMEOUT", "5s".into()),
+        ("HOLDCLEAR_DATABASE_MAX_CONNECTIONS", "6".into()),
+        ("RUST_LOG", "info".into()),
+    ] {
+        env.insert(k.to_owned(), v);
+    }
+    env
+}
+
+/// A `holdclear run` process that can be killed and started again; its
+/// stderr (JSON logs) of every start is appended to one file. Killed when
+/// dropped.
+pub struct WorkerProcess {
+    env: HashMap<String, String>,
+    child: Option<Child>,
+    /// Where the logs go.
+    pub log: PathBuf,
+    /// How many times it was started.
+    pub starts: usize,
+}
+
+impl WorkerProcess {
+    /// Starts `holdclear run` with `env`.
+    pub fn start(env: HashMap<String, String>, dir: &Path) -> Self {
+        let mut w = Self {
+            env,
+            child: None,
+            log: dir.join("worker.log"),
+            starts: 0,
+        };
+        w.spawn();
+        w
+    }
+
+    fn spawn(&mut self) {
+        let log = OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.log)
+            .unwrap();
+        let mut cmd = bin();
+        cmd.arg("run")
+            .env_clear()
+            .envs(&self.env)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(log);
+        if let Ok(path) = std::env::var("PATH") {
+            cmd.env("PATH", path);
+        }
+        self.child = Some(cmd.spawn().expect("holdclear run starts"));
+        self.starts += 1;
+    }
+
+    /// SIGKILL, reaped.
+    pub fn kill9(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let pid = nix::unistd::Pid::from_raw(child.id() as i32);
+            let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGKILL);
+            let _ = child.wait();
+        }
+    }
+
+    /// SIGKILL, then a fresh start with the same settings.
+    pub fn kill_and_restart(&mut self) {
+        self.kill9();
+        self.spawn();
+    }
+
+    /// SIGTERM and wait for the exit (bounded); the exit code.
+    pub async fn terminate(&mut self, deadline: Duration) -> Option<i32> {
+        let mut child = self.child.take()?;
+        let pid = nix::unistd::Pid::from_raw(child.id() as i32);
+        let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM);
+        let start = Instant::now();
+        loop {
+            if let Some(status) = child.try_wait().unwrap() {
+                return status.code();
+            }
+            if start.elapsed() > deadline {
+                let _ = child.kill();
+                let _ = child.wait();
+                panic!("holdclear run did not stop within {deadline:?}");
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// Still running (not exited by itself)?
+    pub fn running(&mut self) -> bool {
+        self.child
+            .as_mut()
+            .is_some_and(|c| matches!(c.try_wait(), Ok(None)))
+    }
+
+    /// Everything it logged, over every start.
+    pub fn logs(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// The last lines of the logs (for failure messages).
+    pub fn tail(&self) -> String {
+        let logs = self.logs();
+        let lines: Vec<&str> = logs.lines().collect();
+        lines[lines.len().saturating_sub(40)..].join("\n")
+    }
+}
+
+impl Drop for WorkerProcess {
+    fn drop(&mut self) {
+        self.kill9();
+    }
+}
+
+/// One event as it arrived on the test's watch queue.
+#[derive(Clone, Debug)]
+pub struct Seen {
+    /// Routing key.
+    pub routing_key: String,
+    /// AMQP `message_id` (= the envelope id).
+    pub envelope_id: String,
+    /// `data.salesOrderNumber`.
+    pub order: String,
+    /// `data.reason` of an escalation.
+    pub reason: Option<String>,
+    /// The whole body, as text.
+    pub body: String,
+    /// When it arrived.
+    pub at: Instant,
+}
+
+impl Seen {
+    /// `order.hold_released`, or an escalation other than `HOLD_PERSISTS`.
+    pub fn is_terminal(&self) -> bool {
+        match self.routing_key.as_str() {
+            "order.hold_released" => true,
+            "order.hold_escalated" => self.reason.as_deref() != Some("HOLD_PERSISTS"),
+            _ => false,
+        }
+    }
+}
+
+/// Everything published on the test's events exchange, collected in the
+/// background by an exclusive queue bound with `#`.
+pub struct Collector {
+    conn: Option<Connection>,
+    channel: Channel,
+    queue: String,
+    exchange: String,
+    /// What arrived so far.
+    pub seen: Arc<Mutex<Vec<Seen>>>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Collector {
+    /// Binds a fresh queue to the events exchange of `topology` and starts
+    /// collecting.
+    pub async fn start(topology: &Topology) -> Self {
+        let queue = unique("chaos-watch");
+        let conn = Connection::connect(
+            &amqp_url(),
+            ConnectionProperties::default().with_connection_name(queue.clone().into()),
+        )
+        .await
+        .expect("connect to RabbitMQ");
+        let channel = conn.create_channel().await.unwrap();
+        channel
+            .queue_declare(
+                queue.as_str().into(),
+                QueueDeclareOptions {
+                    exclusive: true,
+                    auto_delete: true,
+                    ..Default::default()
+                },
+                FieldTable::default(),
+            )
+            .await
+            .unwrap();
+        let exchange = topology.events_exchange.clone();
+        declare_and_bind(&channel, &exchange, &queue).await;
+        let consumer = channel
+            .basic_consume(
+                queue.as_str().into(),
+                queue.as_str().into(),
+                BasicConsumeOptions {
+                    no_ack: true,
+                    ..Default::default()
+                },
+                FieldTable::default(),
+            )
+            .await
+            .unwrap();
+        let seen: Arc<Mutex<Vec<Seen>>> = Arc::default();
+        let task = tokio::spawn(collect(consumer, Arc::clone(&seen)));
+        Self {
+            conn: Some(conn),
+            channel,
+            queue,
+            exchange,
+            seen,
+            task,
+        }
+    }
+
+    /// Declares the events exchange (as the worker does) and binds the queue.
+    pub async fn declare_and_bind(&self) {
+        declare_and_bind(&self.channel, &self.exchange, &self.queue).await;
+    }
+
+    /// Deletes the test's events exchange (its bindings go with it).
+    pub async fn delete_exchange(&self) {
+        self.channel
+            .exchange_delete(
+                self.exchange.as_str().into(),
+                ExchangeDeleteOptions::default(),
+            )
+            .await
+            .expect("delete the events exchange");
+    }
+
+    /// A copy of what arrived so far.
+    pub fn snapshot(&self) -> Vec<Seen> {
+        self.seen.lock().unwrap().clone()
+    }
+
+    /// Orders with a terminal event so far.
+    pub fn terminal_orders(&self) -> usize {
+        let seen = self.seen.lock().unwrap();
+        let orders: std::collections::HashSet<&str> = seen
+            .iter()
+            .filter(|s| s.is_terminal())
+            .map(|s| s.order.as_str())
+            .collect();
+        orders.len()
+    }
+}
+
+impl Drop for Collector {
+    fn drop(&mut self) {
+        self.task.abort();
+        // The queue is exclusive: it goes with the connection.
+        if let Some(conn) = self.conn.take() {
+            tokio::spawn(async move {
+                let _ = conn.close(200, "done".into()).await;
+            });
+        }
+    }
+}
+
+async fn declare_and_bind(channel: &Channel, exchange: &str, queue: &str) {
+    channel
+        .exchange_declare(
+            exchange.into(),
+            ExchangeKind::Topic,
+            ExchangeDeclareOptions {
+                durable: true,
+                ..Default::default()
+            },
+            FieldTable::default(),
+        )
+        .await
+        .expect("declare the events exchange");
+    channel
+        .queue_bind(
+            queue.into(),
+            exchange.into(),
+            "#".into(),
+            QueueBindOptions::default(),
+            FieldTable::default(),
+        )
+        .await
+        .expect("bind the watch queue");
+}
+
+async fn collect(mut consumer: lapin::Consumer, seen: Arc<Mutex<Vec<Seen>>>) {
+    while let Some(Ok(d)) = consumer.next().await {
+        let body: Value = serde_json::from_slice(&d.data).unwrap_or(Value::Null);
+        let data = &body["data"];
+        seen.lock().unwrap().push(Seen {
+            routing_key: d.routing_key.as_str().to_owned(),
+            envelope_id: d
+                .properties
+                .message_id()
+                .as_ref()
+                .map(|m| m.as_str().to_owned())
+                .unwrap_or_default(),
+            order: data["salesOrderNumber"].as_str().unwrap_or("").to_owned(),
+            reason: data["reason"].as_str().map(str::to_owned),
+            body: String::from_utf8_lossy(&d.data).into_owned(),
+            at: Instant::now(),
+        });
+    }
+}
+
+/// One held order of a run and the outcome its situation calls for.
+#[derive(Clone, Debug)]
+pub struct Order {
+    /// Sales order number.
+    pub number: String,
+    /// The event (its envelope).
+    pub event: Value,
+    /// The outcome.
+    pub expect: Expect,
+}
+
+/// `n` held orders with a mix of outcomes under the shipped rules and the
+/// demo simulator: most released (acme.com direct; initech.com PENDING with
+/// the partner's holding fallback), the rest escalated (hooli.com inactive,
+/// no e-mail so no rule, an unknown account, a stocking order).
+pub fn orders(tag: &str, first: u64, n: usize) -> Vec<Order> {
+    (0..n)
+        .map(|i| {
+            let number = format!("{}", first + i as u64);
+            let mut ev = crate::support::broker::held_event(&format!("{tag}-{i}"), &number);
+            let d = &mut ev["data"];
+            let expect = match i % 8 {
+                0..=2 => Expect::Released,
+                3 => {
+                    d["holdReason"] = json!("PENDING_SMART_ACCOUNT");
+                    d["smartAccount"] = json!({"domain": "initech.com", "status": "PENDING"});
+                    d["endCustomer"]["email"] = json!("it@initech.com");
+                    Expect::Released
+                }
+                4 => {
+                    d["endCustomer"]["email"] = json!("it@hooli.com");
+                    d["partner"]["id"] = json!("P-200");
+                    Expect::Escalated("SMART_ACCOUNT_NOT_ACTIVE")
+                }
+                5 => {
+                    d["endCustomer"].as_object_mut().unwrap().remove("email");
+                    d["partner"]["id"] = json!("P-200");
+                    Expect::Escalated("NO_RULE_MATCHED")
+                }
+                6 => {
+                    d["endCustomer"]["email"] = json!("cto@unknown-co.example");
+                    d["partner"]["id"] = json!("P-200");
+                    Expect::Escalated("SMART_ACCOUNT_NOT_FOUND")
+                }
+                _ => {
+                    d["orderType"] = json!("STOCKING");
+                    Expect::Escalated("ASSIGNMENT_LOCKED")
+                }
+            };
+            Order {
+                number,
+                event: ev,
+                expect,
+            }
+        })
+        .collect()
+}
+
+/// The messages of `orders`, as upstream publishes them.
+pub fn messages(orders: &[Order]) -> Vec<OutgoingMessage> {
+    orders.iter().map(|o| message(&o.event)).collect()
+}
+
+/// The RabbitMQ pids of the worker's own connections (their names carry
+/// the test's held queue).
+pub fn worker_connections(topology: &Topology) -> Vec<String> {
+    crate::support::broker::connections_named(&format!("queue={}", topology.held_queue))
+}
+
+/// What a scenario needs: the simulator, the test's topology and a
+/// collector on its events exchange, a settings file, a temp dir.
+pub struct Stage {
+    /// The simulator.
+    pub sim: SimHandle,
+    /// The test's RabbitMQ topology (deleted on drop).
+    pub rabbit: crate::support::broker::Rabbit,
+    /// Events emitted.
+    pub events: Collector,
+    /// The worker's settings (environment).
+    pub env: HashMap<String, String>,
+    /// The test's database.
+    pub pool: PgPool,
+    /// The test's database URL.
+    pub database_url: String,
+    /// Where the worker's logs go.
+    pub dir: tempfile::TempDir,
+}
+
+impl Stage {
+    /// Sets the stage for scenario `name` with the simulator `scenario`.
+    pub async fn new(name: &str, pool: PgPool, scenario: holdclear::sim::Scenario) -> Self {
+        let prefix = unique(&format!("chaos-{name}"));
+        let rabbit = crate::support::broker::Rabbit::new(&prefix).await;
+        let events = Collector::start(&rabbit.topology).await;
+        let sim = crate::support::sim::start(scenario).await;
+        let dir = tempfile::tempdir().unwrap();
+        let config = config_file(dir.path(), &prefix);
+        let database_url = crate::support::database_url(&pool).await;
+        let env = worker_env(&database_url, &sim, &config);
+        Self {
+            sim,
+            rabbit,
+            events,
+            env,
+            pool,
+            database_url,
+            dir,
+        }
+    }
+
+    /// Starts a worker process with the stage's settings and waits until
+    /// it consumes.
+    pub async fn worker(&self) -> WorkerProcess {
+        let w = WorkerProcess::start(self.env.clone(), self.dir.path());
+        self.wait_consumers(1).await;
+        w
+    }
+
+    /// Waits until `n` consumers are on the held queue.
+    pub async fn wait_consumers(&self, n: u32) {
+        let queue = self.rabbit.topology.held_queue.clone();
+        crate::support::wait_for(Duration::from_secs(30), "the worker to consume", || async {
+            (self.rabbit.consumers(&queue).await == n).then_some(())
+        })
+        .await;
+    }
+}

@@ -1,0 +1,208 @@
+//! Secrets: with a distinctive client secret configured (and token churn,
+//! refusals, a wrong secret, secrets in URLs), nothing the operator can see
+//! contains it: the worker's logs, `/metrics`, `/readyz`, the CLI's output
+//! and errors, the events, the dead letters.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::process::Output;
+use std::time::{Duration, Instant};
+
+use holdclear::sim::{EndpointFaults, Forced, Scenario, SimEndpoint};
+use serde_json::{Value, json};
+use sqlx::PgPool;
+
+use super::{Stage, WorkerProcess, check, messages, orders};
+use crate::support::broker::message;
+use crate::support::worker::http_get;
+use crate::support::{bin, repo_path, wait_for};
+
+const SECRET: &str = "hc-Qz7vT9-chaos-secret-do-not-print";
+const WRONG: &str = "hc-Wr0ng-chaos-secret-also-hidden";
+
+/// Runs the CLI with `env`; stdout and stderr together.
+fn cli(env: &HashMap<String, String>, args: &[&str]) -> (Output, String) {
+    let mut cmd = bin();
+    cmd.args(args).env_clear().envs(env);
+    if let Ok(path) = std::env::var("PATH") {
+        cmd.env("PATH", path);
+    }
+    let out = cmd.output().expect("the CLI runs");
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    (out, text)
+}
+
+/// The address the worker's HTTP server bound, from its JSON logs (one
+/// flat object per line).
+fn http_addr(logs: &str) -> Option<SocketAddr> {
+    logs.lines()
+        .rev()
+        .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+        .filter(|v| v["message"] == "HTTP server listening.")
+        .find_map(|v| v["addr"].as_str()?.parse().ok())
+}
+
+#[sqlx::test]
+async fn secrets_never_shown(pool: PgPool) {
+    let mut scenario = Scenario::demo().unwrap();
+    scenario.client_secret = SECRET.to_owned();
+    scenario.token_ttl = Duration::from_secs(2);
+    scenario.faults.token = EndpointFaults {
+        error_rate: 0.2,
+        ..EndpointFaults::default()
+    };
+    scenario.faults.search.script = vec![Forced::Unauthorized, Forced::Unauthorized];
+    scenario.faults.order.error_rate = 0.2;
+    let mut stage = Stage::new("secrets", pool, scenario).await;
+    stage
+        .env
+        .insert("HOLDCLEAR_COMMERCE_CLIENT_SECRET".into(), SECRET.into());
+    stage
+        .env
+        .insert("RUST_LOG".into(), "info,holdclear=debug".into());
+    let orders = orders("secrets", 87_000_000, 40);
+    let mut worker = stage.worker().await;
+    stage.rabbit.publish(&messages(&orders)).await;
+    let mut bad = message(&json!({"id": "secret-bad-1"}));
+    bad.body = b"{\"specversion\": \"1.0\", ".to_vec();
+    stage.rabbit.publish(&[bad]).await;
+    let report = check(
+        &stage,
+        "secrets_never_shown",
+        &orders,
+        &[("secret-bad-1".to_owned(), "MALFORMED_JSON")],
+        Instant::now(),
+        Duration::from_secs(90),
+    )
+    .await;
+    // Leave the dead letter for `dlq list`: publish it again under a new id.
+    let mut bad = message(&json!({"id": "secret-bad-2"}));
+    bad.body = b"not json".to_vec();
+    stage.rabbit.publish(&[bad]).await;
+    let dlq = stage.rabbit.topology.dead_letter_queue.clone();
+    wait_for(Duration::from_secs(30), "the dead letter", || async {
+        (stage.rabbit.depth(&dlq).await == 1).then_some(())
+    })
+    .await;
+
+    let mut shown: Vec<(String, String)> = Vec::new();
+    let addr = http_addr(&worker.logs()).expect("the worker logs its HTTP address");
+    for path in ["/metrics", "/readyz", "/healthz"] {
+        let (status, body) = http_get(addr, path).await;
+        assert_eq!(status, 200, "{path}: {body}");
+        shown.push((path.to_owned(), body));
+    }
+    assert!(shown[0].1.contains("holdclear_"), "{}", shown[0].1);
+
+    let env = &stage.env;
+    let released = &orders[0].number;
+    let escalated = &orders[4].number;
+    let rules = repo_path("deploy/config/rules.toml").display().to_string();
+    for args in [
+        vec!["cases", "list"],
+        vec!["cases", "list", "--json"],
+        vec!["cases", "show", released],
+        vec!["cases", "show", escalated],
+        vec!["dlq", "list"],
+        vec!["rules", "check", &rules],
+    ] {
+        let (out, text) = cli(env, &args);
+        assert!(out.status.success(), "{args:?}: {text}");
+        shown.push((format!("holdclear {}", args.join(" ")), text));
+    }
+    assert!(shown[3].1.contains(released.as_str()), "{}", shown[3].1);
+    assert!(shown[7].1.contains("MALFORMED_JSON"), "{}", shown[7].1);
+    // Bad settings, and secrets inside URLs that cannot be used.
+    let with = |k: &str, v: &str| {
+        let mut e = env.clone();
+        e.insert(k.to_owned(), v.to_owned());
+        e
+    };
+    let bad_settings = [
+        (
+            with("HOLDCLEAR_COMMERCE_RATE_LIMIT", "fast"),
+            vec!["run"],
+            64,
+        ),
+        (
+            with(
+                "HOLDCLEAR_COMMERCE_BASE_URL",
+                &format!("not a url {SECRET}"),
+            ),
+            vec!["run"],
+            64,
+        ),
+        (
+            with(
+                "HOLDCLEAR_DATABASE_URL",
+                &format!("postgres://postgres:{SECRET}@127.0.0.1:1/nowhere"),
+            ),
+            vec!["cases", "list"],
+            1,
+        ),
+        (
+            with(
+                "HOLDCLEAR_AMQP_URL",
+                &format!("amqp://guest:{SECRET}@127.0.0.1:5672/%2f"),
+            ),
+            vec!["dlq", "list"],
+            1,
+        ),
+    ];
+    for (e, args, code) in bad_settings {
+        let (out, text) = cli(&e, &args);
+        assert_eq!(out.status.code(), Some(code), "{args:?}: {text}");
+        shown.push((format!("holdclear {} (bad setting)", args.join(" ")), text));
+    }
+    for e in stage.events.snapshot() {
+        shown.push((format!("event {}", e.envelope_id), e.body));
+    }
+    for m in stage.rabbit.drain(&dlq).await {
+        shown.push((
+            "dead letter".into(),
+            format!("{:?} {}", m.properties, String::from_utf8_lossy(&m.body)),
+        ));
+    }
+
+    assert_eq!(
+        worker.terminate(Duration::from_secs(15)).await,
+        Some(0),
+        "{}",
+        worker.tail()
+    );
+    // A worker with the wrong secret: refused tokens, logged as such.
+    let mut wrong = WorkerProcess::start(
+        with("HOLDCLEAR_COMMERCE_CLIENT_SECRET", WRONG),
+        stage.dir.path(),
+    );
+    let more = orders_after(&orders);
+    stage.rabbit.publish(&messages(&more)).await;
+    let refused = stage.sim.stats().responses(SimEndpoint::Token, 401);
+    wait_for(
+        Duration::from_secs(30),
+        "a refused token request",
+        || async { (stage.sim.stats().responses(SimEndpoint::Token, 401) > refused).then_some(()) },
+    )
+    .await;
+    let _ = wrong.terminate(Duration::from_secs(15)).await;
+    let logs = worker.logs();
+    assert!(logs.contains("Worker stopped."), "{}", worker.tail());
+    shown.push(("worker logs (stderr)".into(), logs));
+
+    let leaks: Vec<&str> = shown
+        .iter()
+        .filter(|(_, text)| text.contains(SECRET) || text.contains(WRONG))
+        .map(|(what, _)| what.as_str())
+        .collect();
+    assert!(leaks.is_empty(), "the client secret shows in: {leaks:?}");
+    report.assert_clean();
+}
+
+/// A few more orders for the worker with the wrong secret.
+fn orders_after(orders: &[super::Order]) -> Vec<super::Order> {
+    super::orders("secrets-wrong", 87_100_000 + orders.len() as u64, 3)
+}
