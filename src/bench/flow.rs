@@ -23,9 +23,7 @@ use serde_json::Value;
 use super::{Bench, BenchError, Percentiles, UsedSettings, load, memory, rate};
 use tokio::sync::mpsc;
 
-use crate::broker::{
-    self, Broker, BrokerError, OutgoingMessage, Publisher, Received, Subscription, declare_topology,
-};
+use crate::broker::{self, BrokerError, OutgoingMessage, Publisher, Received, Subscription};
 use crate::sim::{Scenario, SimServer, SimStats};
 
 /// Orders published and not yet released, at most.
@@ -139,18 +137,7 @@ pub async fn run(b: &Bench, workers: usize, slot: u64) -> Result<Flow, BenchErro
     let n = b.bench.flow_orders;
     let first = 3_000_000_000 + slot * 100_000_000;
     let topology = &b.settings.amqp.topology;
-    b.store.bench_truncate().await?;
-
-    let broker = Broker::new(b.settings.amqp.url.clone(), "holdclear bench");
-    let conn = broker.connect("flow").await?;
-    let publisher = Publisher::open(&conn).await?;
-    declare_topology(
-        publisher.channel(),
-        topology,
-        b.settings.amqp.delivery_limit,
-    )
-    .await?;
-    broker::bench::purge(&conn, &topology.held_queue).await?;
+    let (conn, publisher) = b.fresh_start("flow").await?;
     // One task per subscription, so that no wait below can drop a message
     // half-received.
     let (events_tx, events) = mpsc::channel(4096);

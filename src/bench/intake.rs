@@ -13,7 +13,7 @@ use tokio::sync::{Notify, mpsc};
 use tokio_util::sync::CancellationToken;
 
 use super::{Bench, BenchError, load, memory, rate};
-use crate::broker::{self, Broker, Consumer, ConsumerSettings, Publisher, declare_topology};
+use crate::broker::{self, Broker, Consumer, ConsumerSettings};
 use crate::domain::HeldOrderEvent;
 use crate::intake::{Intake, IntakeSettings};
 use crate::ops::health::Health;
@@ -72,18 +72,7 @@ pub async fn against_broker(
     let n = b.bench.orders;
     let topology = &b.settings.amqp.topology;
     let run = run_tag(b);
-    b.store.bench_truncate().await?;
-
-    let broker = Broker::new(b.settings.amqp.url.clone(), "holdclear bench");
-    let conn = broker.connect("publisher").await?;
-    let publisher = Publisher::open(&conn).await?;
-    declare_topology(
-        publisher.channel(),
-        topology,
-        b.settings.amqp.delivery_limit,
-    )
-    .await?;
-    broker::bench::purge(&conn, &topology.held_queue).await?;
+    let (conn, publisher) = b.fresh_start("publisher").await?;
 
     // The broker's limit.
     let bar = b.bar(n, "1. preloading held orders");

@@ -203,6 +203,28 @@ pub struct Bench {
 }
 
 impl Bench {
+    /// Empties the bench's tables and held queue, and opens a connection
+    /// with a confirm-mode publisher on the declared topology: the start of
+    /// every section that publishes held orders.
+    pub(crate) async fn fresh_start(
+        &self,
+        role: &str,
+    ) -> Result<(crate::broker::Connection, crate::broker::Publisher), BenchError> {
+        let topology = &self.settings.amqp.topology;
+        self.store.bench_truncate().await?;
+        let broker = crate::broker::Broker::new(self.settings.amqp.url.clone(), "holdclear bench");
+        let conn = broker.connect(role).await?;
+        let publisher = crate::broker::Publisher::open(&conn).await?;
+        crate::broker::declare_topology(
+            publisher.channel(),
+            topology,
+            self.settings.amqp.delivery_limit,
+        )
+        .await?;
+        crate::broker::bench::purge(&conn, &topology.held_queue).await?;
+        Ok((conn, publisher))
+    }
+
     /// Runs the selected sections, in order.
     pub async fn run(&self) -> Result<Report, BenchError> {
         let s = &self.bench.sections;

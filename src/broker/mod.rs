@@ -19,6 +19,8 @@ pub mod subscription;
 pub mod topology;
 
 pub use connection::Broker;
+/// An open connection to RabbitMQ, as [`Broker::connect`] returns it.
+pub type Connection = lapin::Connection;
 pub use consumer::{Acknowledged, Closing, Consumer, ConsumerSettings, Delivery, acknowledge};
 pub use dead_letter::dead_letter;
 pub use publisher::{OutgoingMessage, PublishError, Publisher};
