@@ -95,6 +95,7 @@ async fn broker_connections_closed(pool: PgPool) {
 /// Dropping it allows connections again, even after a failure.
 struct DbGate {
     admin: PgPool,
+    admin_url: String,
     name: String,
 }
 
@@ -109,7 +110,11 @@ impl DbGate {
             .connect(admin_url.as_str())
             .await
             .unwrap();
-        Self { admin, name }
+        Self {
+            admin,
+            admin_url: admin_url.to_string(),
+            name,
+        }
     }
 
     /// Terminates every session of the test's database; how many there were.
@@ -138,8 +143,11 @@ impl DbGate {
 }
 
 impl Drop for DbGate {
+    /// Runs on a thread of its own with its own connection: the pool's
+    /// connections belong to the test's runtime, which is blocked here, so
+    /// using them would never finish.
     fn drop(&mut self) {
-        let admin = self.admin.clone();
+        let admin_url = self.admin_url.clone();
         let sql = format!(
             "ALTER DATABASE \"{}\" WITH ALLOW_CONNECTIONS true",
             self.name
@@ -149,8 +157,17 @@ impl Drop for DbGate {
                 .enable_all()
                 .build()
                 .unwrap();
+            let allow = async {
+                use sqlx::Connection;
+                if let Ok(mut admin) = sqlx::PgConnection::connect(&admin_url).await {
+                    let _ = sqlx::query(sqlx::AssertSqlSafe(sql))
+                        .execute(&mut admin)
+                        .await;
+                    let _ = admin.close().await;
+                }
+            };
             rt.block_on(async {
-                let _ = sqlx::query(sqlx::AssertSqlSafe(sql)).execute(&admin).await;
+                let _ = tokio::time::timeout(Duration::from_secs(10), allow).await;
             });
         })
         .join();

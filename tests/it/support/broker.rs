@@ -205,7 +205,14 @@ impl Drop for Rabbit {
                 .enable_all()
                 .build()
                 .unwrap();
-            rt.block_on(delete_topology(&topology));
+            // Bounded: a broker that does not answer must not hang the test.
+            rt.block_on(async {
+                let _ = tokio::time::timeout(
+                    std::time::Duration::from_secs(10),
+                    delete_topology(&topology),
+                )
+                .await;
+            });
         });
         let _ = cleanup.join();
     }
