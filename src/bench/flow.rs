@@ -157,6 +157,18 @@ pub async fn run(b: &Bench, workers: usize, slot: u64) -> Result<Flow, BenchErro
         }));
     }
     drop(events_tx);
+    // Every event the worker emits has a queue, as in a deployment: the relay
+    // publishes with `mandatory`, and an unroutable event stays in the
+    // outbox to be tried again (which would load the run, not measure it).
+    let mut assigned = Subscription::open(
+        &conn,
+        &topology.events_exchange,
+        "order.smart_account_assigned",
+    )
+    .await?;
+    forwarders.push(tokio::spawn(async move {
+        while assigned.next().await.is_some() {}
+    }));
 
     let mut scenario = Scenario::demo()?;
     scenario.rate_limit = None;

@@ -308,6 +308,13 @@ async fn keep_lease(inner: &Inner, owner: &str, id: uuid::Uuid) {
 }
 
 /// Runs the case's steps back-to-back while they need no waiting.
+///
+/// A step that goes straight on to the next one, emits no event and made
+/// no assignment is not committed by itself: its history is carried into
+/// the next commit (one transaction fewer per step of thinking). Nothing is
+/// carried across a side effect: whatever is uncommitted is committed
+/// before an assignment call, so a crash after the call finds the decision
+/// and the target the call was made with (and its idempotency key).
 async fn steps(
     inner: &Inner,
     owner: &str,
@@ -315,6 +322,9 @@ async fn steps(
     cancel: &CancellationToken,
     lost: &CancellationToken,
 ) {
+    // Steps applied to `case` but not committed yet.
+    let mut carried: Vec<HistoryEntry> = Vec::new();
+    let mut uncommitted: Vec<(CaseState, Outcome, Transition)> = Vec::new();
     for n in 1..=MAX_STEPS_PER_CLAIM {
         let before = case.state;
         let mut replies = Vec::new();
@@ -327,6 +337,21 @@ async fn steps(
                 }
                 Next::Done(outcome) => break outcome,
                 Next::Call(call) => {
+                    if matches!(call, Call::Assign { .. })
+                        && !uncommitted.is_empty()
+                        && !commit(
+                            inner,
+                            owner,
+                            &case,
+                            &mut carried,
+                            &[],
+                            Some(inner.settings.lease),
+                            &mut uncommitted,
+                        )
+                        .await
+                    {
+                        return;
+                    }
                     let at = Utc::now();
                     let started = Instant::now();
                     let reply = tokio::select! {
@@ -355,7 +380,6 @@ async fn steps(
             }
         };
         let now = Utc::now();
-        let outcome_name = outcome.name();
         let transition = match machine::apply(&case, outcome.clone(), now, &inner.settings) {
             Ok(t) => t,
             Err(e) => {
@@ -376,8 +400,9 @@ async fn steps(
                 )
             })
             .collect();
-        history.extend(transition.history.iter().cloned());
-        history.extend(envelopes.iter().map(|e| HistoryEntry {
+        carried.extend(history);
+        carried.extend(transition.history.iter().cloned());
+        carried.extend(envelopes.iter().map(|e| HistoryEntry {
             at: now,
             kind: "event",
             state: transition.case.state,
@@ -386,27 +411,28 @@ async fn steps(
         let go_on = !cancel.is_cancelled()
             && n < MAX_STEPS_PER_CLAIM
             && transition.case.next_action_at.is_some_and(|t| t <= now);
+        case = transition.case.clone();
+        uncommitted.push((before, outcome, transition));
+        if go_on && envelopes.is_empty() {
+            continue;
+        }
         let hold = go_on.then_some(inner.settings.lease);
-        match inner
-            .store
-            .commit_step(owner, &transition.case, &history, &envelopes, hold)
-            .await
+        if !commit(
+            inner,
+            owner,
+            &case,
+            &mut carried,
+            &envelopes,
+            hold,
+            &mut uncommitted,
+        )
+        .await
         {
-            Ok(true) => {}
-            Ok(false) => {
-                tracing::warn!(lease_owner = %owner, outcome = outcome_name, "Lease lost before the commit; the step's outcome is discarded.");
-                return;
-            }
-            Err(e) => {
-                tracing::warn!(error = %e, outcome = outcome_name, "Cannot commit the step; the case resumes when its lease runs out.");
-                return;
-            }
+            return;
         }
         if !envelopes.is_empty() {
             inner.relay_wake.notify_one();
         }
-        report(before, &outcome, &transition);
-        case = transition.case;
         if !go_on {
             if case.next_action_at.is_some_and(|t| {
                 (t - Utc::now()).to_std().unwrap_or_default() < inner.settings.idle_poll
@@ -414,6 +440,43 @@ async fn steps(
                 inner.local.notify_one();
             }
             return;
+        }
+    }
+}
+
+/// Commits `case` with the carried history and `envelopes`, fenced by the
+/// lease (kept for `hold`, else given back); reports the committed steps.
+/// `false` when nothing was written (lease lost, database error): the
+/// step is abandoned and the case resumes from its last commit.
+async fn commit(
+    inner: &Inner,
+    owner: &str,
+    case: &Case,
+    carried: &mut Vec<HistoryEntry>,
+    envelopes: &[Envelope],
+    hold: Option<Duration>,
+    uncommitted: &mut Vec<(CaseState, Outcome, Transition)>,
+) -> bool {
+    let outcome = uncommitted.last().map_or("-", |(_, o, _)| o.name());
+    match inner
+        .store
+        .commit_step(owner, case, carried, envelopes, hold)
+        .await
+    {
+        Ok(true) => {
+            carried.clear();
+            for (before, outcome, transition) in uncommitted.drain(..) {
+                report(before, &outcome, &transition);
+            }
+            true
+        }
+        Ok(false) => {
+            tracing::warn!(lease_owner = %owner, outcome, "Lease lost before the commit; the step's outcome is discarded.");
+            false
+        }
+        Err(e) => {
+            tracing::warn!(error = %e, outcome, "Cannot commit the step; the case resumes when its lease runs out.");
+            false
         }
     }
 }

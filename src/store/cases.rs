@@ -58,6 +58,30 @@ pub(super) const CLAIM_DUE: &str = concat!(
     case_columns!()
 );
 
+/// A step's commit in one statement (one implicit transaction, one round
+/// trip): the case update fenced by the lease (`$1` id, `$2` lease owner,
+/// `$3..$22` the case), its history (`$23..$26`) and its outbox rows
+/// (`$27..$29`), the latter two only when the fence held. Returns how many
+/// cases it updated (0: the lease was lost, nothing written).
+const COMMIT_STEP: &str = concat!(
+    "WITH step AS (",
+    case_update_set!(),
+    "WHERE id = $1 AND lease_owner = $2 RETURNING id), ",
+    "history AS (INSERT INTO case_history (case_id, at, kind, state, detail) \
+         SELECT step.id, h.at, h.kind, h.state, h.detail \
+         FROM step, unnest($23::timestamptz[], $24::text[], $25::text[], $26::jsonb[]) \
+              WITH ORDINALITY AS h(at, kind, state, detail, n) \
+         ORDER BY h.n), ",
+    // The same transition written twice is one event (its id is stable).
+    "events AS (INSERT INTO outbox (envelope_id, case_id, routing_key, body) \
+         SELECT o.id, step.id, o.key, o.body \
+         FROM step, unnest($27::uuid[], $28::text[], $29::jsonb[]) \
+              WITH ORDINALITY AS o(id, key, body, n) \
+         ORDER BY o.n \
+         ON CONFLICT (envelope_id) DO NOTHING) ",
+    "SELECT count(*) FROM step"
+);
+
 fn secs(d: Duration) -> f64 {
     d.as_secs_f64()
 }
@@ -287,6 +311,27 @@ fn bind_case<'q>(
         .bind(hold.map(secs)))
 }
 
+/// Binds a history as the arrays `at`, `kind`, `state`, `detail`.
+fn bind_history<'q>(
+    q: sqlx::query::Query<'q, Postgres, sqlx::postgres::PgArguments>,
+    history: &[HistoryEntry],
+) -> sqlx::query::Query<'q, Postgres, sqlx::postgres::PgArguments> {
+    let ats: Vec<DateTime<Utc>> = history.iter().map(|h| h.at).collect();
+    let kinds: Vec<&'static str> = history.iter().map(|h| h.kind).collect();
+    let states: Vec<&'static str> = history.iter().map(|h| h.state.as_str()).collect();
+    let details: Vec<Value> = history.iter().map(|h| h.detail.clone()).collect();
+    q.bind(ats).bind(kinds).bind(states).bind(details)
+}
+
+/// The outbox rows as the arrays `envelope_id`, `routing_key`, `body`.
+fn outbox_arrays(outbox: &[Envelope]) -> (Vec<Uuid>, Vec<&'static str>, Vec<&Value>) {
+    (
+        outbox.iter().map(|e| e.id).collect(),
+        outbox.iter().map(|e| e.routing_key).collect(),
+        outbox.iter().map(|e| &e.body).collect(),
+    )
+}
+
 async fn insert_history(
     tx: &mut Transaction<'static, Postgres>,
     case_id: Uuid,
@@ -295,54 +340,14 @@ async fn insert_history(
     if history.is_empty() {
         return Ok(());
     }
-    let ats: Vec<DateTime<Utc>> = history.iter().map(|h| h.at).collect();
-    let kinds: Vec<String> = history.iter().map(|h| h.kind.to_owned()).collect();
-    let states: Vec<String> = history
-        .iter()
-        .map(|h| h.state.as_str().to_owned())
-        .collect();
-    let details: Vec<Value> = history.iter().map(|h| h.detail.clone()).collect();
-    sqlx::query(
+    let q = sqlx::query(
         "INSERT INTO case_history (case_id, at, kind, state, detail) \
          SELECT $1, h.at, h.kind, h.state, h.detail \
          FROM unnest($2::timestamptz[], $3::text[], $4::text[], $5::jsonb[]) \
               WITH ORDINALITY AS h(at, kind, state, detail, n) ORDER BY h.n",
     )
-    .bind(case_id)
-    .bind(ats)
-    .bind(kinds)
-    .bind(states)
-    .bind(details)
-    .execute(&mut **tx)
-    .await?;
-    Ok(())
-}
-
-async fn insert_outbox(
-    tx: &mut Transaction<'static, Postgres>,
-    case_id: Uuid,
-    outbox: &[Envelope],
-) -> Result<(), StoreError> {
-    if outbox.is_empty() {
-        return Ok(());
-    }
-    let ids: Vec<Uuid> = outbox.iter().map(|e| e.id).collect();
-    let keys: Vec<String> = outbox.iter().map(|e| e.routing_key.to_owned()).collect();
-    let bodies: Vec<Value> = outbox.iter().map(|e| e.body.clone()).collect();
-    // The same transition written twice is one event (its id is stable).
-    sqlx::query(
-        "INSERT INTO outbox (envelope_id, case_id, routing_key, body) \
-         SELECT o.id, $1, o.key, o.body \
-         FROM unnest($2::uuid[], $3::text[], $4::jsonb[]) WITH ORDINALITY AS o(id, key, body, n) \
-         ORDER BY o.n \
-         ON CONFLICT (envelope_id) DO NOTHING",
-    )
-    .bind(case_id)
-    .bind(ids)
-    .bind(keys)
-    .bind(bodies)
-    .execute(&mut **tx)
-    .await?;
+    .bind(case_id);
+    bind_history(q, history).execute(&mut **tx).await?;
     Ok(())
 }
 
@@ -441,22 +446,18 @@ impl Store {
         outbox: &[Envelope],
         hold: Option<Duration>,
     ) -> Result<bool, StoreError> {
-        let mut tx = self.pool.begin().await?;
-        let q = sqlx::query(concat!(
-            case_update_set!(),
-            "WHERE id = $1 AND lease_owner = $2"
-        ))
-        .bind(case.id)
-        .bind(lease_owner);
-        let done = bind_case(q, case, hold)?.execute(&mut *tx).await?;
-        if done.rows_affected() != 1 {
-            tx.rollback().await?;
-            return Ok(false);
-        }
-        insert_history(&mut tx, case.id, history).await?;
-        insert_outbox(&mut tx, case.id, outbox).await?;
-        tx.commit().await?;
-        Ok(true)
+        let q = sqlx::query(COMMIT_STEP).bind(case.id).bind(lease_owner);
+        let q = bind_case(q, case, hold)?;
+        let q = bind_history(q, history);
+        let (ids, keys, bodies) = outbox_arrays(outbox);
+        let stepped: i64 = q
+            .bind(ids)
+            .bind(keys)
+            .bind(bodies)
+            .fetch_one(&self.pool)
+            .await?
+            .try_get(0)?;
+        Ok(stepped == 1)
     }
 
     /// Writes a re-opened case (`holdclear cases retry`), fenced by its

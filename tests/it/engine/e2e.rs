@@ -637,9 +637,9 @@ async fn cases_cli_lists_shows_and_retries(pool: PgPool) {
 
 /// The whole path: held-order events published to RabbitMQ, taken by the
 /// worker's consumer and intake, decided by the shipped rules file, assigned
-/// through the simulator, published on the events exchange. (The engine and
-/// the relay run beside the in-process worker until the worker starts them
-/// itself; more than one engine and relay on a database is supported.)
+/// through the simulator, published on the events exchange. A second engine
+/// and relay run beside the in-process worker's own, on the same database,
+/// as a second replica's would.
 #[sqlx::test]
 async fn through_rabbitmq_intake_and_the_shipped_rules(pool: PgPool) {
     use holdclear::rules::{Rules, RulesHandle};
@@ -653,7 +653,12 @@ async fn through_rabbitmq_intake_and_the_shipped_rules(pool: PgPool) {
     let rules = Rules::load(&repo_path("deploy/config/rules.toml")).expect("the shipped rules");
     let hash = rules.hash().to_owned();
     let url = database_url(&pool).await;
-    let worker = worker::start(worker_settings(&url, &prefix, &[])).await;
+    // The worker's own engine steps cases too: against the same simulator,
+    // at the same pace as the engine beside it.
+    let mut settings = worker_settings(&url, &prefix, &[]);
+    settings.commerce = sim::settings(&sim);
+    settings.engine = fast_settings();
+    let worker = worker::start(settings).await;
     let mut w = World::start_with(
         pool.clone(),
         vec![client(&sim, Duration::from_millis(500))],
