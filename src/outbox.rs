@@ -2,7 +2,7 @@
 //! the relay that publishes committed ones to `holdclear.events`.
 //!
 //! Events are written in the same transaction as the state change that
-//! implies them ([`crate::store::Store::commit_step`]). The [`Relay`] takes
+//! implies them ([`crate::store::Store::commit_steps`]). The [`Relay`] takes
 //! unsent rows in id order under `FOR UPDATE SKIP LOCKED` (several relays
 //! may run), publishes them with publisher confirms and `mandatory`, and
 //! marks the confirmed ones sent in the same transaction. A nack, a return

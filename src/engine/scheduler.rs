@@ -22,8 +22,10 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use chrono::Utc;
+use futures_util::StreamExt;
+use futures_util::stream::FuturesUnordered;
 use serde_json::json;
-use tokio::sync::{Notify, Semaphore};
+use tokio::sync::{Notify, Semaphore, mpsc, oneshot};
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
@@ -36,7 +38,7 @@ use crate::config::EngineSettings;
 use crate::domain::CaseState;
 use crate::outbox::{Envelope, OutboundEvent};
 use crate::retry::Reconnect;
-use crate::store::{Claimed, Store};
+use crate::store::{Claimed, StepCommit, Store, StoreError};
 
 /// Steps one claim may run back-to-back before giving the case back.
 const MAX_STEPS_PER_CLAIM: usize = 8;
@@ -47,10 +49,17 @@ const CALL_TIMEOUT: Duration = Duration::from_secs(120);
 const SET_ASIDE: Duration = Duration::from_secs(3600);
 /// Default bound of the shutdown drain.
 const DEFAULT_DRAIN: Duration = Duration::from_secs(20);
+/// Step commits written in one statement, at most.
+const COMMIT_BATCH: usize = 128;
+/// Commit statements in flight at once.
+const COMMITS_IN_FLIGHT: usize = 4;
+/// Longest wait for the last commits after the drain.
+const COMMIT_DRAIN: Duration = Duration::from_secs(5);
 
 /// The case engine of one worker.
 pub struct Engine {
     inner: Arc<Inner>,
+    commits: mpsc::Receiver<CommitRequest>,
     drain_timeout: Duration,
     abort: CancellationToken,
 }
@@ -65,6 +74,29 @@ struct Inner {
     relay_wake: Arc<Notify>,
     local: Notify,
     claims: AtomicU64,
+    commits: mpsc::Sender<CommitRequest>,
+}
+
+/// One step's commit, queued for the committer (see [`write_commits`]).
+struct CommitRequest {
+    lease_owner: String,
+    case: Case,
+    history: Vec<HistoryEntry>,
+    outbox: Vec<Envelope>,
+    hold: Option<Duration>,
+    done: oneshot::Sender<Result<bool, Arc<StoreError>>>,
+}
+
+impl CommitRequest {
+    fn step(&self) -> StepCommit<'_> {
+        StepCommit {
+            lease_owner: &self.lease_owner,
+            case: &self.case,
+            history: &self.history,
+            outbox: &self.outbox,
+            hold: self.hold,
+        }
+    }
 }
 
 impl Engine {
@@ -80,7 +112,10 @@ impl Engine {
         wake: Arc<Notify>,
         relay_wake: Arc<Notify>,
     ) -> Self {
+        // Each step task waits for its own commit: one request per task at most.
+        let (commits_tx, commits) = mpsc::channel(settings.concurrency.max(1));
         Self {
+            commits,
             inner: Arc::new(Inner {
                 store,
                 commerce,
@@ -91,6 +126,7 @@ impl Engine {
                 relay_wake,
                 local: Notify::new(),
                 claims: AtomicU64::new(0),
+                commits: commits_tx,
             }),
             drain_timeout: DEFAULT_DRAIN,
             abort: CancellationToken::new(),
@@ -115,6 +151,12 @@ impl Engine {
     /// Claims and steps due cases until `cancel` fires, then drains.
     pub async fn run(self, cancel: CancellationToken) {
         let inner = self.inner;
+        let stop_committing = CancellationToken::new();
+        let committer = tokio::spawn(write_commits(
+            inner.store.clone(),
+            self.commits,
+            stop_committing.clone(),
+        ));
         let permits = Arc::new(Semaphore::new(inner.settings.concurrency.max(1)));
         let mut tasks = JoinSet::new();
         let mut db_delays = Reconnect::default();
@@ -199,6 +241,14 @@ impl Engine {
                 "Steps still running at the end of the drain; their cases resume when their leases run out."
             );
             tasks.abort_all();
+        }
+        // Commits already being written finish (they are fenced); queued ones
+        // of aborted steps are dropped.
+        stop_committing.cancel();
+        if tokio::time::timeout(COMMIT_DRAIN, committer).await.is_err() {
+            tracing::warn!(
+                "Step commits still being written at the end of the drain; their cases resume when their leases run out."
+            );
         }
         tracing::info!(worker = %inner.worker_id, "Case engine stopped.");
     }
@@ -458,25 +508,105 @@ async fn commit(
     uncommitted: &mut Vec<(CaseState, Outcome, Transition)>,
 ) -> bool {
     let outcome = uncommitted.last().map_or("-", |(_, o, _)| o.name());
-    match inner
-        .store
-        .commit_step(owner, case, carried, envelopes, hold)
-        .await
-    {
-        Ok(true) => {
-            carried.clear();
+    let (done, written) = oneshot::channel();
+    let request = CommitRequest {
+        lease_owner: owner.to_owned(),
+        case: case.clone(),
+        history: std::mem::take(carried),
+        outbox: envelopes.to_vec(),
+        hold,
+        done,
+    };
+    let written = match inner.commits.send(request).await {
+        Ok(()) => written.await.ok(),
+        Err(_) => None,
+    };
+    match written {
+        Some(Ok(true)) => {
             for (before, outcome, transition) in uncommitted.drain(..) {
                 report(before, &outcome, &transition);
             }
             true
         }
-        Ok(false) => {
+        Some(Ok(false)) => {
             tracing::warn!(lease_owner = %owner, outcome, "Lease lost before the commit; the step's outcome is discarded.");
             false
         }
-        Err(e) => {
+        Some(Err(e)) => {
             tracing::warn!(error = %e, outcome, "Cannot commit the step; the case resumes when its lease runs out.");
             false
+        }
+        None => {
+            tracing::debug!(
+                outcome,
+                "The engine stopped before the step was committed; the case resumes when its lease runs out."
+            );
+            false
+        }
+    }
+}
+
+/// Writes the step commits of all step tasks: whatever is queued (up to
+/// [`COMMIT_BATCH`]) in one statement, up to [`COMMITS_IN_FLIGHT`]
+/// statements at once, so that under load many steps share one
+/// transaction and its round trip, and alone a step is written at once.
+/// Stops taking requests when `stop` fires; finishes the statements in
+/// flight.
+async fn write_commits(
+    store: Store,
+    mut requests: mpsc::Receiver<CommitRequest>,
+    stop: CancellationToken,
+) {
+    let mut in_flight = FuturesUnordered::new();
+    let mut open = true;
+    while open || !in_flight.is_empty() {
+        let mut batch = Vec::new();
+        tokio::select! {
+            Some(()) = in_flight.next() => {}
+            n = requests.recv_many(&mut batch, COMMIT_BATCH), if open && in_flight.len() < COMMITS_IN_FLIGHT => {
+                if n == 0 {
+                    open = false;
+                } else {
+                    in_flight.push(write_batch(&store, batch));
+                }
+            }
+            () = stop.cancelled(), if open => open = false,
+            else => break,
+        }
+    }
+}
+
+/// Writes one batch of step commits and answers each step. A statement
+/// that fails for one step's data must not fail the others: on an error
+/// that is not the connection's (or a deadlock), each step is written
+/// again on its own.
+async fn write_batch(store: &Store, batch: Vec<CommitRequest>) {
+    metrics::histogram!("holdclear_engine_commit_batch_size").record(batch.len() as f64);
+    let steps: Vec<StepCommit<'_>> = batch.iter().map(CommitRequest::step).collect();
+    let result = store.commit_steps(&steps).await;
+    drop(steps);
+    match result {
+        Ok(written) => {
+            for (request, written) in batch.into_iter().zip(written) {
+                let _ = request.done.send(Ok(written));
+            }
+        }
+        Err(e) if batch.len() > 1 && !e.is_connection() => {
+            tracing::debug!(error = %e, steps = batch.len(), "A batch of step commits failed; writing each alone.");
+            for request in batch {
+                let result = store
+                    .commit_steps(&[request.step()])
+                    .await
+                    .map(|w| w.first().copied().unwrap_or(false))
+                    .map_err(Arc::new);
+                let _ = request.done.send(result);
+            }
+        }
+        Err(e) => {
+            let e = Arc::new(e);
+            for request in batch {
+                let _ = request.done.send(Err(e.clone()));
+            }
         }
     }
 }

@@ -58,29 +58,85 @@ pub(super) const CLAIM_DUE: &str = concat!(
     case_columns!()
 );
 
-/// A step's commit in one statement (one implicit transaction, one round
-/// trip): the case update fenced by the lease (`$1` id, `$2` lease owner,
-/// `$3..$22` the case), its history (`$23..$26`) and its outbox rows
-/// (`$27..$29`), the latter two only when the fence held. Returns how many
-/// cases it updated (0: the lease was lost, nothing written).
-const COMMIT_STEP: &str = concat!(
-    "WITH step AS (",
-    case_update_set!(),
-    "WHERE id = $1 AND lease_owner = $2 RETURNING id), ",
-    "history AS (INSERT INTO case_history (case_id, at, kind, state, detail) \
-         SELECT step.id, h.at, h.kind, h.state, h.detail \
-         FROM step, unnest($23::timestamptz[], $24::text[], $25::text[], $26::jsonb[]) \
-              WITH ORDINALITY AS h(at, kind, state, detail, n) \
-         ORDER BY h.n), ",
-    // The same transition written twice is one event (its id is stable).
-    "events AS (INSERT INTO outbox (envelope_id, case_id, routing_key, body) \
-         SELECT o.id, step.id, o.key, o.body \
-         FROM step, unnest($27::uuid[], $28::text[], $29::jsonb[]) \
-              WITH ORDINALITY AS o(id, key, body, n) \
-         ORDER BY o.n \
-         ON CONFLICT (envelope_id) DO NOTHING) ",
-    "SELECT count(*) FROM step"
-);
+/// Step commits of several cases in one statement (one implicit
+/// transaction, one round trip). Per case (`$1..$22`, arrays, one element
+/// each): the new columns, fenced by the lease owner; rows are locked in id
+/// order so that two writers never wait on each other in a cycle. History
+/// (`$23..$27`) and outbox rows (`$28..$31`) carry their case id and are
+/// written only for the cases whose fence held. Returns those cases' ids.
+const COMMIT_STEPS: &str = r#"
+WITH input AS (
+    SELECT *
+    FROM unnest($1::uuid[], $2::text[], $3::text[], $4::text[], $5::text[], $6::text[],
+                $7::jsonb[], $8::jsonb[], $9::text[], $10::text[], $11::timestamptz[],
+                $12::timestamptz[], $13::int4[], $14::timestamptz[], $15::int4[], $16::text[],
+                $17::int2[], $18::timestamptz[], $19::timestamptz[], $20::int4[],
+                $21::timestamptz[], $22::float8[])
+         AS t(id, lease_owner, state, sales_order_number, rule_name, rules_hash, decision,
+              target, idempotency_key, assignment_id, assigned_at, watching_since, attempt,
+              retry_since, polls, escalation_reason, escalation_level, released_at, closed_at,
+              generation, next_action_at, hold)
+),
+locked AS (
+    SELECT c.id
+    FROM cases c JOIN input i ON c.id = i.id AND c.lease_owner = i.lease_owner
+    ORDER BY c.id
+    FOR UPDATE OF c
+),
+step AS (
+    UPDATE cases c
+    SET state = i.state, sales_order_number = i.sales_order_number, rule_name = i.rule_name,
+        rules_hash = i.rules_hash, decision = i.decision, target = i.target,
+        idempotency_key = i.idempotency_key, assignment_id = i.assignment_id,
+        assigned_at = i.assigned_at, watching_since = i.watching_since, attempt = i.attempt,
+        retry_since = i.retry_since, polls = i.polls, escalation_reason = i.escalation_reason,
+        escalation_level = i.escalation_level, released_at = i.released_at,
+        closed_at = i.closed_at, generation = i.generation,
+        next_action_at = CASE WHEN i.hold IS NULL THEN coalesce(i.next_action_at, now())
+                              ELSE now() + make_interval(secs => i.hold) END,
+        lease_owner = CASE WHEN i.hold IS NULL THEN NULL ELSE c.lease_owner END,
+        lease_expires_at = CASE WHEN i.hold IS NULL THEN NULL
+                                ELSE now() + make_interval(secs => i.hold) END,
+        updated_at = now()
+    FROM input i
+    WHERE c.id = i.id AND c.lease_owner = i.lease_owner AND c.id IN (SELECT id FROM locked)
+    RETURNING c.id
+),
+history AS (
+    INSERT INTO case_history (case_id, at, kind, state, detail)
+    SELECT h.case_id, h.at, h.kind, h.state, h.detail
+    FROM unnest($23::uuid[], $24::timestamptz[], $25::text[], $26::text[], $27::jsonb[])
+         WITH ORDINALITY AS h(case_id, at, kind, state, detail, n)
+    WHERE h.case_id IN (SELECT id FROM step)
+    ORDER BY h.n
+),
+events AS (
+    -- The same transition written twice is one event (its id is stable).
+    INSERT INTO outbox (envelope_id, case_id, routing_key, body)
+    SELECT o.envelope_id, o.case_id, o.routing_key, o.body
+    FROM unnest($28::uuid[], $29::uuid[], $30::text[], $31::jsonb[])
+         WITH ORDINALITY AS o(envelope_id, case_id, routing_key, body, n)
+    WHERE o.case_id IN (SELECT id FROM step)
+    ORDER BY o.n
+    ON CONFLICT (envelope_id) DO NOTHING
+)
+SELECT id FROM step
+"#;
+
+/// One step's commit, for [`Store::commit_steps`].
+#[derive(Clone, Copy, Debug)]
+pub struct StepCommit<'a> {
+    /// The lease token the step ran under (the fence).
+    pub lease_owner: &'a str,
+    /// The case after the step(s).
+    pub case: &'a Case,
+    /// History entries, in order.
+    pub history: &'a [HistoryEntry],
+    /// Events to write to the outbox.
+    pub outbox: &'a [Envelope],
+    /// Keep the lease for this long (the caller goes on), else give it back.
+    pub hold: Option<Duration>,
+}
 
 fn secs(d: Duration) -> f64 {
     d.as_secs_f64()
@@ -323,15 +379,6 @@ fn bind_history<'q>(
     q.bind(ats).bind(kinds).bind(states).bind(details)
 }
 
-/// The outbox rows as the arrays `envelope_id`, `routing_key`, `body`.
-fn outbox_arrays(outbox: &[Envelope]) -> (Vec<Uuid>, Vec<&'static str>, Vec<&Value>) {
-    (
-        outbox.iter().map(|e| e.id).collect(),
-        outbox.iter().map(|e| e.routing_key).collect(),
-        outbox.iter().map(|e| &e.body).collect(),
-    )
-}
-
 async fn insert_history(
     tx: &mut Transaction<'static, Postgres>,
     case_id: Uuid,
@@ -427,17 +474,8 @@ impl Store {
         Ok(done.rows_affected() == 1)
     }
 
-    /// Commits one step in one transaction: the case's new columns (fenced by
-    /// `lease_owner`), its history entries and its outbox rows. With `hold`,
-    /// the lease is kept (and extended by `hold`) because the caller goes on
-    /// with the next step; without, the lease is given back and the case is
-    /// due at its `next_action_at`. `Ok(false)`: the lease was lost, nothing
-    /// was written.
-    #[tracing::instrument(
-        skip_all,
-        fields(case = %case.id, order = %case.order, state = %case.state),
-        err(level = "debug")
-    )]
+    /// [`Store::commit_steps`] for one step: `Ok(false)` when the lease was
+    /// lost and nothing was written.
     pub async fn commit_step(
         &self,
         lease_owner: &str,
@@ -446,18 +484,139 @@ impl Store {
         outbox: &[Envelope],
         hold: Option<Duration>,
     ) -> Result<bool, StoreError> {
-        let q = sqlx::query(COMMIT_STEP).bind(case.id).bind(lease_owner);
-        let q = bind_case(q, case, hold)?;
-        let q = bind_history(q, history);
-        let (ids, keys, bodies) = outbox_arrays(outbox);
-        let stepped: i64 = q
-            .bind(ids)
-            .bind(keys)
-            .bind(bodies)
-            .fetch_one(&self.pool)
+        let step = StepCommit {
+            lease_owner,
+            case,
+            history,
+            outbox,
+            hold,
+        };
+        Ok(self
+            .commit_steps(&[step])
             .await?
-            .try_get(0)?;
-        Ok(stepped == 1)
+            .first()
+            .copied()
+            .unwrap_or(false))
+    }
+
+    /// Commits the steps of several cases in one transaction: per case its
+    /// new columns (fenced by its `lease_owner`), its history entries and its
+    /// outbox rows. With `hold`, the lease is kept (and extended by `hold`)
+    /// because the caller goes on with the next step; without, the lease is
+    /// given back and the case is due at its `next_action_at`. Returns per
+    /// step whether it was written (`false`: the lease was lost, nothing of
+    /// that case was written). At most one step per case.
+    #[tracing::instrument(skip_all, fields(steps = steps.len()), err(level = "debug"))]
+    pub async fn commit_steps(&self, steps: &[StepCommit<'_>]) -> Result<Vec<bool>, StoreError> {
+        if steps.is_empty() {
+            return Ok(Vec::new());
+        }
+        let int = |n: u32, what: &str| {
+            i32::try_from(n).map_err(|_| corrupt(format!("{what} out of range: {n}")))
+        };
+        let n = steps.len();
+        let mut id = Vec::with_capacity(n);
+        let mut owner = Vec::with_capacity(n);
+        let mut state = Vec::with_capacity(n);
+        let mut so = Vec::with_capacity(n);
+        let mut rule = Vec::with_capacity(n);
+        let mut hash = Vec::with_capacity(n);
+        let mut decision = Vec::with_capacity(n);
+        let mut target = Vec::with_capacity(n);
+        let mut key = Vec::with_capacity(n);
+        let mut assignment = Vec::with_capacity(n);
+        let mut assigned_at = Vec::with_capacity(n);
+        let mut watching_since = Vec::with_capacity(n);
+        let mut attempt = Vec::with_capacity(n);
+        let mut retry_since = Vec::with_capacity(n);
+        let mut polls = Vec::with_capacity(n);
+        let mut reason = Vec::with_capacity(n);
+        let mut level = Vec::with_capacity(n);
+        let mut released_at = Vec::with_capacity(n);
+        let mut closed_at = Vec::with_capacity(n);
+        let mut generation = Vec::with_capacity(n);
+        let mut next_action_at = Vec::with_capacity(n);
+        let mut hold = Vec::with_capacity(n);
+        let (mut h_case, mut h_at, mut h_kind, mut h_state, mut h_detail) =
+            (Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new());
+        let (mut o_id, mut o_case, mut o_key, mut o_body) =
+            (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+        for step in steps {
+            let c = step.case;
+            id.push(c.id);
+            owner.push(step.lease_owner);
+            state.push(c.state.as_str());
+            so.push(c.order.sales_order_number.as_ref().map(|s| s.to_string()));
+            rule.push(c.decision.as_ref().map(|d| d.rule.as_str()));
+            hash.push(c.decision.as_ref().map(|d| d.rules_hash.as_str()));
+            decision.push(c.decision.as_ref().map(to_json).transpose()?);
+            target.push(c.target.as_ref().map(to_json).transpose()?);
+            key.push(c.idempotency_key.as_deref());
+            assignment.push(c.assignment_id.as_deref());
+            assigned_at.push(c.assigned_at);
+            watching_since.push(c.watching_since);
+            attempt.push(int(c.attempt, "attempt")?);
+            retry_since.push(c.retry_since);
+            polls.push(int(c.polls, "polls")?);
+            reason.push(c.escalation_reason.map(|r| r.as_str()));
+            level.push(
+                i16::try_from(c.escalation_level)
+                    .map_err(|_| corrupt("escalation_level out of range"))?,
+            );
+            released_at.push(c.released_at);
+            closed_at.push(c.closed_at);
+            generation.push(int(c.generation, "generation")?);
+            next_action_at.push(c.next_action_at);
+            hold.push(step.hold.map(secs));
+            for h in step.history {
+                h_case.push(c.id);
+                h_at.push(h.at);
+                h_kind.push(h.kind);
+                h_state.push(h.state.as_str());
+                h_detail.push(&h.detail);
+            }
+            for e in step.outbox {
+                o_id.push(e.id);
+                o_case.push(c.id);
+                o_key.push(e.routing_key);
+                o_body.push(&e.body);
+            }
+        }
+        let written: Vec<Uuid> = sqlx::query_scalar(COMMIT_STEPS)
+            .bind(&id)
+            .bind(owner)
+            .bind(state)
+            .bind(so)
+            .bind(rule)
+            .bind(hash)
+            .bind(decision)
+            .bind(target)
+            .bind(key)
+            .bind(assignment)
+            .bind(assigned_at)
+            .bind(watching_since)
+            .bind(attempt)
+            .bind(retry_since)
+            .bind(polls)
+            .bind(reason)
+            .bind(level)
+            .bind(released_at)
+            .bind(closed_at)
+            .bind(generation)
+            .bind(next_action_at)
+            .bind(hold)
+            .bind(h_case)
+            .bind(h_at)
+            .bind(h_kind)
+            .bind(h_state)
+            .bind(h_detail)
+            .bind(o_id)
+            .bind(o_case)
+            .bind(o_key)
+            .bind(o_body)
+            .fetch_all(&self.pool)
+            .await?;
+        Ok(id.iter().map(|i| written.contains(i)).collect())
     }
 
     /// Writes a re-opened case (`holdclear cases retry`), fenced by its

@@ -69,6 +69,7 @@ open_cases AS (
     FROM cases c
     WHERE c.order_key IN (SELECT order_key FROM firsts)
       AND c.state NOT IN ('released', 'escalated')
+    ORDER BY c.id -- locks in id order, as the engine's step commits take them
     FOR SHARE
 ),
 planned AS (

@@ -20,7 +20,9 @@ mod intake;
 mod ops;
 mod outbox;
 
-pub use cases::{CaseFilter, CaseRecord, CaseSummary, Claimed, HistoryRow, RetryCommit};
+pub use cases::{
+    CaseFilter, CaseRecord, CaseSummary, Claimed, HistoryRow, RetryCommit, StepCommit,
+};
 pub use intake::Recorded;
 pub use ops::OpsSnapshot;
 pub use outbox::{OutboxBatch, OutboxFailure, OutboxRow};

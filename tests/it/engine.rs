@@ -24,7 +24,7 @@ use holdclear::engine::machine::HistoryEntry;
 use holdclear::engine::{DecisionSource, Engine};
 use holdclear::outbox::{OutboundEvent, Relay, RelaySettings};
 use holdclear::rules::Decision;
-use holdclear::store::{CaseRecord, Recorded, Store};
+use holdclear::store::{CaseRecord, Recorded, StepCommit, Store};
 use lapin::options::{ExchangeDeleteOptions, QueueBindOptions, QueueDeclareOptions};
 use lapin::types::FieldTable;
 use serde_json::{Value, json};
@@ -424,6 +424,90 @@ async fn a_commit_after_the_lease_was_lost_changes_nothing(pool: PgPool) {
         kinds(&store.case_history(id, 100).await.unwrap()),
         vec!["opened", "escalated"]
     );
+}
+
+/// Steps of several cases share one statement: each is fenced by its own
+/// lease, and a case whose lease was lost gets nothing of it (no history,
+/// no event), while the others get all of theirs, in order.
+#[sqlx::test]
+async fn steps_of_several_cases_commit_together_each_fenced_by_its_lease(pool: PgPool) {
+    let store = Store::from_pool(pool.clone());
+    let mut ids = Vec::new();
+    for so in ["3101", "3102", "3103"] {
+        ids.push(open_case(&pool, &held(so, "acme.example", |_| {})).await);
+    }
+    let claimed = store
+        .claim_due("batch#1", Duration::from_secs(30), 3)
+        .await
+        .unwrap();
+    assert_eq!(claimed.len(), 3);
+    // The second case's lease goes to someone else meanwhile.
+    let stolen = claimed[1].id;
+    sqlx::query("UPDATE cases SET lease_owner = 'other#1' WHERE id = $1")
+        .bind(stolen)
+        .execute(&pool)
+        .await
+        .unwrap();
+    let mut cases = Vec::new();
+    let mut histories = Vec::new();
+    let mut outboxes = Vec::new();
+    for c in &claimed {
+        let case = c.case.as_ref().unwrap();
+        let mut next = case.clone();
+        next.state = CaseState::Escalated;
+        next.escalation_reason = Some(EscalationReason::NoRuleMatched);
+        next.next_action_at = None;
+        let env = OutboundEvent::HoldEscalated {
+            reason: EscalationReason::NoRuleMatched,
+            level: EscalationLevel::Critical,
+            held_seconds: 1,
+            detail: "x".into(),
+            threshold: None,
+        }
+        .envelope(case.id, 0, &case.order, Utc::now());
+        let history: Vec<HistoryEntry> = ["rules.decide", "escalated"]
+            .into_iter()
+            .map(|kind| HistoryEntry {
+                at: Utc::now(),
+                kind,
+                state: CaseState::Escalated,
+                detail: json!({"case": case.id}),
+            })
+            .collect();
+        cases.push(next);
+        histories.push(history);
+        outboxes.push(vec![env]);
+    }
+    let steps: Vec<StepCommit<'_>> = (0..3)
+        .map(|i| StepCommit {
+            lease_owner: "batch#1",
+            case: &cases[i],
+            history: &histories[i],
+            outbox: &outboxes[i],
+            hold: None,
+        })
+        .collect();
+    let written = store.commit_steps(&steps).await.unwrap();
+    let expect: Vec<bool> = claimed.iter().map(|c| c.id != stolen).collect();
+    assert_eq!(written, expect);
+    for c in &claimed {
+        let after = store.case_by_id(c.id).await.unwrap().unwrap();
+        let rows = store.case_history(c.id, 100).await.unwrap();
+        let history = kinds(&rows);
+        let outbox = store.outbox_of_case(c.id).await.unwrap();
+        if c.id == stolen {
+            assert_eq!(after.case.state, CaseState::Deciding);
+            assert_eq!(after.lease_owner.as_deref(), Some("other#1"));
+            assert_eq!(history, vec!["opened"]);
+            assert!(outbox.is_empty());
+        } else {
+            assert_eq!(after.case.state, CaseState::Escalated);
+            assert_eq!(after.lease_owner, None);
+            assert_eq!(history, vec!["opened", "rules.decide", "escalated"]);
+            assert_eq!(outbox.len(), 1);
+            assert_eq!(outbox[0].case_id, c.id);
+        }
+    }
 }
 
 // ---- the relay ----------------------------------------------------------------
