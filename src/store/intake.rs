@@ -67,7 +67,7 @@ firsts AS (
 open_cases AS (
     SELECT c.id, c.order_key, c.state
     FROM cases c
-    WHERE c.order_key IN (SELECT order_key FROM firsts)
+    WHERE c.order_key = ANY($2::text[])
       AND c.state NOT IN ('released', 'escalated')
     ORDER BY c.id -- locks in id order, as the engine's step commits take them
     FOR SHARE
