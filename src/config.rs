@@ -465,7 +465,7 @@ impl Settings {
                 "must start with amqp:// or amqps://",
             ));
         }
-        let prefetch = r.parsed("HOLDCLEAR_AMQP_PREFETCH", f.amqp_prefetch, 512)?;
+        let prefetch = r.parsed("HOLDCLEAR_AMQP_PREFETCH", f.amqp_prefetch, 1024)?;
         positive("HOLDCLEAR_AMQP_PREFETCH", prefetch as f64)?;
         let max_payload_bytes = r.parsed(
             "HOLDCLEAR_MAX_PAYLOAD_BYTES",
