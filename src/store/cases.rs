@@ -240,13 +240,19 @@ fn corrupt(detail: impl Into<String>) -> StoreError {
     }
 }
 
+/// A `jsonb` column decoded straight into `T` (one parse, no
+/// intermediate `Value`); a value that does not fit `T` is a corrupt row.
 fn json_column<T: serde::de::DeserializeOwned>(
     row: &PgRow,
     column: &str,
 ) -> Result<Option<T>, StoreError> {
-    let raw: Option<Value> = row.try_get(column)?;
-    raw.map(|v| serde_json::from_value(v).map_err(|e| corrupt(format!("{column}: {e}"))))
-        .transpose()
+    match row.try_get::<Option<sqlx::types::Json<T>>, _>(column) {
+        Ok(v) => Ok(v.map(|j| j.0)),
+        Err(sqlx::Error::ColumnDecode { source, .. }) => {
+            Err(corrupt(format!("{column}: {source}")))
+        }
+        Err(e) => Err(e.into()),
+    }
 }
 
 fn count(row: &PgRow, column: &str) -> Result<u32, StoreError> {

@@ -426,6 +426,35 @@ async fn a_commit_after_the_lease_was_lost_changes_nothing(pool: PgPool) {
     );
 }
 
+/// A row whose stored event no longer reads as an event is handed out as
+/// unreadable, naming the column, beside the readable ones; it does not fail
+/// the claim.
+#[sqlx::test]
+async fn an_unreadable_case_is_claimed_as_unreadable_beside_the_others(pool: PgPool) {
+    let store = Store::from_pool(pool.clone());
+    let good = open_case(&pool, &held("3201", "acme.example", |_| {})).await;
+    let bad = open_case(&pool, &held("3202", "acme.example", |_| {})).await;
+    sqlx::query("UPDATE cases SET event = '{\"specversion\": 7}' WHERE id = $1")
+        .bind(bad)
+        .execute(&pool)
+        .await
+        .unwrap();
+    let claimed = store
+        .claim_due("reader#1", Duration::from_secs(30), 10)
+        .await
+        .unwrap();
+    assert_eq!(claimed.len(), 2);
+    for c in claimed {
+        if c.id == good {
+            assert!(c.case.is_ok(), "{:?}", c.case.err());
+        } else {
+            assert_eq!(c.id, bad);
+            let err = c.case.unwrap_err().to_string();
+            assert!(err.contains("event"), "{err}");
+        }
+    }
+}
+
 /// Steps of several cases share one statement: each is fenced by its own
 /// lease, and a case whose lease was lost gets nothing of it (no history,
 /// no event), while the others get all of theirs, in order.
