@@ -343,6 +343,28 @@ async fn an_expired_lease_is_claimed_again_and_a_renewed_one_is_not(pool: PgPool
     assert!(!store.renew_lease(dropped, "dead#1", lease).await.unwrap());
 }
 
+/// `case` after a step that escalates it `NO_RULE_MATCHED`, and its event.
+fn escalated_no_rule(
+    case: &holdclear::engine::machine::Case,
+) -> (
+    holdclear::engine::machine::Case,
+    holdclear::outbox::Envelope,
+) {
+    let mut next = case.clone();
+    next.state = CaseState::Escalated;
+    next.escalation_reason = Some(EscalationReason::NoRuleMatched);
+    next.next_action_at = None;
+    let envelope = OutboundEvent::HoldEscalated {
+        reason: EscalationReason::NoRuleMatched,
+        level: EscalationLevel::Critical,
+        held_seconds: 1,
+        detail: "x".into(),
+        threshold: None,
+    }
+    .envelope(case.id, 0, &case.order, Utc::now());
+    (next, envelope)
+}
+
 #[sqlx::test]
 async fn a_commit_after_the_lease_was_lost_changes_nothing(pool: PgPool) {
     let store = Store::from_pool(pool.clone());
@@ -363,18 +385,7 @@ async fn a_commit_after_the_lease_was_lost_changes_nothing(pool: PgPool) {
     assert_eq!(second[0].id, id);
 
     // The slow worker finishes its step and tries to commit it.
-    let mut stepped = case.clone();
-    stepped.state = CaseState::Escalated;
-    stepped.escalation_reason = Some(EscalationReason::NoRuleMatched);
-    stepped.next_action_at = None;
-    let event = OutboundEvent::HoldEscalated {
-        reason: EscalationReason::NoRuleMatched,
-        level: EscalationLevel::Critical,
-        held_seconds: 1,
-        detail: "x".into(),
-        threshold: None,
-    };
-    let envelope = event.envelope(id, 0, &case.order, Utc::now());
+    let (stepped, envelope) = escalated_no_rule(&case);
     let entry = HistoryEntry {
         at: Utc::now(),
         kind: "escalated",
@@ -482,18 +493,7 @@ async fn steps_of_several_cases_commit_together_each_fenced_by_its_lease(pool: P
     let mut outboxes = Vec::new();
     for c in &claimed {
         let case = c.case.as_ref().unwrap();
-        let mut next = case.clone();
-        next.state = CaseState::Escalated;
-        next.escalation_reason = Some(EscalationReason::NoRuleMatched);
-        next.next_action_at = None;
-        let env = OutboundEvent::HoldEscalated {
-            reason: EscalationReason::NoRuleMatched,
-            level: EscalationLevel::Critical,
-            held_seconds: 1,
-            detail: "x".into(),
-            threshold: None,
-        }
-        .envelope(case.id, 0, &case.order, Utc::now());
+        let (next, env) = escalated_no_rule(case);
         let history: Vec<HistoryEntry> = ["rules.decide", "escalated"]
             .into_iter()
             .map(|kind| HistoryEntry {
