@@ -6,6 +6,8 @@
 //!
 //! Disruptions touch only what belongs to the test: its worker processes,
 //! the worker's own broker connections, the test's database, its exchange.
+//! The one exception, `broker_restarted`, stops RabbitMQ for everyone and
+//! runs alone (`.config/nextest.toml`).
 
 mod checker;
 mod poison;
@@ -24,10 +26,10 @@ use holdclear::broker::OutgoingMessage;
 use holdclear::config::Topology;
 use holdclear::sim::SimHandle;
 use lapin::options::{
-    BasicConsumeOptions, ExchangeDeclareOptions, ExchangeDeleteOptions, QueueBindOptions,
-    QueueDeclareOptions,
+    BasicAckOptions, BasicConsumeOptions, BasicQosOptions, ExchangeDeclareOptions,
+    ExchangeDeleteOptions, QueueBindOptions, QueueDeclareOptions, QueueDeleteOptions,
 };
-use lapin::types::FieldTable;
+use lapin::types::{AMQPValue, FieldTable};
 use lapin::{Channel, Connection, ConnectionProperties, ExchangeKind};
 use serde_json::{Value, json};
 use sqlx::PgPool;
@@ -200,65 +202,62 @@ impl Seen {
 }
 
 /// Everything published on the test's events exchange, collected in the
-/// background by an exclusive queue bound with `#`.
+/// background by a queue bound with `#`.
 pub struct Collector {
     conn: Option<Connection>,
     channel: Channel,
     queue: String,
     exchange: String,
+    /// A durable queue that outlives the broker's restart (see
+    /// [`Collector::start_durable`]).
+    durable: bool,
     /// What arrived so far.
     pub seen: Arc<Mutex<Vec<Seen>>>,
     task: tokio::task::JoinHandle<()>,
 }
 
 impl Collector {
-    /// Binds a fresh queue to the events exchange of `topology` and starts
-    /// collecting.
+    /// Binds a fresh exclusive queue to the events exchange of `topology`
+    /// and starts collecting.
     pub async fn start(topology: &Topology) -> Self {
+        Self::open(topology, false).await
+    }
+
+    /// Like [`Collector::start`], but the queue is a durable quorum queue
+    /// and each event is acked once it is recorded: events the worker
+    /// published before the broker stopped, or while this collector was
+    /// disconnected, wait in the queue. After a restart, call
+    /// [`Collector::reconnect`]. The queue is deleted on drop (and expires
+    /// unused after 10 minutes, should that fail).
+    pub async fn start_durable(topology: &Topology) -> Self {
+        Self::open(topology, true).await
+    }
+
+    async fn open(topology: &Topology, durable: bool) -> Self {
         let queue = unique("chaos-watch");
-        let conn = Connection::connect(
-            &amqp_url(),
-            ConnectionProperties::default().with_connection_name(queue.clone().into()),
-        )
-        .await
-        .expect("connect to RabbitMQ");
-        let channel = conn.create_channel().await.unwrap();
-        channel
-            .queue_declare(
-                queue.as_str().into(),
-                QueueDeclareOptions {
-                    exclusive: true,
-                    auto_delete: true,
-                    ..Default::default()
-                },
-                FieldTable::default(),
-            )
-            .await
-            .unwrap();
         let exchange = topology.events_exchange.clone();
-        declare_and_bind(&channel, &exchange, &queue).await;
-        let consumer = channel
-            .basic_consume(
-                queue.as_str().into(),
-                queue.as_str().into(),
-                BasicConsumeOptions {
-                    no_ack: true,
-                    ..Default::default()
-                },
-                FieldTable::default(),
-            )
-            .await
-            .unwrap();
         let seen: Arc<Mutex<Vec<Seen>>> = Arc::default();
-        let task = tokio::spawn(collect(consumer, Arc::clone(&seen)));
+        let (conn, channel, task) = subscribe(&queue, &exchange, durable, &seen).await;
         Self {
             conn: Some(conn),
             channel,
             queue,
             exchange,
+            durable,
             seen,
             task,
         }
+    }
+
+    /// A new connection consuming the same (durable) queue, after the
+    /// broker restarted; what arrived so far is kept.
+    pub async fn reconnect(&mut self) {
+        assert!(self.durable, "only a durable collector outlives a restart");
+        self.task.abort();
+        let (conn, channel, task) = subscribe(&self.queue, &self.exchange, true, &self.seen).await;
+        self.conn = Some(conn);
+        self.channel = channel;
+        self.task = task;
     }
 
     /// Declares the events exchange (as the worker does) and binds the queue.
@@ -297,7 +296,30 @@ impl Collector {
 impl Drop for Collector {
     fn drop(&mut self) {
         self.task.abort();
-        // The queue is exclusive: it goes with the connection.
+        if self.durable {
+            // Deleted with a connection of its own on a thread of its own
+            // (bounded): the test's runtime may be blocked here.
+            let queue = self.queue.clone();
+            let _ = std::thread::spawn(move || {
+                let rt = tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                    .unwrap();
+                rt.block_on(async {
+                    let delete = async {
+                        let conn = Connection::connect(&amqp_url(), Default::default()).await?;
+                        let channel = conn.create_channel().await?;
+                        channel
+                            .queue_delete(queue.as_str().into(), QueueDeleteOptions::default())
+                            .await?;
+                        conn.close(200, "done".into()).await
+                    };
+                    let _ = tokio::time::timeout(Duration::from_secs(10), delete).await;
+                });
+            })
+            .join();
+        }
+        // An exclusive queue goes with the connection.
         if let Some(conn) = self.conn.take() {
             tokio::spawn(async move {
                 let _ = conn.close(200, "done".into()).await;
@@ -331,7 +353,70 @@ async fn declare_and_bind(channel: &Channel, exchange: &str, queue: &str) {
         .expect("bind the watch queue");
 }
 
-async fn collect(mut consumer: lapin::Consumer, seen: Arc<Mutex<Vec<Seen>>>) {
+/// Connects, declares the watch queue (exclusive, or durable), binds it
+/// and starts collecting into `seen`.
+async fn subscribe(
+    queue: &str,
+    exchange: &str,
+    durable: bool,
+    seen: &Arc<Mutex<Vec<Seen>>>,
+) -> (Connection, Channel, tokio::task::JoinHandle<()>) {
+    let conn = Connection::connect(
+        &amqp_url(),
+        ConnectionProperties::default().with_connection_name(queue.to_owned().into()),
+    )
+    .await
+    .expect("connect to RabbitMQ");
+    let channel = conn.create_channel().await.unwrap();
+    let (options, arguments) = if durable {
+        let mut args = FieldTable::default();
+        args.insert(
+            "x-queue-type".into(),
+            AMQPValue::LongString("quorum".into()),
+        );
+        args.insert("x-expires".into(), AMQPValue::LongUInt(600_000));
+        let options = QueueDeclareOptions {
+            durable: true,
+            ..Default::default()
+        };
+        (options, args)
+    } else {
+        let options = QueueDeclareOptions {
+            exclusive: true,
+            auto_delete: true,
+            ..Default::default()
+        };
+        (options, FieldTable::default())
+    };
+    channel
+        .queue_declare(queue.into(), options, arguments)
+        .await
+        .unwrap();
+    declare_and_bind(&channel, exchange, queue).await;
+    if durable {
+        channel
+            .basic_qos(500, BasicQosOptions::default())
+            .await
+            .unwrap();
+    }
+    let consumer = channel
+        .basic_consume(
+            queue.into(),
+            queue.into(),
+            BasicConsumeOptions {
+                no_ack: !durable,
+                ..Default::default()
+            },
+            FieldTable::default(),
+        )
+        .await
+        .unwrap();
+    let task = tokio::spawn(collect(consumer, Arc::clone(seen), durable));
+    (conn, channel, task)
+}
+
+/// Records every delivery; acks it afterwards when `ack` (a durable queue).
+async fn collect(mut consumer: lapin::Consumer, seen: Arc<Mutex<Vec<Seen>>>, ack: bool) {
     while let Some(Ok(d)) = consumer.next().await {
         let body: Value = serde_json::from_slice(&d.data).unwrap_or(Value::Null);
         let data = &body["data"];
@@ -348,6 +433,9 @@ async fn collect(mut consumer: lapin::Consumer, seen: Arc<Mutex<Vec<Seen>>>) {
             body: String::from_utf8_lossy(&d.data).into_owned(),
             at: Instant::now(),
         });
+        if ack && d.acker.ack(BasicAckOptions::default()).await.is_err() {
+            return;
+        }
     }
 }
 

@@ -77,6 +77,7 @@ impl Got {
 pub struct Rabbit {
     /// The test's topology.
     pub topology: Topology,
+    prefix: String,
     conn: Connection,
     channel: Channel,
     publisher: Publisher,
@@ -98,10 +99,24 @@ impl Rabbit {
         let publisher = Publisher::open(&conn).await.unwrap();
         Self {
             topology,
+            prefix: prefix.to_owned(),
             conn,
             channel,
             publisher,
         }
+    }
+
+    /// A new connection, channel and publisher: after the broker restarted,
+    /// the old ones went down with it. The topology is durable; it stays.
+    pub async fn reconnect(&mut self) {
+        let broker = Broker::new(
+            SecretUrl::parse("amqp", &amqp_url()).unwrap(),
+            format!("test {}", self.prefix),
+        );
+        let conn = broker.connect("test").await.unwrap();
+        self.channel = conn.create_channel().await.unwrap();
+        self.publisher = Publisher::open(&conn).await.unwrap();
+        self.conn = conn;
     }
 
     /// Publishes messages to the orders exchange, all confirmed.
