@@ -365,7 +365,7 @@ impl Intake {
                     let delay = delays.next_delay();
                     // A database that fails its readiness probe is down,
                     // whatever the error said.
-                    if e.is_unavailable() || !self.database_ready().await {
+                    if e.is_connection() || !self.database_ready().await {
                         self.health.set_database(false);
                         tracing::warn!(
                             error = %e,

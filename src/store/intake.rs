@@ -204,20 +204,6 @@ impl Store {
     }
 }
 
-impl StoreError {
-    /// The database refuses or lost the connection: a connection-class
-    /// error, or one PostgreSQL raises when connecting (the database does
-    /// not allow connections, does not exist, has no slot left). Worth
-    /// retrying once it is back; not the data's fault.
-    pub fn is_unavailable(&self) -> bool {
-        self.is_connection()
-            || matches!(self, Self::Database(e) if e
-                .as_database_error()
-                .and_then(|d| d.code())
-                .is_some_and(|c| matches!(c.as_ref(), "55000" | "3D000" | "53300")))
-    }
-}
-
 fn corrupt(detail: String) -> StoreError {
     StoreError::Corrupt {
         table: "cases",

@@ -50,8 +50,10 @@ pub enum StoreError {
 }
 
 impl StoreError {
-    /// A failure of the connection rather than of the statement: worth
-    /// retrying once the database is back.
+    /// A failure of the connection rather than of the statement: the
+    /// connection broke, or PostgreSQL refuses connections now (the database
+    /// does not allow connections, does not exist, has no slot left). Worth
+    /// retrying once the database is back; not the data's fault.
     pub fn is_connection(&self) -> bool {
         match self {
             Self::Database(e) => {
@@ -65,8 +67,14 @@ impl StoreError {
                 ) || e
                     .as_database_error()
                     .and_then(|d| d.code())
-                    // Class 08: connection exception; 57P01..03: admin shutdown, crash, cannot connect now.
-                    .is_some_and(|c| c.starts_with("08") || c.starts_with("57P"))
+                    // Class 08: connection exception; 57P01..03: admin shutdown, crash,
+                    // cannot connect now; 55000: connections not allowed; 3D000: no such
+                    // database; 53300: too many connections.
+                    .is_some_and(|c| {
+                        c.starts_with("08")
+                            || c.starts_with("57P")
+                            || matches!(c.as_ref(), "55000" | "3D000" | "53300")
+                    })
             }
             _ => false,
         }
