@@ -753,3 +753,92 @@ async fn through_rabbitmq_intake_and_the_shipped_rules(pool: PgPool) {
     w.stop().await;
     worker.shutdown().await.unwrap();
 }
+
+/// The commerce API of `inner`, looking into the store at each assignment
+/// call: what the case's committed row says at that moment.
+struct WatchesAssignments {
+    inner: Arc<dyn CommerceApi>,
+    store: Store,
+    seen: std::sync::Mutex<Vec<(String, Option<String>, bool, bool)>>,
+}
+
+#[async_trait::async_trait]
+impl CommerceApi for WatchesAssignments {
+    async fn find_account(
+        &self,
+        selector: &holdclear::domain::AccountSelector,
+        account_type: Option<holdclear::domain::AccountType>,
+    ) -> Result<Option<holdclear::commerce::SmartAccount>, holdclear::commerce::CommerceError> {
+        self.inner.find_account(selector, account_type).await
+    }
+
+    async fn virtual_accounts(
+        &self,
+        domain: &holdclear::domain::Domain,
+    ) -> Result<Vec<holdclear::commerce::VirtualAccount>, holdclear::commerce::CommerceError> {
+        self.inner.virtual_accounts(domain).await
+    }
+
+    async fn order(
+        &self,
+        order: &holdclear::domain::OrderId,
+    ) -> Result<holdclear::commerce::Order, holdclear::commerce::CommerceError> {
+        self.inner.order(order).await
+    }
+
+    async fn assign(
+        &self,
+        order: &holdclear::domain::SalesOrderNumber,
+        assignment: &holdclear::commerce::Assignment,
+        idempotency_key: &str,
+    ) -> Result<holdclear::commerce::AssignmentReceipt, holdclear::commerce::CommerceError> {
+        let key = order.to_string();
+        let rows = self
+            .store
+            .list_cases(&holdclear::store::CaseFilter {
+                order: Some(key.clone()),
+                limit: 10,
+                ..Default::default()
+            })
+            .await
+            .unwrap();
+        let row = self.store.case_by_id(rows[0].id).await.unwrap().unwrap();
+        self.seen.lock().unwrap().push((
+            row.case.state.as_str().to_owned(),
+            row.case.idempotency_key.clone(),
+            row.case.idempotency_key.as_deref() == Some(idempotency_key),
+            row.case.decision.is_some() && row.case.target.is_some(),
+        ));
+        self.inner.assign(order, assignment, idempotency_key).await
+    }
+}
+
+/// Decide and resolve may share a commit, but never one with the
+/// assignment: when the assignment call goes out, the case's row already
+/// holds the decision, the target and the very Idempotency-Key of the call,
+/// so a crash right after the call repeats it with the same key.
+#[sqlx::test]
+async fn the_target_and_key_are_committed_before_the_assignment_call(pool: PgPool) {
+    let sim = sim::start(demo()).await;
+    let api = Arc::new(WatchesAssignments {
+        inner: client(&sim, Duration::from_millis(500)),
+        store: Store::from_pool(pool.clone()),
+        seen: Default::default(),
+    });
+    let mut w = World::start(
+        pool,
+        vec![api.clone() as Arc<dyn CommerceApi>],
+        fast_settings(),
+    )
+    .await;
+    let id = w.open(&held("104233871", "acme.com", |_| {})).await;
+    w.wait_state(id, CaseState::Released).await;
+    let seen = api.seen.lock().unwrap().clone();
+    assert_eq!(seen.len(), 1, "{seen:?}");
+    let (state, key, same_key, decided) = &seen[0];
+    assert_eq!(state, "assigning");
+    assert!(key.is_some(), "{seen:?}");
+    assert!(same_key, "the committed key is the call's: {seen:?}");
+    assert!(decided, "decision and target committed: {seen:?}");
+    w.stop().await;
+}
