@@ -759,7 +759,16 @@ async fn through_rabbitmq_intake_and_the_shipped_rules(pool: PgPool) {
 struct WatchesAssignments {
     inner: Arc<dyn CommerceApi>,
     store: Store,
-    seen: std::sync::Mutex<Vec<(String, Option<String>, bool, bool)>>,
+    seen: std::sync::Mutex<Vec<AtAssignment>>,
+}
+
+/// The committed case row when an assignment call went out.
+#[derive(Clone, Debug)]
+struct AtAssignment {
+    state: String,
+    key: Option<String>,
+    same_key: bool,
+    decided: bool,
 }
 
 #[async_trait::async_trait]
@@ -803,12 +812,12 @@ impl CommerceApi for WatchesAssignments {
             .await
             .unwrap();
         let row = self.store.case_by_id(rows[0].id).await.unwrap().unwrap();
-        self.seen.lock().unwrap().push((
-            row.case.state.as_str().to_owned(),
-            row.case.idempotency_key.clone(),
-            row.case.idempotency_key.as_deref() == Some(idempotency_key),
-            row.case.decision.is_some() && row.case.target.is_some(),
-        ));
+        self.seen.lock().unwrap().push(AtAssignment {
+            state: row.case.state.as_str().to_owned(),
+            key: row.case.idempotency_key.clone(),
+            same_key: row.case.idempotency_key.as_deref() == Some(idempotency_key),
+            decided: row.case.decision.is_some() && row.case.target.is_some(),
+        });
         self.inner.assign(order, assignment, idempotency_key).await
     }
 }
@@ -825,7 +834,7 @@ async fn the_target_and_key_are_committed_before_the_assignment_call(pool: PgPoo
         store: Store::from_pool(pool.clone()),
         seen: Default::default(),
     });
-    let mut w = World::start(
+    let w = World::start(
         pool,
         vec![api.clone() as Arc<dyn CommerceApi>],
         fast_settings(),
@@ -835,10 +844,10 @@ async fn the_target_and_key_are_committed_before_the_assignment_call(pool: PgPoo
     w.wait_state(id, CaseState::Released).await;
     let seen = api.seen.lock().unwrap().clone();
     assert_eq!(seen.len(), 1, "{seen:?}");
-    let (state, key, same_key, decided) = &seen[0];
-    assert_eq!(state, "assigning");
-    assert!(key.is_some(), "{seen:?}");
-    assert!(same_key, "the committed key is the call's: {seen:?}");
-    assert!(decided, "decision and target committed: {seen:?}");
+    let at = &seen[0];
+    assert_eq!(at.state, "assigning");
+    assert!(at.key.is_some(), "{seen:?}");
+    assert!(at.same_key, "the committed key is the call's: {seen:?}");
+    assert!(at.decided, "decision and target committed: {seen:?}");
     w.stop().await;
 }
