@@ -29,6 +29,10 @@ pub fn install() -> Result<PrometheusHandle, BuildError> {
             Matcher::Full("holdclear_intake_batch_size".into()),
             &[1.0, 4.0, 16.0, 64.0, 128.0, 256.0, 512.0, 1024.0],
         )?
+        .set_buckets_for_metric(
+            Matcher::Full("holdclear_engine_commit_batch_size".into()),
+            &[1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0],
+        )?
         .install_recorder()
         .or_else(|e| HANDLE.get().cloned().ok_or(e))?;
     let handle = HANDLE.get_or_init(|| handle).clone();
@@ -48,6 +52,10 @@ fn describe() {
     describe_histogram!(
         "holdclear_intake_batch_size",
         "Deliveries written per intake transaction."
+    );
+    describe_histogram!(
+        "holdclear_engine_commit_batch_size",
+        "Case steps written per engine commit statement."
     );
     describe_counter!(
         "holdclear_commerce_calls_total",

@@ -55,6 +55,7 @@ async fn metrics_describe_a_real_run_and_readiness_follows_the_database(pool: sq
         "holdclear_commerce_calls_total",
         "holdclear_commerce_call_seconds_bucket",
         "holdclear_cases_stepped_total",
+        "holdclear_engine_commit_batch_size_bucket",
         "holdclear_events_published_total",
         "holdclear_cases{state=\"released\"} 1",
         "holdclear_outbox_backlog",
