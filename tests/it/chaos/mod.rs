@@ -128,6 +128,12 @@ impl WorkerProcess {
         self.spawn();
     }
 
+    /// SIGTERM; fails the test unless it exits 0 within 15 s.
+    pub async fn stops_cleanly(&mut self) {
+        let code = self.terminate(Duration::from_secs(15)).await;
+        assert_eq!(code, Some(0), "a clean stop:\n{}", self.tail());
+    }
+
     /// SIGTERM and wait for the exit (bounded); the exit code.
     pub async fn terminate(&mut self, deadline: Duration) -> Option<i32> {
         let mut child = self.child.take()?;

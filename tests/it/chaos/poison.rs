@@ -175,11 +175,7 @@ async fn poison_input(pool: PgPool) {
         .await
         .unwrap();
     assert_eq!(cases, VALID as i64, "one case per valid order");
-    assert_eq!(
-        worker.terminate(Duration::from_secs(15)).await,
-        Some(0),
-        "a clean stop"
-    );
+    worker.stops_cleanly().await;
     report.assert_clean();
 }
 

@@ -208,11 +208,7 @@ async fn database_outage(pool: PgPool) {
         "the worker survives the outage:\n{}",
         worker.tail()
     );
-    assert_eq!(
-        worker.terminate(Duration::from_secs(15)).await,
-        Some(0),
-        "a clean stop"
-    );
+    worker.stops_cleanly().await;
     report.assert_clean();
 }
 
@@ -438,10 +434,6 @@ async fn broker_restarted(pool: PgPool) {
         "the worker saw the broker go:\n{}",
         worker.tail()
     );
-    assert_eq!(
-        worker.terminate(Duration::from_secs(15)).await,
-        Some(0),
-        "a clean stop"
-    );
+    worker.stops_cleanly().await;
     report.assert_clean();
 }
