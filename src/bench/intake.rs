@@ -238,7 +238,7 @@ pub async fn against_database(
     let batch = b.settings.amqp.intake_batch.max(1);
     let bar = b.bar(n, "2. database: intake's statement, directly");
     let started = Instant::now();
-    let concurrency = crate::intake::MAX_IN_FLIGHT.max(1);
+    let concurrency = crate::intake::IntakeSettings::from(&b.settings.amqp).in_flight;
     let mut writes = futures_util::stream::iter(events.chunks(batch))
         .map(|chunk| async move { b.store.record_held(chunk).await.map(|r| r.len() as u64) })
         .buffer_unordered(concurrency);

@@ -12,8 +12,9 @@
 //! (readiness reports the database down), and nothing is acked or requeued
 //! until it commits.
 //!
-//! The next batch is decoded while earlier ones are written (up to
-//! [`MAX_IN_FLIGHT`] transactions at once; concurrent writes of one order
+//! The next batch is decoded while earlier ones are written (as many
+//! transactions at once as the prefetch fills batches, at most
+//! [`MAX_IN_FLIGHT`]; concurrent writes of one order
 //! are resolved by the store). Acks go strictly in delivery order, batch
 //! after batch, which is what makes acks with `multiple` safe.
 
@@ -45,14 +46,21 @@ pub struct IntakeSettings {
     pub linger: Duration,
     /// Largest accepted body, in bytes.
     pub max_payload_bytes: usize,
+    /// Batches written at once, at most (each is one transaction).
+    pub in_flight: usize,
 }
 
 impl From<&AmqpSettings> for IntakeSettings {
+    /// Writes as many batches at once as the prefetch can fill (prefetch /
+    /// batch), between 1 and [`MAX_IN_FLIGHT`]: a full batch more in flight
+    /// than the broker hands out would only wait.
     fn from(amqp: &AmqpSettings) -> Self {
+        let batch = amqp.intake_batch.max(1);
         Self {
-            batch: amqp.intake_batch,
+            batch,
             linger: amqp.intake_linger,
             max_payload_bytes: amqp.max_payload_bytes,
+            in_flight: (usize::from(amqp.prefetch) / batch).clamp(1, MAX_IN_FLIGHT),
         }
     }
 }
@@ -65,8 +73,8 @@ pub struct Intake {
     cases_opened: Arc<Notify>,
 }
 
-/// Batches being written at once, at most (each is one transaction).
-pub const MAX_IN_FLIGHT: usize = 4;
+/// Batches being written at once, at most, whatever the prefetch.
+pub const MAX_IN_FLIGHT: usize = 8;
 
 /// A batch after writing: which of its deliveries are settled (committed
 /// or dead-lettered), ready to be acknowledged.
@@ -157,7 +165,7 @@ impl Intake {
 
     /// Takes deliveries until `deliveries` is closed and drained, handling
     /// each batch to the end (commit, then ack). The next batch is decoded
-    /// while earlier ones are written (up to [`MAX_IN_FLIGHT`] at once);
+    /// while earlier ones are written (up to `settings.in_flight` at once);
     /// acks go strictly in delivery order. `abort` (the shutdown deadline)
     /// gives up on batches that cannot be committed: they are left
     /// unacknowledged for the broker to deliver again.
@@ -170,7 +178,7 @@ impl Intake {
             tokio::select! {
                 biased;
                 Some(written) = in_flight.next() => this.acknowledge(written).await,
-                filled = buffer.fill(&mut deliveries), if open && in_flight.len() < MAX_IN_FLIGHT => {
+                filled = buffer.fill(&mut deliveries), if open && in_flight.len() < this.settings.in_flight.max(1) => {
                     match filled {
                         Some(batch) => in_flight.push_back(this.write(batch, &abort)),
                         None => open = false,
@@ -474,6 +482,27 @@ fn nul_path(value: &Value, path: String) -> Option<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn batches_in_flight_follow_the_prefetch() {
+        use std::collections::HashMap;
+        let intake = |prefetch: &str, batch: &str| {
+            let env: HashMap<String, String> = [
+                ("HOLDCLEAR_AMQP_PREFETCH", prefetch),
+                ("HOLDCLEAR_INTAKE_BATCH", batch),
+            ]
+            .into_iter()
+            .map(|(k, v)| (k.to_owned(), v.to_owned()))
+            .collect();
+            let settings = crate::config::Settings::from_sources(None, &env).unwrap();
+            IntakeSettings::from(&settings.amqp).in_flight
+        };
+        assert_eq!(intake("1024", "256"), 4, "the defaults");
+        assert_eq!(intake("2048", "256"), 8);
+        assert_eq!(intake("65535", "256"), MAX_IN_FLIGHT, "bounded");
+        assert_eq!(intake("100", "256"), 1, "at least one");
+        assert_eq!(intake("1000", "300"), 3);
+    }
 
     fn body(source: &str, po: &str) -> Vec<u8> {
         serde_json::to_vec(&serde_json::json!({
