@@ -103,6 +103,7 @@ pub async fn against_broker(
     .await?;
     bar.finish_and_clear();
     let bar = b.bar(n, "1. intake: consumer + intake (commit, ack)");
+    b.store.bench_checkpoint().await;
     let reset = memory::reset_peak();
     let intake_time = run_intake(b, n, &|d| bar.set_position(d)).await?;
     let peak = if reset {
@@ -235,6 +236,7 @@ pub async fn against_database(
         }
     };
     b.store.bench_truncate().await?;
+    b.store.bench_checkpoint().await;
     let batch = b.settings.amqp.intake_batch.max(1);
     let bar = b.bar(n, "2. database: intake's statement, directly");
     let started = Instant::now();

@@ -212,6 +212,7 @@ impl Bench {
     ) -> Result<(crate::broker::Connection, crate::broker::Publisher), BenchError> {
         let topology = &self.settings.amqp.topology;
         self.store.bench_truncate().await?;
+        self.store.bench_checkpoint().await;
         let broker = crate::broker::Broker::new(self.settings.amqp.url.clone(), "holdclear bench");
         let conn = broker.connect(role).await?;
         let publisher = crate::broker::Publisher::open(&conn).await?;

@@ -76,6 +76,7 @@ pub async fn run(b: &Bench) -> Result<Watching, BenchError> {
         .bench_seed_watching(0, SMALL as i64, &event, start, offset, spread)
         .await?;
     b.store.bench_analyze().await?;
+    b.store.bench_checkpoint().await;
     bar.finish_and_clear();
     let small = claims(b, SMALL, "4. claims, few waiting").await?;
 
@@ -92,6 +93,7 @@ pub async fn run(b: &Bench) -> Result<Watching, BenchError> {
         bar.set_position(seeded);
     }
     b.store.bench_analyze().await?;
+    b.store.bench_checkpoint().await;
     let seed_seconds = seeding.elapsed().as_secs_f64();
     bar.finish_and_clear();
     let large = claims(b, large, "4. claims, many waiting").await?;

@@ -91,6 +91,15 @@ impl Store {
         Ok(())
     }
 
+    /// A checkpoint before a timed run, so that none started by an earlier
+    /// section's writes lands in it. Best effort: a role that may not
+    /// `CHECKPOINT` measures without it.
+    pub async fn bench_checkpoint(&self) {
+        if let Err(e) = sqlx::query("CHECKPOINT").execute(&self.pool).await {
+            tracing::debug!(error = %e, "No checkpoint before the timed run.");
+        }
+    }
+
     /// Makes the `n` open cases due last due now (they then wait a second
     /// past their time, as cases do between two claims).
     pub async fn bench_make_due(&self, n: i64) -> Result<u64, StoreError> {
