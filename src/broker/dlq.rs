@@ -127,7 +127,7 @@ pub async fn browse(
         letters.push(read(position, &msg.delivery.properties, &msg.delivery.data));
     }
     // Closing the channel returns every unacknowledged message to the queue.
-    channel.close(200, "browsed".into()).await?;
+    close_channel(&channel, "browsed").await;
     Ok(letters)
 }
 
@@ -197,7 +197,8 @@ pub async fn replay(
             Err(e) => report.failed.push((letter, e.to_string())),
         }
     }
-    channel.close(200, "replayed".into()).await?;
+    close_channel(&channel, "replayed").await;
+    close_channel(publisher.channel(), "replayed").await;
     Ok(report)
 }
 
@@ -225,8 +226,32 @@ pub async fn purge(
             purged.push(letter);
         }
     }
-    channel.close(200, "purged".into()).await?;
+    close_channel(&channel, "purged").await;
     Ok(purged)
+}
+
+/// How long a channel's close may take before it is left to the
+/// connection's close (which returns its unacknowledged messages too).
+const CLOSE_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Closes a channel (returning its unacknowledged messages to the queue),
+/// bounded by [`CLOSE_TIMEOUT`]: a close-ok that never comes must not hang
+/// the operator's command.
+/// A failed close is only logged: what the command did is settled by then
+/// (acks confirmed), and the connection's close ends the channel anyway.
+async fn close_channel(channel: &Channel, reason: &str) {
+    match tokio::time::timeout(CLOSE_TIMEOUT, channel.close(200, reason.into())).await {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => {
+            tracing::debug!(reason, error = %e, "Channel close failed; the connection's close ends it.");
+        }
+        Err(_) => {
+            tracing::debug!(
+                reason,
+                "No close-ok for the channel in time; the connection's close ends it."
+            );
+        }
+    }
 }
 
 async fn queue_depth(channel: &Channel, queue: &str) -> Result<usize, BrokerError> {

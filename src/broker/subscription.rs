@@ -93,7 +93,13 @@ impl Subscription {
     }
 }
 
-/// Closes a connection politely, ignoring a connection that is already gone.
+/// Closes a connection politely, ignoring a connection that is already
+/// gone, and giving up after 5 s (a close-ok that never comes must not hang
+/// the process; the socket goes with the connection when it is dropped).
 pub async fn close(conn: &Connection) {
-    let _ = conn.close(200, "bye".into()).await;
+    let _ = tokio::time::timeout(
+        std::time::Duration::from_secs(5),
+        conn.close(200, "bye".into()),
+    )
+    .await;
 }
