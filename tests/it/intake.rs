@@ -692,6 +692,12 @@ async fn sigterm_stops_run_with_everything_taken_committed_and_acked(pool: PgPoo
 
     // A second run takes the rest.
     let mut again = Process::spawn(&database_url(&pool).await, &prefix, dir.path(), &[]);
+    // Running (its SIGTERM handler in place) even when the first run had
+    // taken everything already.
+    wait_for(DEADLINE, "the second worker to consume", || async {
+        (rabbit.consumers(&queue).await == 1).then_some(())
+    })
+    .await;
     wait_for(DEADLINE, "all cases", || async {
         (count_cases(&pool).await == Some(total as i64)).then_some(())
     })
