@@ -5,13 +5,12 @@
 use std::time::{Duration, Instant};
 
 use futures_util::StreamExt;
-use lapin::options::{
-    BasicAckOptions, BasicConsumeOptions, BasicQosOptions, QueueDeclareOptions, QueuePurgeOptions,
-};
+use lapin::Connection;
+use lapin::options::{BasicAckOptions, BasicConsumeOptions, BasicQosOptions, QueuePurgeOptions};
 use lapin::types::FieldTable;
-use lapin::{Channel, Connection};
 
 use super::BrokerError;
+use super::topology::{close_channel, declare_passive};
 
 /// Acknowledge with `multiple` after this many deliveries (or when the
 /// last expected one arrived); well below any sensible prefetch.
@@ -30,21 +29,12 @@ pub struct QueueCounts {
 /// (a missing queue closes that channel, not the caller's).
 pub async fn queue_counts(conn: &Connection, queue: &str) -> Result<QueueCounts, BrokerError> {
     let channel = conn.create_channel().await?;
-    let q = channel
-        .queue_declare(
-            queue.into(),
-            QueueDeclareOptions {
-                passive: true,
-                ..QueueDeclareOptions::default()
-            },
-            FieldTable::default(),
-        )
-        .await?;
+    let q = declare_passive(&channel, queue).await?;
     let counts = QueueCounts {
         ready: q.message_count(),
         consumers: q.consumer_count(),
     };
-    close_channel(&channel).await;
+    close_channel(&channel, "bench done").await;
     Ok(counts)
 }
 
@@ -54,7 +44,7 @@ pub async fn purge(conn: &Connection, queue: &str) -> Result<u32, BrokerError> {
     let n = channel
         .queue_purge(queue.into(), QueuePurgeOptions::default())
         .await?;
-    close_channel(&channel).await;
+    close_channel(&channel, "bench done").await;
     Ok(n)
 }
 
@@ -108,7 +98,7 @@ pub async fn drain_ack_only(
         }
     }
     let elapsed = started.elapsed();
-    close_channel(&channel).await;
+    close_channel(&channel, "bench done").await;
     Ok(elapsed)
 }
 
@@ -129,11 +119,5 @@ pub enum DrainError {
 impl From<lapin::Error> for DrainError {
     fn from(e: lapin::Error) -> Self {
         Self::Broker(e.into())
-    }
-}
-
-async fn close_channel(channel: &Channel) {
-    if let Err(e) = channel.close(200, "bench done".into()).await {
-        tracing::debug!(error = %e, "Bench channel already closed.");
     }
 }

@@ -10,11 +10,12 @@ use std::collections::BTreeMap;
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
-use lapin::options::{BasicAckOptions, BasicGetOptions, QueueDeclareOptions};
+use lapin::options::{BasicAckOptions, BasicGetOptions};
 use lapin::types::{AMQPValue, FieldTable, ShortString};
 use lapin::{BasicProperties, Channel, Connection};
 use serde::Serialize;
 
+use super::topology::{close_channel, declare_passive};
 use super::{BrokerError, PublishError, Publisher};
 use crate::domain::HeldOrderEvent;
 
@@ -230,42 +231,8 @@ pub async fn purge(
     Ok(purged)
 }
 
-/// How long a channel's close may take before it is left to the
-/// connection's close (which returns its unacknowledged messages too).
-const CLOSE_TIMEOUT: Duration = Duration::from_secs(5);
-
-/// Closes a channel (returning its unacknowledged messages to the queue),
-/// bounded by [`CLOSE_TIMEOUT`]: a close-ok that never comes must not hang
-/// the operator's command.
-/// A failed close is only logged: what the command did is settled by then
-/// (acks confirmed), and the connection's close ends the channel anyway.
-async fn close_channel(channel: &Channel, reason: &str) {
-    match tokio::time::timeout(CLOSE_TIMEOUT, channel.close(200, reason.into())).await {
-        Ok(Ok(())) => {}
-        Ok(Err(e)) => {
-            tracing::debug!(reason, error = %e, "Channel close failed; the connection's close ends it.");
-        }
-        Err(_) => {
-            tracing::debug!(
-                reason,
-                "No close-ok for the channel in time; the connection's close ends it."
-            );
-        }
-    }
-}
-
 async fn queue_depth(channel: &Channel, queue: &str) -> Result<usize, BrokerError> {
-    let q = channel
-        .queue_declare(
-            queue.into(),
-            QueueDeclareOptions {
-                passive: true,
-                ..QueueDeclareOptions::default()
-            },
-            FieldTable::default(),
-        )
-        .await?;
-    Ok(q.message_count() as usize)
+    Ok(declare_passive(channel, queue).await?.message_count() as usize)
 }
 
 fn header_text(headers: Option<&FieldTable>, name: &str) -> Option<String> {

@@ -138,3 +138,44 @@ pub async fn delete_topology(
     }
     Ok(())
 }
+
+/// A queue's state (message and consumer counts) from a passive declare; a
+/// missing queue fails and closes `channel`.
+pub(crate) async fn declare_passive(
+    channel: &Channel,
+    queue: &str,
+) -> Result<lapin::Queue, BrokerError> {
+    Ok(channel
+        .queue_declare(
+            queue.into(),
+            QueueDeclareOptions {
+                passive: true,
+                ..QueueDeclareOptions::default()
+            },
+            FieldTable::default(),
+        )
+        .await?)
+}
+
+/// How long a channel's close may take before it is left to the
+/// connection's close (which also returns its unacknowledged messages).
+const CLOSE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// Closes a channel (returning its unacknowledged messages to their queue),
+/// bounded by [`CLOSE_TIMEOUT`]: a close-ok that never comes must not hang a
+/// command. A failed close is only logged: what the caller did is settled
+/// by then, and the connection's close ends the channel anyway.
+pub(crate) async fn close_channel(channel: &Channel, reason: &str) {
+    match tokio::time::timeout(CLOSE_TIMEOUT, channel.close(200, reason.into())).await {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => {
+            tracing::debug!(reason, error = %e, "Channel close failed; the connection's close ends it.");
+        }
+        Err(_) => {
+            tracing::debug!(
+                reason,
+                "No close-ok for the channel in time; the connection's close ends it."
+            );
+        }
+    }
+}

@@ -13,7 +13,7 @@ use comfy_table::{Table, presets::UTF8_FULL_CONDENSED};
 
 use crate::bench::{Bench, BenchSettings, Report, SECTIONS};
 use crate::broker::{self, Broker};
-use crate::config::{SecretUrl, Settings, Topology};
+use crate::config::Settings;
 use crate::store::Store;
 
 /// The rules the worker runs with: the shipped example file (its
@@ -68,15 +68,11 @@ fn sections(raw: &str) -> Result<BTreeSet<u8>, super::UsageError> {
 pub async fn execute(base: Settings, args: Args) -> anyhow::Result<ExitCode> {
     crate::ops::logs::init(crate::config::LogFormat::Pretty, "error,lapin=off");
     let sections = sections(&args.sections)?;
-    let run = format!(
-        "{}_{}",
-        std::process::id(),
-        &uuid::Uuid::new_v4().simple().to_string()[..6]
-    );
-    let mut db_url = base.database_url.url().clone();
-    db_url.set_path(&format!("holdclear_bench_{run}"));
-    let database_url = SecretUrl::parse("database", db_url.as_str())?;
-    let topology = Topology::prefixed(&format!("holdclear-bench-{run}."));
+    let super::ScratchRun {
+        run,
+        database_url,
+        topology,
+    } = super::ScratchRun::new(&base, "bench")?;
     let work_dir = std::env::temp_dir().join(format!("holdclear-bench-{run}"));
     {
         use std::os::unix::fs::DirBuilderExt;

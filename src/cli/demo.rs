@@ -17,7 +17,7 @@ use serde_json::{Value, json};
 use tokio_util::sync::CancellationToken;
 
 use crate::broker::{self, Broker, OutgoingMessage, Publisher, Subscription, declare_topology};
-use crate::config::{EscalationThreshold, SecretUrl, Settings, Topology};
+use crate::config::{EscalationThreshold, Settings, Topology};
 use crate::domain::EscalationLevel;
 use crate::sim::{Scenario, SimServer};
 use crate::worker::Worker;
@@ -128,15 +128,11 @@ pub async fn execute(base: Settings, args: Args) -> anyhow::Result<ExitCode> {
     crate::ops::logs::init(crate::config::LogFormat::Pretty, "error,lapin=off");
     let timeout = crate::config::parse_duration(&args.timeout)
         .map_err(|e| super::UsageError(format!("--timeout: {e}")))?;
-    let run = format!(
-        "{}_{}",
-        std::process::id(),
-        &uuid::Uuid::new_v4().simple().to_string()[..6]
-    );
-    let mut db_url = base.database_url.url().clone();
-    db_url.set_path(&format!("holdclear_demo_{run}"));
-    let database_url = SecretUrl::parse("database", db_url.as_str())?;
-    let topology = Topology::prefixed(&format!("holdclear-demo-{run}."));
+    let super::ScratchRun {
+        run,
+        database_url,
+        topology,
+    } = super::ScratchRun::new(&base, "demo")?;
     let rules_path = std::env::temp_dir().join(format!("holdclear-demo-{run}-rules.toml"));
     std::fs::write(&rules_path, DEMO_RULES)?;
 

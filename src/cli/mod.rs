@@ -8,7 +8,7 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 
-use crate::config::{ConfigError, LogFormat, Settings};
+use crate::config::{ConfigError, LogFormat, SecretUrl, Settings, Topology};
 
 pub mod bench;
 pub mod cases;
@@ -117,4 +117,31 @@ pub fn quiet_logs() {
         LogFormat::Json
     };
     crate::ops::logs::init(format, "warn");
+}
+
+/// The database and broker names of one run of a command that works on its
+/// own (`demo`, `bench`): `run` is `<pid>_<6 hex>`, the database
+/// `holdclear_<what>_<run>` beside the configured one, the exchanges and
+/// queues prefixed `holdclear-<what>-<run>.`.
+pub(crate) struct ScratchRun {
+    pub run: String,
+    pub database_url: SecretUrl,
+    pub topology: Topology,
+}
+
+impl ScratchRun {
+    pub(crate) fn new(base: &Settings, what: &str) -> Result<Self, ConfigError> {
+        let run = format!(
+            "{}_{}",
+            std::process::id(),
+            &uuid::Uuid::new_v4().simple().to_string()[..6]
+        );
+        let mut db_url = base.database_url.url().clone();
+        db_url.set_path(&format!("holdclear_{what}_{run}"));
+        Ok(Self {
+            database_url: SecretUrl::parse("database", db_url.as_str())?,
+            topology: Topology::prefixed(&format!("holdclear-{what}-{run}.")),
+            run,
+        })
+    }
 }
