@@ -27,6 +27,7 @@ use crate::engine::Engine;
 use crate::intake::{Intake, IntakeSettings};
 use crate::ops::health::{Health, probe_database};
 use crate::ops::http::{self, HttpError};
+use crate::ops::identity::WorkerIdentity;
 use crate::outbox::Relay;
 use crate::retry::Reconnect;
 use crate::rules::{Rules, RulesError, RulesHandle};
@@ -64,6 +65,7 @@ pub enum WorkerError {
 
 /// What the worker needs besides its settings, ready before anything runs.
 struct Parts {
+    identity: WorkerIdentity,
     rules: RulesHandle,
     commerce: Arc<dyn CommerceApi>,
     store_slot: Arc<std::sync::OnceLock<Store>>,
@@ -76,6 +78,8 @@ pub struct WorkerHandle {
     pub http_addr: SocketAddr,
     /// The readiness the worker reports on `/readyz`.
     pub health: Arc<Health>,
+    /// Who this worker is (in its leases, logs and `/readyz`).
+    pub identity: WorkerIdentity,
     cancel: CancellationToken,
     main: JoinHandle<Result<(), WorkerError>>,
 }
@@ -107,6 +111,7 @@ impl Worker {
         settings: Settings,
         cancel: CancellationToken,
     ) -> Result<WorkerHandle, WorkerError> {
+        let identity = WorkerIdentity::new();
         let rules = RulesHandle::new(Rules::load(&settings.rules_path)?);
         tracing::info!(
             file = %settings.rules_path.display(),
@@ -121,14 +126,13 @@ impl Worker {
         let health = Health::new();
         let tracker = TaskTracker::new();
         let http_stop = CancellationToken::new();
-        let router = http::router(Arc::clone(&health)).merge(http::metrics_router(
-            metrics,
-            Arc::clone(&store_slot),
-            Arc::clone(&health),
-        ));
+        let router = http::router(Arc::clone(&health), identity.clone()).merge(
+            http::metrics_router(metrics, Arc::clone(&store_slot), Arc::clone(&health)),
+        );
         let http_addr =
             http::serve(settings.http_addr, router, http_stop.clone(), &tracker).await?;
         let parts = Parts {
+            identity: identity.clone(),
             rules,
             commerce,
             store_slot,
@@ -144,6 +148,7 @@ impl Worker {
         Ok(WorkerHandle {
             http_addr,
             health,
+            identity,
             cancel,
             main,
         })
@@ -155,11 +160,11 @@ pub async fn run(settings: Settings, cancel: CancellationToken) -> Result<(), Wo
     Worker::start(settings, cancel).await?.wait().await
 }
 
-/// The name the worker's RabbitMQ connections carry (plus their role).
-fn connection_name(settings: &Settings) -> String {
+/// The name the worker's RabbitMQ connections carry (plus their role):
+/// `holdclear <worker uuid> queue=<held queue>`.
+fn connection_name(settings: &Settings, identity: &WorkerIdentity) -> String {
     format!(
-        "holdclear pid={} queue={}",
-        std::process::id(),
+        "holdclear {identity} queue={}",
         settings.amqp.topology.held_queue
     )
 }
@@ -201,6 +206,9 @@ async fn work(
     health.set_database(true);
     let _ = parts.store_slot.set(store.clone());
     tracing::info!(
+        worker = %parts.identity,
+        host = parts.identity.host(),
+        pid = parts.identity.pid(),
         database = %settings.database_url,
         broker = %settings.amqp.url,
         queue = %settings.amqp.topology.held_queue,
@@ -223,7 +231,10 @@ async fn work(
     let cases_opened = Arc::new(Notify::new());
     let (deliveries, inbox) = mpsc::channel(usize::from(settings.amqp.prefetch).max(1));
     let consumer = Consumer::new(
-        Broker::new(settings.amqp.url.clone(), connection_name(settings)),
+        Broker::new(
+            settings.amqp.url.clone(),
+            connection_name(settings, &parts.identity),
+        ),
         ConsumerSettings {
             topology: settings.amqp.topology.clone(),
             prefetch: settings.amqp.prefetch,
@@ -247,7 +258,7 @@ async fn work(
         parts.commerce,
         Arc::new(parts.rules.clone()),
         settings.engine.clone(),
-        connection_name(settings),
+        parts.identity.clone(),
         Arc::clone(&cases_opened),
         Arc::clone(&relay_wake),
     )
@@ -260,7 +271,10 @@ async fn work(
     let relay_stop = CancellationToken::new();
     let relay = Relay::new(
         store.clone(),
-        Broker::new(settings.amqp.url.clone(), connection_name(settings)),
+        Broker::new(
+            settings.amqp.url.clone(),
+            connection_name(settings, &parts.identity),
+        ),
         settings.amqp.topology.clone(),
         relay_wake,
     );

@@ -13,6 +13,7 @@ use super::UsageError;
 use crate::config::Settings;
 use crate::domain::CaseState;
 use crate::engine::{EngineError, retry_case};
+use crate::ops::identity::WorkerIdentity;
 use crate::store::{CaseFilter, CaseRecord, HistoryRow, OutboxRow, Store};
 
 /// Most rows `cases list` prints.
@@ -174,6 +175,15 @@ fn case_json(r: &CaseRecord) -> Value {
     })
 }
 
+/// The lease token of the claim that wrote the case's latest history line
+/// that names one, and when.
+fn last_worker(history: &[HistoryRow]) -> Option<(&str, DateTime<Utc>)> {
+    history
+        .iter()
+        .rev()
+        .find_map(|h| h.detail.get("worker")?.as_str().map(|w| (w, h.at)))
+}
+
 /// One history line's particulars, compact.
 fn summary(h: &HistoryRow) -> String {
     let d = &h.detail;
@@ -194,9 +204,15 @@ async fn show(store: &Store, order: &str, as_json: bool) -> anyhow::Result<()> {
         .ok_or_else(|| UsageError(format!("no case for order {order}")))?;
     let history = store.case_history(record.case.id, MAX_HISTORY).await?;
     let events = store.outbox_of_case(record.case.id).await?;
+    let last = last_worker(&history);
     if as_json {
         let out = json!({
             "case": case_json(&record),
+            "lastWorker": last.map(|(owner, at)| json!({
+                "worker": WorkerIdentity::of_lease_owner(owner),
+                "leaseOwner": owner,
+                "at": at,
+            })),
             "history": history,
             "events": events,
         });
@@ -277,8 +293,19 @@ async fn show(store: &Store, order: &str, as_json: bool) -> anyhow::Result<()> {
         row(
             "Lease",
             format!(
-                "{owner} until {}",
+                "held by worker {} (claim {owner}) until {}",
+                WorkerIdentity::of_lease_owner(owner),
                 record.lease_expires_at.map_or_else(|| "?".into(), when)
+            ),
+        );
+    }
+    if let Some((owner, at)) = last {
+        row(
+            "Last worker",
+            format!(
+                "{} (claim {owner}) at {}",
+                WorkerIdentity::of_lease_owner(owner),
+                when(at)
             ),
         );
     }

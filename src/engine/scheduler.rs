@@ -2,8 +2,10 @@
 //!
 //! - Claims take up to `batch_size` due cases (never more than free
 //!   concurrency permits) with `FOR UPDATE SKIP LOCKED`, leasing each for
-//!   `lease` under a token unique to the claim (`<worker id>#<n>`), so two
-//!   claimers — processes or loops — never step one case at once.
+//!   `lease` under a token unique to the claim (`<worker uuid>#<n>`, see
+//!   [`WorkerIdentity`]), so two claimers — processes, replicas that are
+//!   all PID 1, or loops — never step one case at once, and a worker that
+//!   wakes up after its lease ran out is fenced out whoever took it.
 //! - A step holds one permit of a `Semaphore(concurrency)`; its lease is
 //!   renewed every third of `lease` while it runs; if a renewal finds the
 //!   lease lost, the step is abandoned (its outcome never written).
@@ -36,6 +38,7 @@ use super::machine::{
 use crate::commerce::{CommerceApi, CommerceError};
 use crate::config::EngineSettings;
 use crate::domain::CaseState;
+use crate::ops::identity::WorkerIdentity;
 use crate::outbox::{Envelope, OutboundEvent};
 use crate::retry::Reconnect;
 use crate::store::{Claimed, StepCommit, Store, StoreError};
@@ -69,7 +72,7 @@ struct Inner {
     commerce: Arc<dyn CommerceApi>,
     rules: Arc<dyn DecisionSource>,
     settings: EngineSettings,
-    worker_id: String,
+    identity: WorkerIdentity,
     wake: Arc<Notify>,
     relay_wake: Arc<Notify>,
     local: Notify,
@@ -102,13 +105,14 @@ impl CommitRequest {
 impl Engine {
     /// An engine stepping the cases in `store`. `wake` is notified by intake
     /// when it opens cases; the engine notifies `relay_wake` after commits
-    /// that wrote events. `worker_id` names this worker in leases.
+    /// that wrote events. `identity` is this worker's: every lease it takes
+    /// is `<identity>#<claim number>`; give each engine its own.
     pub fn new(
         store: Store,
         commerce: Arc<dyn CommerceApi>,
         rules: Arc<dyn DecisionSource>,
         settings: EngineSettings,
-        worker_id: String,
+        identity: WorkerIdentity,
         wake: Arc<Notify>,
         relay_wake: Arc<Notify>,
     ) -> Self {
@@ -121,7 +125,7 @@ impl Engine {
                 commerce,
                 rules,
                 settings,
-                worker_id,
+                identity,
                 wake,
                 relay_wake,
                 local: Notify::new(),
@@ -161,7 +165,7 @@ impl Engine {
         let mut tasks = JoinSet::new();
         let mut db_delays = Reconnect::default();
         tracing::info!(
-            worker = %inner.worker_id,
+            worker = %inner.identity,
             concurrency = inner.settings.concurrency,
             batch = inner.settings.batch_size,
             "Case engine started."
@@ -188,7 +192,7 @@ impl Engine {
                 continue;
             }
             let n = inner.claims.fetch_add(1, Ordering::Relaxed);
-            let owner = format!("{}#{n}", inner.worker_id);
+            let owner = inner.identity.lease_owner(n);
             let claimed = match inner
                 .store
                 .claim_due(&owner, inner.settings.lease, free)
@@ -250,7 +254,7 @@ impl Engine {
                 "Step commits still being written at the end of the drain; their cases resume when their leases run out."
             );
         }
-        tracing::info!(worker = %inner.worker_id, "Case engine stopped.");
+        tracing::info!(worker = %inner.identity, "Case engine stopped.");
     }
 }
 
@@ -508,6 +512,13 @@ async fn commit(
     uncommitted: &mut Vec<(CaseState, Outcome, Transition)>,
 ) -> bool {
     let outcome = uncommitted.last().map_or("-", |(_, o, _)| o.name());
+    // Every line says which claim wrote it: `cases show` names the worker
+    // that last held the case from it.
+    for entry in carried.iter_mut() {
+        if let Some(detail) = entry.detail.as_object_mut() {
+            detail.entry("worker").or_insert_with(|| json!(owner));
+        }
+    }
     let (done, written) = oneshot::channel();
     let request = CommitRequest {
         lease_owner: owner.to_owned(),

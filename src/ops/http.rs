@@ -15,6 +15,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use super::health::Health;
+use super::identity::WorkerIdentity;
 
 /// What went wrong starting the HTTP server.
 #[derive(Debug, thiserror::Error)]
@@ -29,12 +30,20 @@ pub enum HttpError {
     },
 }
 
+/// State of `/healthz` and `/readyz`.
+#[derive(Clone)]
+struct Probes {
+    health: Arc<Health>,
+    identity: WorkerIdentity,
+}
+
 /// The routes of the operations server, without state left to supply.
-pub fn router(health: Arc<Health>) -> Router {
+/// `/readyz` names the worker (`identity`).
+pub fn router(health: Arc<Health>, identity: WorkerIdentity) -> Router {
     Router::new()
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
-        .with_state(health)
+        .with_state(Probes { health, identity })
 }
 
 /// State of `/metrics`: the recorder, and the store once it is connected.
@@ -80,14 +89,17 @@ async fn healthz() -> impl IntoResponse {
     (StatusCode::OK, Json(serde_json::json!({"status": "ok"})))
 }
 
-async fn readyz(State(health): State<Arc<Health>>) -> impl IntoResponse {
-    let r = health.readiness();
+async fn readyz(State(p): State<Probes>) -> impl IntoResponse {
+    let r = p.health.readiness();
     if r.ready {
-        (StatusCode::OK, Json(serde_json::json!({"status": "ready"})))
+        (
+            StatusCode::OK,
+            Json(serde_json::json!({"status": "ready", "worker": p.identity})),
+        )
     } else {
         (
             StatusCode::SERVICE_UNAVAILABLE,
-            Json(serde_json::json!({"status": "not ready", "down": r.down})),
+            Json(serde_json::json!({"status": "not ready", "down": r.down, "worker": p.identity})),
         )
     }
 }

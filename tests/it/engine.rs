@@ -22,6 +22,7 @@ use holdclear::domain::{
 };
 use holdclear::engine::machine::HistoryEntry;
 use holdclear::engine::{DecisionSource, Engine};
+use holdclear::ops::identity::WorkerIdentity;
 use holdclear::outbox::{OutboundEvent, Relay, RelaySettings};
 use holdclear::rules::Decision;
 use holdclear::store::{CaseRecord, Recorded, StepCommit, Store};
@@ -186,13 +187,13 @@ impl World {
         let relay_wake = Arc::new(Notify::new());
         let cancel = CancellationToken::new();
         let mut tasks = Vec::new();
-        for (n, api) in commerce.into_iter().enumerate() {
+        for api in commerce {
             let engine = Engine::new(
                 store.clone(),
                 api,
                 rules.clone(),
                 settings.clone(),
-                format!("{prefix}-w{n}"),
+                WorkerIdentity::new(),
                 wake.clone(),
                 relay_wake.clone(),
             );
