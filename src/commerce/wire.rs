@@ -34,16 +34,18 @@ pub(crate) struct TokenAnswer {
 
 impl TokenAnswer {
     /// `expires_in` as a duration (a number or a numeric string); one hour
-    /// when absent, as the contract's example.
+    /// when absent, as the contract's example. More seconds than a
+    /// `Duration` holds (e.g. `u64::MAX`, which a JSON number rounds up)
+    /// is "never expires": `Duration::MAX` (the token cache clamps it).
     pub(crate) fn lifetime(&self) -> Option<Duration> {
+        let seconds = |s: f64| {
+            (s.is_finite() && s >= 0.0)
+                .then(|| Duration::try_from_secs_f64(s).unwrap_or(Duration::MAX))
+        };
         match &self.expires_in {
             None | Some(Value::Null) => Some(Duration::from_secs(3600)),
-            Some(Value::Number(n)) => n.as_f64().and_then(|s| Duration::try_from_secs_f64(s).ok()),
-            Some(Value::String(s)) => s
-                .trim()
-                .parse::<f64>()
-                .ok()
-                .and_then(|s| Duration::try_from_secs_f64(s).ok()),
+            Some(Value::Number(n)) => n.as_f64().and_then(seconds),
+            Some(Value::String(s)) => s.trim().parse::<f64>().ok().and_then(seconds),
             Some(_) => None,
         }
     }
@@ -301,5 +303,10 @@ mod tests {
             Some(Duration::from_secs(3600))
         );
         assert_eq!(parse(r#"{"access_token":"x","expires_in":-1}"#), None);
+        assert_eq!(
+            parse(r#"{"access_token":"x","expires_in":18446744073709551615}"#),
+            Some(Duration::MAX)
+        );
+        assert_eq!(parse(r#"{"access_token":"x","expires_in":"1e400"}"#), None);
     }
 }
