@@ -92,7 +92,7 @@ pub fn main(cli: Cli) -> ExitCode {
 async fn execute(cli: Cli) -> anyhow::Result<ExitCode> {
     let config = cli.config.as_deref();
     match cli.command {
-        Command::Run(args) => run::execute(load(config)?, args).await,
+        Command::Run(args) => run::execute(config, args).await,
         Command::Migrate => migrate::execute(load(config)?).await,
         Command::Rules(cmd) => rules::execute(config, cmd).await,
         Command::Dlq(cmd) => dlq::execute(load(config)?, cmd).await,

@@ -18,7 +18,7 @@ use crate::rules::Decision;
 use crate::store::StoreError;
 
 pub use machine::{Case, MachineError, ResolvedTarget};
-pub use scheduler::Engine;
+pub use scheduler::{Engine, EngineTasks};
 
 /// Where the engine gets its decisions: the operator's rules in production
 /// (`RulesHandle`), anything deterministic in tests.

@@ -19,13 +19,15 @@
 //! - On cancel: no new claims; in-flight steps finish their current step,
 //!   give their lease back and stop, within the drain timeout.
 
+use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use chrono::Utc;
-use futures_util::StreamExt;
+use futures_util::future::BoxFuture;
 use futures_util::stream::FuturesUnordered;
+use futures_util::{FutureExt, StreamExt};
 use serde_json::json;
 use tokio::sync::{Notify, Semaphore, mpsc, oneshot};
 use tokio::task::JoinSet;
@@ -38,6 +40,7 @@ use super::machine::{
 use crate::commerce::{CommerceApi, CommerceError};
 use crate::config::EngineSettings;
 use crate::domain::CaseState;
+use crate::ops::health::panic_message;
 use crate::ops::identity::WorkerIdentity;
 use crate::outbox::{Envelope, OutboundEvent};
 use crate::retry::Reconnect;
@@ -152,110 +155,178 @@ impl Engine {
         self
     }
 
-    /// Claims and steps due cases until `cancel` fires, then drains.
+    /// Claims and steps due cases until `cancel` fires, then drains: the
+    /// two tasks of [`Engine::tasks`], the committer on a task of its own.
     pub async fn run(self, cancel: CancellationToken) {
-        let inner = self.inner;
+        let EngineTasks {
+            stepping,
+            committing,
+        } = self.tasks(cancel);
+        let committer = tokio::spawn(committing);
+        stepping.await;
+        let _ = committer.await;
+    }
+
+    /// The engine as the two long-running tasks a worker supervises:
+    /// `stepping` claims and steps cases until `cancel` fires, drains, then
+    /// stops `committing` and waits for it (bounded); `committing` writes
+    /// the step commits (see [`write_commits`]). Run both.
+    pub fn tasks(self, cancel: CancellationToken) -> EngineTasks {
         let stop_committing = CancellationToken::new();
-        let committer = tokio::spawn(write_commits(
-            inner.store.clone(),
-            self.commits,
-            stop_committing.clone(),
-        ));
-        let permits = Arc::new(Semaphore::new(inner.settings.concurrency.max(1)));
-        let mut tasks = JoinSet::new();
-        let mut db_delays = Reconnect::default();
-        tracing::info!(
-            worker = %inner.identity,
-            concurrency = inner.settings.concurrency,
-            batch = inner.settings.batch_size,
-            "Case engine started."
-        );
-        loop {
-            while let Some(done) = tasks.try_join_next() {
-                if let Err(e) = done
-                    && e.is_panic()
-                {
-                    tracing::error!(error = %e, "A case step panicked; its case resumes when its lease runs out.");
-                }
+        // Fires when the committer ends, however it ends (a panic included).
+        let committer_done = CancellationToken::new();
+        let committing = {
+            let store = self.inner.store.clone();
+            let stop = stop_committing.clone();
+            let done = committer_done.clone().drop_guard();
+            let requests = self.commits;
+            async move {
+                let _done = done;
+                write_commits(store, requests, stop).await;
             }
-            if cancel.is_cancelled() {
-                break;
+            .boxed()
+        };
+        let stepping = step_cases(
+            self.inner,
+            cancel,
+            self.drain_timeout,
+            self.abort,
+            stop_committing,
+            committer_done,
+        )
+        .boxed();
+        EngineTasks {
+            stepping,
+            committing,
+        }
+    }
+}
+
+/// The two long-running tasks of an [`Engine`] (see [`Engine::tasks`]).
+pub struct EngineTasks {
+    /// Claims and steps cases; after the cancel, drains, then stops the
+    /// committer and waits for it.
+    pub stepping: BoxFuture<'static, ()>,
+    /// Writes the steps' commits until `stepping` stops it.
+    pub committing: BoxFuture<'static, ()>,
+}
+
+/// The claim loop: claims due cases and steps each on a task of its own,
+/// until `cancel` (or the committer's death), then drains within
+/// `drain_timeout` (or until `abort`), then stops the committer.
+async fn step_cases(
+    inner: Arc<Inner>,
+    cancel: CancellationToken,
+    drain_timeout: Duration,
+    abort: CancellationToken,
+    stop_committing: CancellationToken,
+    committer_done: CancellationToken,
+) {
+    let permits = Arc::new(Semaphore::new(inner.settings.concurrency.max(1)));
+    let mut tasks = JoinSet::new();
+    let mut db_delays = Reconnect::default();
+    tracing::info!(
+        worker = %inner.identity,
+        concurrency = inner.settings.concurrency,
+        batch = inner.settings.batch_size,
+        "Case engine started."
+    );
+    loop {
+        while let Some(done) = tasks.try_join_next() {
+            if let Err(e) = done
+                && e.is_panic()
+            {
+                tracing::error!(error = %e, "A case step task panicked outside its step; its case resumes when its lease runs out.");
             }
-            let free = permits
-                .available_permits()
-                .min(inner.settings.batch_size.max(1));
-            if free == 0 {
+        }
+        if cancel.is_cancelled() {
+            break;
+        }
+        if committer_done.is_cancelled() {
+            tracing::error!(
+                task = "committer",
+                "The step committer stopped; the engine stops (no step could be committed)."
+            );
+            break;
+        }
+        let free = permits
+            .available_permits()
+            .min(inner.settings.batch_size.max(1));
+        if free == 0 {
+            tokio::select! {
+                () = cancel.cancelled() => break,
+                () = committer_done.cancelled() => continue,
+                permit = permits.clone().acquire_owned() => drop(permit),
+            }
+            continue;
+        }
+        let n = inner.claims.fetch_add(1, Ordering::Relaxed);
+        let owner = inner.identity.lease_owner(n);
+        let claimed = match inner
+            .store
+            .claim_due(&owner, inner.settings.lease, free)
+            .await
+        {
+            Ok(claimed) => {
+                db_delays.reset();
+                claimed
+            }
+            Err(e) => {
+                let delay = db_delays.next_delay();
+                tracing::warn!(error = %e, retry_in_ms = delay.as_millis() as u64, "Cannot claim cases; retrying.");
                 tokio::select! {
                     () = cancel.cancelled() => break,
-                    permit = permits.clone().acquire_owned() => drop(permit),
+                    () = tokio::time::sleep(delay) => {}
                 }
                 continue;
             }
-            let n = inner.claims.fetch_add(1, Ordering::Relaxed);
-            let owner = inner.identity.lease_owner(n);
-            let claimed = match inner
-                .store
-                .claim_due(&owner, inner.settings.lease, free)
-                .await
-            {
-                Ok(claimed) => {
-                    db_delays.reset();
-                    claimed
-                }
-                Err(e) => {
-                    let delay = db_delays.next_delay();
-                    tracing::warn!(error = %e, retry_in_ms = delay.as_millis() as u64, "Cannot claim cases; retrying.");
-                    tokio::select! {
-                        () = cancel.cancelled() => break,
-                        () = tokio::time::sleep(delay) => {}
-                    }
-                    continue;
-                }
-            };
-            let full = claimed.len() >= free;
-            for claim in claimed {
-                let Ok(permit) = permits.clone().try_acquire_owned() else {
-                    // Cannot happen (only this loop acquires); give the case back.
-                    let _ = inner
-                        .store
-                        .release_case(claim.id, &owner, Duration::ZERO)
-                        .await;
-                    continue;
-                };
-                let inner = inner.clone();
-                let owner = owner.clone();
-                let cancel = cancel.clone();
-                tasks.spawn(async move {
-                    drive(inner, owner, claim, cancel).await;
-                    drop(permit);
-                });
-            }
-            if !full {
-                inner.idle(&cancel).await;
-            }
-        }
-        let drained = tokio::select! {
-            () = async { while tasks.join_next().await.is_some() {} } => true,
-            () = tokio::time::sleep(self.drain_timeout) => false,
-            () = self.abort.cancelled() => false,
         };
-        if !drained {
-            tracing::warn!(
-                in_flight = tasks.len(),
-                "Steps still running at the end of the drain; their cases resume when their leases run out."
-            );
-            tasks.abort_all();
+        let full = claimed.len() >= free;
+        for claim in claimed {
+            let Ok(permit) = permits.clone().try_acquire_owned() else {
+                // Cannot happen (only this loop acquires); give the case back.
+                let _ = inner
+                    .store
+                    .release_case(claim.id, &owner, Duration::ZERO)
+                    .await;
+                continue;
+            };
+            let inner = inner.clone();
+            let owner = owner.clone();
+            let cancel = cancel.clone();
+            tasks.spawn(async move {
+                drive(inner, owner, claim, cancel).await;
+                drop(permit);
+            });
         }
-        // Commits already being written finish (they are fenced); queued ones
-        // of aborted steps are dropped.
-        stop_committing.cancel();
-        if tokio::time::timeout(COMMIT_DRAIN, committer).await.is_err() {
-            tracing::warn!(
-                "Step commits still being written at the end of the drain; their cases resume when their leases run out."
-            );
+        if !full {
+            inner.idle(&cancel).await;
         }
-        tracing::info!(worker = %inner.identity, "Case engine stopped.");
     }
+    let drained = tokio::select! {
+        () = async { while tasks.join_next().await.is_some() {} } => true,
+        () = tokio::time::sleep(drain_timeout) => false,
+        () = abort.cancelled() => false,
+    };
+    if !drained {
+        tracing::warn!(
+            in_flight = tasks.len(),
+            "Steps still running at the end of the drain; their cases resume when their leases run out."
+        );
+        tasks.abort_all();
+    }
+    // Commits already being written finish (they are fenced); queued ones
+    // of aborted steps are dropped.
+    stop_committing.cancel();
+    if tokio::time::timeout(COMMIT_DRAIN, committer_done.cancelled())
+        .await
+        .is_err()
+    {
+        tracing::warn!(
+            "Step commits still being written at the end of the drain; their cases resume when their leases run out."
+        );
+    }
+    tracing::info!(worker = %inner.identity, "Case engine stopped.");
 }
 
 impl Inner {
@@ -383,63 +454,99 @@ async fn steps(
         let before = case.state;
         let mut replies = Vec::new();
         let mut history = Vec::new();
-        let outcome = loop {
-            match machine::plan(&case, &replies) {
-                Next::Stop => {
-                    let _ = inner.store.release_case(case.id, owner, SET_ASIDE).await;
-                    return;
-                }
-                Next::Done(outcome) => break outcome,
-                Next::Call(call) => {
-                    if matches!(call, Call::Assign { .. })
-                        && !uncommitted.is_empty()
-                        && !commit(
-                            inner,
-                            owner,
-                            &case,
-                            &mut carried,
-                            &[],
-                            Some(inner.settings.lease),
-                            &mut uncommitted,
-                        )
-                        .await
-                    {
-                        return;
+        // The call in flight, for a panic's history line.
+        let mut calling = "step";
+        // A panic anywhere in the step (the plan, a call, the decision
+        // source) is the case's transient failure: retried with backoff and
+        // counted against its budget like any other, never a dead step
+        // task whose case comes back at every lease expiry.
+        let planned = AssertUnwindSafe(async {
+            loop {
+                match machine::plan(&case, &replies) {
+                    Next::Stop => {
+                        let _ = inner.store.release_case(case.id, owner, SET_ASIDE).await;
+                        return None;
                     }
-                    let at = Utc::now();
-                    let started = Instant::now();
-                    let reply = tokio::select! {
-                        reply = inner.call(&case, &call) => reply,
-                        () = lost.cancelled() => {
-                            tracing::warn!(lease_owner = %owner, call = call.name(), "Lease lost while stepping; the step is abandoned.");
-                            return;
+                    Next::Done(outcome) => return Some(outcome),
+                    Next::Call(call) => {
+                        if matches!(call, Call::Assign { .. })
+                            && !uncommitted.is_empty()
+                            && !commit(
+                                inner,
+                                owner,
+                                &case,
+                                &mut carried,
+                                &[],
+                                Some(inner.settings.lease),
+                                &mut uncommitted,
+                            )
+                            .await
+                        {
+                            return None;
                         }
-                    };
-                    let took = started.elapsed();
-                    tracing::debug!(
-                        call = call.name(),
-                        class = reply.class(),
-                        took_ms = took.as_millis() as u64,
-                        "Call answered."
-                    );
-                    let mut entry = machine::call_entry(case.state, &call, &reply, at, took);
-                    entry.detail["worker"] = json!(owner);
-                    history.push(entry);
-                    replies.push(reply);
-                    if replies.len() > MAX_CALLS_PER_STEP {
-                        // plan() ends the step on the next round.
-                        continue;
+                        calling = call.name();
+                        let at = Utc::now();
+                        let started = Instant::now();
+                        let reply = tokio::select! {
+                            reply = inner.call(&case, &call) => reply,
+                            () = lost.cancelled() => {
+                                tracing::warn!(lease_owner = %owner, call = call.name(), "Lease lost while stepping; the step is abandoned.");
+                                return None;
+                            }
+                        };
+                        let took = started.elapsed();
+                        tracing::debug!(
+                            call = call.name(),
+                            class = reply.class(),
+                            took_ms = took.as_millis() as u64,
+                            "Call answered."
+                        );
+                        let mut entry = machine::call_entry(case.state, &call, &reply, at, took);
+                        entry.detail["worker"] = json!(owner);
+                        history.push(entry);
+                        replies.push(reply);
+                        calling = "step";
+                        if replies.len() > MAX_CALLS_PER_STEP {
+                            // plan() ends the step on the next round.
+                            continue;
+                        }
                     }
                 }
             }
+        })
+        .catch_unwind()
+        .await;
+        let outcome = match planned {
+            Ok(Some(outcome)) => outcome,
+            Ok(None) => return,
+            Err(panic) => panicked(&case, calling, &*panic),
         };
         let now = Utc::now();
-        let transition = match machine::apply(&case, outcome.clone(), now, &inner.settings) {
-            Ok(t) => t,
-            Err(e) => {
+        let applied = |outcome: Outcome| {
+            std::panic::catch_unwind(AssertUnwindSafe(|| {
+                machine::apply(&case, outcome, now, &inner.settings)
+            }))
+        };
+        let (outcome, transition) = match applied(outcome.clone()) {
+            Ok(Ok(t)) => (outcome, t),
+            Ok(Err(e)) => {
                 tracing::error!(error = %e, "The case's step has no valid transition; it is set aside.");
                 let _ = inner.store.release_case(case.id, owner, SET_ASIDE).await;
                 return;
+            }
+            Err(panic) => {
+                let transient = panicked(&case, "apply", &*panic);
+                match applied(transient.clone()) {
+                    Ok(Ok(t)) => (transient, t),
+                    _ => {
+                        tracing::error!(
+                            set_aside_s = SET_ASIDE.as_secs(),
+                            "The case's step panicked and so did recording it; it is set aside."
+                        );
+                        let _ = inner.store.release_case(case.id, owner, SET_ASIDE).await;
+                        return;
+                    }
+                }
             }
         };
         let envelopes: Vec<Envelope> = transition
@@ -495,6 +602,24 @@ async fn steps(
             }
             return;
         }
+    }
+}
+
+/// The transient failure that a panic in `case`'s step (during `call`)
+/// stands for, logged.
+fn panicked(case: &Case, call: &'static str, panic: &(dyn std::any::Any + Send)) -> Outcome {
+    let detail = format!("{call} panicked: {}", panic_message(panic));
+    tracing::error!(
+        order = %case.subject(),
+        state = %case.state,
+        call,
+        detail = %detail,
+        "A step panicked; it counts as a transient failure of its case."
+    );
+    Outcome::Transient {
+        call,
+        retry_after: None,
+        detail,
     }
 }
 

@@ -1,10 +1,13 @@
-//! Liveness and readiness: what the worker depends on, and whether it is up.
+//! Liveness and readiness: what the worker depends on, whether it is up,
+//! and whether every task of the worker still runs.
 //!
 //! [`Health`] is shared: the consumer reports the broker, intake and the
-//! database probe report the database. `/readyz` reads it (see [`super::http`]).
+//! database probe report the database, the worker's supervisor reports a
+//! task that died. `/readyz` and `/healthz` read it (see [`super::http`]).
 
-use std::sync::Arc;
+use std::any::Any;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use serde::Serialize;
@@ -12,11 +15,33 @@ use tokio_util::sync::CancellationToken;
 
 use crate::store::Store;
 
-/// Whether each dependency of the worker is usable right now.
+/// Whether each dependency of the worker is usable right now, and the
+/// first task of the worker that stopped when it should not have.
 #[derive(Debug, Default)]
 pub struct Health {
     database: AtomicBool,
     broker: AtomicBool,
+    failure: Mutex<Option<TaskFailure>>,
+}
+
+/// A long-running task of the worker that ended or panicked before the
+/// worker was asked to stop (`/healthz` answers 503 with it).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct TaskFailure {
+    /// Which task: `engine`, `committer`, `relay`, `consumer`, `intake`,
+    /// `database probe`, `rules reload`, `health server`.
+    pub task: &'static str,
+    /// How it ended: `it returned`, or `it panicked: <message>`.
+    pub error: String,
+}
+
+/// The message of a panic's payload (`panic!("…")`), or a placeholder.
+pub fn panic_message(payload: &(dyn Any + Send)) -> &str {
+    payload
+        .downcast_ref::<&str>()
+        .copied()
+        .or_else(|| payload.downcast_ref::<String>().map(String::as_str))
+        .unwrap_or("a panic without a message")
 }
 
 /// A snapshot of [`Health`], as `/readyz` shows it.
@@ -55,6 +80,28 @@ impl Health {
                 tracing::warn!(dependency = "broker", "RabbitMQ disconnected; not ready.");
             }
         }
+    }
+
+    /// Records that `task` stopped when it should not have; the first
+    /// failure is kept. `true` when this one is the first.
+    pub fn task_failed(&self, task: &'static str, error: impl Into<String>) -> bool {
+        let mut failure = self.failure.lock().unwrap_or_else(|p| p.into_inner());
+        if failure.is_some() {
+            return false;
+        }
+        *failure = Some(TaskFailure {
+            task,
+            error: error.into(),
+        });
+        true
+    }
+
+    /// The first task that stopped when it should not have, if any.
+    pub fn failure(&self) -> Option<TaskFailure> {
+        self.failure
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
     }
 
     /// True when the database is reported up.
@@ -126,5 +173,26 @@ mod tests {
         assert!(h.readiness().ready);
         h.set_broker(false);
         assert_eq!(h.readiness().down, ["broker"]);
+    }
+
+    #[test]
+    fn the_first_task_failure_is_kept() {
+        let h = Health::new();
+        assert_eq!(h.failure(), None);
+        assert!(h.task_failed("relay", "it returned"));
+        assert!(!h.task_failed("engine", "it panicked: boom"));
+        assert_eq!(
+            h.failure(),
+            Some(TaskFailure {
+                task: "relay",
+                error: "it returned".into()
+            })
+        );
+        let payload: Box<dyn Any + Send> = Box::new(format!("boom {}", 1));
+        assert_eq!(panic_message(&*payload), "boom 1");
+        let payload: Box<dyn Any + Send> = Box::new("static");
+        assert_eq!(panic_message(&*payload), "static");
+        let payload: Box<dyn Any + Send> = Box::new(7_u8);
+        assert_eq!(panic_message(&*payload), "a panic without a message");
     }
 }
