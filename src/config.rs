@@ -191,6 +191,36 @@ pub struct AmqpSettings {
     pub intake_batch: usize,
     /// How long intake waits for a batch to fill before writing it.
     pub intake_linger: Duration,
+    /// Longest wait for the broker's confirm of a publish (dead letters,
+    /// events); past it the publish counts as failed and is retried.
+    pub confirm_timeout: Duration,
+}
+
+/// Deadlines on every wait for PostgreSQL; a wait that runs out fails
+/// with an error its caller retries.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DatabaseTimeouts {
+    /// `statement_timeout` of every session: the longest one statement runs.
+    pub statement: Duration,
+    /// `lock_timeout` of every session: the longest a statement waits for a lock.
+    pub lock: Duration,
+    /// `idle_in_transaction_session_timeout`: a session left idle inside a
+    /// transaction this long is ended by the server (its locks released).
+    pub idle_in_transaction: Duration,
+    /// The longest wait for a connection of the pool (opening one included).
+    pub acquire: Duration,
+}
+
+impl Default for DatabaseTimeouts {
+    /// `30s`, `10s`, `60s`, `5s`.
+    fn default() -> Self {
+        Self {
+            statement: Duration::from_secs(30),
+            lock: Duration::from_secs(10),
+            idle_in_transaction: Duration::from_secs(60),
+            acquire: Duration::from_secs(5),
+        }
+    }
 }
 
 /// The commerce API client.
@@ -262,6 +292,8 @@ pub struct Settings {
     pub database_url: SecretUrl,
     /// Connections in the pool.
     pub database_max_connections: u32,
+    /// Deadlines of statements, locks, idle transactions and pool waits.
+    pub database_timeouts: DatabaseTimeouts,
     /// RabbitMQ.
     pub amqp: AmqpSettings,
     /// Commerce API.
@@ -284,12 +316,17 @@ pub struct Settings {
 struct FileSettings {
     database_url: Option<String>,
     database_max_connections: Option<u32>,
+    database_statement_timeout: Option<String>,
+    database_lock_timeout: Option<String>,
+    database_idle_in_transaction_timeout: Option<String>,
+    database_acquire_timeout: Option<String>,
     amqp_url: Option<String>,
     amqp_prefetch: Option<u16>,
     max_payload_bytes: Option<usize>,
     delivery_limit: Option<u32>,
     intake_batch: Option<usize>,
     intake_linger: Option<String>,
+    amqp_confirm_timeout: Option<String>,
     topology: Option<Topology>,
     commerce_base_url: Option<String>,
     commerce_token_url: Option<String>,
@@ -450,6 +487,51 @@ impl Settings {
             "HOLDCLEAR_DATABASE_MAX_CONNECTIONS",
             database_max_connections as f64,
         )?;
+        let database_timeouts = DatabaseTimeouts {
+            statement: r.duration(
+                "HOLDCLEAR_DATABASE_STATEMENT_TIMEOUT",
+                f.database_statement_timeout,
+                "30s",
+            )?,
+            lock: r.duration(
+                "HOLDCLEAR_DATABASE_LOCK_TIMEOUT",
+                f.database_lock_timeout,
+                "10s",
+            )?,
+            idle_in_transaction: r.duration(
+                "HOLDCLEAR_DATABASE_IDLE_IN_TRANSACTION_TIMEOUT",
+                f.database_idle_in_transaction_timeout,
+                "60s",
+            )?,
+            acquire: r.duration(
+                "HOLDCLEAR_DATABASE_ACQUIRE_TIMEOUT",
+                f.database_acquire_timeout,
+                "5s",
+            )?,
+        };
+        for (setting, value) in [
+            (
+                "HOLDCLEAR_DATABASE_STATEMENT_TIMEOUT",
+                database_timeouts.statement,
+            ),
+            ("HOLDCLEAR_DATABASE_LOCK_TIMEOUT", database_timeouts.lock),
+            (
+                "HOLDCLEAR_DATABASE_IDLE_IN_TRANSACTION_TIMEOUT",
+                database_timeouts.idle_in_transaction,
+            ),
+            (
+                "HOLDCLEAR_DATABASE_ACQUIRE_TIMEOUT",
+                database_timeouts.acquire,
+            ),
+        ] {
+            // PostgreSQL takes whole milliseconds (0 would mean "no limit").
+            if value < Duration::from_millis(1) {
+                return Err(ConfigError::invalid(setting, "must be at least 1ms"));
+            }
+            if value > Duration::from_secs(24 * 3600) {
+                return Err(ConfigError::invalid(setting, "must be at most 24h"));
+            }
+        }
 
         let amqp_url = SecretUrl::parse(
             "HOLDCLEAR_AMQP_URL",
@@ -478,6 +560,12 @@ impl Settings {
         let intake_batch = r.parsed("HOLDCLEAR_INTAKE_BATCH", f.intake_batch, 256)?;
         positive("HOLDCLEAR_INTAKE_BATCH", intake_batch as f64)?;
         let intake_linger = r.duration("HOLDCLEAR_INTAKE_LINGER", f.intake_linger, "5ms")?;
+        let confirm_timeout = r.duration(
+            "HOLDCLEAR_AMQP_CONFIRM_TIMEOUT",
+            f.amqp_confirm_timeout,
+            "30s",
+        )?;
+        nonzero("HOLDCLEAR_AMQP_CONFIRM_TIMEOUT", confirm_timeout)?;
 
         let base_url = parse_http_url(
             "HOLDCLEAR_COMMERCE_BASE_URL",
@@ -667,6 +755,7 @@ impl Settings {
         Ok(Self {
             database_url,
             database_max_connections,
+            database_timeouts,
             amqp: AmqpSettings {
                 url: amqp_url,
                 topology,
@@ -675,6 +764,7 @@ impl Settings {
                 delivery_limit,
                 intake_batch,
                 intake_linger,
+                confirm_timeout,
             },
             commerce: CommerceSettings {
                 base_url,
@@ -750,6 +840,40 @@ mod tests {
         assert_eq!(s.engine.retry.max_elapsed, Duration::from_secs(3600));
         assert_eq!(s.amqp.max_payload_bytes, 256 * 1024);
         assert_eq!(s.amqp.topology.held_queue, "holdclear.order-held");
+        assert_eq!(s.database_timeouts, DatabaseTimeouts::default());
+        assert_eq!(s.amqp.confirm_timeout, Duration::from_secs(30));
+    }
+
+    #[test]
+    fn database_and_confirm_deadlines() {
+        let s = with(&[
+            ("HOLDCLEAR_DATABASE_STATEMENT_TIMEOUT", "2s"),
+            ("HOLDCLEAR_DATABASE_LOCK_TIMEOUT", "300ms"),
+            ("HOLDCLEAR_DATABASE_IDLE_IN_TRANSACTION_TIMEOUT", "1m"),
+            ("HOLDCLEAR_DATABASE_ACQUIRE_TIMEOUT", "500ms"),
+            ("HOLDCLEAR_AMQP_CONFIRM_TIMEOUT", "5s"),
+        ])
+        .unwrap();
+        assert_eq!(
+            s.database_timeouts,
+            DatabaseTimeouts {
+                statement: Duration::from_secs(2),
+                lock: Duration::from_millis(300),
+                idle_in_transaction: Duration::from_secs(60),
+                acquire: Duration::from_millis(500),
+            }
+        );
+        assert_eq!(s.amqp.confirm_timeout, Duration::from_secs(5));
+        for (name, value) in [
+            ("HOLDCLEAR_DATABASE_STATEMENT_TIMEOUT", "0s"),
+            ("HOLDCLEAR_DATABASE_LOCK_TIMEOUT", "500us"),
+            ("HOLDCLEAR_DATABASE_ACQUIRE_TIMEOUT", "2d"),
+            ("HOLDCLEAR_DATABASE_IDLE_IN_TRANSACTION_TIMEOUT", "soon"),
+            ("HOLDCLEAR_AMQP_CONFIRM_TIMEOUT", "0s"),
+        ] {
+            let err = with(&[(name, value)]).unwrap_err().to_string();
+            assert!(err.contains(name), "{name}={value}: {err}");
+        }
     }
 
     #[test]

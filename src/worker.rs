@@ -38,7 +38,7 @@ use crate::intake::{Intake, IntakeSettings};
 use crate::ops::health::{Health, TaskFailure, panic_message, probe_database};
 use crate::ops::http::{self, HttpError};
 use crate::ops::identity::WorkerIdentity;
-use crate::outbox::Relay;
+use crate::outbox::{Relay, RelaySettings};
 use crate::retry::Reconnect;
 use crate::rules::{Rules, RulesError, RulesHandle};
 use crate::store::{Store, StoreError};
@@ -405,6 +405,7 @@ async fn work(settings: &Settings, parts: Parts, health: &Arc<Health>) -> Result
             store.clone(),
             Arc::clone(health),
             PROBE_EVERY,
+            settings.database_timeouts.statement + settings.database_timeouts.acquire,
             parts.background.clone(),
         ),
     );
@@ -468,7 +469,11 @@ async fn work(settings: &Settings, parts: Parts, health: &Arc<Health>) -> Result
         ),
         settings.amqp.topology.clone(),
         relay_wake,
-    );
+    )
+    .with_settings(RelaySettings {
+        confirm_timeout: settings.amqp.confirm_timeout,
+        ..RelaySettings::default()
+    });
     let relaying = supervisor.spawn("relay", relay.run(relay_stop.clone()));
 
     // Run until asked to stop, or until a task failed (the supervisor
@@ -528,8 +533,12 @@ async fn prepare_store(
     let mut delays = Reconnect::default();
     loop {
         let attempt = async {
-            let store =
-                Store::connect(&settings.database_url, settings.database_max_connections).await?;
+            let store = Store::connect_with(
+                &settings.database_url,
+                settings.database_max_connections,
+                &settings.database_timeouts,
+            )
+            .await?;
             store.migrate().await?;
             Ok::<_, StoreError>(store)
         };
@@ -537,7 +546,7 @@ async fn prepare_store(
             () = cancel.cancelled() => return Ok(None),
             result = attempt => match result {
                 Ok(store) => return Ok(Some(store)),
-                Err(e) if e.is_connection() => e,
+                Err(e) if e.is_transient() => e,
                 Err(e) => return Err(e),
             },
         };

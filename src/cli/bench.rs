@@ -66,7 +66,7 @@ fn sections(raw: &str) -> Result<BTreeSet<u8>, super::UsageError> {
 
 /// Runs `holdclear bench`.
 pub async fn execute(base: Settings, args: Args) -> anyhow::Result<ExitCode> {
-    crate::ops::logs::init(crate::config::LogFormat::Pretty, "error,lapin=off");
+    crate::ops::logs::init(crate::config::LogFormat::Pretty, "off,holdclear=error");
     let sections = sections(&args.sections)?;
     let super::ScratchRun {
         run,

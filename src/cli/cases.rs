@@ -4,7 +4,6 @@
 
 use std::process::ExitCode;
 
-use anyhow::Context;
 use chrono::{DateTime, Utc};
 use comfy_table::{ContentArrangement, Table, presets::UTF8_FULL_CONDENSED};
 use serde_json::{Value, json};
@@ -70,9 +69,8 @@ fn parse_state(raw: &str) -> Result<CaseState, String> {
 /// Runs `holdclear cases …`.
 pub async fn execute(settings: Settings, cmd: Command) -> anyhow::Result<ExitCode> {
     super::quiet_logs();
-    let store = Store::connect(&settings.database_url, 2)
-        .await
-        .with_context(|| format!("cannot connect to {}", settings.database_url))?;
+    // Never creates the database: a missing one is named, with what to do.
+    let store = Store::open(&settings.database_url, 2, &settings.database_timeouts).await?;
     if !store.ready().await {
         anyhow::bail!(
             "the database {} has no (or an older) holdclear schema: run `holdclear migrate`",

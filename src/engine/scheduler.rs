@@ -644,18 +644,39 @@ async fn commit(
             detail.entry("worker").or_insert_with(|| json!(owner));
         }
     }
-    let (done, written) = oneshot::channel();
-    let request = CommitRequest {
-        lease_owner: owner.to_owned(),
-        case: case.clone(),
-        history: std::mem::take(carried),
-        outbox: envelopes.to_vec(),
-        hold,
-        done,
-    };
-    let written = match inner.commits.send(request).await {
-        Ok(()) => written.await.ok(),
-        Err(_) => None,
+    let history = std::mem::take(carried);
+    // A commit that timed out (a lock held elsewhere, a busy pool) or lost
+    // its connection is tried again while the lease lasts; it is fenced,
+    // so a retry after the lease went to another worker writes nothing.
+    let started = Instant::now();
+    let mut delays = Reconnect::default();
+    let written = loop {
+        let (done, written) = oneshot::channel();
+        let request = CommitRequest {
+            lease_owner: owner.to_owned(),
+            case: case.clone(),
+            history: history.clone(),
+            outbox: envelopes.to_vec(),
+            hold,
+            done,
+        };
+        let written = match inner.commits.send(request).await {
+            Ok(()) => written.await.ok(),
+            Err(_) => None,
+        };
+        match written {
+            Some(Err(e)) if e.is_transient() && started.elapsed() < inner.settings.lease => {
+                let delay = delays.next_delay();
+                tracing::warn!(
+                    error = %e,
+                    outcome,
+                    retry_in_ms = delay.as_millis() as u64,
+                    "Cannot commit the step now; trying again."
+                );
+                tokio::time::sleep(delay).await;
+            }
+            other => break other,
+        }
     };
     match written {
         Some(Ok(true)) => {
@@ -714,8 +735,9 @@ async fn write_commits(
 
 /// Writes one batch of step commits and answers each step. A statement
 /// that fails for one step's data must not fail the others: on an error
-/// that is not the connection's (or a deadlock), each step is written
-/// again on its own.
+/// that is not the connection's or a timeout's (a deadlock, say), each
+/// step is written again on its own; a timeout or a lost connection fails
+/// the batch at once (each step tries its commit again).
 async fn write_batch(store: &Store, batch: Vec<CommitRequest>) {
     metrics::histogram!("holdclear_engine_commit_batch_size").record(batch.len() as f64);
     let steps: Vec<StepCommit<'_>> = batch.iter().map(CommitRequest::step).collect();
@@ -727,7 +749,7 @@ async fn write_batch(store: &Store, batch: Vec<CommitRequest>) {
                 let _ = request.done.send(Ok(written));
             }
         }
-        Err(e) if batch.len() > 1 && !e.is_connection() => {
+        Err(e) if batch.len() > 1 && !e.is_transient() => {
             tracing::debug!(error = %e, steps = batch.len(), "A batch of step commits failed; writing each alone.");
             for request in batch {
                 let result = store

@@ -8,12 +8,12 @@
 use std::any::Any;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use serde::Serialize;
 use tokio_util::sync::CancellationToken;
 
-use crate::store::Store;
+use crate::store::{Probe, Store};
 
 /// Whether each dependency of the worker is usable right now, and the
 /// first task of the worker that stopped when it should not have.
@@ -130,22 +130,48 @@ impl Health {
     }
 }
 
-/// Longest a database probe may take before it counts as down.
+/// Longest a database probe may take before it counts as down (or busy).
 const PROBE_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// Probes the database every `every` (connection and migrations, see
-/// [`Store::ready`]) and reports it to `health`, until `cancel`.
+/// [`Store::probe`]) and reports it to `health`, until `cancel`.
+///
+/// A busy pool (every connection in use, none free in time) is not a
+/// database that is down: the state in force is kept, so `/readyz` does
+/// not flap under load. Busy for longer than `busy_limit` (the statement
+/// timeout plus the acquire timeout: no connection is held that long by
+/// one statement) counts as down: the connections are stuck.
 pub async fn probe_database(
     store: Store,
     health: Arc<Health>,
     every: Duration,
+    busy_limit: Duration,
     cancel: CancellationToken,
 ) {
+    let mut busy_since: Option<Instant> = None;
     loop {
-        let ok = tokio::time::timeout(PROBE_TIMEOUT, store.ready())
-            .await
-            .unwrap_or(false);
-        health.set_database(ok);
+        match store.probe(PROBE_TIMEOUT).await {
+            Probe::Ready => {
+                busy_since = None;
+                health.set_database(true);
+            }
+            Probe::Busy => {
+                let since = *busy_since.get_or_insert_with(Instant::now);
+                if since.elapsed() > busy_limit {
+                    tracing::warn!(
+                        busy_s = since.elapsed().as_secs(),
+                        "No database connection came free for longer than a statement may run."
+                    );
+                    health.set_database(false);
+                } else {
+                    tracing::debug!("The database pool is busy; readiness unchanged.");
+                }
+            }
+            Probe::Unmigrated | Probe::Down => {
+                busy_since = None;
+                health.set_database(false);
+            }
+        }
         tokio::select! {
             () = cancel.cancelled() => return,
             () = tokio::time::sleep(every) => {}
