@@ -23,6 +23,7 @@ pub async fn execute(config: Option<&Path>, _args: Args) -> anyhow::Result<ExitC
     // sqlx reports PostgreSQL notices (e.g. "relation already exists,
     // skipping" from the migrator) at INFO; they are not the worker's lifecycle.
     crate::ops::logs::init(settings.log_format, "info,sqlx::postgres::notice=warn");
+    log_panics();
     let cancel = CancellationToken::new();
     tokio::spawn(signals.stop_on_signal(cancel.clone()));
     match crate::worker::run(settings, cancel).await {
@@ -35,6 +36,26 @@ pub async fn execute(config: Option<&Path>, _args: Args) -> anyhow::Result<ExitC
         ) => Err(super::UsageError(e.to_string()).into()),
         Err(e) => Err(e.into()),
     }
+}
+
+/// Panics become log lines (ERROR, with where and, when `RUST_BACKTRACE`
+/// asks, the backtrace), not text among the JSON lines. A panic in a step
+/// or a task is caught and handled (see the engine and the worker's
+/// supervisor); this only says where it happened.
+fn log_panics() {
+    std::panic::set_hook(Box::new(|info| {
+        let message = crate::ops::health::panic_message(info.payload());
+        let location = info
+            .location()
+            .map(|l| format!("{}:{}", l.file(), l.line()))
+            .unwrap_or_default();
+        let backtrace = std::backtrace::Backtrace::capture();
+        if backtrace.status() == std::backtrace::BacktraceStatus::Captured {
+            tracing::error!(panic = %message, location = %location, backtrace = %backtrace, "Panicked.");
+        } else {
+            tracing::error!(panic = %message, location = %location, "Panicked.");
+        }
+    }));
 }
 
 /// The signals `holdclear run` handles, listened for from its first line.
