@@ -566,6 +566,14 @@ impl Settings {
             "30s",
         )?;
         nonzero("HOLDCLEAR_AMQP_CONFIRM_TIMEOUT", confirm_timeout)?;
+        // The relay keeps its rows' transaction open while it waits for the
+        // broker's confirms: the server must not end it meanwhile.
+        if database_timeouts.idle_in_transaction <= confirm_timeout {
+            return Err(ConfigError::invalid(
+                "HOLDCLEAR_DATABASE_IDLE_IN_TRANSACTION_TIMEOUT",
+                "must be longer than HOLDCLEAR_AMQP_CONFIRM_TIMEOUT (the outbox relay holds a transaction while it waits for confirms)",
+            ));
+        }
 
         let base_url = parse_http_url(
             "HOLDCLEAR_COMMERCE_BASE_URL",
@@ -870,6 +878,8 @@ mod tests {
             ("HOLDCLEAR_DATABASE_ACQUIRE_TIMEOUT", "2d"),
             ("HOLDCLEAR_DATABASE_IDLE_IN_TRANSACTION_TIMEOUT", "soon"),
             ("HOLDCLEAR_AMQP_CONFIRM_TIMEOUT", "0s"),
+            ("HOLDCLEAR_AMQP_CONFIRM_TIMEOUT", "2m"),
+            ("HOLDCLEAR_DATABASE_IDLE_IN_TRANSACTION_TIMEOUT", "30s"),
         ] {
             let err = with(&[(name, value)]).unwrap_err().to_string();
             assert!(err.contains(name), "{name}={value}: {err}");

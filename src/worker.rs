@@ -234,6 +234,7 @@ impl Worker {
         let identity = WorkerIdentity::new();
         let rules = RulesHandle::new(Rules::load(&settings.rules_path)?);
         tracing::info!(
+            worker = %identity,
             file = %settings.rules_path.display(),
             rules = rules.current().len(),
             hash = %rules.current().hash(),

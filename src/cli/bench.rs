@@ -102,7 +102,13 @@ pub async fn execute(base: Settings, args: Args) -> anyhow::Result<ExitCode> {
     )?;
 
     let result = async {
-        let store = Store::connect(&database_url, 8).await?;
+        // Seeding a million cases, VACUUM ANALYZE and CHECKPOINT may rightly
+        // take longer than a worker's statement may.
+        let timeouts = crate::config::DatabaseTimeouts {
+            statement: std::time::Duration::from_secs(3600),
+            ..settings.database_timeouts.clone()
+        };
+        let store = Store::connect_with(&database_url, 8, &timeouts).await?;
         store.migrate().await?;
         let b = Bench {
             settings: settings.clone(),

@@ -120,6 +120,22 @@ fn an_unreachable_database_is_one_line_saying_what_to_do() {
     }
 }
 
+/// A broker that refuses the login, or is not there: one line too,
+/// without the client library's own log lines (lapin logs a refused login
+/// at ERROR three times; the wording of the line is the broker module's).
+#[test]
+fn a_broker_failure_is_one_line_without_library_logs() {
+    for url in [
+        "amqp://guest:wrong-pw-not-shown@127.0.0.1:5672/%2f",
+        "amqp://guest:guest@127.0.0.1:5673/%2f",
+    ] {
+        let (code, lines) = failing(&["dlq", "list"], &[("HOLDCLEAR_AMQP_URL", url)]);
+        assert_eq!(code, Some(1), "{lines:?}");
+        let line = one_clear_line(&lines);
+        assert!(!line.contains("wrong-pw-not-shown"), "{line}");
+    }
+}
+
 #[test]
 fn a_database_user_postgresql_refuses_is_named() {
     let (code, lines) = failing(
