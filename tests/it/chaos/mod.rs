@@ -10,6 +10,7 @@
 //! runs alone (`.config/nextest.toml`).
 
 mod checker;
+mod disruptive;
 mod poison;
 mod scenarios;
 mod secrets;
