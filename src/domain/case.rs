@@ -4,8 +4,8 @@ use std::fmt;
 
 use serde::{Deserialize, Serialize};
 
-/// Where a case stands. `Released` and `Escalated` are terminal; a case that
-/// escalated with `HOLD_PERSISTS` stays `Watching`.
+/// Where a case stands. `Released`, `Escalated` and `Merged` are terminal; a
+/// case that escalated with `HOLD_PERSISTS` stays `Watching`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum CaseState {
@@ -21,17 +21,21 @@ pub enum CaseState {
     Released,
     /// A person must act (terminal).
     Escalated,
+    /// The order turned out to have another open case (it was first known by
+    /// another id); this one was joined into it and ends here (terminal).
+    Merged,
 }
 
 impl CaseState {
     /// Every state, in the order a case moves through them.
-    pub const ALL: [Self; 6] = [
+    pub const ALL: [Self; 7] = [
         Self::Deciding,
         Self::Resolving,
         Self::Assigning,
         Self::Watching,
         Self::Released,
         Self::Escalated,
+        Self::Merged,
     ];
 
     /// The stored spelling.
@@ -43,6 +47,7 @@ impl CaseState {
             Self::Watching => "watching",
             Self::Released => "released",
             Self::Escalated => "escalated",
+            Self::Merged => "merged",
         }
     }
 
@@ -53,7 +58,7 @@ impl CaseState {
 
     /// No more steps.
     pub fn is_terminal(self) -> bool {
-        matches!(self, Self::Released | Self::Escalated)
+        matches!(self, Self::Released | Self::Escalated | Self::Merged)
     }
 }
 

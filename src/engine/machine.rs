@@ -552,7 +552,7 @@ pub fn plan(case: &Case, replies: &[Reply]) -> Next {
         CaseState::Resolving => plan_resolve(case, replies),
         CaseState::Assigning => plan_assign(case, replies),
         CaseState::Watching => plan_watch(case, replies),
-        CaseState::Released | CaseState::Escalated => Next::Stop,
+        CaseState::Released | CaseState::Escalated | CaseState::Merged => Next::Stop,
     }
 }
 

@@ -21,7 +21,7 @@ mod ops;
 mod outbox;
 
 pub use cases::{
-    CaseFilter, CaseRecord, CaseSummary, Claimed, HistoryRow, RetryCommit, StepCommit,
+    CaseFilter, CaseRecord, CaseSummary, Claimed, HistoryRow, Identity, RetryCommit, StepCommit,
 };
 pub use intake::Recorded;
 pub use ops::OpsSnapshot;
@@ -50,6 +50,19 @@ pub enum StoreError {
 }
 
 impl StoreError {
+    /// A unique violation or a deadlock between two writers of the same
+    /// rows: the statement is worth running again at once (its next snapshot
+    /// sees the other writer's commit).
+    pub fn is_race(&self) -> bool {
+        match self {
+            Self::Database(e) => e
+                .as_database_error()
+                .and_then(|d| d.code())
+                .is_some_and(|c| matches!(c.as_ref(), "23505" | "40P01" | "40001")),
+            _ => false,
+        }
+    }
+
     /// A failure of the connection rather than of the statement: the
     /// connection broke, or PostgreSQL refuses connections now (the database
     /// does not allow connections, does not exist, has no slot left). Worth
