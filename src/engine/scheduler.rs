@@ -678,6 +678,9 @@ fn report(before: CaseState, outcome: &Outcome, t: &Transition) {
     let order = case.subject();
     let rule = case.rule().unwrap_or("-");
     match outcome {
+        Outcome::Identified { sales_order_number } => {
+            tracing::info!(order = %order, sales_order_number = %sales_order_number, "Order identified by its web order id.");
+        }
         Outcome::Decided(d) => {
             tracing::info!(order = %order, rule = %d.rule, "Rule decided.");
         }

@@ -687,7 +687,7 @@ impl Store {
 
     /// Records the sales order number learned for case `id` (an order read by
     /// its web order id), fenced by the lease. When another case is that
-    /// order's case (open; closed after this one opened; or released after
+    /// order's case (open; closed after this one opened; or ended after
     /// this one's hold was applied: it covered the same hold), this case is merged into it in the same transaction:
     /// closed as `merged` with `merged_into`, its web order id recorded on
     /// the order's case, a history line on both. The unique index of open
@@ -745,14 +745,16 @@ impl Store {
             None => {}
         }
         // The order's case: the open one, else one that closed after this
-        // case opened (it was working the same hold), else one released
-        // after this case's hold was applied (that hold is gone).
+        // case opened (it was working the same hold), else one that ended
+        // after this case's hold was applied (released or escalated: that
+        // hold is another case's).
         let other: Option<Uuid> = sqlx::query_scalar(
             "SELECT id FROM cases \
              WHERE order_key = $1 AND id <> $2 \
                AND (state NOT IN ('released', 'escalated', 'merged') \
                     OR (state <> 'merged' AND closed_at >= $3) \
-                    OR (state = 'released' AND released_at >= $4)) \
+                    OR (state IN ('released', 'escalated') \
+                        AND coalesce(released_at, closed_at) >= $4)) \
              ORDER BY (state NOT IN ('released', 'escalated', 'merged')) DESC, created_at DESC \
              LIMIT 1 FOR UPDATE",
         )

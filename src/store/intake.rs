@@ -58,8 +58,9 @@ const MAX_ROUNDS: usize = 5;
 /// transaction opened it first) is reported as `unassigned`.
 ///
 /// A group without an open case whose holds were all applied before the
-/// order's last release tells of a hold already released: its events join
-/// that released case (`held_again`) and start nothing.
+/// order's last case ended (released, or escalated to a person) tells of
+/// that case's hold: its events join that case (`held_again`) and start
+/// nothing. A hold applied later is a new hold: a new case.
 ///
 /// A joined case learns the group's ids it lacked, each only while no other
 /// open case has it (the unique indexes of open cases decide; a case that
@@ -84,11 +85,12 @@ open_cases AS (
     ORDER BY c.id -- locks in id order, as the engine's step commits take them
     FOR SHARE
 ),
-released_cases AS (
-    SELECT c.id, c.order_key, c.sales_order_number, c.web_order_id, c.state, c.released_at
+closed_cases AS (
+    SELECT c.id, c.order_key, c.web_order_id, c.state,
+           coalesce(c.released_at, c.closed_at) AS ended_at
     FROM cases c
     WHERE (c.order_key = ANY($3::text[]) OR c.web_order_id = ANY($4::text[]))
-      AND c.state = 'released'
+      AND c.state IN ('released', 'escalated')
 ),
 grps AS (
     SELECT DISTINCT ON (grp) grp, sales_order_number, web_order_id,
@@ -97,15 +99,15 @@ grps AS (
 ),
 stale AS (
     -- Groups without an open case whose holds were all applied before the
-    -- order's last release: they tell of a hold already released, and join
-    -- that case (nothing to do).
+    -- order's last case ended (released, or escalated to a person): they
+    -- tell of that case's hold, and join it (nothing to do).
     SELECT DISTINCT ON (g.grp) g.grp, r.id, r.state
     FROM grps g
-    JOIN released_cases r ON (r.order_key = g.sales_order_number OR r.web_order_id = g.web_order_id)
-                         AND r.released_at >= g.held_at
+    JOIN closed_cases r ON (r.order_key = g.sales_order_number OR r.web_order_id = g.web_order_id)
+                       AND r.ended_at >= g.held_at
     WHERE NOT EXISTS (SELECT 1 FROM open_cases o
                       WHERE o.order_key = g.sales_order_number OR o.web_order_id = g.web_order_id)
-    ORDER BY g.grp, r.released_at DESC
+    ORDER BY g.grp, r.ended_at DESC
 ),
 matched AS (
     -- The open case of the group's sales order number, else of its web order id.

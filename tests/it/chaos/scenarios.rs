@@ -3,7 +3,9 @@
 
 use std::time::{Duration, Instant};
 
-use holdclear::sim::{EndpointFaults, Scenario, SimEndpoint};
+use holdclear::broker::OutgoingMessage;
+use holdclear::sim::{EndpointFaults, OrderSpec, Scenario, SimEndpoint};
+use serde_json::json;
 use sqlx::PgPool;
 
 use super::{Order, Stage, check, messages, orders, worker_connections};
@@ -299,5 +301,72 @@ async fn publisher_confirms(pool: PgPool) {
     feed(&stage, &orders, 2, 3).await;
     let report = check(&stage, "publisher_confirms", &orders, &[], over, SETTLE).await;
     assert!(refused > 0, "publishing failed while the exchange was gone");
+    report.assert_clean();
+}
+
+/// Each order announced three times with three event ids: by web order id
+/// alone, by sales order number alone and by both, the three in shuffled
+/// chunks, while the worker is SIGKILLed every 2 s, four times: one case
+/// per order (the others merged into it), one assignment, never to another
+/// order. The simulator knows each order by both ids.
+#[sqlx::test]
+async fn one_order_under_both_ids_while_killed(pool: PgPool) {
+    let orders = orders("ids", 87_000_000, 240);
+    let mut scenario = demo();
+    scenario.orders.extend(orders.iter().map(|o| OrderSpec {
+        sales_order_number: o.number.clone(),
+        web_order_id: Some(format!("W{}", o.number)),
+        order_type: o.event["data"]["orderType"].as_str().map(str::to_owned),
+        ..OrderSpec::default()
+    }));
+    let stage = Stage::new("ids", pool, scenario).await;
+    // The three namings of every order, interleaved: W, S, both; S, both, W; …
+    let mut namings: Vec<OutgoingMessage> = Vec::new();
+    for (i, o) in orders.iter().enumerate() {
+        let by = |tag: &str, keep_so: bool, keep_web: bool| {
+            let mut ev = o.event.clone();
+            ev["id"] = json!(format!("{}-{tag}", o.event["id"].as_str().unwrap()));
+            let data = ev["data"].as_object_mut().unwrap();
+            if !keep_so {
+                data.remove("salesOrderNumber");
+            }
+            if !keep_web {
+                data.remove("webOrderId");
+            }
+            crate::support::broker::message(&ev)
+        };
+        let mut three = vec![
+            by("web", false, true),
+            by("so", true, false),
+            by("both", true, true),
+        ];
+        three.rotate_left(i % 3);
+        namings.extend(three);
+    }
+    let mut worker = stage.worker().await;
+    let chunk = namings.len().div_ceil(4);
+    for (i, part) in namings.chunks(chunk).enumerate() {
+        stage.rabbit.publish(part).await;
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        if i < 3 {
+            worker.kill_and_restart();
+        }
+    }
+    worker.kill_and_restart();
+    let over = Instant::now();
+    let report = check(
+        &stage,
+        "one_order_under_both_ids_while_killed",
+        &orders,
+        &[],
+        over,
+        SETTLE,
+    )
+    .await;
+    let merged: i64 = sqlx::query_scalar("SELECT count(*) FROM cases WHERE state = 'merged'")
+        .fetch_one(&stage.pool)
+        .await
+        .unwrap();
+    eprintln!("cases merged into their order's case: {merged}");
     report.assert_clean();
 }
