@@ -516,7 +516,12 @@ mod tests {
                 .into_virtual_account()
                 .map(|v| (v.name, v.is_default, v.public))
         };
-        let cases: Vec<(&str, Result<(&str, bool, bool), &str>)> = vec![
+        /// The answer; its name, `isDefault` and PUBLIC, or the error's needle.
+        type Case = (
+            &'static str,
+            Result<(&'static str, bool, bool), &'static str>,
+        );
+        let cases: Vec<Case> = vec![
             (
                 r#"{"name": "A", "isDefault": "true", "commerceAccessLevel": "PUBLIC"}"#,
                 Ok(("A", true, true)),
