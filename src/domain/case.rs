@@ -127,11 +127,13 @@ pub enum EscalationReason {
     RetriesExhausted,
     /// Assigned to an ACTIVE account, hold still on after the configured time.
     HoldPersists,
+    /// More than one ACTIVE account (or order, for a web order id) matches exactly.
+    AmbiguousMatch,
 }
 
 impl EscalationReason {
     /// Every reason, for metrics and docs.
-    pub const ALL: [Self; 9] = [
+    pub const ALL: [Self; 10] = [
         Self::NoRuleMatched,
         Self::SmartAccountNotFound,
         Self::SmartAccountNotActive,
@@ -141,6 +143,7 @@ impl EscalationReason {
         Self::AssignmentRejected,
         Self::RetriesExhausted,
         Self::HoldPersists,
+        Self::AmbiguousMatch,
     ];
 
     /// The contract's code.
@@ -155,6 +158,7 @@ impl EscalationReason {
             Self::AssignmentRejected => "ASSIGNMENT_REJECTED",
             Self::RetriesExhausted => "RETRIES_EXHAUSTED",
             Self::HoldPersists => "HOLD_PERSISTS",
+            Self::AmbiguousMatch => "AMBIGUOUS_MATCH",
         }
     }
 
@@ -191,6 +195,9 @@ impl EscalationReason {
             Self::HoldPersists => {
                 "Open a licensing support case (SCM): the hold stayed on after a valid assignment."
             }
+            Self::AmbiguousMatch => {
+                "Pick the right account (or order) from the detail and assign it by hand; make the rule more specific."
+            }
         }
     }
 }
@@ -198,5 +205,27 @@ impl EscalationReason {
 impl fmt::Display for EscalationReason {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(self.as_str())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_reason_reads_back_and_tells_the_operator_what_to_do() {
+        for reason in EscalationReason::ALL {
+            assert_eq!(EscalationReason::parse(reason.as_str()), Some(reason));
+            assert_eq!(
+                serde_json::to_value(reason).unwrap(),
+                serde_json::json!(reason.as_str())
+            );
+            let action = reason.action();
+            assert!(action.ends_with('.'), "{reason}: {action}");
+        }
+        assert_eq!(
+            EscalationReason::parse("AMBIGUOUS_MATCH"),
+            Some(EscalationReason::AmbiguousMatch)
+        );
     }
 }

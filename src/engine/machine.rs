@@ -504,6 +504,7 @@ fn classify(call: &'static str, err: &CommerceError) -> Failure {
                 ErrorCode::SmartAccountNotFound => EscalationReason::SmartAccountNotFound,
                 ErrorCode::SmartAccountNotActive => EscalationReason::SmartAccountNotActive,
                 ErrorCode::VirtualAccountNotFound => EscalationReason::VirtualAccountNotFound,
+                ErrorCode::AmbiguousMatch => EscalationReason::AmbiguousMatch,
                 ErrorCode::TncError | ErrorCode::BizRuleFail | ErrorCode::Other(_) => {
                     EscalationReason::AssignmentRejected
                 }
