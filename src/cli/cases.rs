@@ -167,6 +167,7 @@ fn case_json(r: &CaseRecord) -> Value {
         "closedAt": c.closed_at,
         "generation": c.generation,
         "nextActionAt": c.next_action_at,
+        "mergedInto": r.merged_into,
         "leaseOwner": r.lease_owner,
         "leaseExpiresAt": r.lease_expires_at,
         "createdAt": r.created_at,
@@ -218,6 +219,12 @@ async fn show(store: &Store, order: &str, as_json: bool) -> anyhow::Result<()> {
         None => c.state.to_string(),
     };
     row("State", state);
+    if let Some(into) = record.merged_into {
+        row(
+            "Merged into",
+            format!("{into} (the order's case: `holdclear cases show {into}` shows its work)"),
+        );
+    }
     row(
         "Hold",
         format!("{} since {}", c.event.data.hold_reason, when(c.held_at)),

@@ -523,7 +523,7 @@ async fn identify(inner: &Inner, owner: &str, case: &Case, reply: Reply) -> Opti
             None
         }
         Ok(Identity::Conflicting { known }) => Some(Reply::Order(Err(CommerceError::Permanent {
-            code: ErrorCode::Other("ORDER_IDS_DISAGREE".into()),
+            code: ErrorCode::AmbiguousMatch,
             detail: format!(
                 "the order read by web order id is sales order {so}, but the case knows it as sales order {known}"
             ),

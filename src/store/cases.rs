@@ -24,7 +24,8 @@ macro_rules! case_columns {
         "id, order_key, sales_order_number, web_order_id, state, event, held_at, decision, \
          target, idempotency_key, assignment_id, assigned_at, watching_since, attempt, \
          retry_since, polls, escalation_reason, escalation_level, released_at, closed_at, \
-         generation, next_action_at, lease_owner, lease_expires_at, created_at, updated_at"
+         generation, next_action_at, lease_owner, lease_expires_at, created_at, updated_at, \
+         merged_into"
     };
 }
 
@@ -167,6 +168,8 @@ pub struct CaseRecord {
     pub case: Case,
     /// `cases.order_key`.
     pub order_key: String,
+    /// The order's case this one was merged into, when it was.
+    pub merged_into: Option<Uuid>,
     /// Who holds the lease, if anyone.
     pub lease_owner: Option<String>,
     /// Until when.
@@ -349,6 +352,7 @@ fn record_from_row(row: &PgRow) -> Result<CaseRecord, StoreError> {
     Ok(CaseRecord {
         case: case_from_row(row)?,
         order_key: row.try_get("order_key")?,
+        merged_into: row.try_get("merged_into")?,
         lease_owner: row.try_get("lease_owner")?,
         lease_expires_at: row.try_get("lease_expires_at")?,
         created_at: row.try_get("created_at")?,
@@ -848,15 +852,18 @@ impl Store {
     }
 
     /// The newest case of an order, found by sales order number, web order id
-    /// or order key; a case merged into another comes last.
+    /// or order key (or one case by its id); a case merged into another
+    /// comes last.
     pub async fn latest_case(&self, order: &str) -> Result<Option<CaseRecord>, StoreError> {
         sqlx::query(concat!(
             "SELECT ",
             case_columns!(),
             " FROM cases WHERE order_key = $1 OR sales_order_number = $1 OR web_order_id = $1 \
+                 OR id = $2 \
               ORDER BY state = 'merged', created_at DESC, id DESC LIMIT 1"
         ))
         .bind(order)
+        .bind(Uuid::parse_str(order).ok())
         .fetch_optional(&self.pool)
         .await?
         .as_ref()

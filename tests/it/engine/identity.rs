@@ -12,7 +12,7 @@ use proptest::strategy::ValueTree;
 use proptest::test_runner::{Config as ProptestConfig, TestRunner};
 
 use super::*;
-use crate::support::sim;
+use crate::support::{bin, database_url, sim};
 
 /// How an event names its order.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -173,13 +173,41 @@ async fn intake(store: &Store, events: &[HeldOrderEvent]) -> Vec<Recorded> {
 async fn an_order_named_by_web_order_id_then_by_sales_order_number_is_assigned_once(pool: PgPool) {
     let orders: Vec<TestOrder> = (0..5).map(|i| TestOrder::new(71_000_000 + i)).collect();
     let sim = sim::start(scenario(&orders)).await;
-    let mut w = world(pool, &sim, 2).await;
+    // Both cases exist before the engines start.
+    let store = Store::from_pool(pool.clone());
     for o in &orders {
-        intake(&w.store, &[o.event(Naming::WebOrder)]).await;
-        intake(&w.store, &[o.event(Naming::SalesOrder)]).await;
+        intake(&store, &[o.event(Naming::WebOrder)]).await;
+        intake(&store, &[o.event(Naming::SalesOrder)]).await;
     }
+    let mut w = world(pool, &sim, 2).await;
     w.wake.notify_one();
     assert_once_each(&mut w, &sim, &orders).await;
+    // What an operator sees of a merged case: the case it joined.
+    let cases = cases_of(&w.pool, &orders[..1]).await;
+    let (released, merged) = match cases[&orders[0].so].as_slice() {
+        [(a, sa), (b, sb)] if sa == "merged" && sb == "released" => (*b, *a),
+        [(a, sa), (b, sb)] if sa == "released" && sb == "merged" => (*a, *b),
+        other => panic!("two cases, one merged: {other:?}"),
+    };
+    let url = database_url(&w.pool).await;
+    let out = bin()
+        .args(["cases", "show", &merged.to_string(), "--json"])
+        .env("HOLDCLEAR_DATABASE_URL", &url)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    let shown: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(shown["case"]["state"], "merged");
+    assert_eq!(shown["case"]["mergedInto"], json!(released));
+    // By its web order id, the order's case is shown (it learned that id).
+    let out = bin()
+        .args(["cases", "show", &orders[0].web, "--json"])
+        .env("HOLDCLEAR_DATABASE_URL", &url)
+        .output()
+        .unwrap();
+    let shown: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(shown["case"]["id"], json!(released));
+    assert_eq!(shown["case"]["webOrderId"], json!(orders[0].web));
     w.stop().await;
 }
 
@@ -187,11 +215,13 @@ async fn an_order_named_by_web_order_id_then_by_sales_order_number_is_assigned_o
 async fn an_order_named_by_sales_order_number_then_by_web_order_id_is_assigned_once(pool: PgPool) {
     let orders: Vec<TestOrder> = (0..5).map(|i| TestOrder::new(72_000_000 + i)).collect();
     let sim = sim::start(scenario(&orders)).await;
-    let mut w = world(pool, &sim, 2).await;
+    // Both cases exist before the engines start.
+    let store = Store::from_pool(pool.clone());
     for o in &orders {
-        intake(&w.store, &[o.event(Naming::SalesOrder)]).await;
-        intake(&w.store, &[o.event(Naming::WebOrder)]).await;
+        intake(&store, &[o.event(Naming::SalesOrder)]).await;
+        intake(&store, &[o.event(Naming::WebOrder)]).await;
     }
+    let mut w = world(pool, &sim, 2).await;
     w.wake.notify_one();
     assert_once_each(&mut w, &sim, &orders).await;
     w.stop().await;
@@ -438,4 +468,35 @@ async fn any_interleaving_of_ids_assigns_each_order_once(pool: PgPool) {
         );
     }
     w.stop().await;
+}
+
+/// The same hold announced again after its case ended is that case's (it
+/// starts nothing); a hold applied after the case ended is a new case.
+#[sqlx::test]
+async fn an_event_of_an_ended_hold_joins_its_case_and_a_new_hold_opens_one(pool: PgPool) {
+    let store = Store::from_pool(pool.clone());
+    let o = TestOrder::new(78_000_000);
+    let [Recorded::Opened { case_id }] = intake(&store, &[o.event(Naming::Both)]).await[..] else {
+        panic!("opened");
+    };
+    sqlx::query(
+        "UPDATE cases SET state = 'escalated', escalation_reason = 'NO_RULE_MATCHED', \
+         closed_at = now() WHERE id = $1",
+    )
+    .bind(case_id)
+    .execute(&pool)
+    .await
+    .unwrap();
+    // heldAt 30 s ago: before the case ended. By the web order id alone too.
+    assert_eq!(
+        intake(&store, &[o.event(Naming::WebOrder)]).await,
+        [Recorded::HeldAgain { case_id }]
+    );
+    let later = held(&o.so, "acme.com", |v| {
+        v["data"]["heldAt"] = json!((Utc::now() + chrono::Duration::seconds(1)).to_rfc3339());
+    });
+    let [Recorded::Opened { case_id: new }] = intake(&store, &[later]).await[..] else {
+        panic!("a new hold opens a new case");
+    };
+    assert_ne!(new, case_id);
 }
