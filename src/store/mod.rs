@@ -290,7 +290,7 @@ impl Target {
 
     /// A TLS failure says where and what was trusted; others pass as they are.
     fn error(&self, e: sqlx::Error) -> StoreError {
-        if !matches!(e, sqlx::Error::Tls(_)) {
+        if !is_tls_failure(&e) {
             return e.into();
         }
         StoreError::Tls {
@@ -298,6 +298,27 @@ impl Target {
             trusted: self.trusted.clone(),
             source: e,
         }
+    }
+}
+
+/// True when TLS could not be set up: sqlx's own TLS error, or rustls
+/// refusing the handshake (an untrusted or misnamed certificate).
+fn is_tls_failure(e: &sqlx::Error) -> bool {
+    match e {
+        sqlx::Error::Tls(_) => true,
+        sqlx::Error::Io(io) => {
+            let mut current: Option<&(dyn std::error::Error + 'static)> = io
+                .get_ref()
+                .map(|inner| inner as &(dyn std::error::Error + 'static));
+            while let Some(err) = current {
+                if err.is::<rustls::Error>() {
+                    return true;
+                }
+                current = err.source();
+            }
+            false
+        }
+        _ => false,
     }
 }
 
