@@ -71,7 +71,7 @@ fn says_certificate(text: &str) -> bool {
 async fn postgres_verify_full_with_a_private_ca() {
     let pki = Pki::new();
     let started = Instant::now();
-    let pg = PrivatePostgres::start(&pki).await;
+    let pg = PrivatePostgres::start(&pki.cert, &pki.key).await;
     eprintln!("PostgreSQL with TLS ready in {:?}", started.elapsed());
     let good = pg.url("localhost", "holdclear_tls");
     let ca = path(&pki.ca);
@@ -174,7 +174,7 @@ async fn postgres_verify_full_with_a_private_ca() {
 async fn https_commerce_api_with_a_private_ca() {
     let pki = Pki::new();
     let sim = sim::start_demo().await;
-    let proxy = TlsProxy::start(&pki, sim.addr()).await;
+    let proxy = TlsProxy::start(servers::server_config(&pki.cert, &pki.key), sim.addr()).await;
     let good = format!("https://localhost:{}", proxy.addr.port());
     let wrong_host = format!("https://{}", proxy.unnamed);
     let ca = path(&pki.ca);
@@ -266,7 +266,7 @@ async fn amqps_and_the_worker_over_tls_everywhere() {
             let ca = ca_file.clone();
             async move { connects(port, &ca).await }
         }),
-        PrivatePostgres::start(&pki),
+        PrivatePostgres::start(&pki.cert, &pki.key),
     );
     eprintln!(
         "RabbitMQ and PostgreSQL with TLS ready in {:?}",
@@ -396,7 +396,7 @@ async fn amqps_and_the_worker_over_tls_everywhere() {
 
     // The worker, over TLS to all three, clears a held order of the demo.
     let sim = sim::start_demo().await;
-    let proxy = TlsProxy::start(&pki, sim.addr()).await;
+    let proxy = TlsProxy::start(servers::server_config(&pki.cert, &pki.key), sim.addr()).await;
     let database = pg.url("localhost", "holdclear_worker");
     let commerce = format!("https://localhost:{}", proxy.addr.port());
     let rules = repo_path("deploy/config/rules.toml");
@@ -469,4 +469,84 @@ async fn amqps_and_the_worker_over_tls_everywhere() {
     worker.shutdown().await.expect("the worker stops cleanly");
     store.pool().close().await;
     eprintln!("whole test in {:?}", started.elapsed());
+}
+
+/// `deploy/tls/dev-certs` (Compose's development TLS) makes a CA our
+/// settings accept, and server certificates for the compose names that
+/// PostgreSQL serves and our clients verify.
+#[tokio::test]
+async fn compose_dev_certs_work() {
+    use rustls::client::danger::ServerCertVerifier;
+    use rustls::pki_types::pem::PemObject;
+    use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
+
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("tls");
+    let script = std::process::Command::new(repo_path("deploy/tls/dev-certs"))
+        .arg(&out)
+        .output()
+        .expect("deploy/tls/dev-certs runs");
+    assert!(
+        script.status.success(),
+        "{}",
+        String::from_utf8_lossy(&script.stderr)
+    );
+    let ca = out.join("ca.pem");
+    assert_eq!(
+        CaFile::load("HOLDCLEAR_TLS_CA_FILE", &ca)
+            .unwrap()
+            .certificates(),
+        1
+    );
+    assert!(!out.join("ca.key").exists(), "the CA's key is not kept");
+
+    // Each certificate names its compose service (and localhost).
+    let mut roots = rustls::RootCertStore::empty();
+    roots.add_parsable_certificates(
+        CertificateDer::pem_file_iter(&ca)
+            .unwrap()
+            .map(Result::unwrap),
+    );
+    let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
+    let verifier =
+        rustls::client::WebPkiServerVerifier::builder_with_provider(roots.into(), provider)
+            .build()
+            .unwrap();
+    for (service, other) in [("postgres", "rabbitmq"), ("rabbitmq", "postgres")] {
+        let cert = CertificateDer::from_pem_file(out.join(format!("{service}.pem"))).unwrap();
+        for (name, valid) in [(service, true), ("localhost", true), (other, false)] {
+            let checked = verifier.verify_server_cert(
+                &cert,
+                &[],
+                &ServerName::try_from(name).unwrap(),
+                &[],
+                UnixTime::now(),
+            );
+            assert_eq!(
+                checked.is_ok(),
+                valid,
+                "{service}.pem for {name}: {checked:?}"
+            );
+        }
+    }
+
+    // PostgreSQL takes the key as written; verify-full with the CA connects.
+    let pg = PrivatePostgres::start(&out.join("postgres.pem"), &out.join("postgres.key")).await;
+    let s = settings(&[
+        ("HOLDCLEAR_DATABASE_URL", &pg.url("localhost", "postgres")),
+        ("HOLDCLEAR_TLS_CA_FILE", path(&ca)),
+    ]);
+    let store = Store::connect(&s.database_url, s.database_tls_ca.as_ref(), 1)
+        .await
+        .expect("verify-full with the development CA");
+    store.pool().close().await;
+
+    // Run again, it keeps what is there.
+    let before = std::fs::read(&ca).unwrap();
+    let again = std::process::Command::new(repo_path("deploy/tls/dev-certs"))
+        .arg(&out)
+        .output()
+        .unwrap();
+    assert!(again.status.success());
+    assert_eq!(std::fs::read(&ca).unwrap(), before);
 }

@@ -76,25 +76,26 @@ impl Pki {
             _dir: dir,
         }
     }
+}
 
-    /// A rustls server configuration with the server certificate.
-    pub fn server_config(&self) -> Arc<rustls::ServerConfig> {
-        use rustls::pki_types::pem::PemObject;
-        use rustls::pki_types::{CertificateDer, PrivateKeyDer};
-        let certs = CertificateDer::pem_file_iter(&self.cert)
-            .unwrap()
-            .collect::<Result<Vec<_>, _>>()
-            .unwrap();
-        let key = PrivateKeyDer::from_pem_file(&self.key).unwrap();
-        let provider = Arc::new(rustls::crypto::ring::default_provider());
-        let config = rustls::ServerConfig::builder_with_provider(provider)
-            .with_safe_default_protocol_versions()
-            .unwrap()
-            .with_no_client_auth()
-            .with_single_cert(certs, key)
-            .unwrap();
-        Arc::new(config)
-    }
+/// A rustls server configuration with the certificate chain and key in
+/// these PEM files.
+pub fn server_config(cert: &Path, key: &Path) -> Arc<rustls::ServerConfig> {
+    use rustls::pki_types::pem::PemObject;
+    use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+    let certs = CertificateDer::pem_file_iter(cert)
+        .unwrap()
+        .collect::<Result<Vec<_>, _>>()
+        .unwrap();
+    let key = PrivateKeyDer::from_pem_file(key).unwrap();
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let config = rustls::ServerConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_no_client_auth()
+        .with_single_cert(certs, key)
+        .unwrap();
+    Arc::new(config)
 }
 
 fn ca(name: &str) -> (String, Issuer<'static, KeyPair>) {
@@ -252,8 +253,8 @@ fn postgres_bin() -> PathBuf {
         .1
 }
 
-/// A throwaway PostgreSQL cluster with `ssl=on` and the test's server
-/// certificate, on 127.0.0.1 and [`UNNAMED_HOST`], a free port.
+/// A throwaway PostgreSQL cluster with `ssl=on` and the server certificate
+/// and key given, on 127.0.0.1 and [`UNNAMED_HOST`], a free port.
 pub struct PrivatePostgres {
     pub port: u16,
     // Dropped in this order: the server, then its directory.
@@ -262,15 +263,15 @@ pub struct PrivatePostgres {
 }
 
 impl PrivatePostgres {
-    pub async fn start(pki: &Pki) -> Self {
+    pub async fn start(server_cert: &Path, server_key: &Path) -> Self {
         let dir = tempfile::tempdir().expect("a temporary directory");
         let account = postgres_account();
         let bin = postgres_bin();
         let data = dir.path().join("data");
         let cert = dir.path().join("server.pem");
         let key = dir.path().join("server.key");
-        std::fs::copy(&pki.cert, &cert).unwrap();
-        std::fs::copy(&pki.key, &key).unwrap();
+        std::fs::copy(server_cert, &cert).unwrap();
+        std::fs::copy(server_key, &key).unwrap();
         std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o600)).unwrap();
         if let Some((uid, gid)) = account {
             for p in [dir.path(), &cert, &key] {
@@ -440,7 +441,7 @@ impl PrivateRabbit {
     }
 }
 
-/// Terminates TLS with the test's server certificate on 127.0.0.1 and
+/// Terminates TLS with a server certificate on 127.0.0.1 and
 /// [`UNNAMED_HOST`] and passes the bytes on to `backend` (the simulator).
 pub struct TlsProxy {
     /// The address on 127.0.0.1.
@@ -451,8 +452,8 @@ pub struct TlsProxy {
 }
 
 impl TlsProxy {
-    pub async fn start(pki: &Pki, backend: SocketAddr) -> Self {
-        let acceptor = tokio_rustls::TlsAcceptor::from(pki.server_config());
+    pub async fn start(config: Arc<rustls::ServerConfig>, backend: SocketAddr) -> Self {
+        let acceptor = tokio_rustls::TlsAcceptor::from(config);
         let mut addrs = Vec::new();
         let mut tasks = Vec::new();
         for ip in [Ipv4Addr::LOCALHOST, UNNAMED_HOST] {
