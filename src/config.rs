@@ -595,7 +595,9 @@ impl Settings {
                 "postgres://postgres@127.0.0.1:5432/holdclear",
             ),
         )?;
-        if !matches!(database_url.url().scheme(), "postgres" | "postgresql") {
+        if !matches!(database_url.url().scheme(), "postgres" | "postgresql")
+            || database_url.url().cannot_be_a_base()
+        {
             return Err(ConfigError::invalid(
                 "HOLDCLEAR_DATABASE_URL",
                 "must start with postgres://",
@@ -619,7 +621,10 @@ impl Settings {
                 "amqp://guest:guest@127.0.0.1:5672/%2f",
             ),
         )?;
-        if !matches!(amqp_url.url().scheme(), "amqp" | "amqps") {
+        // (`amqp:user:pw@host`, without `//`, is no URL with a host: lapin
+        // would repeat it whole in its error.)
+        if !matches!(amqp_url.url().scheme(), "amqp" | "amqps") || amqp_url.url().cannot_be_a_base()
+        {
             return Err(ConfigError::invalid(
                 "HOLDCLEAR_AMQP_URL",
                 "must start with amqp:// or amqps://",
@@ -990,10 +995,16 @@ mod tests {
 
     #[test]
     fn bad_url_error_does_not_echo_the_password() {
-        let err = with(&[("HOLDCLEAR_DATABASE_URL", "postgres://u:hunter2@[bad")])
-            .unwrap_err()
-            .to_string();
-        assert!(!err.contains("hunter2"), "{err}");
+        for (name, value) in [
+            ("HOLDCLEAR_DATABASE_URL", "postgres://u:hunter2@[bad"),
+            ("HOLDCLEAR_DATABASE_URL", "postgres:u:hunter2@db/hc"),
+            ("HOLDCLEAR_AMQP_URL", "amqp:guest:hunter2@rabbit"),
+            ("HOLDCLEAR_AMQP_URL", "amqps//guest:hunter2@rabbit"),
+        ] {
+            let err = with(&[(name, value)]).unwrap_err().to_string();
+            assert!(err.contains(name), "{value}: {err}");
+            assert!(!err.contains("hunter2"), "{value}: {err}");
+        }
     }
 
     /// Checks how `url` is shown: none of `hidden` appears, all of `shown` do,

@@ -208,26 +208,30 @@ fn orders_after(orders: &[super::Order]) -> Vec<super::Order> {
 }
 
 /// A database URL with a password in its user info and in its query
-/// (`password=`, `sslpassword=`, an `sslkey` path), the database
-/// unreachable and every log level on: no command prints any of them,
-/// neither in its own lines (the URL is shown redacted) nor in what sqlx
-/// says about the URL.
+/// (`password=`, `sslpassword=`, an `sslkey` path), an AMQP URL with a
+/// password and a token, both unreachable, every log level on: no command
+/// prints any of them, neither in its own lines (the URLs are shown
+/// redacted) nor in what sqlx or lapin say about them.
 #[tokio::test]
 async fn database_url_secrets_never_shown() {
     const USER_PW: &str = "hc-Kq3-userinfo-password-do-not-print";
     const QUERY_PW: &str = "hc-Kq3-query-password-do-not-print";
     const SSL_PW: &str = "hc-Kq3-sslpassword-do-not-print";
     const KEY: &str = "hc-Kq3-key-name-do-not-print";
-    let secrets = [USER_PW, QUERY_PW, SSL_PW, KEY];
+    const AMQP_PW: &str = "hc-Kq3-amqp-password-do-not-print";
+    const AMQP_TOKEN: &str = "hc-Kq3-amqp-token-do-not-print";
+    let secrets = [USER_PW, QUERY_PW, SSL_PW, KEY, AMQP_PW, AMQP_TOKEN];
     let url = format!(
         "postgres://holdclear:{USER_PW}@127.0.0.1:1/holdclear?sslmode=verify-full\
          &password={QUERY_PW}&sslpassword={SSL_PW}&sslkey=/nonexistent/{KEY}.key"
     );
+    // Unreachable too (`dlq list`, the bench's clean-up), with secrets of its own.
+    let amqp =
+        format!("amqp://guest:{AMQP_PW}@127.0.0.1:1/%2f?heartbeat=30&auth_token={AMQP_TOKEN}");
     let dir = tempfile::tempdir().unwrap();
     let env: HashMap<String, String> = [
         ("HOLDCLEAR_DATABASE_URL", url.as_str()),
-        // Unreachable too: the bench's clean-up fails fast.
-        ("HOLDCLEAR_AMQP_URL", "amqp://guest:guest@127.0.0.1:1/%2f"),
+        ("HOLDCLEAR_AMQP_URL", amqp.as_str()),
         ("HOLDCLEAR_HTTP_ADDR", "127.0.0.1:0"),
         ("HOLDCLEAR_LOG_FORMAT", "json"),
         ("RUST_LOG", "trace"),
@@ -242,6 +246,7 @@ async fn database_url_secrets_never_shown() {
         vec!["migrate"],
         vec!["cases", "list"],
         vec!["bench", "--sections", "1", "--orders", "10"],
+        vec!["dlq", "list"],
     ] {
         let (out, text) = cli(&env, &args);
         assert_eq!(out.status.code(), Some(1), "{args:?}: {text}");
@@ -283,7 +288,7 @@ async fn database_url_secrets_never_shown() {
     }
 
     // The URL is shown, redacted, where a command names its database.
-    let run = &shown[3].1;
+    let run = &shown[4].1;
     assert!(
         run.contains("password=redacted") && run.contains("sslpassword=redacted"),
         "{run}"
