@@ -1216,7 +1216,8 @@ mod tests {
         let token = "HOLDCLEAR_COMMERCE_TOKEN_URL";
         let allow = "HOLDCLEAR_COMMERCE_ALLOW_PLAINTEXT";
         // (settings, the setting refused or None)
-        let cases: &[(&[(&str, &str)], Option<&str>)] = &[
+        type Vars<'a> = &'a [(&'a str, &'a str)];
+        let cases: &[(Vars, Option<&str>)] = &[
             (&[], None),
             (&[(base, "http://localhost:8089")], None),
             (&[(base, "http://127.0.0.2:8089")], None),

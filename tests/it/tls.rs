@@ -67,6 +67,47 @@ fn says_certificate(text: &str) -> bool {
     text.contains("certificate")
 }
 
+/// A way the client must refuse the server: settings, and the reason rustls
+/// gives.
+struct Refusal<'a> {
+    what: &'static str,
+    vars: Vec<(&'static str, &'a str)>,
+    reason: &'static str,
+}
+
+/// The three refusals for the dependency whose URL setting is `url_setting`
+/// and whose own CA setting is `ca_setting`: no CA at all, an unrelated CA
+/// (its own setting), the right CA (the shared setting) for a host the
+/// certificate does not carry.
+fn refusals<'a>(
+    url_setting: &'static str,
+    ca_setting: &'static str,
+    good: &'a str,
+    wrong_host: &'a str,
+    pki: &'a Pki,
+) -> [Refusal<'a>; 3] {
+    [
+        Refusal {
+            what: "no CA",
+            vars: vec![(url_setting, good)],
+            reason: "UnknownIssuer",
+        },
+        Refusal {
+            what: "an unrelated CA",
+            vars: vec![(url_setting, good), (ca_setting, path(&pki.other_ca))],
+            reason: "UnknownIssuer",
+        },
+        Refusal {
+            what: "a host the certificate does not name",
+            vars: vec![
+                (url_setting, wrong_host),
+                ("HOLDCLEAR_TLS_CA_FILE", path(&pki.ca)),
+            ],
+            reason: "not valid for name",
+        },
+    ]
+}
+
 #[tokio::test]
 async fn postgres_verify_full_with_a_private_ca() {
     let pki = Pki::new();
@@ -106,31 +147,15 @@ async fn postgres_verify_full_with_a_private_ca() {
     // Refused: no CA (built-in roots only), an unrelated CA, a host name
     // the certificate does not carry.
     let wrong_host = pg.url(&UNNAMED_HOST.to_string(), "holdclear_tls");
-    let refused: [(&str, Vec<(&str, &str)>, &str); 3] = [
-        (
-            "no CA",
-            vec![("HOLDCLEAR_DATABASE_URL", &good)],
-            "UnknownIssuer",
-        ),
-        (
-            "an unrelated CA",
-            vec![
-                ("HOLDCLEAR_DATABASE_URL", &good),
-                ("HOLDCLEAR_DATABASE_TLS_CA_FILE", other),
-            ],
-            "UnknownIssuer",
-        ),
-        (
-            "a host the certificate does not name",
-            vec![
-                ("HOLDCLEAR_DATABASE_URL", &wrong_host),
-                ("HOLDCLEAR_TLS_CA_FILE", ca),
-            ],
-            "not valid for name",
-        ),
-    ];
-    for (what, vars, reason) in &refused {
-        let s = settings(vars);
+    for r in refusals(
+        "HOLDCLEAR_DATABASE_URL",
+        "HOLDCLEAR_DATABASE_TLS_CA_FILE",
+        &good,
+        &wrong_host,
+        &pki,
+    ) {
+        let (what, reason) = (r.what, r.reason);
+        let s = settings(&r.vars);
         let err = Store::connect(&s.database_url, s.database_tls_ca.as_ref(), 1)
             .await
             .expect_err(what);
@@ -195,31 +220,15 @@ async fn https_commerce_api_with_a_private_ca() {
     let tokens = sim.stats().responses(SimEndpoint::Token, 200);
     assert_eq!(tokens, 1, "one token, fetched over HTTPS");
 
-    let refused: [(&str, Vec<(&str, &str)>, &str); 3] = [
-        (
-            "no CA",
-            vec![("HOLDCLEAR_COMMERCE_BASE_URL", &good)],
-            "UnknownIssuer",
-        ),
-        (
-            "an unrelated CA",
-            vec![
-                ("HOLDCLEAR_COMMERCE_BASE_URL", &good),
-                ("HOLDCLEAR_TLS_CA_FILE", path(&pki.other_ca)),
-            ],
-            "UnknownIssuer",
-        ),
-        (
-            "a host the certificate does not name",
-            vec![
-                ("HOLDCLEAR_COMMERCE_BASE_URL", &wrong_host),
-                ("HOLDCLEAR_TLS_CA_FILE", ca),
-            ],
-            "not valid for name",
-        ),
-    ];
-    for (what, vars, reason) in &refused {
-        let mut s = settings(vars);
+    for r in refusals(
+        "HOLDCLEAR_COMMERCE_BASE_URL",
+        "HOLDCLEAR_COMMERCE_TLS_CA_FILE",
+        &good,
+        &wrong_host,
+        &pki,
+    ) {
+        let (what, reason) = (r.what, r.reason);
+        let mut s = settings(&r.vars);
         s.commerce.request_timeout = Duration::from_secs(5);
         let api = HttpCommerce::new(&s.commerce).unwrap();
         let err = api
@@ -308,31 +317,15 @@ async fn amqps_and_the_worker_over_tls_everywhere() {
     holdclear::broker::close(&conn).await;
 
     let wrong_host = rabbit.url(&UNNAMED_HOST.to_string());
-    let refused: [(&str, Vec<(&str, &str)>, &str); 3] = [
-        (
-            "no CA",
-            vec![("HOLDCLEAR_AMQP_URL", &amqps)],
-            "UnknownIssuer",
-        ),
-        (
-            "an unrelated CA",
-            vec![
-                ("HOLDCLEAR_AMQP_URL", &amqps),
-                ("HOLDCLEAR_TLS_CA_FILE", path(&pki.other_ca)),
-            ],
-            "UnknownIssuer",
-        ),
-        (
-            "a host the certificate does not name",
-            vec![
-                ("HOLDCLEAR_AMQP_URL", &wrong_host),
-                ("HOLDCLEAR_TLS_CA_FILE", ca),
-            ],
-            "not valid for name",
-        ),
-    ];
-    for (what, vars, reason) in &refused {
-        let s = settings(vars);
+    for r in refusals(
+        "HOLDCLEAR_AMQP_URL",
+        "HOLDCLEAR_AMQP_TLS_CA_FILE",
+        &amqps,
+        &wrong_host,
+        &pki,
+    ) {
+        let (what, reason) = (r.what, r.reason);
+        let s = settings(&r.vars);
         let err = Broker::from_settings(&s.amqp, "holdclear tls test")
             .connect("refused")
             .await
@@ -549,4 +542,46 @@ async fn compose_dev_certs_work() {
         .unwrap();
     assert!(again.status.success());
     assert_eq!(std::fs::read(&ca).unwrap(), before);
+}
+
+/// Bad TLS settings stop every command before it connects: exit 64 and
+/// the setting named.
+#[test]
+fn bad_tls_settings_exit_64_naming_the_setting() {
+    let dir = tempfile::tempdir().unwrap();
+    let not_pem = dir.path().join("ca.txt");
+    std::fs::write(&not_pem, "not a certificate\n").unwrap();
+    let missing = dir.path().join("missing.pem");
+    let cases = [
+        ("HOLDCLEAR_TLS_CA_FILE", path(&missing)),
+        ("HOLDCLEAR_AMQP_TLS_CA_FILE", path(&not_pem)),
+        ("HOLDCLEAR_DATABASE_TLS_CA_FILE", path(&missing)),
+        ("HOLDCLEAR_COMMERCE_TLS_CA_FILE", path(&not_pem)),
+        ("HOLDCLEAR_COMMERCE_BASE_URL", "http://commerce.example.com"),
+        (
+            "HOLDCLEAR_COMMERCE_TOKEN_URL",
+            "http://id.example.com/token",
+        ),
+    ];
+    for (setting, value) in cases {
+        for args in [&["migrate"][..], &["dlq", "list"], &["cases", "list"]] {
+            let (out, text) = cli(&[(setting, value)], args);
+            assert_eq!(out.status.code(), Some(64), "{setting} {args:?}: {text}");
+            assert!(text.contains(setting), "{setting} {args:?}: {text}");
+        }
+    }
+    // The opt-in lets the settings through (the command then fails on the
+    // database, which is not there: exit 1, not 64).
+    let (out, text) = cli(
+        &[
+            ("HOLDCLEAR_COMMERCE_BASE_URL", "http://commerce.example.com"),
+            ("HOLDCLEAR_COMMERCE_ALLOW_PLAINTEXT", "true"),
+            (
+                "HOLDCLEAR_DATABASE_URL",
+                "postgres://postgres@127.0.0.1:1/x",
+            ),
+        ],
+        &["migrate"],
+    );
+    assert_eq!(out.status.code(), Some(1), "{text}");
 }
