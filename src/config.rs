@@ -105,7 +105,9 @@ impl SecretUrl {
         if shown.password().is_some() {
             let _ = shown.set_password(Some(REDACTED));
         }
-        if shown.query().is_some_and(|q| !q.is_empty()) {
+        // Rebuilt only when there is something to hide: otherwise the query
+        // is shown exactly as written.
+        if shown.query_pairs().any(|(k, _)| is_secret_key(&k)) {
             let pairs: Vec<(String, String)> = shown
                 .query_pairs()
                 .map(|(k, v)| {
@@ -1077,9 +1079,9 @@ mod tests {
                 &["amqps://u:redacted@rabbit:5671/%2f", "heartbeat=30"],
             ),
             (
-                "postgres://u@db/hc?sslmode=verify-full",
+                "postgres://u@db/hc?sslmode=verify-full&sslrootcert=/etc/ca.pem",
                 &[],
-                &["postgres://u@db/hc?sslmode=verify-full"],
+                &["postgres://u@db/hc?sslmode=verify-full&sslrootcert=/etc/ca.pem"],
             ),
         ];
         for (url, hidden, shown) in cases {
