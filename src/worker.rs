@@ -415,10 +415,7 @@ async fn work(settings: &Settings, parts: Parts, health: &Arc<Health>) -> Result
     let cases_opened = Arc::new(Notify::new());
     let (deliveries, inbox) = mpsc::channel(usize::from(settings.amqp.prefetch).max(1));
     let consumer = Consumer::new(
-        Broker::new(
-            settings.amqp.url.clone(),
-            connection_name(settings, &parts.identity),
-        ),
+        Broker::from_settings(&settings.amqp, connection_name(settings, &parts.identity)),
         ConsumerSettings {
             topology: settings.amqp.topology.clone(),
             prefetch: settings.amqp.prefetch,
@@ -464,10 +461,7 @@ async fn work(settings: &Settings, parts: Parts, health: &Arc<Health>) -> Result
     let relay_stop = CancellationToken::new();
     let relay = Relay::new(
         store.clone(),
-        Broker::new(
-            settings.amqp.url.clone(),
-            connection_name(settings, &parts.identity),
-        ),
+        Broker::from_settings(&settings.amqp, connection_name(settings, &parts.identity)),
         settings.amqp.topology.clone(),
         relay_wake,
     )
@@ -536,6 +530,7 @@ async fn prepare_store(
         let attempt = async {
             let store = Store::connect_with(
                 &settings.database_url,
+                settings.database_tls_ca.as_ref(),
                 settings.database_max_connections,
                 &settings.database_timeouts,
             )

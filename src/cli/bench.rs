@@ -108,7 +108,13 @@ pub async fn execute(base: Settings, args: Args) -> anyhow::Result<ExitCode> {
             statement: std::time::Duration::from_secs(3600),
             ..settings.database_timeouts.clone()
         };
-        let store = Store::connect_with(&database_url, 8, &timeouts).await?;
+        let store = Store::connect_with(
+            &database_url,
+            settings.database_tls_ca.as_ref(),
+            8,
+            &timeouts,
+        )
+        .await?;
         store.migrate().await?;
         let b = Bench {
             settings: settings.clone(),
@@ -127,15 +133,14 @@ pub async fn execute(base: Settings, args: Args) -> anyhow::Result<ExitCode> {
     .await;
 
     // Clean up whatever happened.
-    let broker = Broker::new(
-        settings.amqp.url.clone(),
-        format!("holdclear bench {run} cleanup"),
-    );
+    let broker = Broker::from_settings(&settings.amqp, format!("holdclear bench {run} cleanup"));
     if let Ok(conn) = broker.connect("cleanup").await {
         broker::delete_topology(&conn, &topology).await.ok();
         broker::close(&conn).await;
     }
-    crate::store::drop_database(&database_url).await.ok();
+    crate::store::drop_database(&database_url, settings.database_tls_ca.as_ref())
+        .await
+        .ok();
     let report = match result {
         Ok(report) => {
             std::fs::remove_dir_all(&work_dir).ok();

@@ -70,7 +70,13 @@ fn parse_state(raw: &str) -> Result<CaseState, String> {
 pub async fn execute(settings: Settings, cmd: Command) -> anyhow::Result<ExitCode> {
     super::quiet_logs();
     // Never creates the database: a missing one is named, with what to do.
-    let store = Store::open(&settings.database_url, 2, &settings.database_timeouts).await?;
+    let store = Store::open(
+        &settings.database_url,
+        settings.database_tls_ca.as_ref(),
+        2,
+        &settings.database_timeouts,
+    )
+    .await?;
     if !store.ready().await {
         anyhow::bail!(
             "the database {} has no (or an older) holdclear schema: run `holdclear migrate`",
@@ -166,6 +172,7 @@ fn case_json(r: &CaseRecord) -> Value {
         "closedAt": c.closed_at,
         "generation": c.generation,
         "nextActionAt": c.next_action_at,
+        "mergedInto": r.merged_into,
         "leaseOwner": r.lease_owner,
         "leaseExpiresAt": r.lease_expires_at,
         "createdAt": r.created_at,
@@ -232,6 +239,12 @@ async fn show(store: &Store, order: &str, as_json: bool) -> anyhow::Result<()> {
         None => c.state.to_string(),
     };
     row("State", state);
+    if let Some(into) = record.merged_into {
+        row(
+            "Merged into",
+            format!("{into} (the order's case: `holdclear cases show {into}` shows its work)"),
+        );
+    }
     row(
         "Hold",
         format!("{} since {}", c.event.data.hold_reason, when(c.held_at)),

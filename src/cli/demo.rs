@@ -22,8 +22,26 @@ use crate::domain::EscalationLevel;
 use crate::sim::{Scenario, SimServer};
 use crate::worker::Worker;
 
-/// The rules the demo runs with: the shipped example file.
+/// The rules the demo runs with: the shipped example file, and
+/// [`AMBIGUOUS_RULE`] after it.
 const DEMO_RULES: &str = include_str!("../../deploy/config/rules.toml");
+
+/// A rule of the demo's own: the account by name, and the simulator's
+/// scenario has two ACTIVE accounts of that name. It comes after the
+/// shipped rules, so it decides only orders they leave (no end-customer
+/// e-mail).
+const AMBIGUOUS_RULE: &str = r#"
+# holdclear demo: partner P-300's orders go to the account named "Umbrella
+# Corporation". The simulator has two ACTIVE accounts of that name, so the
+# worker escalates AMBIGUOUS_MATCH instead of picking one.
+[[rule]]
+name = "umbrella-by-name"
+[rule.when]
+partner_id = ["P-300"]
+[rule.assign]
+smart_account = { name = "Umbrella Corporation" }
+account_type = "CUSTOMER"
+"#;
 
 /// Arguments of `holdclear demo`.
 #[derive(Debug, clap::Args)]
@@ -58,6 +76,8 @@ fn orders() -> Vec<Order> {
         }
         data
     };
+    let mut umbrella = held("104233883", None, Some("P-300"));
+    umbrella["partner"]["name"] = "Umbrella Resellers".into();
     let mut pending = held("104233872", Some("it@initech.com"), Some("P-100"));
     pending["holdReason"] = "PENDING_SMART_ACCOUNT".into();
     pending["smartAccount"] = json!({"domain": "initech.com", "status": "PENDING"});
@@ -97,6 +117,11 @@ fn orders() -> Vec<Order> {
             story: "account deactivated",
             data: held("104233882", Some("admin@hooli.com"), None),
         },
+        Order {
+            number: "104233883",
+            story: "account name matches two accounts",
+            data: umbrella,
+        },
     ]
 }
 
@@ -134,7 +159,7 @@ pub async fn execute(base: Settings, args: Args) -> anyhow::Result<ExitCode> {
         topology,
     } = super::ScratchRun::new(&base, "demo")?;
     let rules_path = std::env::temp_dir().join(format!("holdclear-demo-{run}-rules.toml"));
-    std::fs::write(&rules_path, DEMO_RULES)?;
+    std::fs::write(&rules_path, format!("{DEMO_RULES}{AMBIGUOUS_RULE}"))?;
 
     let sim = SimServer::start(([127, 0, 0, 1], 0).into(), Scenario::demo()?).await?;
     let mut settings = base.clone();
@@ -174,15 +199,14 @@ pub async fn execute(base: Settings, args: Args) -> anyhow::Result<ExitCode> {
 
     worker.shutdown().await.ok();
     sim.shutdown().await.ok();
-    let broker = Broker::new(
-        settings.amqp.url.clone(),
-        format!("holdclear demo {run} cleanup"),
-    );
+    let broker = Broker::from_settings(&settings.amqp, format!("holdclear demo {run} cleanup"));
     if let Ok(conn) = broker.connect("cleanup").await {
         broker::delete_topology(&conn, &topology).await.ok();
         broker::close(&conn).await;
     }
-    crate::store::drop_database(&database_url).await.ok();
+    crate::store::drop_database(&database_url, settings.database_tls_ca.as_ref())
+        .await
+        .ok();
     std::fs::remove_file(&rules_path).ok();
 
     let (table, dead_letters, complete) = result?;
@@ -202,7 +226,7 @@ async fn drive(
     topology: &Topology,
     timeout: Duration,
 ) -> anyhow::Result<(Table, String, bool)> {
-    let broker = Broker::new(settings.amqp.url.clone(), "holdclear demo");
+    let broker = Broker::from_settings(&settings.amqp, "holdclear demo");
     let conn = broker.connect("publisher").await?;
     let publisher = Publisher::open(&conn).await?;
     declare_topology(publisher.channel(), topology, settings.amqp.delivery_limit).await?;
@@ -318,7 +342,9 @@ async fn drive(
     broker::close(&conn).await;
 
     // Escalation events carry no rule; the case does.
-    let store = crate::store::Store::connect(&settings.database_url, 2).await?;
+    let store =
+        crate::store::Store::connect(&settings.database_url, settings.database_tls_ca.as_ref(), 2)
+            .await?;
     let cases = store
         .list_cases(&crate::store::CaseFilter {
             state: None,

@@ -14,7 +14,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::UsageError;
 use crate::config::{LogFormat, parse_duration};
-use crate::sim::{Behaviour, Scenario, SimEndpoint};
+use crate::sim::{Behaviour, HoldsField, Scenario, SimEndpoint};
 
 /// Where the default scenario lives, relative to the working directory.
 const DEFAULT_SCENARIO: &str = "deploy/config/sim-scenario.toml";
@@ -73,6 +73,15 @@ pub struct Knobs {
     /// Orders created on the fly never release their hold.
     #[arg(long)]
     pub never_release: bool,
+    /// Answers about orders created on the fly leave out `holds`.
+    #[arg(long)]
+    pub without_holds: bool,
+    /// Token answers leave out `expires_in`.
+    #[arg(long)]
+    pub omit_expires_in: bool,
+    /// Every answer carries fields the contract does not name.
+    #[arg(long)]
+    pub extra_fields: bool,
 }
 
 /// Runs `holdclear sim` until ctrl-c or SIGTERM.
@@ -135,6 +144,11 @@ fn apply_flags(s: &mut Scenario, a: &Knobs) {
     if a.never_release {
         s.defaults.behaviour = Behaviour::NeverReleases;
     }
+    if a.without_holds {
+        s.defaults.holds_field = HoldsField::Missing;
+    }
+    s.omit_expires_in |= a.omit_expires_in;
+    s.extra_fields |= a.extra_fields;
     for endpoint in SimEndpoint::API {
         let f = s.faults.get_mut(endpoint);
         if let Some(v) = a.error_rate {

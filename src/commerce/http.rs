@@ -24,11 +24,11 @@ use super::wire::{
     VirtualAccountsAnswer, WireAccount, WireOrder, WireVirtualAccount,
 };
 use super::{
-    Assignment, AssignmentReceipt, CommerceApi, CommerceError, ErrorCode, Order, SmartAccount,
-    VirtualAccount,
+    AccountStatus, Assignment, AssignmentReceipt, CommerceApi, CommerceError, ErrorCode, Order,
+    SmartAccount, VirtualAccount,
 };
 use crate::config::{CommerceSettings, Secret};
-use crate::domain::{AccountSelector, AccountType, Domain, OrderId, SalesOrderNumber};
+use crate::domain::{AccountSelector, AccountType, Domain, OrderId, SalesOrderNumber, WebOrderId};
 
 /// Largest answer body read; a longer one is refused.
 const MAX_BODY_BYTES: usize = 4 * 1024 * 1024;
@@ -36,6 +36,8 @@ const MAX_BODY_BYTES: usize = 4 * 1024 * 1024;
 const MAX_RETRY_AFTER: Duration = Duration::from_secs(3600);
 /// Longest server message copied into an error detail.
 const MAX_MESSAGE_CHARS: usize = 300;
+/// Most candidates of an ambiguous match named in the error's detail.
+const MAX_CANDIDATES_SHOWN: usize = 10;
 
 /// The commerce API client. Cheap to clone: clones share the connection
 /// pool, the token and the rate limit.
@@ -128,9 +130,11 @@ fn setup_error(detail: impl Into<String>) -> CommerceError {
 
 impl HttpCommerce {
     /// A client for the API at `settings.base_url`. Nothing is sent yet: the
-    /// token is fetched by the first call. Fails only on settings that
-    /// cannot work (a rate limit that is not positive, a base URL that
-    /// cannot have paths) or when the TLS stack cannot start.
+    /// token is fetched by the first call. `https://` servers must present
+    /// a certificate for their host that chains to the platform's roots or
+    /// to `settings.tls_ca`. Fails only on settings that cannot work (a
+    /// rate limit that is not positive, a base URL that cannot have paths)
+    /// or when the TLS stack cannot start.
     pub fn new(settings: &CommerceSettings) -> Result<Self, CommerceError> {
         let _ = rustls::crypto::ring::default_provider().install_default();
         if settings.base_url.cannot_be_a_base() {
@@ -143,13 +147,26 @@ impl HttpCommerce {
                 "HOLDCLEAR_COMMERCE_RATE_LIMIT must be a positive number of calls per second",
             )
         })?;
-        let http = reqwest::Client::builder()
+        let mut builder = reqwest::Client::builder()
             .timeout(settings.request_timeout)
             .connect_timeout(settings.request_timeout.min(Duration::from_secs(5)))
             .pool_idle_timeout(Duration::from_secs(60))
             .pool_max_idle_per_host(64)
             .redirect(reqwest::redirect::Policy::none())
-            .user_agent(concat!("holdclear/", env!("CARGO_PKG_VERSION")))
+            .user_agent(concat!("holdclear/", env!("CARGO_PKG_VERSION")));
+        if let Some(ca) = &settings.tls_ca {
+            // Besides the platform's roots, as for RabbitMQ and PostgreSQL.
+            let certs =
+                reqwest::Certificate::from_pem_bundle(ca.pem().as_bytes()).map_err(|e| {
+                    setup_error(format!(
+                        "cannot use the CA file {}: {}",
+                        ca.path().display(),
+                        chain(&e)
+                    ))
+                })?;
+            builder = builder.tls_certs_merge(certs);
+        }
+        let http = builder
             .build()
             .map_err(|e| setup_error(format!("cannot build the HTTP client: {}", chain(&e))))?;
         Ok(Self {
@@ -198,11 +215,10 @@ impl HttpCommerce {
         };
         let answer: SearchAnswer = parse(Endpoint::Search, &body)?;
         check_envelope(Endpoint::Search, &answer.envelope)?;
-        Ok(select_exact(
-            answer.accounts.unwrap_or_default(),
-            selector,
-            account_type,
-        ))
+        let accounts = answer
+            .into_accounts()
+            .map_err(|e| invalid(Endpoint::Search, e))?;
+        select_exact(accounts, selector, account_type)
     }
 
     /// See [`CommerceApi::virtual_accounts`].
@@ -224,12 +240,18 @@ impl HttpCommerce {
             .await?;
         let answer: VirtualAccountsAnswer = parse(Endpoint::VirtualAccounts, &body)?;
         check_envelope(Endpoint::VirtualAccounts, &answer.envelope)?;
-        Ok(answer
+        answer
             .virtual_accounts
-            .unwrap_or_default()
+            .ok_or_else(|| {
+                invalid(
+                    Endpoint::VirtualAccounts,
+                    "the answer has no virtualAccounts list",
+                )
+            })?
             .into_iter()
             .map(WireVirtualAccount::into_virtual_account)
-            .collect())
+            .collect::<Result<_, _>>()
+            .map_err(|e| invalid(Endpoint::VirtualAccounts, e))
     }
 
     /// See [`CommerceApi::order`].
@@ -240,8 +262,20 @@ impl HttpCommerce {
             let body = self
                 .call(Endpoint::Order, &|http| http.get(url.clone()))
                 .await?;
+            let envelope: Envelope = parse(Endpoint::Order, &body)?;
+            check_envelope(Endpoint::Order, &envelope)?;
             let wire: WireOrder = parse(Endpoint::Order, &body)?;
-            return wire.into_order().map_err(|e| invalid(Endpoint::Order, e));
+            let read = wire.into_order().map_err(|e| invalid(Endpoint::Order, e))?;
+            if read.sales_order_number != *number {
+                return Err(invalid(
+                    Endpoint::Order,
+                    format!(
+                        "asked for order {number}, the answer is order {}",
+                        read.sales_order_number
+                    ),
+                ));
+            }
+            return Ok(read);
         }
         let Some(web) = &order.web_order_id else {
             return Err(CommerceError::Permanent {
@@ -256,23 +290,13 @@ impl HttpCommerce {
                 http.get(url.clone()).query(&query)
             })
             .await?;
+        let envelope: Envelope = parse(Endpoint::OrdersByWebId, &body)?;
+        check_envelope(Endpoint::OrdersByWebId, &envelope)?;
         let list: OrderList = parse(Endpoint::OrdersByWebId, &body)?;
-        let mut orders = list.orders.unwrap_or_default();
-        // Prefer the one that names this web order id, should the server add others.
-        let pick = orders
-            .iter()
-            .position(|o| matches!(&o.web_order_id, Some(serde_json::Value::String(w)) if w == web.as_str()))
-            .unwrap_or(0);
-        if orders.is_empty() {
-            return Err(CommerceError::Permanent {
-                code: ErrorCode::OrderNotFound,
-                detail: format!("no order with web order id {web}"),
-            });
-        }
-        orders
-            .swap_remove(pick)
-            .into_order()
-            .map_err(|e| invalid(Endpoint::OrdersByWebId, e))
+        let orders = list
+            .orders
+            .ok_or_else(|| invalid(Endpoint::OrdersByWebId, "the answer has no orders list"))?;
+        select_order(orders, web)
     }
 
     /// See [`CommerceApi::assign`].
@@ -307,16 +331,12 @@ impl HttpCommerce {
                     .json(&body)
             })
             .await?;
+        let envelope: Envelope = parse(Endpoint::Assign, &answer)?;
+        check_envelope(Endpoint::Assign, &envelope)?;
         let answer: AssignmentAnswer = parse(Endpoint::Assign, &answer)?;
-        let assignment_id = match answer.assignment_id {
-            Some(serde_json::Value::String(s)) if !s.is_empty() => s,
-            Some(serde_json::Value::Number(n)) => n.to_string(),
-            _ => return Err(invalid(Endpoint::Assign, "the answer has no assignmentId")),
-        };
-        Ok(AssignmentReceipt {
-            assignment_id,
-            status: answer.status.unwrap_or_default(),
-        })
+        answer
+            .into_receipt()
+            .map_err(|e| invalid(Endpoint::Assign, e))
     }
 
     /// The base URL with `segments` appended (each percent-encoded).
@@ -406,7 +426,15 @@ impl HttpCommerce {
                     "the answer's expires_in is not a number of seconds",
                 )
             })?;
-            tracing::debug!(lifetime = ?lifetime, "Fetched an access token.");
+            if parsed.states_lifetime() {
+                tracing::debug!(lifetime = ?lifetime, "Fetched an access token.");
+            } else {
+                tracing::warn!(
+                    token_url = %inner.token_url,
+                    lifetime = ?lifetime,
+                    "The token answer has no expires_in; the token is used for the assumed lifetime (a 401 replaces it sooner)."
+                );
+            }
             return Ok(Fresh { value, lifetime });
         }
         let error = parsed.error.unwrap_or_default();
@@ -707,38 +735,137 @@ fn bounded(s: &str) -> String {
 
 /// The account whose selected field equals the query, case-insensitively
 /// (the server matches substrings), of the wanted type if one is given.
-/// Several exact matches: the ACTIVE one first.
+/// A record listed twice counts once. Several exact matches: the one ACTIVE
+/// among them; more than one ACTIVE is `AMBIGUOUS_MATCH` with the
+/// candidates in the detail; none ACTIVE, the first (it cannot be assigned
+/// either way). An exact match lacking what the choice rests on (its type
+/// when one is wanted, its status, its domain) makes the answer unreadable.
 fn select_exact(
     accounts: Vec<WireAccount>,
     selector: &AccountSelector,
     account_type: Option<AccountType>,
-) -> Option<SmartAccount> {
-    let equals = |have: &Option<String>, want: &str| {
-        have.as_deref()
-            .is_some_and(|h| h.trim().to_lowercase() == want.trim().to_lowercase())
+) -> Result<Option<SmartAccount>, CommerceError> {
+    let equals = |have: Option<&str>, want: &str| {
+        have.is_some_and(|h| h.trim().to_lowercase() == want.trim().to_lowercase())
     };
-    let mut matches: Vec<SmartAccount> = accounts
-        .into_iter()
-        .filter(|a| match selector {
+    let mut matches: Vec<SmartAccount> = Vec::new();
+    for a in accounts {
+        let exact = match selector {
             AccountSelector::Domain(d) => a.domain.as_deref().is_some_and(|h| {
                 h.trim()
                     .trim_end_matches('.')
                     .eq_ignore_ascii_case(d.as_str())
             }),
-            AccountSelector::Name(n) => equals(&a.name, n),
-            AccountSelector::Email(e) => equals(&a.email, e.as_str()),
-        })
-        .filter(|a| account_type.is_none_or(|t| equals(&a.account_type, t.as_str())))
-        .map(WireAccount::into_account)
-        .collect();
-    if matches.len() > 1 {
-        tracing::warn!(selector = %selector, matches = matches.len(), "Several accounts match exactly; taking an ACTIVE one.");
+            AccountSelector::Name(n) => equals(a.name.as_deref(), n),
+            AccountSelector::Email(e) => equals(a.email.as_deref(), e.as_str()),
+        };
+        if !exact {
+            continue;
+        }
+        if let Some(t) = account_type {
+            match a.account_type.as_deref() {
+                None => {
+                    return Err(invalid(
+                        Endpoint::Search,
+                        format!("account {} has no type", a.label()),
+                    ));
+                }
+                Some(have) if !equals(Some(have), t.as_str()) => continue,
+                Some(_) => {}
+            }
+        }
+        let account = a.into_account().map_err(|e| invalid(Endpoint::Search, e))?;
+        if !matches.contains(&account) {
+            matches.push(account);
+        }
     }
-    let pick = matches
+    let active: Vec<&SmartAccount> = matches
         .iter()
-        .position(|a| a.status == super::AccountStatus::Active)
-        .unwrap_or(0);
-    (pick < matches.len()).then(|| matches.swap_remove(pick))
+        .filter(|a| a.status == AccountStatus::Active)
+        .collect();
+    match active.as_slice() {
+        [] => Ok(matches.into_iter().next()),
+        [one] => Ok(Some((*one).clone())),
+        several => {
+            let shown: Vec<String> = several
+                .iter()
+                .take(MAX_CANDIDATES_SHOWN)
+                .map(|a| format!("{} {} ({})", a.id, a.domain, bounded(&a.name)))
+                .collect();
+            Err(CommerceError::Permanent {
+                code: ErrorCode::AmbiguousMatch,
+                detail: format!(
+                    "{} ACTIVE accounts match {selector} exactly: {}{}",
+                    several.len(),
+                    shown.join(", "),
+                    more(several.len())
+                ),
+            })
+        }
+    }
+}
+
+/// The one order of a web order id search whose `webOrderId` equals `web`
+/// exactly (the server matches substrings): never another one. No exact
+/// match is `ORDER_NOT_FOUND`; several orders (distinct sales order
+/// numbers) are `AMBIGUOUS_MATCH` with the candidates in the detail.
+fn select_order(orders: Vec<WireOrder>, web: &WebOrderId) -> Result<Order, CommerceError> {
+    let answered = orders.len();
+    let mut exact: Vec<WireOrder> = orders
+        .into_iter()
+        .filter(|o| o.web_order_id().as_deref() == Some(web.as_str()))
+        .collect();
+    let mut numbers = Vec::with_capacity(exact.len());
+    for o in &exact {
+        let Some(n) = o.number() else {
+            return Err(invalid(
+                Endpoint::OrdersByWebId,
+                format!("an order with web order id {web} has no salesOrderNumber"),
+            ));
+        };
+        if !numbers.contains(&n) {
+            numbers.push(n);
+        }
+    }
+    match numbers.len() {
+        0 => Err(CommerceError::Permanent {
+            code: ErrorCode::OrderNotFound,
+            detail: if answered == 0 {
+                format!("no order with web order id {web}")
+            } else {
+                format!(
+                    "no order with web order id {web} exactly (the search answered {answered} order(s) whose web order id only contains it)"
+                )
+            },
+        }),
+        1 => exact
+            .swap_remove(0)
+            .into_order()
+            .map_err(|e| invalid(Endpoint::OrdersByWebId, e)),
+        n => {
+            let shown: Vec<String> = numbers
+                .iter()
+                .take(MAX_CANDIDATES_SHOWN)
+                .map(|n| bounded(n))
+                .collect();
+            Err(CommerceError::Permanent {
+                code: ErrorCode::AmbiguousMatch,
+                detail: format!(
+                    "{n} orders have web order id {web}: sales orders {}{}",
+                    shown.join(", "),
+                    more(n)
+                ),
+            })
+        }
+    }
+}
+
+/// ", and N more" for a list cut at [`MAX_CANDIDATES_SHOWN`].
+fn more(total: usize) -> String {
+    match total.checked_sub(MAX_CANDIDATES_SHOWN) {
+        Some(left) if left > 0 => format!(", and {left} more"),
+        _ => String::new(),
+    }
 }
 
 #[cfg(test)]
@@ -792,41 +919,273 @@ mod tests {
         ]
     }
 
+    /// What a selection should come to: the chosen account's domain (or
+    /// order's number) and status, not found, or an error's code (`None`:
+    /// transient) and a needle of its detail.
+    #[derive(Debug)]
+    enum Want {
+        Found(&'static str, &'static str),
+        NotFound,
+        Error(Option<ErrorCode>, &'static str),
+    }
+
+    /// Checks a selection's result against `want`; `show` names what was found.
+    fn check<T>(
+        what: &str,
+        got: Result<Option<T>, CommerceError>,
+        show: impl Fn(&T) -> (String, String),
+        want: &Want,
+    ) {
+        let ok = match (&got, want) {
+            (Ok(Some(found)), Want::Found(a, b)) => {
+                show(found) == ((*a).to_owned(), (*b).to_owned())
+            }
+            (Ok(None), Want::NotFound) => true,
+            (Err(CommerceError::Permanent { code, detail }), Want::Error(Some(c), needle)) => {
+                code == c && detail.contains(needle)
+            }
+            (Err(CommerceError::Transient { detail, .. }), Want::Error(None, needle)) => {
+                detail.contains(needle)
+            }
+            _ => false,
+        };
+        let got = got.map(|o| o.as_ref().map(&show));
+        assert!(ok, "{what}: got {got:?}, wanted {want:?}");
+    }
+
     #[test]
     fn exact_selection_table() {
+        use Want::{Error, Found as Account, NotFound};
         let domain = |d: &str| AccountSelector::Domain(Domain::parse(d).unwrap());
         let name = |n: &str| AccountSelector::Name(n.into());
         let email = |e: &str| AccountSelector::Email(Email::parse(e).unwrap());
-        type Case = (
-            AccountSelector,
-            Option<AccountType>,
-            Option<(&'static str, &'static str)>,
+        let ambiguous = |needle| Error(Some(ErrorCode::AmbiguousMatch), needle);
+        let unreadable = |needle| Error(None, needle);
+        let mut no_status = account(
+            "nostatus.com",
+            "No Status",
+            "it@nostatus.com",
+            "CUSTOMER",
+            "",
         );
-        let cases: Vec<Case> = vec![
-            (domain("acme.com"), None, Some(("acme.com", "ACTIVE"))),
+        no_status.status = None;
+        let mut no_type = account("notype.com", "No Type", "it@notype.com", "", "ACTIVE");
+        no_type.account_type = None;
+        let mut no_domain = account("", "No Domain", "it@nodomain.com", "CUSTOMER", "ACTIVE");
+        no_domain.domain = None;
+        let mut extra = vec![
+            no_status,
+            no_type,
+            no_domain,
+            account("dup.com", "Dup", "it@dup.com", "CUSTOMER", "ACTIVE"),
+            account("dup.com", "Dup", "it@dup.com", "CUSTOMER", "ACTIVE"),
+            account(
+                "shared.com",
+                "Shared",
+                "it@shared.com",
+                "CUSTOMER",
+                "ACTIVE",
+            ),
+            account(
+                "shared-eu.com",
+                "Shared",
+                "it@shared.com",
+                "CUSTOMER",
+                "ACTIVE",
+            ),
+            account(
+                "shared-old.com",
+                "Shared",
+                "it@shared.com",
+                "CUSTOMER",
+                "INACTIVE",
+            ),
+            account(
+                "pending-a.com",
+                "Pending Twins",
+                "x@p.com",
+                "CUSTOMER",
+                "PENDING",
+            ),
+            account(
+                "pending-b.com",
+                "Pending Twins",
+                "x@p.com",
+                "CUSTOMER",
+                "INACTIVE",
+            ),
+            account(
+                "holder.com",
+                "Both Kinds",
+                "x@holder.com",
+                "CUSTOMER",
+                "ACTIVE",
+            ),
+            account(
+                "holder-h.com",
+                "Both Kinds",
+                "x@holder.com",
+                "HOLDING",
+                "ACTIVE",
+            ),
+            account(
+                "Dotted.COM.",
+                "Dotted",
+                "it@dotted.com",
+                "CUSTOMER",
+                "ACTIVE",
+            ),
+            account(
+                "dotted.com",
+                "Dotted Again",
+                "it@dotted.com",
+                "CUSTOMER",
+                "ACTIVE",
+            ),
+        ];
+        let cases: Vec<(AccountSelector, Option<AccountType>, Want)> = vec![
+            (domain("acme.com"), None, Account("acme.com", "ACTIVE")),
             (
                 domain("ACME.com"),
                 Some(AccountType::Customer),
-                Some(("acme.com", "ACTIVE")),
+                Account("acme.com", "ACTIVE"),
             ),
-            (domain("acme.com"), Some(AccountType::Holding), None),
-            (domain("acme"), None, None),
-            (domain("cme.com"), None, None),
-            (name("acme corp"), None, Some(("acme.com", "ACTIVE"))),
-            (name("Acme"), None, None),
-            (email("IT@acme.com"), None, Some(("acme.com", "ACTIVE"))),
-            (email("it@acme.co"), None, None),
+            (domain("acme.com"), Some(AccountType::Holding), NotFound),
+            (domain("acme"), None, NotFound),
+            (domain("cme.com"), None, NotFound),
+            (name("acme corp"), None, Account("acme.com", "ACTIVE")),
+            (name(" ACME CORP "), None, Account("acme.com", "ACTIVE")),
+            (name("Acme"), None, NotFound),
+            (email("IT@acme.com"), None, Account("acme.com", "ACTIVE")),
+            (email("it@acme.co"), None, NotFound),
             (
                 domain("globex-holding.com"),
                 Some(AccountType::Holding),
-                Some(("globex-holding.com", "ACTIVE")),
+                Account("globex-holding.com", "ACTIVE"),
             ),
-            (domain("twin.com"), None, Some(("twin.com", "ACTIVE"))),
+            // One ACTIVE and one PENDING record: the ACTIVE one.
+            (domain("twin.com"), None, Account("twin.com", "ACTIVE")),
+            // Two ACTIVE exact matches: never the first of them.
+            (
+                name("shared"),
+                None,
+                ambiguous(
+                    "2 ACTIVE accounts match name \"shared\" exactly: SA-shared.com shared.com (Shared), SA-shared-eu.com",
+                ),
+            ),
+            (
+                email("it@shared.com"),
+                Some(AccountType::Customer),
+                ambiguous("SA-shared-eu.com"),
+            ),
+            (domain("dotted.com"), None, ambiguous("SA-Dotted.COM.")),
+            (name("both kinds"), None, ambiguous("holder-h.com")),
+            (
+                name("both kinds"),
+                Some(AccountType::Holding),
+                Account("holder-h.com", "ACTIVE"),
+            ),
+            // The same record twice is one account.
+            (domain("dup.com"), None, Account("dup.com", "ACTIVE")),
+            // None ACTIVE: one of them, which the engine will not assign.
+            (
+                name("pending twins"),
+                None,
+                Account("pending-a.com", "PENDING"),
+            ),
+            // An exact match that does not say what decides.
+            (domain("nostatus.com"), None, unreadable("has no status")),
+            (
+                domain("notype.com"),
+                Some(AccountType::Customer),
+                unreadable("has no type"),
+            ),
+            (domain("notype.com"), None, Account("notype.com", "ACTIVE")),
+            (name("no domain"), None, unreadable("has no domain")),
+            // ... but a record that is not an exact match does not matter.
+            (name("no"), None, NotFound),
         ];
+        let mut all = accounts();
+        all.append(&mut extra);
         for (selector, account_type, want) in cases {
-            let got = select_exact(accounts(), &selector, account_type);
-            let got = got.as_ref().map(|a| (a.domain.as_str(), a.status.as_str()));
-            assert_eq!(got, want, "{selector} {account_type:?}");
+            check(
+                &format!("{selector} {account_type:?}"),
+                select_exact(all.clone(), &selector, account_type),
+                |a| (a.domain.clone(), a.status.as_str().to_owned()),
+                &want,
+            );
+        }
+    }
+
+    #[test]
+    fn web_order_selection_table() {
+        use Want::{Error, Found};
+        let order = |so: Option<&str>, web: Option<serde_json::Value>, holds: bool| {
+            let mut v = serde_json::json!({"status": "BOOKED"});
+            if let Some(so) = so {
+                v["salesOrderNumber"] = so.into();
+            }
+            if let Some(web) = web {
+                v["webOrderId"] = web;
+            }
+            if holds {
+                v["holds"] =
+                    serde_json::json!([{"code": "SMART_ACCOUNT_HOLD", "releasedAt": null}]);
+            }
+            serde_json::from_value::<WireOrder>(v).unwrap()
+        };
+        let w = |s: &str| Some(serde_json::Value::String(s.into()));
+        let list = || {
+            vec![
+                order(Some("100"), w("98765432"), true),
+                order(Some("101"), w("198765432"), true),
+                order(Some("102"), Some(serde_json::json!(55501)), true),
+                order(Some("103"), w("TWIN"), true),
+                order(Some("104"), w("TWIN"), true),
+                order(Some("105"), w("SAME"), true),
+                order(Some("105"), w("SAME"), true),
+                order(Some("106"), w("BARE"), false),
+                order(None, w("NONUMBER"), true),
+                order(Some("107"), None, true),
+            ]
+        };
+        let not_found = |needle| Error(Some(ErrorCode::OrderNotFound), needle);
+        let cases: Vec<(&str, Vec<WireOrder>, Want)> = vec![
+            ("98765432", list(), Found("100", "BOOKED")),
+            ("198765432", list(), Found("101", "BOOKED")),
+            ("55501", list(), Found("102", "BOOKED")),
+            // Only inside other orders' web order ids: never one of them.
+            (
+                "8765432",
+                list(),
+                not_found("answered 10 order(s) whose web order id only contains it"),
+            ),
+            (
+                "9876543",
+                vec![order(Some("100"), w("98765432"), true)],
+                not_found("only contains it"),
+            ),
+            ("twin", list(), not_found("")),
+            ("1", vec![], not_found("no order with web order id 1")),
+            (
+                "TWIN",
+                list(),
+                Error(
+                    Some(ErrorCode::AmbiguousMatch),
+                    "2 orders have web order id TWIN: sales orders 103, 104",
+                ),
+            ),
+            ("SAME", list(), Found("105", "BOOKED")),
+            ("BARE", list(), Error(None, "no holds")),
+            ("NONUMBER", list(), Error(None, "has no salesOrderNumber")),
+        ];
+        for (web, orders, want) in cases {
+            check(
+                web,
+                select_order(orders, &WebOrderId::parse(web).unwrap()).map(Some),
+                |o| (o.sales_order_number.to_string(), o.status.clone()),
+                &want,
+            );
         }
     }
 

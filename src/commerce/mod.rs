@@ -45,6 +45,10 @@ pub enum ErrorCode {
     VirtualAccountNotFound,
     /// The token endpoint refused the client credentials (`invalid_client`).
     InvalidCredentials,
+    /// More than one ACTIVE account matches the query exactly, or more than
+    /// one order carries the web order id exactly; the error's detail lists
+    /// the candidates. The client never picks one of them.
+    AmbiguousMatch,
     /// Any other permanent answer, with the code the server gave (or the HTTP status).
     Other(String),
 }
@@ -77,6 +81,7 @@ impl ErrorCode {
             Self::SmartAccountNotActive => "SMART_ACCOUNT_NOT_ACTIVE",
             Self::VirtualAccountNotFound => "VIRTUAL_ACCOUNT_NOT_FOUND",
             Self::InvalidCredentials => "INVALID_CREDENTIALS",
+            Self::AmbiguousMatch => "AMBIGUOUS_MATCH",
             Self::Other(code) => code,
         }
     }
@@ -99,7 +104,8 @@ pub enum CommerceError {
         /// One line for the history; never a secret.
         detail: String,
     },
-    /// Never worth retrying as it is.
+    /// Never worth retrying as it is (a refusal, or an answer that names no
+    /// single order or account).
     #[error("commerce API refused: {code}: {detail}")]
     Permanent {
         /// The contract's code.
@@ -120,7 +126,7 @@ pub struct SmartAccount {
     pub name: String,
     /// `CUSTOMER` or `HOLDING` as the server spells it.
     pub account_type: String,
-    /// Activation state.
+    /// Activation state (the client refuses an answer without one).
     pub status: AccountStatus,
 }
 
@@ -200,16 +206,22 @@ pub struct Hold {
 /// The code of the hold this service clears.
 pub const SMART_ACCOUNT_HOLD: &str = "SMART_ACCOUNT_HOLD";
 
-/// An order as the commerce API shows it.
+/// The order statuses of the contract; the client refuses any other.
+pub const ORDER_STATUSES: [&str; 5] = ["ENTERED", "BOOKED", "SHIPPED", "CLOSED", "CANCELLED"];
+
+/// An order as the commerce API shows it. The client builds one only from
+/// an answer that says whether the Smart Account hold is on: `holds`
+/// present (an answer without it, or with `holds: null`, is a transient
+/// unreadable answer), a known `status`.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Order {
     /// Sales order number (needed to assign).
     pub sales_order_number: SalesOrderNumber,
     /// Web order id, if any.
     pub web_order_id: Option<String>,
-    /// `ENTERED`, `BOOKED`, `SHIPPED`, `CLOSED`, `CANCELLED`.
+    /// One of [`ORDER_STATUSES`].
     pub status: String,
-    /// All holds, released or not.
+    /// All holds, released or not, as the answer listed them.
     pub holds: Vec<Hold>,
     /// Domain of the assigned Smart Account, if any.
     pub smart_account_domain: Option<String>,
@@ -220,7 +232,8 @@ pub struct Order {
 }
 
 impl Order {
-    /// True when no `SMART_ACCOUNT_HOLD` is still on.
+    /// True when no `SMART_ACCOUNT_HOLD` is still on (the answer listed the
+    /// holds: see [`Order`]).
     pub fn smart_account_hold_released(&self) -> bool {
         !self
             .holds
@@ -261,7 +274,8 @@ pub struct Assignment {
     pub virtual_account_name: String,
 }
 
-/// The server's answer to an accepted assignment (202).
+/// The server's answer to an accepted assignment (202); the client
+/// refuses one without `assignmentId` or `status` as unreadable.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct AssignmentReceipt {
     /// `ASG-5521`.
@@ -275,6 +289,8 @@ pub struct AssignmentReceipt {
 pub trait CommerceApi: Send + Sync {
     /// The account that matches `selector` exactly (case-insensitively),
     /// optionally of one type; `Ok(None)` when no account matches exactly.
+    /// Several exact matches: the one ACTIVE among them, or
+    /// [`ErrorCode::AmbiguousMatch`] when more than one is ACTIVE.
     async fn find_account(
         &self,
         selector: &AccountSelector,
@@ -285,7 +301,9 @@ pub trait CommerceApi: Send + Sync {
     async fn virtual_accounts(&self, domain: &Domain)
     -> Result<Vec<VirtualAccount>, CommerceError>;
 
-    /// Reads an order by sales order number, else by web order id.
+    /// Reads an order by sales order number, else by web order id: only
+    /// an order whose web order id equals it exactly is the order (none:
+    /// `ORDER_NOT_FOUND`; several: [`ErrorCode::AmbiguousMatch`]).
     async fn order(&self, order: &OrderId) -> Result<Order, CommerceError>;
 
     /// Assigns a Smart Account; the same `idempotency_key` must be sent for

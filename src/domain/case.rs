@@ -4,8 +4,8 @@ use std::fmt;
 
 use serde::{Deserialize, Serialize};
 
-/// Where a case stands. `Released` and `Escalated` are terminal; a case that
-/// escalated with `HOLD_PERSISTS` stays `Watching`.
+/// Where a case stands. `Released`, `Escalated` and `Merged` are terminal; a
+/// case that escalated with `HOLD_PERSISTS` stays `Watching`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum CaseState {
@@ -21,17 +21,21 @@ pub enum CaseState {
     Released,
     /// A person must act (terminal).
     Escalated,
+    /// The order turned out to have another open case (it was first known by
+    /// another id); this one was joined into it and ends here (terminal).
+    Merged,
 }
 
 impl CaseState {
     /// Every state, in the order a case moves through them.
-    pub const ALL: [Self; 6] = [
+    pub const ALL: [Self; 7] = [
         Self::Deciding,
         Self::Resolving,
         Self::Assigning,
         Self::Watching,
         Self::Released,
         Self::Escalated,
+        Self::Merged,
     ];
 
     /// The stored spelling.
@@ -43,6 +47,7 @@ impl CaseState {
             Self::Watching => "watching",
             Self::Released => "released",
             Self::Escalated => "escalated",
+            Self::Merged => "merged",
         }
     }
 
@@ -53,7 +58,7 @@ impl CaseState {
 
     /// No more steps.
     pub fn is_terminal(self) -> bool {
-        matches!(self, Self::Released | Self::Escalated)
+        matches!(self, Self::Released | Self::Escalated | Self::Merged)
     }
 }
 
@@ -122,11 +127,13 @@ pub enum EscalationReason {
     RetriesExhausted,
     /// Assigned to an ACTIVE account, hold still on after the configured time.
     HoldPersists,
+    /// More than one ACTIVE account (or order, for a web order id) matches exactly.
+    AmbiguousMatch,
 }
 
 impl EscalationReason {
     /// Every reason, for metrics and docs.
-    pub const ALL: [Self; 9] = [
+    pub const ALL: [Self; 10] = [
         Self::NoRuleMatched,
         Self::SmartAccountNotFound,
         Self::SmartAccountNotActive,
@@ -136,6 +143,7 @@ impl EscalationReason {
         Self::AssignmentRejected,
         Self::RetriesExhausted,
         Self::HoldPersists,
+        Self::AmbiguousMatch,
     ];
 
     /// The contract's code.
@@ -150,6 +158,7 @@ impl EscalationReason {
             Self::AssignmentRejected => "ASSIGNMENT_REJECTED",
             Self::RetriesExhausted => "RETRIES_EXHAUSTED",
             Self::HoldPersists => "HOLD_PERSISTS",
+            Self::AmbiguousMatch => "AMBIGUOUS_MATCH",
         }
     }
 
@@ -186,6 +195,9 @@ impl EscalationReason {
             Self::HoldPersists => {
                 "Open a licensing support case (SCM): the hold stayed on after a valid assignment."
             }
+            Self::AmbiguousMatch => {
+                "Pick the right account (or order) from the detail and assign it by hand; make the rule more specific."
+            }
         }
     }
 }
@@ -193,5 +205,27 @@ impl EscalationReason {
 impl fmt::Display for EscalationReason {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(self.as_str())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_reason_reads_back_and_tells_the_operator_what_to_do() {
+        for reason in EscalationReason::ALL {
+            assert_eq!(EscalationReason::parse(reason.as_str()), Some(reason));
+            assert_eq!(
+                serde_json::to_value(reason).unwrap(),
+                serde_json::json!(reason.as_str())
+            );
+            let action = reason.action();
+            assert!(action.ends_with('.'), "{reason}: {action}");
+        }
+        assert_eq!(
+            EscalationReason::parse("AMBIGUOUS_MATCH"),
+            Some(EscalationReason::AmbiguousMatch)
+        );
     }
 }

@@ -343,6 +343,12 @@ pub enum Resolution {
 /// How one step ended.
 #[derive(Clone, Debug, PartialEq)]
 pub enum Outcome {
+    /// The order, known by its web order id only, was read: its sales order
+    /// number is known (and recorded by the scheduler before this applies).
+    Identified {
+        /// The order's sales order number.
+        sales_order_number: SalesOrderNumber,
+    },
     /// A rule matched.
     Decided(Decision),
     /// The account, type and Virtual Account are known.
@@ -388,6 +394,7 @@ impl Outcome {
     /// A short name for logs and metrics.
     pub fn name(&self) -> &'static str {
         match self {
+            Self::Identified { .. } => "identified",
             Self::Decided(_) => "decided",
             Self::Resolved(_) => "resolved",
             Self::Assigned(_) => "assigned",
@@ -497,6 +504,7 @@ fn classify(call: &'static str, err: &CommerceError) -> Failure {
                 ErrorCode::SmartAccountNotFound => EscalationReason::SmartAccountNotFound,
                 ErrorCode::SmartAccountNotActive => EscalationReason::SmartAccountNotActive,
                 ErrorCode::VirtualAccountNotFound => EscalationReason::VirtualAccountNotFound,
+                ErrorCode::AmbiguousMatch => EscalationReason::AmbiguousMatch,
                 ErrorCode::TncError | ErrorCode::BizRuleFail | ErrorCode::Other(_) => {
                     EscalationReason::AssignmentRejected
                 }
@@ -552,11 +560,30 @@ pub fn plan(case: &Case, replies: &[Reply]) -> Next {
         CaseState::Resolving => plan_resolve(case, replies),
         CaseState::Assigning => plan_assign(case, replies),
         CaseState::Watching => plan_watch(case, replies),
-        CaseState::Released | CaseState::Escalated => Next::Stop,
+        CaseState::Released | CaseState::Escalated | CaseState::Merged => Next::Stop,
+    }
+}
+
+/// A case opened by a web order id reads its order first: every later step,
+/// event and merge then knows the sales order number (see
+/// `Store::identify_order`).
+fn plan_identify(case: &Case, replies: &[Reply]) -> Next {
+    match replies.first() {
+        None => Next::Call(Call::ReadOrder {
+            order: case.order.clone(),
+        }),
+        Some(Reply::Order(Ok(order))) => Next::Done(Outcome::Identified {
+            sales_order_number: order.sales_order_number.clone(),
+        }),
+        Some(Reply::Order(Err(e))) => failed("read_order", e),
+        Some(other) => mismatch("read_order", other),
     }
 }
 
 fn plan_decide(case: &Case, replies: &[Reply]) -> Next {
+    if case.order.sales_order_number.is_none() {
+        return plan_identify(case, replies);
+    }
     let order = &case.event.data;
     if let Some(t) = order
         .order_type
@@ -825,6 +852,13 @@ pub fn apply(
     };
 
     match outcome {
+        Outcome::Identified { sales_order_number } => {
+            if case.state != S::Deciding || case.order.sales_order_number.is_some() {
+                return Err(unexpected(&Outcome::Identified { sales_order_number }));
+            }
+            next.order.sales_order_number = Some(sales_order_number);
+            next.next_action_at = Some(now);
+        }
         Outcome::Decided(decision) => {
             if case.state != S::Deciding {
                 return Err(unexpected(&Outcome::Decided(decision)));

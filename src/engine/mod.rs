@@ -90,7 +90,11 @@ pub async fn retry_case(
         .await?
         .ok_or_else(|| EngineError::NoCase(order.to_owned()))?;
     if let Some(open) = store
-        .other_open_case(&record.order_key, record.case.id)
+        .other_open_case(
+            &record.order_key,
+            record.case.order.web_order_id.as_ref().map(|w| w.as_str()),
+            record.case.id,
+        )
         .await?
     {
         return Err(EngineError::OtherOpen {

@@ -37,14 +37,14 @@ use super::DecisionSource;
 use super::machine::{
     self, Call, Case, HistoryEntry, MAX_CALLS_PER_STEP, Next, Outcome, Reply, Transition,
 };
-use crate::commerce::{CommerceApi, CommerceError};
+use crate::commerce::{CommerceApi, CommerceError, ErrorCode};
 use crate::config::EngineSettings;
 use crate::domain::CaseState;
 use crate::ops::health::panic_message;
 use crate::ops::identity::WorkerIdentity;
 use crate::outbox::{Envelope, OutboundEvent};
 use crate::retry::Reconnect;
-use crate::store::{Claimed, StepCommit, Store, StoreError};
+use crate::store::{Claimed, Identity, StepCommit, Store, StoreError};
 
 /// Steps one claim may run back-to-back before giving the case back.
 const MAX_STEPS_PER_CLAIM: usize = 8;
@@ -504,6 +504,10 @@ async fn steps(
                         let mut entry = machine::call_entry(case.state, &call, &reply, at, took);
                         entry.detail["worker"] = json!(owner);
                         history.push(entry);
+                        let reply = match identify(inner, owner, &case, reply).await {
+                            Some(reply) => reply,
+                            None => return None,
+                        };
                         replies.push(reply);
                         calling = "step";
                         if replies.len() > MAX_CALLS_PER_STEP {
@@ -620,6 +624,47 @@ fn panicked(case: &Case, call: &'static str, panic: &(dyn std::any::Any + Send))
         call,
         retry_after: None,
         detail,
+    }
+}
+
+/// An order read that names the sales order number of a case which did not
+/// know it (the case was opened by a web order id) is recorded before the
+/// step goes on, so that the order has one case whatever id named it: the
+/// case either holds the number now, or it was merged into the order's case
+/// and this step ends (`None`). Any other reply passes through.
+async fn identify(inner: &Inner, owner: &str, case: &Case, reply: Reply) -> Option<Reply> {
+    let Reply::Order(Ok(order)) = &reply else {
+        return Some(reply);
+    };
+    if case.order.sales_order_number.is_some() {
+        return Some(reply);
+    }
+    let so = order.sales_order_number.clone();
+    match inner.store.identify_order(case.id, owner, &so).await {
+        Ok(Identity::Recorded) => Some(reply),
+        Ok(Identity::Merged { into }) => {
+            tracing::info!(
+                sales_order_number = %so,
+                into = %into,
+                "The order already has a case (it was first known by another id); this case joined it."
+            );
+            metrics::counter!("holdclear_cases_merged_total").increment(1);
+            None
+        }
+        Ok(Identity::Conflicting { known }) => Some(Reply::Order(Err(CommerceError::Permanent {
+            code: ErrorCode::AmbiguousMatch,
+            detail: format!(
+                "the order read by web order id is sales order {so}, but the case knows it as sales order {known}"
+            ),
+        }))),
+        Ok(Identity::LeaseLost) => {
+            tracing::warn!(lease_owner = %owner, "Lease lost before the order's identity was recorded; the step is abandoned.");
+            None
+        }
+        Err(e) => {
+            tracing::warn!(error = %e, "Cannot record the order's sales order number; the case resumes when its lease runs out.");
+            None
+        }
     }
 }
 
@@ -791,6 +836,9 @@ fn report(before: CaseState, outcome: &Outcome, t: &Transition) {
     let order = case.subject();
     let rule = case.rule().unwrap_or("-");
     match outcome {
+        Outcome::Identified { sales_order_number } => {
+            tracing::info!(order = %order, sales_order_number = %sales_order_number, "Order identified by its web order id.");
+        }
         Outcome::Decided(d) => {
             tracing::info!(order = %order, rule = %d.rule, "Rule decided.");
         }

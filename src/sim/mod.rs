@@ -23,8 +23,8 @@ pub mod scenario;
 mod world;
 
 pub use scenario::{
-    AccountSpec, Behaviour, EndpointFaults, Faults, Forced, OrderDefaults, OrderSpec, Scenario,
-    SimEndpoint, VirtualAccountSpec,
+    AccountSpec, Behaviour, EndpointFaults, Faults, Forced, HoldsField, OrderDefaults, OrderSpec,
+    Scenario, SimEndpoint, VirtualAccountSpec,
 };
 pub use world::SimStats;
 

@@ -197,12 +197,17 @@ async fn handle(
             )
         } else {
             match world.decide(endpoint, roll) {
-                Decision::Pass => Outcome::Answer(act(&mut world), None),
+                Decision::Pass => {
+                    let mut reply = act(&mut world);
+                    reply.body = world.extended(reply.body);
+                    Outcome::Answer(reply, None)
+                }
                 Decision::ServerError => Outcome::Answer(
                     Reply::error(503, "CISCO_ERROR", "the service is temporarily unavailable"),
                     None,
                 ),
                 Decision::BareServerError => Outcome::Bare(502, "Bad Gateway"),
+                Decision::EmptyServerError => Outcome::Bare(503, ""),
                 Decision::Timeout(hang) => Outcome::Hang(hang),
                 Decision::LostResponse => {
                     let _ = act(&mut world);
@@ -263,8 +268,12 @@ fn reply(r: Reply, retry_after: Option<u64>) -> Response {
     response
 }
 
+/// A proxy's answer: plain text, or no body at all when `text` is empty.
 fn bare(status: u16, text: &'static str) -> Response {
     let status = StatusCode::from_u16(status).unwrap_or(StatusCode::BAD_GATEWAY);
+    if text.is_empty() {
+        return status.into_response();
+    }
     (status, [(header::CONTENT_TYPE, "text/plain")], text).into_response()
 }
 

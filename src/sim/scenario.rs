@@ -31,6 +31,12 @@ pub struct Scenario {
     /// Lifetime of issued tokens (`expires_in`, rounded up to whole seconds).
     #[serde(with = "duration_text")]
     pub token_ttl: Duration,
+    /// Token answers leave out `expires_in` (the token still expires after
+    /// `token_ttl`).
+    pub omit_expires_in: bool,
+    /// Every answer carries fields the contract does not name (the client
+    /// must ignore them).
+    pub extra_fields: bool,
     /// Server-side limit of API calls per second (token requests excluded);
     /// beyond it, 429 with `Retry-After: 1`. `None`: no limit.
     pub rate_limit: Option<f64>,
@@ -53,6 +59,8 @@ impl Default for Scenario {
             client_id: DEMO_CLIENT_ID.to_owned(),
             client_secret: DEMO_CLIENT_SECRET.to_owned(),
             token_ttl: Duration::from_secs(3600),
+            omit_expires_in: false,
+            extra_fields: false,
             rate_limit: None,
             defaults: OrderDefaults::default(),
             accounts: Vec::new(),
@@ -68,6 +76,8 @@ impl fmt::Debug for Scenario {
             .field("client_id", &self.client_id)
             .field("client_secret", &"[redacted]")
             .field("token_ttl", &self.token_ttl)
+            .field("omit_expires_in", &self.omit_expires_in)
+            .field("extra_fields", &self.extra_fields)
             .field("rate_limit", &self.rate_limit)
             .field("defaults", &self.defaults)
             .field("accounts", &self.accounts)
@@ -89,6 +99,8 @@ pub struct OrderDefaults {
     pub order_type: String,
     /// Hold codes applied to a created order.
     pub holds: Vec<String>,
+    /// How a created order's answers show `holds`.
+    pub holds_field: HoldsField,
     /// Behaviour of a created order.
     pub behaviour: Behaviour,
     /// Reads of the order after an accepted assignment until the Smart
@@ -108,6 +120,7 @@ impl Default for OrderDefaults {
             status: "BOOKED".into(),
             order_type: "STANDARD".into(),
             holds: vec!["SMART_ACCOUNT_HOLD".into()],
+            holds_field: HoldsField::Listed,
             behaviour: Behaviour::Normal,
             release_after_reads: 1,
             release_after: Duration::ZERO,
@@ -137,6 +150,20 @@ pub enum Behaviour {
     Locked,
 }
 
+/// How an order's answers show its `holds`. Without the list an answer says
+/// nothing about the hold: the client must not take it for a release.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum HoldsField {
+    /// `"holds": [...]`, as the contract shows it.
+    #[default]
+    Listed,
+    /// No `holds` field at all.
+    Missing,
+    /// `"holds": null`.
+    Null,
+}
+
 /// A Smart Account.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -144,11 +171,13 @@ pub struct AccountSpec {
     /// `SA-…`; generated when left out.
     #[serde(default)]
     pub id: Option<String>,
-    /// The account's domain (unique in a scenario).
+    /// The account's domain (unique in a scenario: the Virtual Account and
+    /// assignment calls name an account by it).
     pub domain: String,
-    /// The account's name.
+    /// The account's name; several accounts may share one (a search by
+    /// that name then finds each of them exactly).
     pub name: String,
-    /// The account's e-mail, searchable with `?email=`.
+    /// The account's e-mail, searchable with `?email=`; may be shared too.
     #[serde(default)]
     pub email: Option<String>,
     /// `CUSTOMER` or `HOLDING`.
@@ -197,7 +226,9 @@ pub struct VirtualAccountSpec {
 pub struct OrderSpec {
     /// Sales order number (unique in a scenario).
     pub sales_order_number: String,
-    /// Web order id, readable with `?webOrderId=`.
+    /// Web order id, readable with `?webOrderId=` (which also answers every
+    /// order whose web order id merely contains the value). Two orders may
+    /// carry the same one: the lookup is then ambiguous.
     pub web_order_id: Option<String>,
     /// Purchase order number.
     pub purchase_order_number: Option<String>,
@@ -207,6 +238,8 @@ pub struct OrderSpec {
     pub order_type: Option<String>,
     /// Hold codes on the order; the defaults' when left out.
     pub holds: Option<Vec<String>>,
+    /// How its answers show `holds`; the defaults' when left out.
+    pub holds_field: Option<HoldsField>,
     /// Domain of a Smart Account already on the order (e.g. a PENDING one).
     pub smart_account: Option<String>,
     /// Virtual Account already on the order.
@@ -362,6 +395,8 @@ pub enum Forced {
     ServerError,
     /// 502 with a plain-text body, as a proxy sends it.
     BareServerError,
+    /// 503 without any body.
+    EmptyServerError,
     /// Hang for `hang`, then 504.
     Timeout,
     /// Take effect, then answer 502 (the answer was lost).
@@ -442,7 +477,6 @@ impl Scenario {
             }
         }
         let mut numbers = HashSet::new();
-        let mut web_ids = HashSet::new();
         for (i, o) in self.orders.iter().enumerate() {
             let at = format!("orders[{i}] ({})", o.sales_order_number);
             SalesOrderNumber::parse(&o.sales_order_number)
@@ -452,9 +486,6 @@ impl Scenario {
             }
             if let Some(web) = &o.web_order_id {
                 WebOrderId::parse(web).map_err(|e| format!("{at}.web_order_id: {e}"))?;
-                if !web_ids.insert(web.clone()) {
-                    return Err(format!("{at}.web_order_id: listed twice"));
-                }
             }
             if let Some(d) = &o.smart_account {
                 Domain::parse(d).map_err(|e| format!("{at}.smart_account: {e}"))?;

@@ -10,14 +10,14 @@ use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 
 use super::scenario::{
-    AccountSpec, Behaviour, EndpointFaults, Forced, OrderSpec, Scenario, SimEndpoint,
+    AccountSpec, Behaviour, EndpointFaults, Forced, HoldsField, OrderSpec, Scenario, SimEndpoint,
 };
 
 /// Most live tokens kept; expired ones are dropped first.
 const MAX_TOKENS: usize = 10_000;
 /// Most idempotency records kept (oldest dropped first).
 const MAX_IDEMPOTENCY_RECORDS: usize = 1_000_000;
-/// Most accounts one search answers with.
+/// Most accounts (or orders) one search answers with.
 const MAX_SEARCH_RESULTS: usize = 100;
 
 /// A status and a JSON body.
@@ -118,6 +118,7 @@ struct SimOrder {
     status: String,
     order_type: String,
     holds: Vec<Hold>,
+    holds_field: HoldsField,
     smart_account: Option<OrderAccount>,
     virtual_account: Option<String>,
     behaviour: Behaviour,
@@ -148,6 +149,8 @@ pub(crate) enum Decision {
     ServerError,
     /// 502 text.
     BareServerError,
+    /// 503 without a body.
+    EmptyServerError,
     /// Hang, then 504.
     Timeout(Duration),
     /// Take effect, then 502.
@@ -163,7 +166,8 @@ pub(crate) struct World {
     scenario: Scenario,
     accounts: Vec<AccountSpec>,
     orders: HashMap<String, SimOrder>,
-    by_web_id: HashMap<String, String>,
+    /// Web order id → the sales order numbers carrying it, in creation order.
+    by_web_id: BTreeMap<String, Vec<String>>,
     tokens: HashMap<String, Instant>,
     idempotency: HashMap<(String, String), Stored>,
     idempotency_order: VecDeque<(String, String)>,
@@ -186,7 +190,7 @@ impl World {
         let mut world = Self {
             accounts,
             orders: HashMap::new(),
-            by_web_id: HashMap::new(),
+            by_web_id: BTreeMap::new(),
             tokens: HashMap::new(),
             idempotency: HashMap::new(),
             idempotency_order: VecDeque::new(),
@@ -282,6 +286,7 @@ impl World {
                 Forced::Pass => Decision::Pass,
                 Forced::ServerError => Decision::ServerError,
                 Forced::BareServerError => Decision::BareServerError,
+                Forced::EmptyServerError => Decision::EmptyServerError,
                 Forced::Timeout => Decision::Timeout(k.hang),
                 Forced::LostResponse => Decision::LostResponse,
                 Forced::TooManyRequests => Decision::TooManyRequests(k.retry_after_secs),
@@ -338,10 +343,11 @@ impl World {
         let ttl = self.scenario.token_ttl;
         self.tokens.insert(token.clone(), now + ttl);
         self.stats.tokens_issued += 1;
-        Reply::ok(
-            200,
-            json!({"access_token": token, "token_type": "Bearer", "expires_in": ceil_secs(ttl)}),
-        )
+        let mut body = json!({"access_token": token, "token_type": "Bearer"});
+        if !self.scenario.omit_expires_in {
+            body["expires_in"] = ceil_secs(ttl).into();
+        }
+        Reply::ok(200, body)
     }
 
     /// Whether `Authorization: Bearer <token>` names a live token.
@@ -397,7 +403,7 @@ impl World {
             })
             .filter(|a| wanted_type.as_deref().is_none_or(|t| a.account_type == t))
             .take(MAX_SEARCH_RESULTS)
-            .map(account_json)
+            .map(|a| self.extended(account_json(a)))
             .collect();
         Reply::ok(
             200,
@@ -418,12 +424,12 @@ impl World {
             .virtual_accounts
             .iter()
             .map(|va| {
-                json!({
+                self.extended(json!({
                     "name": va.name,
                     "description": va.description,
                     "isDefault": if va.is_default { "true" } else { "false" },
                     "commerceAccessLevel": va.commerce_access_level,
-                })
+                }))
             })
             .collect();
         Reply::ok(
@@ -455,33 +461,49 @@ impl World {
         }
     }
 
-    /// `GET /commerce/v1/orders?webOrderId=`: `{"orders": [...]}`, empty when unknown.
+    /// `GET /commerce/v1/orders?webOrderId=`: `{"orders": [...]}`, every
+    /// order whose web order id *contains* the value (case-insensitively),
+    /// as Cisco's search does; empty when none. An unknown web order id is
+    /// first created on the fly (as `SO-<id>`) when the defaults allow it.
+    /// The reads of the exact matches count (they may release the hold).
     pub(crate) fn read_orders_by_web_id(&mut self, web_order_id: Option<&str>) -> Reply {
         let Some(web) = web_order_id.map(str::trim).filter(|w| !w.is_empty()) else {
             return Reply::error(400, "BIZ_RULE_FAIL_ERROR", "webOrderId is required");
         };
-        let number = match self.by_web_id.get(web) {
-            Some(n) => n.clone(),
-            None => {
-                let number = format!("SO-{web}");
-                if self.order_creatable(&number) && crate::domain::WebOrderId::parse(web).is_ok() {
-                    let mut order = self.order_from_defaults(&number);
-                    order.web_order_id = Some(web.to_owned());
-                    self.insert_order(order);
-                    number
-                } else {
-                    return Reply::ok(200, json!({"orders": []}));
-                }
-            }
-        };
-        match self.orders.get(&number).map(|o| o.behaviour) {
-            Some(Behaviour::NotFound) | None => Reply::ok(200, json!({"orders": []})),
-            Some(Behaviour::AccessDenied) => access_denied(&number),
-            Some(_) => {
-                self.count_read(&number);
-                Reply::ok(200, json!({"orders": [self.order_json(&number)]}))
+        if !self.by_web_id.contains_key(web) {
+            let number = format!("SO-{web}");
+            if self.order_creatable(&number) && crate::domain::WebOrderId::parse(web).is_ok() {
+                let mut order = self.order_from_defaults(&number);
+                order.web_order_id = Some(web.to_owned());
+                self.insert_order(order);
             }
         }
+        let exact = self.by_web_id.get(web).cloned().unwrap_or_default();
+        if let Some(denied) = exact.iter().find(|n| {
+            self.orders
+                .get(n.as_str())
+                .is_some_and(|o| o.behaviour == Behaviour::AccessDenied)
+        }) {
+            return access_denied(denied);
+        }
+        let needle = web.to_lowercase();
+        let found: Vec<String> = self
+            .by_web_id
+            .iter()
+            .filter(|(w, _)| w.to_lowercase().contains(&needle))
+            .flat_map(|(_, numbers)| numbers.iter().cloned())
+            .filter(|n| {
+                self.orders.get(n).is_some_and(|o| {
+                    !matches!(o.behaviour, Behaviour::NotFound | Behaviour::AccessDenied)
+                })
+            })
+            .take(MAX_SEARCH_RESULTS)
+            .collect();
+        for number in exact.iter().filter(|n| found.contains(n)) {
+            self.count_read(number);
+        }
+        let orders: Vec<Value> = found.iter().map(|n| self.order_json(n)).collect();
+        Reply::ok(200, json!({"orders": orders}))
     }
 
     /// The order as JSON without counting a read (`GET /_sim/orders/{n}`).
@@ -702,7 +724,9 @@ impl World {
     fn insert_order(&mut self, order: SimOrder) {
         if let Some(web) = &order.web_order_id {
             self.by_web_id
-                .insert(web.clone(), order.sales_order_number.clone());
+                .entry(web.clone())
+                .or_default()
+                .push(order.sales_order_number.clone());
         }
         self.orders.insert(order.sales_order_number.clone(), order);
         self.stats.orders = self.orders.len() as u64;
@@ -755,6 +779,7 @@ impl World {
                     released_at: None,
                 })
                 .collect(),
+            holds_field: spec.holds_field.unwrap_or(d.holds_field),
             smart_account,
             virtual_account: spec.virtual_account.clone(),
             behaviour: spec.behaviour.unwrap_or(d.behaviour),
@@ -772,12 +797,12 @@ impl World {
             .holds
             .iter()
             .map(|h| {
-                json!({
+                self.extended(json!({
                     "code": h.code,
                     "description": hold_description(&h.code),
                     "appliedAt": timestamp(h.applied_at),
                     "releasedAt": h.released_at.map(timestamp),
-                })
+                }))
             })
             .collect();
         let smart_account = o.smart_account.as_ref().map(|sa| {
@@ -785,18 +810,38 @@ impl World {
             let status = self
                 .account(&sa.domain)
                 .map_or(sa.status.as_str(), |a| a.status.as_str());
-            json!({"domain": sa.domain, "name": sa.name, "status": status})
+            self.extended(json!({"domain": sa.domain, "name": sa.name, "status": status}))
         });
-        json!({
+        let mut order = json!({
             "salesOrderNumber": o.sales_order_number,
             "webOrderId": o.web_order_id,
             "purchaseOrderNumber": o.purchase_order_number,
             "status": o.status,
             "orderType": o.order_type,
-            "holds": holds,
             "smartAccount": smart_account,
             "virtualAccount": o.virtual_account.as_ref().map(|name| json!({"name": name})),
-        })
+        });
+        match o.holds_field {
+            HoldsField::Listed => order["holds"] = holds.into(),
+            HoldsField::Null => order["holds"] = Value::Null,
+            HoldsField::Missing => {}
+        }
+        self.extended(order)
+    }
+
+    /// `object` with fields the contract does not name, when the scenario
+    /// asks for them.
+    pub(crate) fn extended(&self, mut object: Value) -> Value {
+        if self.scenario.extra_fields
+            && let Value::Object(fields) = &mut object
+        {
+            fields.insert("lastUpdatedBy".into(), "holdclear-sim".into());
+            fields.insert(
+                "extension".into(),
+                json!({"region": "EMEA", "flags": [1, 2], "note": null}),
+            );
+        }
+        object
     }
 }
 
@@ -1120,6 +1165,77 @@ mod tests {
         typed.insert("type".into(), "holding".into());
         assert_eq!(domains(w.search(&typed)), ["globex-holding.com"]);
         assert_eq!(w.search(&HashMap::new()).status, 400);
+    }
+
+    #[test]
+    fn the_web_order_search_is_by_substring_and_creates_only_exact_ids() {
+        let mut w = world();
+        let numbers = |r: Reply| -> Vec<String> {
+            r.body["orders"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|o| o["salesOrderNumber"].as_str().unwrap().to_owned())
+                .collect()
+        };
+        assert_eq!(
+            numbers(w.read_orders_by_web_id(Some("98765432"))),
+            ["104233871"]
+        );
+        // Created on the fly as SO-9876543, then every order containing it.
+        assert_eq!(
+            numbers(w.read_orders_by_web_id(Some("9876543"))),
+            ["SO-9876543", "104233871", "104233872"]
+        );
+        // The not-found order (98765475) is never listed.
+        assert_eq!(
+            numbers(w.read_orders_by_web_id(Some("987654"))),
+            ["SO-987654", "SO-9876543", "104233871", "104233872"]
+        );
+        let mut strict = Scenario::demo().unwrap();
+        strict.defaults.create_unknown = false;
+        strict.orders.push(OrderSpec {
+            sales_order_number: "500001".into(),
+            web_order_id: Some("98765432".into()),
+            ..OrderSpec::default()
+        });
+        let mut w = World::new(strict);
+        assert_eq!(
+            numbers(w.read_orders_by_web_id(Some("8765432"))),
+            ["104233871", "500001"],
+            "no exact order: only the others"
+        );
+        assert_eq!(
+            numbers(w.read_orders_by_web_id(Some("98765432"))),
+            ["104233871", "500001"],
+            "two orders share the web order id"
+        );
+        assert_eq!(w.stats.orders, 10, "nothing created");
+    }
+
+    #[test]
+    fn answers_can_leave_out_holds_and_expires_in_and_carry_extra_fields() {
+        let mut scenario = Scenario::demo().unwrap();
+        scenario.omit_expires_in = true;
+        scenario.extra_fields = true;
+        scenario.defaults.holds_field = HoldsField::Missing;
+        scenario.orders[0].holds_field = Some(HoldsField::Null);
+        let mut w = World::new(scenario);
+        let form = HashMap::from([
+            ("grant_type".to_owned(), "client_credentials".to_owned()),
+            ("client_id".to_owned(), w.scenario.client_id.clone()),
+            ("client_secret".to_owned(), w.scenario.client_secret.clone()),
+        ]);
+        let token = w.issue_token(&form, "t".into());
+        assert_eq!(token.status, 200);
+        assert!(token.body.get("expires_in").is_none(), "{}", token.body);
+        let seeded = w.read_order("104233871").body;
+        assert_eq!(seeded.get("holds"), Some(&Value::Null));
+        assert_eq!(seeded["lastUpdatedBy"], "holdclear-sim");
+        let created = w.read_order("777").body;
+        assert!(created.get("holds").is_none(), "{created}");
+        let q = HashMap::from([("domain".to_owned(), "acme.com".to_owned())]);
+        assert!(w.search(&q).body["accounts"][0].get("extension").is_some());
     }
 
     #[test]

@@ -14,7 +14,7 @@ use super::{Store, StoreError};
 
 /// Makes the `$1` open cases due last due a second ago.
 const MAKE_DUE: &str = "UPDATE cases SET next_action_at = now() - interval '1 second' \
-     WHERE id IN (SELECT id FROM cases WHERE state NOT IN ('released', 'escalated') \
+     WHERE id IN (SELECT id FROM cases WHERE state NOT IN ('released', 'escalated', 'merged') \
                   ORDER BY next_action_at DESC LIMIT $1)";
 
 /// Seeds cases `from..from + n` in state `watching` (see [`Store::bench_seed_watching`]).

@@ -24,14 +24,16 @@ macro_rules! case_columns {
         "id, order_key, sales_order_number, web_order_id, state, event, held_at, decision, \
          target, idempotency_key, assignment_id, assigned_at, watching_since, attempt, \
          retry_since, polls, escalation_reason, escalation_level, released_at, closed_at, \
-         generation, next_action_at, lease_owner, lease_expires_at, created_at, updated_at"
+         generation, next_action_at, lease_owner, lease_expires_at, created_at, updated_at, \
+         merged_into"
     };
 }
 
 /// The columns a step writes; `$1` is the case id, `$2` the fence value.
 macro_rules! case_update_set {
     () => {
-        "UPDATE cases SET state = $3, sales_order_number = $4, rule_name = $5, \
+        "UPDATE cases SET state = $3, sales_order_number = coalesce(sales_order_number, $4::text), \
+         order_key = coalesce(sales_order_number, $4::text, order_key), rule_name = $5, \
          rules_hash = $6, decision = $7, target = $8, idempotency_key = $9, \
          assignment_id = $10, assigned_at = $11, watching_since = $12, attempt = $13, \
          retry_since = $14, polls = $15, escalation_reason = $16, escalation_level = $17, \
@@ -52,7 +54,7 @@ pub(super) const CLAIM_DUE: &str = concat!(
         lease_expires_at = now() + make_interval(secs => $2::float8), \
         next_action_at = now() + make_interval(secs => $2::float8) \
      WHERE id IN (SELECT id FROM cases \
-                  WHERE state NOT IN ('released', 'escalated') AND next_action_at <= now() \
+                  WHERE state NOT IN ('released', 'escalated', 'merged') AND next_action_at <= now() \
                   ORDER BY next_action_at LIMIT $3 FOR UPDATE SKIP LOCKED) \
      RETURNING ",
     case_columns!()
@@ -85,7 +87,12 @@ locked AS (
 ),
 step AS (
     UPDATE cases c
-    SET state = i.state, sales_order_number = i.sales_order_number, rule_name = i.rule_name,
+    SET state = i.state,
+        -- An id, once known, is never unlearned; a new one is learned through
+        -- `identify_order` first, so these change nothing in practice.
+        sales_order_number = coalesce(c.sales_order_number, i.sales_order_number),
+        order_key = coalesce(c.sales_order_number, i.sales_order_number, c.order_key),
+        rule_name = i.rule_name,
         rules_hash = i.rules_hash, decision = i.decision, target = i.target,
         idempotency_key = i.idempotency_key, assignment_id = i.assignment_id,
         assigned_at = i.assigned_at, watching_since = i.watching_since, attempt = i.attempt,
@@ -161,6 +168,8 @@ pub struct CaseRecord {
     pub case: Case,
     /// `cases.order_key`.
     pub order_key: String,
+    /// The order's case this one was merged into, when it was.
+    pub merged_into: Option<Uuid>,
     /// Who holds the lease, if anyone.
     pub lease_owner: Option<String>,
     /// Until when.
@@ -220,6 +229,28 @@ pub struct HistoryRow {
     pub state: String,
     /// Particulars.
     pub detail: Value,
+}
+
+/// What [`Store::identify_order`] did with a sales order number the engine
+/// learned for a case that did not know it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Identity {
+    /// The case holds it now (or held it already).
+    Recorded,
+    /// Another case is the order's case (open, or closed after this case
+    /// opened): this case was merged into it and is closed.
+    Merged {
+        /// The order's case.
+        into: Uuid,
+    },
+    /// The case already holds another sales order number: the answers
+    /// disagree about which order this is. Nothing written.
+    Conflicting {
+        /// The number the case holds.
+        known: String,
+    },
+    /// The lease was lost: nothing written.
+    LeaseLost,
 }
 
 /// The result of [`Store::commit_retry`].
@@ -321,6 +352,7 @@ fn record_from_row(row: &PgRow) -> Result<CaseRecord, StoreError> {
     Ok(CaseRecord {
         case: case_from_row(row)?,
         order_key: row.try_get("order_key")?,
+        merged_into: row.try_get("merged_into")?,
         lease_owner: row.try_get("lease_owner")?,
         lease_expires_at: row.try_get("lease_expires_at")?,
         created_at: row.try_get("created_at")?,
@@ -450,7 +482,7 @@ impl Store {
         let done = sqlx::query(
             "UPDATE cases SET lease_expires_at = now() + make_interval(secs => $3::float8), \
                 next_action_at = now() + make_interval(secs => $3::float8) \
-             WHERE id = $1 AND lease_owner = $2 AND state NOT IN ('released', 'escalated')",
+             WHERE id = $1 AND lease_owner = $2 AND state NOT IN ('released', 'escalated', 'merged')",
         )
         .bind(id)
         .bind(lease_owner)
@@ -657,10 +689,148 @@ impl Store {
         Ok(RetryCommit::Reopened)
     }
 
+    /// Records the sales order number learned for case `id` (an order read by
+    /// its web order id), fenced by the lease. When another case is that
+    /// order's case (open; closed after this one opened; or ended after
+    /// this one's hold was applied: it covered the same hold), this case is merged into it in the same transaction:
+    /// closed as `merged` with `merged_into`, its web order id recorded on
+    /// the order's case, a history line on both. The unique index of open
+    /// order keys makes this safe against any concurrent writer.
+    #[tracing::instrument(skip_all, fields(case = %id, sales_order_number = %sales_order_number), err(level = "debug"))]
+    pub async fn identify_order(
+        &self,
+        id: Uuid,
+        lease_owner: &str,
+        sales_order_number: &SalesOrderNumber,
+    ) -> Result<Identity, StoreError> {
+        let mut races = 0;
+        loop {
+            match self
+                .identify_order_once(id, lease_owner, sales_order_number)
+                .await
+            {
+                Err(e) if e.is_race() && races < 3 => races += 1,
+                result => return result,
+            }
+        }
+    }
+
+    async fn identify_order_once(
+        &self,
+        id: Uuid,
+        lease_owner: &str,
+        sales_order_number: &SalesOrderNumber,
+    ) -> Result<Identity, StoreError> {
+        let so = sales_order_number.as_str();
+        let mut tx = self.pool.begin().await?;
+        type Row = (
+            Option<String>,
+            Option<String>,
+            DateTime<Utc>,
+            DateTime<Utc>,
+            String,
+        );
+        let row: Option<Row> = sqlx::query_as(
+            "SELECT sales_order_number, web_order_id, created_at, held_at, state FROM cases \
+             WHERE id = $1 AND lease_owner = $2 \
+               AND state NOT IN ('released', 'escalated', 'merged') \
+             FOR UPDATE",
+        )
+        .bind(id)
+        .bind(lease_owner)
+        .fetch_optional(&mut *tx)
+        .await?;
+        let Some((known, web, created_at, held_at, state)) = row else {
+            return Ok(Identity::LeaseLost);
+        };
+        match known {
+            Some(k) if k == so => return Ok(Identity::Recorded),
+            Some(k) => return Ok(Identity::Conflicting { known: k }),
+            None => {}
+        }
+        // The order's case: the open one, else one that closed after this
+        // case opened (it was working the same hold), else one that ended
+        // after this case's hold was applied (released or escalated: that
+        // hold is another case's).
+        let other: Option<Uuid> = sqlx::query_scalar(
+            "SELECT id FROM cases \
+             WHERE order_key = $1 AND id <> $2 \
+               AND (state NOT IN ('released', 'escalated', 'merged') \
+                    OR (state <> 'merged' AND closed_at >= $3) \
+                    OR (state IN ('released', 'escalated') \
+                        AND coalesce(released_at, closed_at) >= $4)) \
+             ORDER BY (state NOT IN ('released', 'escalated', 'merged')) DESC, created_at DESC \
+             LIMIT 1 FOR UPDATE",
+        )
+        .bind(so)
+        .bind(id)
+        .bind(created_at)
+        .bind(held_at)
+        .fetch_optional(&mut *tx)
+        .await?;
+        let Some(into) = other else {
+            sqlx::query(
+                "UPDATE cases SET sales_order_number = $2, order_key = $2, updated_at = now() \
+                 WHERE id = $1",
+            )
+            .bind(id)
+            .bind(so)
+            .execute(&mut *tx)
+            .await?;
+            sqlx::query(
+                "INSERT INTO case_history (case_id, kind, state, detail) \
+                 VALUES ($1, 'identified', $2, jsonb_build_object('salesOrderNumber', $3::text))",
+            )
+            .bind(id)
+            .bind(&state)
+            .bind(so)
+            .execute(&mut *tx)
+            .await?;
+            tx.commit().await?;
+            return Ok(Identity::Recorded);
+        };
+        sqlx::query(
+            "UPDATE cases SET state = 'merged', merged_into = $2, closed_at = now(), \
+                lease_owner = NULL, lease_expires_at = NULL, updated_at = now() \
+             WHERE id = $1",
+        )
+        .bind(id)
+        .bind(into)
+        .execute(&mut *tx)
+        .await?;
+        // Its web order id is free now: the order's case learns it, unless it
+        // knows one already or another open case has it.
+        let into_state: String = sqlx::query_scalar(
+            "UPDATE cases o SET web_order_id = coalesce(o.web_order_id, $2), updated_at = now() \
+             WHERE o.id = $1 \
+             RETURNING o.state",
+        )
+        .bind(into)
+        .bind(web.as_deref())
+        .fetch_one(&mut *tx)
+        .await?;
+        sqlx::query(
+            "INSERT INTO case_history (case_id, kind, state, detail) \
+             VALUES ($1, 'merged', 'merged', jsonb_strip_nulls(jsonb_build_object( \
+                        'into', $3::uuid, 'salesOrderNumber', $4::text, 'webOrderId', $5::text))), \
+                    ($3, 'joined', $2, jsonb_strip_nulls(jsonb_build_object( \
+                        'case', $1::uuid, 'salesOrderNumber', $4::text, 'webOrderId', $5::text)))",
+        )
+        .bind(id)
+        .bind(&into_state)
+        .bind(into)
+        .bind(so)
+        .bind(web.as_deref())
+        .execute(&mut *tx)
+        .await?;
+        tx.commit().await?;
+        Ok(Identity::Merged { into })
+    }
+
     /// The earliest `next_action_at` of the open cases, if any.
     pub async fn next_due(&self) -> Result<Option<DateTime<Utc>>, StoreError> {
         Ok(sqlx::query_scalar(
-            "SELECT min(next_action_at) FROM cases WHERE state NOT IN ('released', 'escalated')",
+            "SELECT min(next_action_at) FROM cases WHERE state NOT IN ('released', 'escalated', 'merged')",
         )
         .fetch_one(&self.pool)
         .await?)
@@ -682,15 +852,18 @@ impl Store {
     }
 
     /// The newest case of an order, found by sales order number, web order id
-    /// or order key.
+    /// or order key (or one case by its id); a case merged into another
+    /// comes last.
     pub async fn latest_case(&self, order: &str) -> Result<Option<CaseRecord>, StoreError> {
         sqlx::query(concat!(
             "SELECT ",
             case_columns!(),
             " FROM cases WHERE order_key = $1 OR sales_order_number = $1 OR web_order_id = $1 \
-              ORDER BY created_at DESC, id DESC LIMIT 1"
+                 OR id = $2 \
+              ORDER BY state = 'merged', created_at DESC, id DESC LIMIT 1"
         ))
         .bind(order)
+        .bind(Uuid::parse_str(order).ok())
         .fetch_optional(&self.pool)
         .await?
         .as_ref()
@@ -698,18 +871,21 @@ impl Store {
         .transpose()
     }
 
-    /// The open case of an order key other than `except`, if there is one.
+    /// The open case of the order (by its key or its web order id) other
+    /// than `except`, if there is one.
     pub async fn other_open_case(
         &self,
         order_key: &str,
+        web_order_id: Option<&str>,
         except: Uuid,
     ) -> Result<Option<Uuid>, StoreError> {
         Ok(sqlx::query_scalar(
-            "SELECT id FROM cases WHERE order_key = $1 AND id <> $2 \
-             AND state NOT IN ('released', 'escalated') LIMIT 1",
+            "SELECT id FROM cases WHERE (order_key = $1 OR web_order_id = $3) AND id <> $2 \
+             AND state NOT IN ('released', 'escalated', 'merged') LIMIT 1",
         )
         .bind(order_key)
         .bind(except)
+        .bind(web_order_id)
         .fetch_optional(&self.pool)
         .await?)
     }

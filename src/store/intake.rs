@@ -20,7 +20,7 @@ use sqlx::types::Json;
 use uuid::Uuid;
 
 use super::{Store, StoreError};
-use crate::domain::HeldOrderEvent;
+use crate::domain::{HeldOrderEvent, OrderId};
 
 /// What one event of a batch became.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -45,41 +45,96 @@ pub enum Recorded {
 /// writer; each round sees the cases committed before it.
 const MAX_ROUNDS: usize = 5;
 
-/// Claims the event ids, opens one case per order without an open case and
-/// writes the history; returns each input row's outcome by its position.
+/// Claims the event ids, opens one case per order without an open case,
+/// records ids an open case did not know yet, and writes the history;
+/// returns each input row's outcome by its position.
 ///
-/// `case_id` of a row is where its event goes: the order's open case, else a
-/// new one named after the order's first event of the batch. Only rows the
-/// inbox accepted (`fresh`) write anything. A fresh row whose order neither
-/// had an open case nor got one (another transaction opened it first) is
-/// reported as `unassigned`.
+/// Each row carries its order group (`grp`: the events of the batch that
+/// share a sales order number or a web order id, see [`groups`]) and the
+/// group's ids. A group's case is the open case of its sales order number,
+/// else of its web order id, else a new one named after the group's first
+/// event. Only rows the inbox accepted (`fresh`) write anything. A fresh
+/// row whose group neither had an open case nor got one (another
+/// transaction opened it first) is reported as `unassigned`.
+///
+/// A group without an open case whose holds were all applied before the
+/// order's last case ended (released, or escalated to a person) tells of
+/// that case's hold: its events join that case (`held_again`) and start
+/// nothing. A hold applied later is a new hold: a new case.
+///
+/// A joined case learns the group's ids it lacked, each only while no other
+/// open case has it (the unique indexes of open cases decide; a case that
+/// later learns a sales order number another case has is merged by the
+/// engine, see `Store::identify_order`).
 const RECORD_HELD: &str = r#"
 WITH input AS (
     SELECT *
     FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::text[],
                 $6::timestamptz[], $7::jsonb[], $8::uuid[])
-         WITH ORDINALITY AS t(event_id, order_key, sales_order_number, web_order_id,
+         WITH ORDINALITY AS t(event_id, grp, sales_order_number, web_order_id,
                               hold_reason, held_at, event, new_case_id, ord)
 ),
 firsts AS (
     SELECT DISTINCT ON (event_id) * FROM input ORDER BY event_id, ord
 ),
 open_cases AS (
-    SELECT c.id, c.order_key, c.state
+    SELECT c.id, c.order_key, c.sales_order_number, c.web_order_id, c.state
     FROM cases c
-    WHERE c.order_key = ANY($2::text[])
-      AND c.state NOT IN ('released', 'escalated')
+    WHERE (c.order_key = ANY($3::text[]) OR c.web_order_id = ANY($4::text[]))
+      AND c.state NOT IN ('released', 'escalated', 'merged')
     ORDER BY c.id -- locks in id order, as the engine's step commits take them
     FOR SHARE
 ),
+closed_cases AS (
+    SELECT c.id, c.order_key, c.web_order_id, c.state,
+           coalesce(c.released_at, c.closed_at) AS ended_at
+    FROM cases c
+    WHERE (c.order_key = ANY($3::text[]) OR c.web_order_id = ANY($4::text[]))
+      AND c.state IN ('released', 'escalated')
+),
+grps AS (
+    SELECT DISTINCT ON (grp) grp, sales_order_number, web_order_id,
+           max(coalesce(held_at, now())) OVER (PARTITION BY grp) AS held_at
+    FROM input ORDER BY grp, ord
+),
+stale AS (
+    -- Groups without an open case whose holds were all applied before the
+    -- order's last case ended (released, or escalated to a person): they
+    -- tell of that case's hold, and join it (nothing to do).
+    SELECT DISTINCT ON (g.grp) g.grp, r.id, r.state
+    FROM grps g
+    JOIN closed_cases r ON (r.order_key = g.sales_order_number OR r.web_order_id = g.web_order_id)
+                       AND r.ended_at >= g.held_at
+    WHERE NOT EXISTS (SELECT 1 FROM open_cases o
+                      WHERE o.order_key = g.sales_order_number OR o.web_order_id = g.web_order_id)
+    ORDER BY g.grp, r.ended_at DESC
+),
+matched AS (
+    -- The open case of the group's sales order number, else of its web order id.
+    SELECT DISTINCT ON (g.grp) g.grp, o.id, o.state,
+           o.sales_order_number IS NULL AND g.sales_order_number IS NOT NULL
+               AND NOT EXISTS (SELECT 1 FROM open_cases x
+                               WHERE x.order_key = g.sales_order_number AND x.id <> o.id)
+               AS learns_sales_order_number,
+           o.web_order_id IS NULL AND g.web_order_id IS NOT NULL
+               AND NOT EXISTS (SELECT 1 FROM open_cases x
+                               WHERE x.web_order_id = g.web_order_id AND x.id <> o.id)
+               AS learns_web_order_id,
+           g.sales_order_number, g.web_order_id
+    FROM grps g
+    JOIN open_cases o ON o.order_key = g.sales_order_number OR o.web_order_id = g.web_order_id
+    ORDER BY g.grp, (o.order_key = g.sales_order_number) DESC NULLS LAST, o.id
+),
 planned AS (
     SELECT f.*,
-           o.id IS NOT NULL AS existing,
-           o.state AS existing_state,
-           coalesce(o.id, first_value(f.new_case_id) OVER (PARTITION BY f.order_key ORDER BY f.ord))
+           coalesce(m.id, st.id) IS NOT NULL AS existing,
+           coalesce(m.state, st.state) AS existing_state,
+           coalesce(m.id, st.id,
+                    first_value(f.new_case_id) OVER (PARTITION BY f.grp ORDER BY f.ord))
                AS case_id
     FROM firsts f
-    LEFT JOIN open_cases o USING (order_key)
+    LEFT JOIN matched m USING (grp)
+    LEFT JOIN stale st USING (grp)
 ),
 claimed AS (
     INSERT INTO inbox (event_id, case_id)
@@ -90,21 +145,36 @@ claimed AS (
 fresh AS (
     SELECT p.* FROM planned p JOIN claimed USING (event_id)
 ),
+learned AS (
+    UPDATE cases c
+    SET sales_order_number = CASE WHEN m.learns_sales_order_number
+                                  THEN m.sales_order_number ELSE c.sales_order_number END,
+        order_key = CASE WHEN m.learns_sales_order_number
+                         THEN m.sales_order_number ELSE c.order_key END,
+        web_order_id = CASE WHEN m.learns_web_order_id
+                            THEN m.web_order_id ELSE c.web_order_id END,
+        updated_at = now()
+    FROM matched m
+    WHERE c.id = m.id
+      AND (m.learns_sales_order_number OR m.learns_web_order_id)
+      AND m.grp IN (SELECT grp FROM fresh)
+    RETURNING c.id, m.learns_sales_order_number, m.learns_web_order_id
+),
 openers AS (
-    SELECT DISTINCT ON (order_key) * FROM fresh WHERE NOT existing ORDER BY order_key, ord
+    SELECT DISTINCT ON (grp) * FROM fresh WHERE NOT existing ORDER BY grp, ord
 ),
 opened AS (
     INSERT INTO cases (id, order_key, sales_order_number, web_order_id, state, event_id,
                        event, hold_reason, held_at, next_action_at)
-    SELECT case_id, order_key, sales_order_number, web_order_id, 'deciding', event_id,
-           event, hold_reason, coalesce(held_at, now()), now()
+    SELECT case_id, coalesce(sales_order_number, 'web:' || web_order_id), sales_order_number,
+           web_order_id, 'deciding', event_id, event, hold_reason, coalesce(held_at, now()), now()
     FROM openers
-    ORDER BY order_key
-    ON CONFLICT (order_key) WHERE state NOT IN ('released', 'escalated') DO NOTHING
+    ORDER BY grp
+    ON CONFLICT DO NOTHING
     RETURNING id, event_id
 ),
 settled AS (
-    SELECT f.ord, f.event_id, f.case_id, f.held_at,
+    SELECT f.ord, f.event_id, f.case_id, f.held_at, f.grp,
            (op.event_id IS NOT NULL) AS opens,
            coalesce(f.existing_state, 'deciding') AS state
     FROM fresh f
@@ -113,12 +183,20 @@ settled AS (
 ),
 history AS (
     INSERT INTO case_history (case_id, kind, state, detail)
-    SELECT case_id,
-           CASE WHEN opens THEN 'opened' ELSE 'held_again' END,
-           state,
-           jsonb_strip_nulls(jsonb_build_object('eventId', event_id, 'heldAt', held_at))
-    FROM settled
-    ORDER BY ord
+    SELECT s.case_id,
+           CASE WHEN s.opens THEN 'opened' ELSE 'held_again' END,
+           s.state,
+           jsonb_strip_nulls(jsonb_build_object(
+               'eventId', s.event_id, 'heldAt', s.held_at,
+               'learned', CASE WHEN l.id IS NOT NULL AND s.ord = (SELECT min(x.ord) FROM settled x WHERE x.grp = s.grp)
+                               THEN jsonb_strip_nulls(jsonb_build_object(
+                                   'salesOrderNumber', CASE WHEN l.learns_sales_order_number THEN m.sales_order_number END,
+                                   'webOrderId', CASE WHEN l.learns_web_order_id THEN m.web_order_id END))
+                          END))
+    FROM settled s
+    LEFT JOIN matched m ON m.grp = s.grp AND NOT s.opens
+    LEFT JOIN learned l ON l.id = m.id
+    ORDER BY s.ord
 )
 SELECT i.ord,
        s.case_id,
@@ -144,6 +222,25 @@ impl Store {
     /// input event, in order.
     #[tracing::instrument(skip_all, fields(events = events.len()))]
     pub async fn record_held(
+        &self,
+        events: &[HeldOrderEvent],
+    ) -> Result<Vec<Recorded>, StoreError> {
+        let mut races = 0;
+        loop {
+            match self.record_held_once(events).await {
+                // Another writer gave one of the batch's orders an id at the
+                // same moment (or took its rows in another order): the next
+                // try sees its commit.
+                Err(e) if e.is_race() && races < MAX_ROUNDS => {
+                    races += 1;
+                    tracing::debug!(error = %e, "Intake raced another writer; writing the batch again.");
+                }
+                result => return result,
+            }
+        }
+    }
+
+    async fn record_held_once(
         &self,
         events: &[HeldOrderEvent],
     ) -> Result<Vec<Recorded>, StoreError> {
@@ -214,7 +311,7 @@ fn corrupt(detail: String) -> StoreError {
 /// The statement's parameter arrays, one element per event.
 struct Batch<'a> {
     event_id: Vec<&'a str>,
-    order_key: Vec<String>,
+    grp: Vec<String>,
     sales_order_number: Vec<Option<&'a str>>,
     web_order_id: Vec<Option<&'a str>>,
     hold_reason: Vec<&'static str>,
@@ -226,9 +323,11 @@ struct Batch<'a> {
 impl<'a> Batch<'a> {
     fn of(events: &'a [HeldOrderEvent], positions: &[usize]) -> Self {
         let n = positions.len();
+        let orders: Vec<&OrderId> = positions.iter().map(|&i| &events[i].data.order).collect();
+        let groups = groups(&orders);
         let mut b = Batch {
             event_id: Vec::with_capacity(n),
-            order_key: Vec::with_capacity(n),
+            grp: Vec::with_capacity(n),
             sales_order_number: Vec::with_capacity(n),
             web_order_id: Vec::with_capacity(n),
             hold_reason: Vec::with_capacity(n),
@@ -236,15 +335,13 @@ impl<'a> Batch<'a> {
             event: Vec::with_capacity(n),
             new_case_id: Vec::with_capacity(n),
         };
-        for &i in positions {
+        for (k, &i) in positions.iter().enumerate() {
             let e = &events[i];
-            let order = &e.data.order;
+            let group = &groups[k];
             b.event_id.push(e.id.as_str());
-            b.order_key.push(order.key());
-            b.sales_order_number
-                .push(order.sales_order_number.as_ref().map(|s| s.as_str()));
-            b.web_order_id
-                .push(order.web_order_id.as_ref().map(|w| w.as_str()));
+            b.grp.push(group.key.clone());
+            b.sales_order_number.push(group.sales_order_number);
+            b.web_order_id.push(group.web_order_id);
             b.hold_reason.push(e.data.hold_reason.as_str());
             // The hold's own time, else the envelope's; the database's now() otherwise.
             b.held_at.push(e.data.held_at.or(e.time));
@@ -259,12 +356,145 @@ impl<'a> Batch<'a> {
         q: sqlx::query::Query<'a, sqlx::Postgres, sqlx::postgres::PgArguments>,
     ) -> sqlx::query::Query<'a, sqlx::Postgres, sqlx::postgres::PgArguments> {
         q.bind(self.event_id)
-            .bind(self.order_key)
+            .bind(self.grp)
             .bind(self.sales_order_number)
             .bind(self.web_order_id)
             .bind(self.hold_reason)
             .bind(self.held_at)
             .bind(self.event)
             .bind(self.new_case_id)
+    }
+}
+
+/// The order a batch row belongs to: rows that share a sales order number
+/// or a web order id (directly or through other rows) are one order.
+#[derive(Clone, Debug, PartialEq, Eq)]
+struct Group<'a> {
+    /// The same for every row of the group (its first row's order key).
+    key: String,
+    /// The group's sales order number: the first one a row names.
+    sales_order_number: Option<&'a str>,
+    /// The group's web order id: the first one a row names.
+    web_order_id: Option<&'a str>,
+}
+
+/// Groups the rows into orders (connected by a shared id), one entry per row.
+fn groups<'a>(orders: &[&'a OrderId]) -> Vec<Group<'a>> {
+    use std::collections::HashMap;
+    // Union-find over row positions, joined through the ids they name.
+    let mut parent: Vec<usize> = (0..orders.len()).collect();
+    fn root(parent: &mut [usize], mut i: usize) -> usize {
+        while parent[i] != i {
+            parent[i] = parent[parent[i]];
+            i = parent[i];
+        }
+        i
+    }
+    let mut first_of: HashMap<(bool, &str), usize> = HashMap::new();
+    for (i, order) in orders.iter().enumerate() {
+        let ids = [
+            order
+                .sales_order_number
+                .as_ref()
+                .map(|s| (true, s.as_str())),
+            order.web_order_id.as_ref().map(|w| (false, w.as_str())),
+        ];
+        for id in ids.into_iter().flatten() {
+            let j = *first_of.entry(id).or_insert(i);
+            let (a, b) = (root(&mut parent, i), root(&mut parent, j));
+            // The earlier row stays the root: the group is named after it.
+            if a != b {
+                parent[a.max(b)] = a.min(b);
+            }
+        }
+    }
+    let roots: Vec<usize> = (0..orders.len()).map(|i| root(&mut parent, i)).collect();
+    let mut ids: HashMap<usize, (Option<&'a str>, Option<&'a str>)> = HashMap::new();
+    for (i, order) in orders.iter().enumerate() {
+        let entry = ids.entry(roots[i]).or_default();
+        if entry.0.is_none() {
+            entry.0 = order.sales_order_number.as_ref().map(|s| s.as_str());
+        }
+        if entry.1.is_none() {
+            entry.1 = order.web_order_id.as_ref().map(|w| w.as_str());
+        }
+    }
+    roots
+        .iter()
+        .map(|r| {
+            let (sales_order_number, web_order_id) = ids[r];
+            Group {
+                key: orders[*r].key(),
+                sales_order_number,
+                web_order_id,
+            }
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::domain::{SalesOrderNumber, WebOrderId};
+
+    fn order(so: Option<&str>, web: Option<&str>) -> OrderId {
+        OrderId::new(
+            so.map(|s| SalesOrderNumber::parse(s).unwrap()),
+            web.map(|w| WebOrderId::parse(w).unwrap()),
+        )
+        .unwrap()
+    }
+
+    #[test]
+    fn rows_sharing_an_id_are_one_order() {
+        // (sales order number, web order id) per row → (group of row, its ids)
+        type Row = (Option<&'static str>, Option<&'static str>);
+        type Want = (usize, Option<&'static str>, Option<&'static str>);
+        let table: &[(&[Row], &[Want])] = &[
+            (&[(Some("100"), None)], &[(0, Some("100"), None)]),
+            (
+                &[(None, Some("W1")), (Some("100"), Some("W1"))],
+                &[(0, Some("100"), Some("W1")), (0, Some("100"), Some("W1"))],
+            ),
+            (
+                // Joined only through the third row.
+                &[
+                    (Some("100"), None),
+                    (None, Some("W1")),
+                    (Some("100"), Some("W1")),
+                ],
+                &[(0, Some("100"), Some("W1")); 3],
+            ),
+            (
+                &[(Some("100"), None), (Some("200"), None), (None, Some("W2"))],
+                &[
+                    (0, Some("100"), None),
+                    (1, Some("200"), None),
+                    (2, None, Some("W2")),
+                ],
+            ),
+            (
+                // A chain: W1–100, 100–W2 (the first web order id is the group's).
+                &[
+                    (None, Some("W1")),
+                    (Some("100"), Some("W1")),
+                    (Some("100"), Some("W2")),
+                ],
+                &[(0, Some("100"), Some("W1")); 3],
+            ),
+        ];
+        for (rows, want) in table {
+            let orders: Vec<OrderId> = rows.iter().map(|(s, w)| order(*s, *w)).collect();
+            let refs: Vec<&OrderId> = orders.iter().collect();
+            let got = groups(&refs);
+            for (i, (g, (root, so, web))) in got.iter().zip(want.iter()).enumerate() {
+                assert_eq!(g.key, orders[*root].key(), "{rows:?} row {i}");
+                assert_eq!(
+                    (g.sales_order_number, g.web_order_id),
+                    (*so, *web),
+                    "{rows:?} row {i}"
+                );
+            }
+        }
     }
 }

@@ -9,11 +9,10 @@ use std::fmt;
 use std::str::FromStr;
 use std::time::Duration;
 
-use sqlx::migrate::MigrateDatabase;
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
-use sqlx::{Connection, PgConnection, PgPool, Postgres};
+use sqlx::{AssertSqlSafe, ConnectOptions, Connection, Executor, PgConnection, PgPool};
 
-use crate::config::{DatabaseTimeouts, SecretUrl};
+use crate::config::{CaFile, DatabaseTimeouts, SecretUrl};
 
 mod bench;
 mod cases;
@@ -22,7 +21,7 @@ mod ops;
 mod outbox;
 
 pub use cases::{
-    CaseFilter, CaseRecord, CaseSummary, Claimed, HistoryRow, RetryCommit, StepCommit,
+    CaseFilter, CaseRecord, CaseSummary, Claimed, HistoryRow, Identity, RetryCommit, StepCommit,
 };
 pub use intake::Recorded;
 pub use ops::OpsSnapshot;
@@ -44,6 +43,18 @@ pub enum StoreError {
     /// A migration failed.
     #[error("migration failed: {0}")]
     Migrate(#[from] sqlx::migrate::MigrateError),
+    /// The TLS handshake with PostgreSQL failed: the server's certificate
+    /// is not trusted or does not name the URL's host (`sslmode=verify-full`),
+    /// or the server does not speak TLS (`sslmode=require` and stronger).
+    #[error("TLS to PostgreSQL at {server} failed ({source}); trusted: {trusted}")]
+    Tls {
+        /// `host:port` of the URL.
+        server: String,
+        /// Which roots were trusted.
+        trusted: String,
+        /// sqlx's error, with rustls's reason.
+        source: sqlx::Error,
+    },
     /// A stored row could not be read back into the domain.
     #[error("corrupt row in {table}: {detail}")]
     Corrupt {
@@ -140,22 +151,17 @@ impl fmt::Display for ConnectError {
 }
 
 impl ConnectError {
-    /// Names what went wrong connecting to `url` with `error`.
-    fn new(url: &SecretUrl, error: &sqlx::Error, timeout: Duration) -> Self {
-        let u = url.url();
-        let server = format!(
-            "{}:{}",
-            u.host_str()
-                .filter(|h| !h.is_empty())
-                .unwrap_or("localhost"),
-            u.port().unwrap_or(5432)
-        );
-        let user = if u.username().is_empty() {
-            "(the OS user)".to_owned()
-        } else {
-            u.username().to_owned()
-        };
-        let database = u.path().trim_start_matches('/').to_owned();
+    /// Names what went wrong connecting to `database` on `server` as
+    /// `user` with `error` (`timeout`: how long it was given).
+    fn new(
+        server: String,
+        user: &str,
+        database: &str,
+        error: &sqlx::Error,
+        timeout: Duration,
+    ) -> Self {
+        let user = user.to_owned();
+        let database = database.to_owned();
         let failure = match error {
             sqlx::Error::Io(e) if e.kind() == std::io::ErrorKind::ConnectionRefused => {
                 ConnectFailure::Refused
@@ -165,7 +171,6 @@ impl ConnectError {
             }
             sqlx::Error::Io(e) => ConnectFailure::Unreachable(io_reason(e)),
             sqlx::Error::PoolTimedOut => ConnectFailure::TimedOut(timeout),
-            sqlx::Error::Tls(e) => ConnectFailure::Other(format!("TLS: {e}")),
             sqlx::Error::Database(d) => {
                 let message = d.message().to_owned();
                 match d.code().as_deref().unwrap_or_default() {
@@ -206,6 +211,19 @@ fn io_reason(e: &std::io::Error) -> String {
 }
 
 impl StoreError {
+    /// A unique violation or a deadlock between two writers of the same
+    /// rows: the statement is worth running again at once (its next snapshot
+    /// sees the other writer's commit).
+    pub fn is_race(&self) -> bool {
+        match self {
+            Self::Database(e) => e
+                .as_database_error()
+                .and_then(|d| d.code())
+                .is_some_and(|c| matches!(c.as_ref(), "23505" | "40P01" | "40001")),
+            _ => false,
+        }
+    }
+
     /// A failure of the connection rather than of the statement: the
     /// connection broke, or PostgreSQL refuses connections now (the database
     /// does not allow connections, does not exist, has no slot left). Worth
@@ -232,6 +250,7 @@ impl StoreError {
                             || matches!(c.as_ref(), "55000" | "3D000" | "53300")
                     })
             }
+            Self::Tls { .. } => true,
             Self::Connect(c) => c.is_transient(),
             _ => false,
         }
@@ -284,87 +303,48 @@ pub struct Store {
 }
 
 impl Store {
-    /// Connects to `url` with the default deadlines, creating the database
-    /// first if it does not exist.
-    pub async fn connect(url: &SecretUrl, max_connections: u32) -> Result<Self, StoreError> {
-        Self::connect_with(url, max_connections, &DatabaseTimeouts::default()).await
+    /// [`Store::connect_with`] the default deadlines.
+    pub async fn connect(
+        url: &SecretUrl,
+        tls_ca: Option<&CaFile>,
+        max_connections: u32,
+    ) -> Result<Self, StoreError> {
+        Self::connect_with(url, tls_ca, max_connections, &DatabaseTimeouts::default()).await
     }
 
-    /// Connects to `url`, creating the database first if it does not
-    /// exist. Every session of the pool has `timeouts`' statement, lock and
-    /// idle-in-transaction deadlines; a connection of the pool is waited
-    /// for at most `timeouts.acquire`. A failure to connect is
-    /// [`StoreError::Connect`], in words.
+    /// Connects to `url`, creating the database first if it does not exist.
+    /// TLS follows the URL's `sslmode` (`verify-full` checks the server's
+    /// certificate and name) and trusts `tls_ca` besides the built-in roots.
+    /// Every session of the pool has `timeouts`' statement, lock and
+    /// idle-in-transaction deadlines; a connection is waited for at most
+    /// `timeouts.acquire` (opening one, and the database check, included).
+    /// A failure to connect is [`StoreError::Connect`] (in words) or
+    /// [`StoreError::Tls`].
     pub async fn connect_with(
         url: &SecretUrl,
+        tls_ca: Option<&CaFile>,
         max_connections: u32,
         timeouts: &DatabaseTimeouts,
     ) -> Result<Self, StoreError> {
-        let within = timeouts.acquire;
-        let named = |e: sqlx::Error| StoreError::Connect(ConnectError::new(url, &e, within));
-        let exists = bounded(within, Postgres::database_exists(url.expose()))
-            .await
-            .map_err(named)?;
-        if !exists {
-            match bounded(within, Postgres::create_database(url.expose())).await {
-                Ok(()) => tracing::info!(database = %url, "Database created."),
-                // Another worker created it between the check and here.
-                Err(e)
-                    if bounded(within, Postgres::database_exists(url.expose()))
-                        .await
-                        .unwrap_or(false) =>
-                {
-                    tracing::debug!(error = %e, "Database appeared concurrently.");
-                }
-                Err(e) => return Err(named(e)),
-            }
-        }
-        Self::with_pool(url, max_connections, timeouts).await
+        let target = Target::new(url, tls_ca, timeouts.acquire)?;
+        target.create_if_missing().await?;
+        target.pool(max_connections, timeouts).await
     }
 
     /// Connects to the existing database at `url` (never creates it: a
     /// missing one is [`ConnectFailure::NoDatabase`]), with `timeouts`.
     pub async fn open(
         url: &SecretUrl,
+        tls_ca: Option<&CaFile>,
         max_connections: u32,
         timeouts: &DatabaseTimeouts,
     ) -> Result<Self, StoreError> {
-        let within = timeouts.acquire;
-        let options = PgConnectOptions::from_str(url.expose())?;
+        let target = Target::new(url, tls_ca, timeouts.acquire)?;
         // One session first: its error is the precise one (the pool's
         // would be a timeout after retrying a refused connection).
-        let conn = bounded(within, PgConnection::connect_with(&options))
-            .await
-            .map_err(|e| StoreError::Connect(ConnectError::new(url, &e, within)))?;
+        let conn = target.session(&target.options).await?;
         let _ = conn.close().await;
-        Self::with_pool(url, max_connections, timeouts).await
-    }
-
-    async fn with_pool(
-        url: &SecretUrl,
-        max_connections: u32,
-        timeouts: &DatabaseTimeouts,
-    ) -> Result<Self, StoreError> {
-        let ms = |d: Duration| d.as_millis().max(1);
-        let migrations = PgConnectOptions::from_str(url.expose())?.application_name("holdclear");
-        let options = migrations.clone().options([
-            ("statement_timeout", ms(timeouts.statement)),
-            ("lock_timeout", ms(timeouts.lock)),
-            (
-                "idle_in_transaction_session_timeout",
-                ms(timeouts.idle_in_transaction),
-            ),
-        ]);
-        let pool = PgPoolOptions::new()
-            .max_connections(max_connections)
-            .acquire_timeout(timeouts.acquire)
-            .connect_with(options)
-            .await
-            .map_err(|e| StoreError::Connect(ConnectError::new(url, &e, timeouts.acquire)))?;
-        Ok(Self {
-            pool,
-            migrations: Some(migrations),
-        })
+        target.pool(max_connections, timeouts).await
     }
 
     /// Wraps an existing pool (tests get one per test from `#[sqlx::test]`).
@@ -432,19 +412,235 @@ impl Store {
     }
 }
 
-/// `fut`, or a pool timeout after `within`.
-async fn bounded<T>(
-    within: Duration,
-    fut: impl Future<Output = Result<T, sqlx::Error>>,
-) -> Result<T, sqlx::Error> {
-    tokio::time::timeout(within, fut)
-        .await
-        .unwrap_or(Err(sqlx::Error::PoolTimedOut))
-}
-
 /// Drops the database at `url` (the demo's and the benchmark's own, when
 /// they finish), closing other sessions on it first.
-pub async fn drop_database(url: &SecretUrl) -> Result<(), StoreError> {
-    Postgres::force_drop_database(url.expose()).await?;
+pub async fn drop_database(url: &SecretUrl, tls_ca: Option<&CaFile>) -> Result<(), StoreError> {
+    let target = Target::new(url, tls_ca, DatabaseTimeouts::default().acquire)?;
+    let mut conn = target.maintenance().await?;
+    conn.execute(
+        sqlx::query(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity \
+             WHERE datname = $1 AND pid <> pg_backend_pid()",
+        )
+        .bind(&target.database),
+    )
+    .await?;
+    conn.execute(AssertSqlSafe(format!(
+        "DROP DATABASE IF EXISTS {}",
+        quote_ident(&target.database)
+    )))
+    .await?;
     Ok(())
+}
+
+/// The connect parameters sqlx reads from a URL's query; others are dropped
+/// before it sees them (it would log their values, which may be secret).
+const KNOWN_PARAMETERS: &[&str] = &[
+    "sslmode",
+    "ssl-mode",
+    "sslrootcert",
+    "ssl-root-cert",
+    "ssl-ca",
+    "sslcert",
+    "ssl-cert",
+    "sslkey",
+    "ssl-key",
+    "statement-cache-capacity",
+    "host",
+    "hostaddr",
+    "port",
+    "dbname",
+    "user",
+    "password",
+    "application_name",
+    "options",
+];
+
+/// A database URL made into sqlx's options once, with the CA file and the
+/// name of the database it points at.
+struct Target {
+    options: PgConnectOptions,
+    database: String,
+    trusted: String,
+    /// How long one connection attempt may take.
+    within: Duration,
+}
+
+impl Target {
+    fn new(url: &SecretUrl, tls_ca: Option<&CaFile>, within: Duration) -> Result<Self, StoreError> {
+        let mut known = url.url().clone();
+        let pairs: Vec<(String, String)> = url
+            .url()
+            .query_pairs()
+            .filter(|(key, _)| {
+                let keep = KNOWN_PARAMETERS.contains(&key.as_ref()) || key.starts_with("options[");
+                if !keep {
+                    tracing::warn!(parameter = %key, "Unknown database URL parameter ignored.");
+                }
+                keep
+            })
+            .map(|(k, v)| (k.into_owned(), v.into_owned()))
+            .collect();
+        known.set_query(None);
+        if !pairs.is_empty() {
+            known.query_pairs_mut().extend_pairs(pairs);
+        }
+        let mut options = PgConnectOptions::from_str(known.as_str())?.application_name("holdclear");
+        if let Some(ca) = tls_ca {
+            options = options.ssl_root_cert_from_pem(ca.pem().as_bytes().to_vec());
+        }
+        let database = options
+            .get_database()
+            .unwrap_or(options.get_username())
+            .to_owned();
+        let trusted = match tls_ca {
+            Some(ca) => format!("the built-in roots and {}", ca.path().display()),
+            None => "the built-in roots only (no HOLDCLEAR_DATABASE_TLS_CA_FILE or \
+                     HOLDCLEAR_TLS_CA_FILE)"
+                .to_owned(),
+        };
+        Ok(Self {
+            options,
+            database,
+            trusted,
+            within,
+        })
+    }
+
+    /// One session with `options`, bounded by the acquire timeout.
+    async fn session(&self, options: &PgConnectOptions) -> Result<PgConnection, StoreError> {
+        match tokio::time::timeout(self.within, options.connect()).await {
+            Ok(Ok(conn)) => Ok(conn),
+            Ok(Err(e)) => Err(self.error(e)),
+            Err(_) => Err(self.error(sqlx::Error::PoolTimedOut)),
+        }
+    }
+
+    /// The pool: every session with `timeouts`' deadlines; migrations get
+    /// the options without them.
+    async fn pool(
+        &self,
+        max_connections: u32,
+        timeouts: &DatabaseTimeouts,
+    ) -> Result<Store, StoreError> {
+        let ms = |d: Duration| d.as_millis().max(1);
+        let options = self.options.clone().options([
+            ("statement_timeout", ms(timeouts.statement)),
+            ("lock_timeout", ms(timeouts.lock)),
+            (
+                "idle_in_transaction_session_timeout",
+                ms(timeouts.idle_in_transaction),
+            ),
+        ]);
+        let pool = PgPoolOptions::new()
+            .max_connections(max_connections)
+            .acquire_timeout(timeouts.acquire)
+            .connect_with(options)
+            .await
+            .map_err(|e| self.error(e))?;
+        Ok(Store {
+            pool,
+            migrations: Some(self.options.clone()),
+        })
+    }
+
+    /// A connection to the maintenance database (`postgres`, or `template1`
+    /// when the target is `postgres`), as `createdb` does.
+    async fn maintenance(&self) -> Result<PgConnection, StoreError> {
+        let maintenance = if self.database == "postgres" {
+            "template1"
+        } else {
+            "postgres"
+        };
+        self.session(&self.options.clone().database(maintenance))
+            .await
+    }
+
+    /// Creates the database unless it exists (another worker may create it
+    /// at the same moment: that is fine).
+    async fn create_if_missing(&self) -> Result<(), StoreError> {
+        // The target itself first: the usual case, and the only one that
+        // works for a user who may not connect to the maintenance database.
+        match tokio::time::timeout(self.within, self.options.connect()).await {
+            Ok(Ok(conn)) => {
+                let _ = conn.close().await;
+                return Ok(());
+            }
+            Ok(Err(e)) if !is_missing_database(&e) => return Err(self.error(e)),
+            Ok(Err(_)) => {}
+            Err(_) => return Err(self.error(sqlx::Error::PoolTimedOut)),
+        }
+        let mut conn = self.maintenance().await?;
+        let create = format!("CREATE DATABASE {}", quote_ident(&self.database));
+        match conn.execute(AssertSqlSafe(create)).await {
+            Ok(_) => {
+                tracing::info!(database = %self.database, "Database created.");
+                Ok(())
+            }
+            // 42P04 duplicate_database, 23505 unique_violation: another
+            // worker created it between the check and here.
+            Err(e)
+                if e.as_database_error()
+                    .and_then(|d| d.code())
+                    .is_some_and(|c| c == "42P04" || c == "23505") =>
+            {
+                tracing::debug!(error = %e, "Database appeared concurrently.");
+                Ok(())
+            }
+            Err(e) => Err(self.error(e)),
+        }
+    }
+
+    /// A failure to open a session, said where and why: a TLS failure
+    /// with what was trusted, the others in words (see [`ConnectError`]).
+    fn error(&self, e: sqlx::Error) -> StoreError {
+        let server = format!("{}:{}", self.options.get_host(), self.options.get_port());
+        if !is_tls_failure(&e) {
+            return StoreError::Connect(ConnectError::new(
+                server,
+                self.options.get_username(),
+                &self.database,
+                &e,
+                self.within,
+            ));
+        }
+        StoreError::Tls {
+            server,
+            trusted: self.trusted.clone(),
+            source: e,
+        }
+    }
+}
+
+/// True when TLS could not be set up: sqlx's own TLS error, or rustls
+/// refusing the handshake (an untrusted or misnamed certificate).
+fn is_tls_failure(e: &sqlx::Error) -> bool {
+    match e {
+        sqlx::Error::Tls(_) => true,
+        sqlx::Error::Io(io) => {
+            let mut current: Option<&(dyn std::error::Error + 'static)> = io
+                .get_ref()
+                .map(|inner| inner as &(dyn std::error::Error + 'static));
+            while let Some(err) = current {
+                if err.is::<rustls::Error>() {
+                    return true;
+                }
+                current = err.source();
+            }
+            false
+        }
+        _ => false,
+    }
+}
+
+/// PostgreSQL's `3D000 invalid_catalog_name`: the database does not exist.
+fn is_missing_database(e: &sqlx::Error) -> bool {
+    e.as_database_error()
+        .and_then(|d| d.code())
+        .is_some_and(|c| c == "3D000")
+}
+
+/// `name` as a quoted SQL identifier.
+fn quote_ident(name: &str) -> String {
+    format!("\"{}\"", name.replace('"', "\"\""))
 }

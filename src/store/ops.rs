@@ -30,7 +30,7 @@ impl Store {
         .await?;
         let oldest_open_hold_seconds: f64 = sqlx::query_scalar(
             "SELECT coalesce(extract(epoch FROM now() - min(held_at))::float8, 0)
-             FROM cases WHERE state NOT IN ('released', 'escalated')",
+             FROM cases WHERE state NOT IN ('released', 'escalated', 'merged')",
         )
         .fetch_one(self.pool())
         .await?;

@@ -1,13 +1,19 @@
 //! `holdclear bench` as a user runs it, small: every section, `--json`.
+//! It loads the whole machine, so it runs in the `chaos` nextest profile.
 //! Not a timed test: it checks the report's shape and that every order got
 //! through, never a speed.
 
 use serde_json::Value;
 
-use crate::support::{amqp_url, bin};
+use crate::support::{amqp_url, bin, disruptive_tests_allowed};
 
 #[tokio::test]
 async fn a_small_bench_reports_every_section_and_every_order_arrives() {
+    if !disruptive_tests_allowed(
+        "bench::a_small_bench_reports_every_section_and_every_order_arrives",
+    ) {
+        return;
+    }
     let orders = 300;
     let child = bin()
         .args(["bench", "--json", "--workers", "2", "--watching", "10000"])

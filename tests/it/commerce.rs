@@ -15,7 +15,9 @@ use holdclear::domain::{
     AccountSelector, AccountType, Domain, Email, OrderId, SalesOrderNumber, VirtualAccountChoice,
     WebOrderId,
 };
-use holdclear::sim::{EndpointFaults, Forced, Scenario, SimEndpoint, SimHandle, SimStats};
+use holdclear::sim::{
+    EndpointFaults, Forced, HoldsField, OrderSpec, Scenario, SimEndpoint, SimHandle, SimStats,
+};
 use serde_json::{Value, json};
 
 use crate::support::sim::{client, raw_http, settings, start, start_demo, stats_over_http};
@@ -236,6 +238,161 @@ async fn reads_orders_by_number_and_by_web_order_id() {
             "{id}: {err}"
         );
     }
+}
+
+#[tokio::test]
+async fn only_an_exact_web_order_id_is_the_order() {
+    let mut scenario = Scenario::demo().unwrap();
+    scenario.defaults.create_unknown = false;
+    scenario.orders.push(OrderSpec {
+        sales_order_number: "500070".into(),
+        web_order_id: Some("98765433".into()),
+        ..OrderSpec::default()
+    });
+    let sim = start(scenario).await;
+    let api = client(&sim);
+    // "9876543" is inside 98765432 and 98765433, and no order carries it exactly.
+    let err = api.order(&by_web("9876543")).await.unwrap_err();
+    assert_eq!(
+        permanent_code(&err),
+        Some(ErrorCode::OrderNotFound),
+        "{err}"
+    );
+    // 98765432 is one order's exactly (and inside no other's).
+    let order = api.order(&by_web("98765432")).await.unwrap();
+    assert_eq!(order.sales_order_number, so("104233871"));
+    // 98765433 is carried by two orders.
+    let err = api.order(&by_web("98765433")).await.unwrap_err();
+    let code = permanent_code(&err);
+    assert_eq!(
+        code.as_ref().map(ErrorCode::as_str),
+        Some("AMBIGUOUS_MATCH"),
+        "{err}"
+    );
+    let detail = err.to_string();
+    assert!(
+        detail.contains("104233872") && detail.contains("500070"),
+        "{detail}"
+    );
+}
+
+#[tokio::test]
+async fn an_order_answer_without_holds_is_unreadable_not_released() {
+    let mut scenario = Scenario::demo().unwrap();
+    scenario.orders.push(OrderSpec {
+        sales_order_number: "500071".into(),
+        web_order_id: Some("W500071".into()),
+        holds_field: Some(HoldsField::Missing),
+        ..OrderSpec::default()
+    });
+    scenario.orders.push(OrderSpec {
+        sales_order_number: "500072".into(),
+        holds_field: Some(HoldsField::Null),
+        ..OrderSpec::default()
+    });
+    let sim = start(scenario).await;
+    let api = client(&sim);
+    for id in [by_number("500071"), by_web("W500071"), by_number("500072")] {
+        let err = api.order(&id).await.unwrap_err();
+        let (_, detail) = transient(&err);
+        assert!(detail.contains("holds"), "{id}: {detail}");
+    }
+}
+
+#[tokio::test]
+async fn two_active_accounts_matching_exactly_are_ambiguous() {
+    let sim = start_demo().await;
+    let api = client(&sim);
+    let name = AccountSelector::Name("umbrella corporation".into());
+    let email = AccountSelector::Email(Email::parse("Licensing@Umbrella.com").unwrap());
+    for selector in [name, email] {
+        let err = api
+            .find_account(&selector, Some(AccountType::Customer))
+            .await
+            .unwrap_err();
+        let code = permanent_code(&err);
+        assert_eq!(
+            code.as_ref().map(ErrorCode::as_str),
+            Some("AMBIGUOUS_MATCH"),
+            "{selector}: {err}"
+        );
+        let detail = err.to_string();
+        assert!(
+            detail.contains("SA-300001") && detail.contains("SA-300002"),
+            "{detail}"
+        );
+    }
+    // By domain, each is one account.
+    let one = api
+        .find_account(&domain("umbrella.com"), None)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(one.id, "SA-300001");
+}
+
+#[tokio::test]
+async fn the_harder_shapes_of_the_contract_are_read() {
+    let mut scenario = Scenario::demo().unwrap();
+    scenario.extra_fields = true;
+    scenario.omit_expires_in = true;
+    let sim = start(scenario).await;
+    let api = client(&sim);
+    let account = api
+        .find_account(&domain("acme.com"), Some(AccountType::Customer))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(account.id, "SA-100231");
+    let vas = api
+        .virtual_accounts(&Domain::parse("acme.com").unwrap())
+        .await
+        .unwrap();
+    assert_eq!(vas.len(), 2);
+    let order = api.order(&by_web("98765432")).await.unwrap();
+    assert_eq!(order.smart_account_domain, None, "smartAccount: null");
+    assert_eq!(order.virtual_account_name, None, "virtualAccount: null");
+    let receipt = api
+        .assign(&so("104233871"), &acme(), "extra-fields")
+        .await
+        .unwrap();
+    assert_eq!(receipt.status, "SUBMITTED");
+    // Without expires_in the token is reused, not fetched for every call.
+    for _ in 0..5 {
+        api.order(&by_number("104233871")).await.unwrap();
+    }
+    assert_eq!(sim.stats().tokens_issued, 1);
+
+    // A 5xx without any body is transient, like any other.
+    sim.script(SimEndpoint::Order, &[Forced::EmptyServerError; 3]);
+    let err = api.order(&by_number("104233871")).await.unwrap_err();
+    let (_, detail) = transient(&err);
+    assert!(
+        detail.contains("503") && detail.contains("without an error body"),
+        "{detail}"
+    );
+}
+
+#[tokio::test]
+async fn a_token_without_expires_in_does_not_live_forever() {
+    let mut scenario = Scenario::demo().unwrap();
+    scenario.omit_expires_in = true;
+    scenario.token_ttl = Duration::from_secs(1);
+    let sim = start(scenario).await;
+    let mut s = settings(&sim);
+    s.rate_limit = 50.0;
+    let api = HttpCommerce::new(&s).unwrap();
+    let started = Instant::now();
+    while started.elapsed() < Duration::from_millis(2500) {
+        api.order(&by_number("104233871"))
+            .await
+            .expect("a 401 after the real expiry fetches a new token and repeats the call");
+    }
+    let stats = sim.stats();
+    assert!(
+        (2..=4).contains(&stats.tokens_issued),
+        "one token per real lifetime, not one per call: {stats:?}"
+    );
 }
 
 #[tokio::test]

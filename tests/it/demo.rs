@@ -44,6 +44,14 @@ async fn the_demo_ends_with_every_order_accounted_for() {
     assert!(row("104233880").contains("NO_RULE_MATCHED"));
     assert!(row("104233881").contains("SMART_ACCOUNT_NOT_FOUND"));
     assert!(row("104233882").contains("SMART_ACCOUNT_NOT_ACTIVE"));
+    // Two ACTIVE accounts named "Umbrella Corporation": never the first one.
+    let umbrella = row("104233883");
+    assert!(
+        umbrella.contains("umbrella-by-name")
+            && umbrella.contains("AMBIGUOUS_MATCH (critical)")
+            && !umbrella.contains("umbrella.com"),
+        "{umbrella}"
+    );
     assert!(
         stdout.contains("Dead-letter queue: 1 message(s)") && stdout.contains("MALFORMED_JSON"),
         "{stdout}"

@@ -16,3 +16,4 @@ mod intake;
 mod ops;
 mod rules;
 mod support;
+mod tls;

@@ -444,6 +444,24 @@ fn every_transition() {
             Expect::Escalated(R::OrderNotAccessible),
         ),
         (
+            "web order id only, several orders carry it",
+            resolving(&web_only, false),
+            vec![
+                account("acme.com", Active),
+                public_default.clone(),
+                Reply::Order(Err(permanent(ErrorCode::AmbiguousMatch))),
+            ],
+            vec!["find_account", "virtual_accounts", "read_order"],
+            Expect::Escalated(R::AmbiguousMatch),
+        ),
+        (
+            "two ACTIVE accounts match exactly: no fallback, escalated",
+            resolving(&STANDARD, true),
+            vec![Reply::Account(Err(permanent(ErrorCode::AmbiguousMatch)))],
+            vec!["find_account"],
+            Expect::Escalated(R::AmbiguousMatch),
+        ),
+        (
             "account search fails transiently",
             resolving(&STANDARD, true),
             vec![Reply::Account(Err(transient()))],
@@ -1002,6 +1020,7 @@ fn reply_for(case: &Case, call: &Call, die: u8) -> Reply {
         ErrorCode::SmartAccountNotActive,
         ErrorCode::VirtualAccountNotFound,
         ErrorCode::InvalidCredentials,
+        ErrorCode::AmbiguousMatch,
     ];
     let err = |die: u8| {
         if die.is_multiple_of(3) {

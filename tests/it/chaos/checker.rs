@@ -6,7 +6,8 @@
 //!   distinct envelope ids, and it is the outcome the order's situation
 //!   calls for;
 //! - at most one accepted assignment per order (the simulator's count);
-//! - at most one case per order;
+//! - at most one accepted assignment to an order nobody sent (none);
+//! - at most one case per order that was not merged into another;
 //! - every malformed input in the dead-letter queue exactly once, with its
 //!   error code;
 //! - no open case left behind its due time.
@@ -240,13 +241,21 @@ pub async fn check(
             ));
         }
     }
+    // Assignments to an order nobody sent: a wrong order.
+    let ours: u64 = orders.iter().map(|o| stats.assignments_of(&o.number)).sum();
+    let wrong = stats.total_assignments().saturating_sub(ours);
+    if wrong > 0 {
+        r.unexpected += wrong as usize;
+        r.problem(format!("{wrong} assignments to orders nobody sent"));
+    }
     r.recovery = last_terminal
         .map(|t| t.saturating_duration_since(disruption_over))
         .unwrap_or(Duration::ZERO);
 
-    // The store: one case per order, none stuck.
+    // The store: one case per order (others merged into it), none stuck.
     let twice: Vec<(String, i64)> = sqlx::query_as(
-        "SELECT order_key, count(*) FROM cases GROUP BY order_key HAVING count(*) > 1",
+        "SELECT order_key, count(*) FROM cases WHERE state <> 'merged' \
+         GROUP BY order_key HAVING count(*) > 1",
     )
     .fetch_all(&stage.pool)
     .await
@@ -256,7 +265,7 @@ pub async fn check(
         r.problem(format!("order {order}: {n} cases"));
     }
     let stuck: Vec<(String, String)> = sqlx::query_as(
-        "SELECT order_key, state FROM cases WHERE state NOT IN ('released', 'escalated') \
+        "SELECT order_key, state FROM cases WHERE state NOT IN ('released', 'escalated', 'merged') \
          AND next_action_at < now() - interval '30 seconds'",
     )
     .fetch_all(&stage.pool)

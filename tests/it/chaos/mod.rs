@@ -14,6 +14,7 @@
 //! runs alone (`.config/nextest.toml`).
 
 mod checker;
+mod disruptive;
 mod panics;
 mod poison;
 mod replicas;

@@ -3,22 +3,24 @@
 
 use std::time::{Duration, Instant};
 
-use holdclear::sim::{EndpointFaults, Scenario, SimEndpoint};
+use holdclear::broker::OutgoingMessage;
+use holdclear::sim::{EndpointFaults, OrderSpec, Scenario, SimEndpoint};
+use serde_json::json;
 use sqlx::PgPool;
 
-use super::{Collector, Order, Stage, check, messages, orders, worker_connections};
+use super::{Order, Stage, check, messages, orders, worker_connections};
 use crate::support::broker::close_connection;
 use crate::support::wait_for;
 
 /// How long a run may take to settle after its last disruption.
-const SETTLE: Duration = Duration::from_secs(120);
+pub(super) const SETTLE: Duration = Duration::from_secs(120);
 
-fn demo() -> Scenario {
+pub(super) fn demo() -> Scenario {
     Scenario::demo().expect("the demo scenario is valid")
 }
 
 /// Publishes chunk `i` of `n` of the orders.
-async fn feed(stage: &Stage, orders: &[Order], i: usize, n: usize) {
+pub(super) async fn feed(stage: &Stage, orders: &[Order], i: usize, n: usize) {
     let size = orders.len().div_ceil(n);
     let chunk = &orders[(i * size).min(orders.len())..((i + 1) * size).min(orders.len())];
     stage.rabbit.publish(&messages(chunk)).await;
@@ -302,138 +304,69 @@ async fn publisher_confirms(pool: PgPool) {
     report.assert_clean();
 }
 
-/// RabbitMQ's application stopped with `rabbitmqctl stop_app`, on the
-/// node everything shares, until [`BrokerOutage::end`]. Dropping it starts
-/// the application again, even after a failure; and a watchdog process of
-/// its own (outside the test's process group) starts it after 90 s should
-/// the test process be killed before it could.
-struct BrokerOutage {
-    stopped: bool,
-    watchdog: Option<std::process::Child>,
-}
-
-impl BrokerOutage {
-    /// Stops the broker's application (the guard exists before it stops).
-    async fn begin() -> Self {
-        use std::os::unix::process::CommandExt;
-        let mut outage = Self {
-            stopped: true,
-            watchdog: None,
-        };
-        outage.watchdog = std::process::Command::new("sh")
-            .args(["-c", "sleep 90 && rabbitmqctl -q start_app"])
-            .stdin(std::process::Stdio::null())
-            .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::null())
-            .process_group(0)
-            .spawn()
-            .ok();
-        rabbitmqctl(&["stop_app"]).await;
-        outage
-    }
-
-    /// Starts the application again and waits until the broker is up.
-    async fn end(&mut self) {
-        rabbitmqctl(&["start_app"]).await;
-        rabbitmqctl(&["await_startup", "--timeout", "60"]).await;
-        self.stopped = false;
-        self.stop_watchdog();
-    }
-
-    fn stop_watchdog(&mut self) {
-        if let Some(mut w) = self.watchdog.take() {
-            // Its group: the shell and its `sleep`.
-            let group = nix::unistd::Pid::from_raw(w.id() as i32);
-            let _ = nix::sys::signal::killpg(group, nix::sys::signal::Signal::SIGKILL);
-            let _ = w.wait();
-        }
-    }
-}
-
-impl Drop for BrokerOutage {
-    fn drop(&mut self) {
-        if self.stopped {
-            let started = [&["start_app"][..], &["await_startup", "--timeout", "60"]]
-                .iter()
-                .all(|args| {
-                    std::process::Command::new("rabbitmqctl")
-                        .arg("-q")
-                        .args(*args)
-                        .status()
-                        .is_ok_and(|s| s.success())
-                });
-            if !started {
-                // The watchdog stays: it tries again later.
-                return;
-            }
-        }
-        self.stop_watchdog();
-    }
-}
-
-/// `rabbitmqctl -q ARGS`; panics unless it succeeds.
-async fn rabbitmqctl(args: &[&str]) {
-    let out = tokio::process::Command::new("rabbitmqctl")
-        .arg("-q")
-        .args(args)
-        .output()
-        .await
-        .expect("rabbitmqctl runs");
-    assert!(
-        out.status.success(),
-        "rabbitmqctl {args:?}: {}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
-
-/// RabbitMQ itself stopped (`rabbitmqctl stop_app`) for 5 s and started
-/// again while 300 held orders flow: every connection of every client goes
-/// down at once; the quorum queues, durable exchanges and their bindings
-/// come back with the broker. It disrupts every test that uses RabbitMQ, so
-/// it runs alone (`.config/nextest.toml`). The events are collected on a
-/// durable queue, so that the collector's own reconnect loses nothing.
+/// Each order announced three times with three event ids: by web order id
+/// alone, by sales order number alone and by both, the three in shuffled
+/// chunks, while the worker is SIGKILLed every 2 s, four times: one case
+/// per order (the others merged into it), one assignment, never to another
+/// order. The simulator knows each order by both ids.
 #[sqlx::test]
-async fn broker_restarted(pool: PgPool) {
-    let mut stage = Stage::new("restart", pool, demo()).await;
-    stage.events = Collector::start_durable(&stage.rabbit.topology).await;
-    let orders = orders("restart", 86_000_000, 300);
-    let mut worker = stage.worker().await;
-    feed(&stage, &orders, 0, 3).await;
-    wait_for(Duration::from_secs(60), "the first outcomes", || async {
-        (stage.events.terminal_orders() > 10).then_some(())
-    })
-    .await;
-    // More orders in flight when the broker goes.
-    feed(&stage, &orders, 1, 3).await;
-    let mut outage = BrokerOutage::begin().await;
-    let down = Instant::now();
-    while down.elapsed() < Duration::from_secs(5) {
-        tokio::time::sleep(Duration::from_millis(500)).await;
-        assert!(
-            worker.running(),
-            "the worker survives the broker's absence:\n{}",
-            worker.tail()
-        );
+async fn one_order_under_both_ids_while_killed(pool: PgPool) {
+    let orders = orders("ids", 87_000_000, 240);
+    let mut scenario = demo();
+    scenario.orders.extend(orders.iter().map(|o| OrderSpec {
+        sales_order_number: o.number.clone(),
+        web_order_id: Some(format!("W{}", o.number)),
+        order_type: o.event["data"]["orderType"].as_str().map(str::to_owned),
+        ..OrderSpec::default()
+    }));
+    let stage = Stage::new("ids", pool, scenario).await;
+    // The three namings of every order, interleaved: W, S, both; S, both, W; …
+    let mut namings: Vec<OutgoingMessage> = Vec::new();
+    for (i, o) in orders.iter().enumerate() {
+        let by = |tag: &str, keep_so: bool, keep_web: bool| {
+            let mut ev = o.event.clone();
+            ev["id"] = json!(format!("{}-{tag}", o.event["id"].as_str().unwrap()));
+            let data = ev["data"].as_object_mut().unwrap();
+            if !keep_so {
+                data.remove("salesOrderNumber");
+            }
+            if !keep_web {
+                data.remove("webOrderId");
+            }
+            crate::support::broker::message(&ev)
+        };
+        let mut three = vec![
+            by("web", false, true),
+            by("so", true, false),
+            by("both", true, true),
+        ];
+        three.rotate_left(i % 3);
+        namings.extend(three);
     }
-    outage.end().await;
+    let mut worker = stage.worker().await;
+    let chunk = namings.len().div_ceil(4);
+    for (i, part) in namings.chunks(chunk).enumerate() {
+        stage.rabbit.publish(part).await;
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        if i < 3 {
+            worker.kill_and_restart();
+        }
+    }
+    worker.kill_and_restart();
     let over = Instant::now();
-    stage.rabbit.reconnect().await;
-    stage.events.reconnect().await;
-    // The worker reconnects by itself and consumes again.
-    stage.wait_consumers(1).await;
-    feed(&stage, &orders, 2, 3).await;
-    let report = check(&stage, "broker_restarted", &orders, &[], over, SETTLE).await;
-    assert!(
-        worker.running(),
-        "the worker survives the restart:\n{}",
-        worker.tail()
-    );
-    assert!(
-        worker.logs().contains("Lost the held-order consumer"),
-        "the worker saw the broker go:\n{}",
-        worker.tail()
-    );
-    worker.stops_cleanly().await;
+    let report = check(
+        &stage,
+        "one_order_under_both_ids_while_killed",
+        &orders,
+        &[],
+        over,
+        SETTLE,
+    )
+    .await;
+    let merged: i64 = sqlx::query_scalar("SELECT count(*) FROM cases WHERE state = 'merged'")
+        .fetch_one(&stage.pool)
+        .await
+        .unwrap();
+    eprintln!("cases merged into their order's case: {merged}");
     report.assert_clean();
 }

@@ -6,9 +6,10 @@
 
 use holdclear::commerce::HttpCommerce;
 use holdclear::config::CommerceSettings;
-use holdclear::sim::{EndpointFaults, OrderSpec, Scenario, SimEndpoint, SimHandle};
+use holdclear::sim::{EndpointFaults, HoldsField, OrderSpec, Scenario, SimEndpoint, SimHandle};
 
 use super::*;
+use crate::support::sim::stats_over_http;
 use crate::support::{bin, database_url, sim};
 
 /// The demo scenario (acme.com, the decoy notacme.com, initech.com PENDING,
@@ -82,6 +83,217 @@ async fn escalates(
     assert!(!e.data("detail").as_str().unwrap_or_default().is_empty());
     w.stop().await;
     sim
+}
+
+/// The events of case `id` up to its terminal one (a release, or an
+/// escalation other than `HOLD_PERSISTS`), each checked against the contract.
+async fn events_until_settled(w: &mut World, id: Uuid) -> Vec<Received> {
+    let case = id.to_string();
+    let settles = |e: &Received| {
+        e.data("caseId") == case.as_str()
+            && (e.routing_key == "order.hold_released"
+                || (e.routing_key == "order.hold_escalated" && e.data("reason") != "HOLD_PERSISTS"))
+    };
+    let seen = w
+        .events
+        .until(DEADLINE, "the case's terminal event", |s| {
+            s.iter().any(settles)
+        })
+        .await
+        .to_vec();
+    let mine: Vec<Received> = seen
+        .into_iter()
+        .filter(|e| e.data("caseId") == case.as_str())
+        .collect();
+    for e in &mine {
+        assert_contract(e);
+    }
+    mine
+}
+
+fn routing_keys(events: &[Received]) -> Vec<&str> {
+    events.iter().map(|e| e.routing_key.as_str()).collect()
+}
+
+/// An event naming only a web order id: Cisco's search answers every order
+/// whose web order id *contains* it. Here no order carries exactly this
+/// one, so the order is not found; the order that merely contains it
+/// (104233871, web order id 98765432) is never assigned.
+#[sqlx::test]
+async fn a_web_order_id_found_only_inside_another_ones_is_not_found(pool: PgPool) {
+    let mut scenario = demo();
+    scenario.defaults.create_unknown = false;
+    let (sim, mut w) = start(pool, scenario, 1, fast_settings()).await;
+    let ev = held("500050", "acme.com", |v| {
+        v["data"]
+            .as_object_mut()
+            .unwrap()
+            .remove("salesOrderNumber");
+        v["data"]["webOrderId"] = json!("8765432");
+    });
+    let id = w.open(&ev).await;
+    let events = events_until_settled(&mut w, id).await;
+    assert_eq!(
+        routing_keys(&events),
+        ["order.hold_escalated"],
+        "{events:#?}"
+    );
+    assert_eq!(events[0].data("reason"), "ORDER_NOT_ACCESSIBLE");
+    assert_eq!(events[0].data("level"), "critical");
+    assert_eq!(events[0].data("webOrderId"), "8765432");
+    assert_eq!(
+        events[0].data("salesOrderNumber"),
+        &Value::Null,
+        "no sales order number was taken from another order"
+    );
+    let stats = stats_over_http(&sim).await;
+    assert_eq!(stats.assignments_of("104233871"), 0, "{stats:?}");
+    assert_eq!(stats.total_assignments(), 0, "{stats:?}");
+    w.stop().await;
+}
+
+/// Two orders carry exactly the web order id the event names: the worker
+/// cannot tell which is the held one and escalates `AMBIGUOUS_MATCH` with
+/// both in the detail, assigning neither.
+#[sqlx::test]
+async fn two_orders_with_the_events_web_order_id_are_ambiguous(pool: PgPool) {
+    let mut scenario = demo();
+    scenario.orders.push(OrderSpec {
+        sales_order_number: "500051".into(),
+        web_order_id: Some("98765432".into()),
+        ..OrderSpec::default()
+    });
+    let (sim, mut w) = start(pool, scenario, 1, fast_settings()).await;
+    let ev = held("500051", "acme.com", |v| {
+        v["data"]
+            .as_object_mut()
+            .unwrap()
+            .remove("salesOrderNumber");
+        v["data"]["webOrderId"] = json!("98765432");
+    });
+    let id = w.open(&ev).await;
+    let events = events_until_settled(&mut w, id).await;
+    assert_eq!(
+        routing_keys(&events),
+        ["order.hold_escalated"],
+        "{events:#?}"
+    );
+    let e = &events[0];
+    assert_eq!(e.data("reason"), "AMBIGUOUS_MATCH");
+    assert_eq!(e.data("level"), "critical");
+    let detail = e.data("detail").as_str().unwrap_or_default();
+    assert!(
+        detail.contains("104233871") && detail.contains("500051"),
+        "the candidates are listed: {detail}"
+    );
+    let r = w.case(id).await;
+    assert_eq!(
+        r.case.escalation_reason.map(|r| r.as_str()),
+        Some("AMBIGUOUS_MATCH")
+    );
+    let stats = stats_over_http(&sim).await;
+    assert_eq!(stats.total_assignments(), 0, "{stats:?}");
+    w.stop().await;
+}
+
+/// A rule naming the account by name, and two ACTIVE accounts of exactly
+/// that name (the demo's Umbrella Corporation): `AMBIGUOUS_MATCH` with both
+/// candidates, never the first of them.
+#[sqlx::test]
+async fn two_active_accounts_of_the_rules_name_are_ambiguous(pool: PgPool) {
+    let sim = sim::start(demo()).await;
+    let by_name = Arc::new(|_: &HeldOrder| -> Option<Decision> {
+        Some(Decision {
+            rule: "by-name".into(),
+            rules_hash: "0123abcd".into(),
+            target: Target {
+                account: AccountSelector::Name("Umbrella Corporation".into()),
+                account_type: AccountType::Customer,
+                virtual_account: VirtualAccountChoice::AccountDefault,
+            },
+            fallback: Some(Target {
+                account: AccountSelector::Domain(Domain::parse(HOLDING).unwrap()),
+                account_type: AccountType::Holding,
+                virtual_account: VirtualAccountChoice::Named("Holding".into()),
+            }),
+        })
+    });
+    let mut w = World::start_with(
+        pool,
+        vec![client(&sim, Duration::from_millis(500))],
+        by_name,
+        fast_settings(),
+        crate::support::topology(&unique("engine")),
+    )
+    .await;
+    let id = w.open(&held("500052", "umbrella.com", |_| {})).await;
+    let events = events_until_settled(&mut w, id).await;
+    assert_eq!(
+        routing_keys(&events),
+        ["order.hold_escalated"],
+        "{events:#?}"
+    );
+    let e = &events[0];
+    assert_eq!(e.data("reason"), "AMBIGUOUS_MATCH");
+    assert_eq!(e.data("level"), "critical");
+    let detail = e.data("detail").as_str().unwrap_or_default();
+    assert!(
+        detail.contains("SA-300001") && detail.contains("SA-300002"),
+        "the candidates are listed: {detail}"
+    );
+    let stats = stats_over_http(&sim).await;
+    assert_eq!(
+        stats.calls(SimEndpoint::Assign),
+        0,
+        "neither the first match nor the fallback: {stats:?}"
+    );
+    w.stop().await;
+}
+
+/// An order answer without `holds` (or with `holds: null`) says nothing
+/// about the hold. The watch retries it as an unreadable answer and, since
+/// it stays so, ends in `RETRIES_EXHAUSTED` naming the missing holds; it is
+/// never reported released.
+#[sqlx::test]
+async fn an_order_answer_without_holds_is_never_a_release(pool: PgPool) {
+    let mut scenario = demo();
+    for (so, field) in [
+        ("500060", HoldsField::Missing),
+        ("500061", HoldsField::Null),
+    ] {
+        scenario.orders.push(OrderSpec {
+            sales_order_number: so.into(),
+            holds_field: Some(field),
+            ..OrderSpec::default()
+        });
+    }
+    let mut settings = fast_settings();
+    settings.retry.max_elapsed = Duration::from_millis(800);
+    let (sim, mut w) = start(pool, scenario, 1, settings).await;
+    for so in ["500060", "500061"] {
+        let id = w.open(&held(so, "acme.com", |_| {})).await;
+        let events = events_until_settled(&mut w, id).await;
+        assert_eq!(
+            routing_keys(&events),
+            ["order.smart_account_assigned", "order.hold_escalated"],
+            "order {so}: {events:#?}"
+        );
+        let e = &events[1];
+        assert_eq!(e.data("reason"), "RETRIES_EXHAUSTED", "order {so}");
+        let detail = e.data("detail").as_str().unwrap_or_default();
+        assert!(detail.contains("holds"), "order {so}: {detail}");
+        let r = w.case(id).await;
+        assert_eq!(r.case.state, CaseState::Escalated, "order {so}");
+        assert_eq!(r.case.released_at, None, "order {so}");
+        let stats = stats_over_http(&sim).await;
+        assert_eq!(stats.assignments_of(so), 1, "order {so}: {stats:?}");
+    }
+    let stats = stats_over_http(&sim).await;
+    assert!(
+        stats.calls(SimEndpoint::Order) > 4,
+        "the unreadable answers were retried: {stats:?}"
+    );
+    w.stop().await;
 }
 
 #[sqlx::test]

@@ -545,8 +545,15 @@ async fn retry_refuses_while_another_case_of_the_order_is_open(pool: PgPool) {
     let first = w.open(&held("14001", "nomatch.example", |_| {})).await;
     w.wait_state(first, CaseState::Escalated).await;
     w.cancel.cancel();
-    // A new hold on the same order opens a second case, not yet stepped.
-    open_case(&pool, &held("14001", "acme.example", |_| {})).await;
+    // A new hold on the same order (applied after the escalation) opens a
+    // second case, not yet stepped.
+    open_case(
+        &pool,
+        &held("14001", "acme.example", |v| {
+            v["data"]["heldAt"] = json!(Utc::now().to_rfc3339());
+        }),
+    )
+    .await;
     let err = holdclear::engine::retry_case(&w.store, "14001")
         .await
         .unwrap_err();

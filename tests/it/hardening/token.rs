@@ -57,6 +57,7 @@ async fn never_expires(expires_in: &'static str) {
         client_secret: Secret::new("forever-secret"),
         rate_limit: 1000.0,
         request_timeout: Duration::from_secs(5),
+        tls_ca: None,
     })
     .unwrap();
     let acme = AccountSelector::Domain(Domain::parse("acme.example").unwrap());

@@ -40,6 +40,22 @@ pub fn unique(prefix: &str) -> String {
     format!("{prefix}-{}-{n}-{nanos}", std::process::id())
 }
 
+/// Whether a test that disrupts a shared service (stops RabbitMQ) or loads
+/// the whole machine (the bench) may run: under the `chaos` nextest profile
+/// (nextest sets `NEXTEST_PROFILE`), or when `HOLDCLEAR_DISRUPTIVE_TESTS=1`.
+/// Otherwise, as under a plain `cargo test`, it says so and is skipped.
+pub fn disruptive_tests_allowed(test: &str) -> bool {
+    let allowed = std::env::var("NEXTEST_PROFILE").is_ok_and(|p| p == "chaos")
+        || std::env::var("HOLDCLEAR_DISRUPTIVE_TESTS").is_ok_and(|v| v == "1");
+    if !allowed {
+        eprintln!(
+            "{test}: skipped: it disrupts shared services; run `cargo nextest run --profile chaos` \
+             (or set HOLDCLEAR_DISRUPTIVE_TESTS=1)"
+        );
+    }
+    allowed
+}
+
 /// The AMQP URL of the local broker.
 pub fn amqp_url() -> String {
     std::env::var("HOLDCLEAR_TEST_AMQP_URL")
