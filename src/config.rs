@@ -319,6 +319,12 @@ pub struct AmqpSettings {
     pub confirm_timeout: Duration,
     /// CA trusted for `amqps://` besides the built-in roots.
     pub tls_ca: Option<CaFile>,
+    /// Whether `holdclear run` consumes the dead-letter queue into the
+    /// `dead_letters` table (`HOLDCLEAR_DLQ_INGEST`, default true).
+    pub dead_letter_ingest: bool,
+    /// How long archived and replayed dead letters are kept before the
+    /// background prune deletes them (`HOLDCLEAR_DLQ_RETENTION`, default 30d).
+    pub dead_letter_retention: Duration,
 }
 
 /// Deadlines on every wait for PostgreSQL; a wait that runs out fails
@@ -456,6 +462,8 @@ struct FileSettings {
     delivery_limit: Option<u32>,
     intake_batch: Option<usize>,
     intake_linger: Option<String>,
+    dlq_ingest: Option<bool>,
+    dlq_retention: Option<String>,
     amqp_confirm_timeout: Option<String>,
     topology: Option<Topology>,
     commerce_base_url: Option<String>,
@@ -727,6 +735,9 @@ impl Settings {
         let intake_batch = r.parsed("HOLDCLEAR_INTAKE_BATCH", f.intake_batch, 256)?;
         positive("HOLDCLEAR_INTAKE_BATCH", intake_batch as f64)?;
         let intake_linger = r.duration("HOLDCLEAR_INTAKE_LINGER", f.intake_linger, "5ms")?;
+        let dead_letter_ingest = r.parsed("HOLDCLEAR_DLQ_INGEST", f.dlq_ingest, true)?;
+        let dead_letter_retention =
+            r.duration("HOLDCLEAR_DLQ_RETENTION", f.dlq_retention, "30d")?;
         let confirm_timeout = r.duration(
             "HOLDCLEAR_AMQP_CONFIRM_TIMEOUT",
             f.amqp_confirm_timeout,
@@ -944,6 +955,8 @@ impl Settings {
                 intake_linger,
                 confirm_timeout,
                 tls_ca: amqp_tls_ca,
+                dead_letter_ingest,
+                dead_letter_retention,
             },
             commerce: CommerceSettings {
                 base_url,

@@ -47,6 +47,8 @@ use crate::store::{Store, StoreError};
 const PROBE_EVERY: Duration = Duration::from_secs(1);
 /// How long the tasks get to end once everything was told to stop.
 const TASKS_EXIT: Duration = Duration::from_secs(2);
+/// Unacknowledged dead letters the ingester may hold at once.
+const DEAD_LETTER_PREFETCH: u16 = 32;
 
 /// Why the worker could not start or stopped with an error.
 #[derive(Debug, thiserror::Error)]
@@ -435,6 +437,29 @@ async fn work(settings: &Settings, parts: Parts, health: &Arc<Health>) -> Result
     );
     let intaking = supervisor.spawn("intake", intake.run(inbox, abort.clone()));
 
+    // Dead letters: the dead-letter queue into the `dead_letters` table
+    // (acked after commit), and the bounded prune of old ones.
+    let dead_letters = settings.amqp.dead_letter_ingest.then(|| {
+        let ingest = crate::broker::dlq_ingest::DeadLetterIngest::new(
+            Broker::from_settings(&settings.amqp, connection_name(settings, &parts.identity)),
+            settings.amqp.topology.clone(),
+            settings.amqp.delivery_limit,
+            DEAD_LETTER_PREFETCH,
+        );
+        supervisor.spawn(
+            "dead-letter ingest",
+            crate::intake::dead_letters::ingest(store.clone(), ingest, stop.clone()),
+        )
+    });
+    supervisor.spawn(
+        "dead-letter prune",
+        crate::intake::dead_letters::prune(
+            store.clone(),
+            settings.amqp.dead_letter_retention,
+            stop.clone(),
+        ),
+    );
+
     // The case engine: due cases are decided, resolved, assigned and
     // watched; its committer writes their steps.
     let relay_wake = Arc::new(Notify::new());
@@ -495,6 +520,9 @@ async fn work(settings: &Settings, parts: Parts, health: &Arc<Health>) -> Result
         })
     };
     let consumed = consuming.await;
+    if let Some(dead_letters) = dead_letters {
+        let _ = dead_letters.await;
+    }
     let taken = intaking.await;
     let engined = engining.await;
     let committed = committer.await;

@@ -3,6 +3,7 @@
 //! - [`bench`]: the benchmark's broker limit (an ack-only consumer), queue counts, purge.
 //! - [`connection`]: connecting, with a named connection and a reconnect loop.
 //! - [`topology`]: the exchanges and queues of the event contract, declared idempotently.
+//! - [`dlq_ingest`]: consuming the dead-letter queue into the store, ack after commit.
 //! - [`dlq`]: operators' view of the dead-letter queue: browse, replay, purge.
 //! - [`publisher`]: publishing with confirms and `mandatory`, one message or a window of them.
 //! - [`subscription`]: a private queue on an exchange, to watch events as fulfilment would.
@@ -14,6 +15,7 @@ pub mod connection;
 pub mod consumer;
 pub mod dead_letter;
 pub mod dlq;
+pub mod dlq_ingest;
 pub mod publisher;
 pub mod subscription;
 pub mod topology;

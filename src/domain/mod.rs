@@ -5,11 +5,13 @@
 
 mod account;
 mod case;
+pub mod dead_letter;
 mod event;
 mod values;
 
 pub use account::{AccountSelector, AccountType, Target, VirtualAccountChoice};
 pub use case::{CaseState, EscalationLevel, EscalationReason};
+pub use dead_letter::{DeadLetterMessage, OrderIds};
 pub use event::{
     DeadLetterCode, DecodeError, EndCustomer, HELD_EVENT_TYPE, HeldOrder, HeldOrderEvent,
     HoldReason, Line, Partner, PendingSmartAccount,

@@ -18,6 +18,8 @@
 //! are resolved by the store). Acks go strictly in delivery order, batch
 //! after batch, which is what makes acks with `multiple` safe.
 
+pub mod dead_letters;
+
 use std::sync::Arc;
 use std::time::Duration;
 

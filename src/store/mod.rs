@@ -16,12 +16,17 @@ use crate::config::{CaFile, DatabaseTimeouts, SecretUrl};
 
 mod bench;
 mod cases;
+mod dead_letters;
 mod intake;
 mod ops;
 mod outbox;
 
 pub use cases::{
     CaseFilter, CaseRecord, CaseSummary, Claimed, HistoryRow, Identity, RetryCommit, StepCommit,
+};
+pub use dead_letters::{
+    DeadLetterFilter, DeadLetterGroup, DeadLetterRecord, DeadLetterSummary, Note, Operation,
+    OperationItem, RecordedDeadLetter, Sighting,
 };
 pub use intake::Recorded;
 pub use ops::OpsSnapshot;

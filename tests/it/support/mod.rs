@@ -83,6 +83,9 @@ pub fn env_for(database_url: &str) -> HashMap<String, String> {
     env.insert("HOLDCLEAR_AMQP_URL".into(), amqp_url());
     env.insert("HOLDCLEAR_HTTP_ADDR".into(), "127.0.0.1:0".into());
     env.insert("HOLDCLEAR_LOG_FORMAT".into(), "json".into());
+    // Tests that look at the dead-letter queue itself need its messages to
+    // stay there; the dead-letter tests turn the ingester on.
+    env.insert("HOLDCLEAR_DLQ_INGEST".into(), "false".into());
     // A port nothing listens on (discard): a test that needs the commerce
     // API starts a simulator and says so; none talks to a `holdclear sim`
     // a developer happens to run on the default port.
