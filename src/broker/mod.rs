@@ -5,6 +5,7 @@
 //! - [`topology`]: the exchanges and queues of the event contract, declared idempotently.
 //! - [`dlq_ingest`]: consuming the dead-letter queue into the store, ack after commit.
 //! - [`dlq`]: operators' view of the dead-letter queue: browse, replay, purge.
+//! - [`replay`]: sending stored dead letters back, one confirmed message at a time.
 //! - [`publisher`]: publishing with confirms and `mandatory`, one message or a window of them.
 //! - [`subscription`]: a private queue on an exchange, to watch events as fulfilment would.
 //! - [`consumer`]: consuming the held-order queue, reconnecting by itself; acks in runs.
@@ -17,6 +18,7 @@ pub mod dead_letter;
 pub mod dlq;
 pub mod dlq_ingest;
 pub mod publisher;
+pub mod replay;
 pub mod subscription;
 pub mod topology;
 

@@ -44,7 +44,7 @@ pub enum Command {
     /// Validate and explain the default Smart Account rules.
     #[command(subcommand)]
     Rules(rules::Command),
-    /// Inspect, replay and purge the dead-letter queue.
+    /// Dead letters kept in PostgreSQL: list, show, group, archive, purge, replay.
     #[command(subcommand)]
     Dlq(dlq::Command),
     /// The state of held orders, one case's history, and re-running a case.

@@ -8,8 +8,7 @@ use holdclear::broker::{Broker, Publisher, declare_topology};
 use holdclear::config::SecretUrl;
 use holdclear::store::Store;
 use lapin::options::{
-    BasicGetOptions, BasicPublishOptions, ExchangeDeleteOptions, QueueDeclareOptions,
-    QueueDeleteOptions,
+    BasicPublishOptions, ExchangeDeleteOptions, QueueDeclareOptions, QueueDeleteOptions,
 };
 use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
 use lapin::{BasicProperties, Channel, Connection};
@@ -107,6 +106,49 @@ impl Fixture {
             AMQPValue::FieldArray(vec![AMQPValue::FieldTable(death)].into()),
         );
         self.publish_dlx(id, headers, body).await;
+    }
+
+    /// A broker dead letter whose `x-death` names `exchange` and `routing_key`.
+    async fn broker_dead_letter_from(
+        &self,
+        id: &str,
+        exchange: &str,
+        routing_key: &str,
+        body: &[u8],
+    ) {
+        let text = |s: &str| AMQPValue::LongString(LongString::from(s));
+        let mut death = FieldTable::default();
+        death.insert("queue".into(), text("somewhere"));
+        death.insert("reason".into(), text("delivery_limit"));
+        death.insert("exchange".into(), text(exchange));
+        death.insert(
+            "routing-keys".into(),
+            AMQPValue::FieldArray(vec![text(routing_key)].into()),
+        );
+        let mut headers = FieldTable::default();
+        headers.insert(
+            "x-death".into(),
+            AMQPValue::FieldArray(vec![AMQPValue::FieldTable(death)].into()),
+        );
+        self.publish_dlx(id, headers, body).await;
+    }
+
+    /// `dlq list --json` with `args`.
+    fn list(&self, args: &[&str]) -> Vec<Value> {
+        let mut all = vec!["list", "--json"];
+        all.extend_from_slice(args);
+        let (code, out, err) = self.dlq(&all);
+        assert_eq!(code, 0, "{out}{err}");
+        serde_json::from_str(&out).unwrap()
+    }
+
+    /// The id of the dead letter with this message id.
+    async fn id_of(&self, pool: &PgPool, message_id: &str) -> i64 {
+        sqlx::query_scalar("SELECT id FROM dead_letters WHERE message_id = $1")
+            .bind(message_id)
+            .fetch_one(pool)
+            .await
+            .unwrap()
     }
 
     async fn publish_dlx(&self, id: &str, headers: FieldTable, body: &[u8]) {
@@ -369,113 +411,351 @@ async fn dlq_ingest_holds_messages_while_the_database_is_down(pool: PgPool) {
     task.await.unwrap();
     f.cleanup().await;
 }
+
+/// Publishes the messages, runs an ingester until `n` are stored, stops it.
+async fn ingest_all(f: &Fixture, pool: &PgPool, n: i64) {
+    let (stop, task) = f.ingester(Store::from_pool(pool.clone()));
+    wait_for(DEADLINE, "the dead letters stored", || async {
+        (count(pool, "SELECT count(*) FROM dead_letters").await == n).then_some(())
+    })
+    .await;
+    stop.cancel();
+    task.await.unwrap();
+}
+
 #[sqlx::test]
-async fn list_replay_and_purge_as_an_operator_would(pool: PgPool) {
+async fn dlq_cli_lists_shows_groups_claims_notes_archives_and_purges(pool: PgPool) {
     let f = Fixture::new(&pool).await;
     let t = topology(&f.prefix);
     let now = chrono::Utc::now().to_rfc3339();
-    f.dead_letter("m1", "INVALID_EVENT", &now, &held_body("1001"))
+    let bad = |v: &str| format!("data.salesOrderNumber: \"{v}\" is not a sales order number");
+    f.dead_letter_with("m1", "INVALID_EVENT", &bad("x1"), &now, &held_body("1001"))
         .await;
-    f.dead_letter("m2", "MALFORMED_JSON", &now, b"{not json")
+    f.dead_letter_with("m2", "INVALID_EVENT", &bad("x2"), &now, &held_body("1002"))
         .await;
-    f.dead_letter(
-        "m3",
-        "INVALID_EVENT",
-        "2020-01-01T00:00:00Z",
-        &held_body("1003"),
-    )
-    .await;
-    f.dead_letter("m4", "MALFORMED_JSON", &now, b"[[[").await;
+    f.dead_letter("m3", "MALFORMED_JSON", &now, &[0xff, 0xfe, 0x00])
+        .await;
+    f.broker_dead_letter("m4", &held_body("1004")).await;
+    ingest_all(&f, &pool, 4).await;
 
-    // Looking twice shows the same messages in the same order, and consumes nothing.
-    for _ in 0..2 {
-        let (code, out, err) = f.dlq(&["list", "--json"]);
-        assert_eq!(code, 0, "{err}");
-        let list: Vec<Value> = serde_json::from_str(&out).unwrap();
-        let ids: Vec<&str> = list
-            .iter()
-            .map(|l| l["message_id"].as_str().unwrap())
-            .collect();
-        assert_eq!(ids, ["m1", "m2", "m3", "m4"]);
-        assert_eq!(list[0]["error_code"], "INVALID_EVENT");
-        assert_eq!(list[0]["order_number"], "1001");
-        assert_eq!(list[0]["replayed"], 0);
-        assert_eq!(list[1]["order_number"], Value::Null);
-    }
-    f.wait_depth(&t.dead_letter_queue, 4).await;
+    // Looking twice shows the same, and the queue is not touched.
+    let first = f.list(&[]);
+    assert_eq!(first.len(), 4);
+    assert_eq!(f.list(&[]), first);
+    f.wait_depth(&t.dead_letter_queue, 0).await;
     let (code, out, _) = f.dlq(&["list"]);
     assert_eq!(code, 0);
     assert!(
-        out.contains("MALFORMED_JSON") && out.contains("4 message(s)"),
+        out.contains("MALFORMED_JSON") && out.contains("4 dead letter(s)"),
         "{out}"
     );
 
-    // A dry run changes nothing.
-    let (code, out, _) = f.dlq(&["replay", "--all", "--dry-run"]);
+    // Filters.
+    assert_eq!(f.list(&["--code", "invalid_event"]).len(), 2);
+    let by_order = f.list(&["--order", "1004"]);
+    assert_eq!(by_order.len(), 1);
+    assert_eq!(by_order[0]["code"], "DELIVERY_LIMIT");
+    assert_eq!(by_order[0]["origin_exchange"], t.orders_exchange.as_str());
+    assert_eq!(f.list(&["--text", "\"x2\""]).len(), 1);
+    assert_eq!(f.list(&["--limit", "1", "--offset", "1"]).len(), 1);
+    assert_eq!(f.list(&["--since", "1h"]).len(), 4);
+    assert_eq!(f.list(&["--until", "1h"]).len(), 0);
+
+    // Groups: both INVALID_EVENTs are one group, growing (seen this hour only).
+    let (code, out, _) = f.dlq(&["groups", "--json"]);
     assert_eq!(code, 0);
-    assert!(out.contains("4 of 4 message(s) would be replayed"), "{out}");
-    f.wait_depth(&t.dead_letter_queue, 4).await;
+    let groups: Vec<Value> = serde_json::from_str(&out).unwrap();
+    assert_eq!(groups.len(), 3, "{groups:?}");
+    assert_eq!(groups[0]["code"], "INVALID_EVENT");
+    assert_eq!(groups[0]["count"], 2);
+    assert_eq!(groups[0]["growing"], true);
+    assert_eq!(
+        groups[0]["signature"],
+        "data.salesOrderNumber: \"…\" is not a sales order number"
+    );
+    let group = groups[0]["group"].as_str().unwrap().to_owned();
+    assert_eq!(f.list(&["--group", &group]).len(), 2);
+    let (_, out, _) = f.dlq(&["groups"]);
+    assert!(out.contains("growing"), "{out}");
+
+    // Show: headers, properties, pretty body; non-UTF-8 as hex.
+    let m1 = f.id_of(&pool, "m1").await;
+    let m3 = f.id_of(&pool, "m3").await;
+    let (code, out, _) = f.dlq(&["show", &m1.to_string()]);
+    assert_eq!(code, 0);
+    assert!(out.contains("x-upstream-trace"), "{out}");
+    assert!(out.contains("application/cloudevents+json"), "{out}");
+    assert!(out.contains("\"salesOrderNumber\": \"1001\""), "{out}");
+    let (_, out, _) = f.dlq(&["show", &m3.to_string()]);
+    assert!(out.contains("not UTF-8") && out.contains("fffe00"), "{out}");
+    assert_eq!(f.dlq(&["show", "999999"]).0, 64);
+
+    // Claim a group, note one, archive one.
+    let (code, out, _) = f.dlq(&["claim", "--group", &group, "--operator", "alice"]);
+    assert_eq!(code, 0);
+    assert!(out.contains("2 dead letter(s) claimed by alice"), "{out}");
+    assert_eq!(f.list(&["--group", &group])[0]["claimed_by"], "alice");
+    let (code, _, _) = f.dlq(&[
+        "note",
+        &m1.to_string(),
+        "--text",
+        "asked upstream",
+        "--ticket",
+        "INC-1",
+    ]);
+    assert_eq!(code, 0);
+    let (_, out, _) = f.dlq(&["show", &m1.to_string(), "--json"]);
+    let shown: Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(shown["notes"][0]["ticket"], "INC-1");
+    assert_eq!(shown["notes"][0]["operator"], "tester");
+    assert_eq!(shown["sightings"].as_array().unwrap().len(), 1);
+    let (code, out, _) = f.dlq(&["archive", &m3.to_string()]);
+    assert_eq!(code, 0);
+    assert!(out.contains("1 dead letter(s) archived"), "{out}");
+    assert_eq!(f.list(&[]).len(), 3);
+
+    // Purge: needs a choice; a dry run deletes nothing.
+    assert_eq!(f.dlq(&["purge"]).0, 64);
+    let (_, out, _) = f.dlq(&["purge", "--archived-before", "1h"]);
+    assert!(out.contains("0 dead letter(s) purged"), "{out}");
+    let soon = (chrono::Utc::now() + chrono::Duration::minutes(1)).to_rfc3339();
+    let (_, out, _) = f.dlq(&["purge", "--archived-before", &soon, "--dry-run"]);
+    assert!(out.contains("1 dead letter(s) would be purged"), "{out}");
+    assert_eq!(count(&pool, "SELECT count(*) FROM dead_letters").await, 4);
+    let (_, out, _) = f.dlq(&["purge", "--archived-before", &soon]);
+    assert!(out.contains("1 dead letter(s) purged"), "{out}");
+    let (_, out, _) = f.dlq(&["purge", "--all", "--dry-run"]);
+    assert!(out.contains("3 dead letter(s) would be purged"), "{out}");
+    let (_, out, _) = f.dlq(&["purge", &m1.to_string()]);
+    assert!(out.contains("1 dead letter(s) purged"), "{out}");
+    let (_, out, _) = f.dlq(&["purge", "--all"]);
+    assert!(out.contains("2 dead letter(s) purged"), "{out}");
+    assert_eq!(count(&pool, "SELECT count(*) FROM dead_letters").await, 0);
+    f.cleanup().await;
+}
+
+#[sqlx::test]
+async fn dlq_replay_refuses_unchanged_causes_and_is_resumable(pool: PgPool) {
+    let f = Fixture::new(&pool).await;
+    let t = topology(&f.prefix);
+    let now = chrono::Utc::now().to_rfc3339();
+    for i in 0..5 {
+        f.broker_dead_letter(&format!("d{i}"), &held_body(&format!("200{i}")))
+            .await;
+    }
+    f.dead_letter("bad", "MALFORMED_JSON", &now, b"{not json")
+        .await;
+    f.broker_dead_letter_from("elsewhere", "other.exchange", "k", &held_body("3000"))
+        .await;
+    ingest_all(&f, &pool, 7).await;
+
+    // Needs a choice; a malformed body is refused unless forced.
+    assert_eq!(f.dlq(&["replay"]).0, 64);
+    let (code, out, _) = f.dlq(&["replay", "--code", "MALFORMED_JSON"]);
+    assert_eq!(code, 1, "{out}");
+    assert!(
+        out.contains("refused") && out.contains("Nothing to replay"),
+        "{out}"
+    );
+    let (code, out, _) = f.dlq(&["replay", "--code", "DELIVERY_LIMIT", "--dry-run"]);
+    assert_eq!(code, 0);
+    assert!(out.contains("6 dead letter(s) would be replayed"), "{out}");
+    assert!(out.contains("2000") && out.contains("2004"), "{out}");
     f.wait_depth(&t.held_queue, 0).await;
 
-    // Replay by code: exactly those two go back to the original exchange and routing key.
-    let (code, out, err) = f.dlq(&["replay", "--code", "MALFORMED_JSON", "--rate", "1000"]);
-    assert_eq!(code, 0, "{out}{err}");
-    assert!(out.contains("2 of 4 message(s) replayed"), "{out}");
-    f.wait_depth(&t.dead_letter_queue, 2).await;
-    f.wait_depth(&t.held_queue, 2).await;
-    let got = f
-        .channel
-        .basic_get(
-            t.held_queue.as_str().into(),
-            BasicGetOptions { no_ack: true },
+    // Interrupted half-way (SIGINT), then resumed: each message sent once.
+    let child = bin()
+        .arg("--config")
+        .arg(&f.config)
+        .args([
+            "dlq",
+            "replay",
+            "--code",
+            "DELIVERY_LIMIT",
+            "--rate",
+            "3",
+            "--batch",
+            "2",
+        ])
+        .env("HOLDCLEAR_AMQP_URL", amqp_url())
+        .env("HOLDCLEAR_DATABASE_URL", &f.database_url)
+        .env("USER", "tester")
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    wait_for(DEADLINE, "some messages sent", || async {
+        (count(
+            &pool,
+            "SELECT count(*) FROM operation_items WHERE sent_at IS NOT NULL",
         )
         .await
-        .unwrap()
+            >= 2)
+            .then_some(())
+    })
+    .await;
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(child.id() as i32),
+        nix::sys::signal::Signal::SIGINT,
+    )
+    .unwrap();
+    let done = child.wait_with_output().unwrap();
+    let out = String::from_utf8_lossy(&done.stdout).into_owned();
+    assert_eq!(done.status.code(), Some(1), "{out}");
+    assert!(out.contains("interrupted"), "{out}");
+    let (op, status): (uuid::Uuid, String) = sqlx::query_as("SELECT id, status FROM operations")
+        .fetch_one(&pool)
+        .await
         .unwrap();
-    assert_eq!(
-        got.delivery
-            .properties
-            .message_id()
-            .as_ref()
-            .unwrap()
-            .as_str(),
-        "m2"
-    );
-    assert_eq!(got.delivery.data, b"{not json");
-    let headers = got.delivery.properties.headers().as_ref().unwrap().inner();
-    assert_eq!(
-        headers.get("x-holdclear-replayed"),
-        Some(&AMQPValue::LongLongInt(1))
-    );
-    assert!(!headers.contains_key("x-holdclear-error-code"));
+    assert_eq!(status, "interrupted");
     assert!(
-        headers.contains_key("x-upstream-trace"),
-        "the message's own headers stay"
+        count(
+            &pool,
+            "SELECT count(*) FROM operation_items WHERE sent_at IS NULL AND error IS NULL"
+        )
+        .await
+            > 0
     );
 
-    // Replay by id.
-    let (code, out, _) = f.dlq(&["replay", "--id", "m3", "--json"]);
-    assert_eq!(code, 0);
+    let (code, out, _) = f.dlq(&["replay", "--resume", &op.to_string()]);
+    // The dead letter from another exchange cannot be sent without --to-exchange.
+    assert_eq!(code, 1, "{out}");
+    let (_, out, _) = f.dlq(&["operation", &op.to_string(), "--json"]);
     let report: Value = serde_json::from_str(&out).unwrap();
-    assert_eq!(report["replayed"][0]["message_id"], "m3");
-    f.wait_depth(&t.dead_letter_queue, 1).await;
+    assert_eq!(report["operation"]["status"], "done");
+    assert_eq!(report["operation"]["operator"], "tester");
+    assert_eq!(report["summary"]["sent"], 5);
+    assert_eq!(report["summary"]["send_failed"], 1);
+    let failed = report["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|i| i["outcome"] == "send failed")
+        .unwrap();
+    assert!(
+        failed["error"].as_str().unwrap().contains("--to-exchange"),
+        "{failed}"
+    );
+    f.wait_depth(&t.held_queue, 5).await;
 
-    // Replay needs a choice; purge needs a confirmation.
-    assert_eq!(f.dlq(&["replay"]).0, 64);
-    assert_eq!(f.dlq(&["purge"]).0, 64);
+    // A missing exchange fails that message with a clear reason.
+    let elsewhere = f.id_of(&pool, "elsewhere").await;
+    let (code, out, _) = f.dlq(&[
+        "replay",
+        &elsewhere.to_string(),
+        "--to-exchange",
+        &format!("{}.missing", f.prefix),
+    ]);
+    assert_eq!(code, 1, "{out}");
+    assert!(out.contains("does not exist"), "{out}");
+    let (code, out, _) = f.dlq(&["operations"]);
+    assert_eq!(code, 0);
+    assert!(out.contains("done") && out.contains("tester"), "{out}");
+    f.cleanup().await;
+}
 
-    f.dead_letter("m5", "INVALID_EVENT", "2020-01-01T00:00:00Z", b"{}")
+#[sqlx::test]
+async fn dlq_operation_report_tells_cases_failures_and_pending(pool: PgPool) {
+    let f = Fixture::new(&pool).await;
+    let t = topology(&f.prefix);
+    // A queue that parks what is routed with `parked`: nobody consumes it.
+    let parked = format!("{}.parked", f.prefix);
+    f.channel
+        .queue_declare(
+            parked.as_str().into(),
+            QueueDeclareOptions::default(),
+            FieldTable::default(),
+        )
+        .await
+        .unwrap();
+    f.channel
+        .queue_bind(
+            parked.as_str().into(),
+            t.orders_exchange.as_str().into(),
+            "parked".into(),
+            lapin::options::QueueBindOptions::default(),
+            FieldTable::default(),
+        )
+        .await
+        .unwrap();
+    let good = serde_json::to_vec(&crate::support::broker::held_event("evt-good", "4001")).unwrap();
+    f.broker_dead_letter("good", &good).await;
+    f.dead_letter(
+        "bad",
+        "MALFORMED_JSON",
+        &chrono::Utc::now().to_rfc3339(),
+        b"{not json",
+    )
+    .await;
+    f.broker_dead_letter_from("park", &t.orders_exchange, "parked", &held_body("4003"))
         .await;
-    let (code, out, _) = f.dlq(&["purge", "--yes", "--older-than", "1h"]);
-    assert_eq!(code, 0);
-    assert!(out.contains("1 message(s) purged"), "{out}");
-    let (_, out, _) = f.dlq(&["list", "--json"]);
-    let list: Vec<Value> = serde_json::from_str(&out).unwrap();
-    assert_eq!(list.len(), 1);
-    assert_eq!(list[0]["message_id"], "m1");
-    let (code, out, _) = f.dlq(&["purge", "--yes"]);
-    assert_eq!(code, 0);
-    assert!(out.contains("1 message(s) purged"), "{out}");
-    f.wait_depth(&t.dead_letter_queue, 0).await;
+
+    // A worker that ingests dead letters and takes held orders.
+    let worker = crate::support::worker::start(crate::support::settings(
+        &f.database_url,
+        &f.prefix,
+        &[("HOLDCLEAR_DLQ_INGEST", "true")],
+    ))
+    .await;
+    wait_for(DEADLINE, "three dead letters", || async {
+        (count(&pool, "SELECT count(*) FROM dead_letters").await == 3).then_some(())
+    })
+    .await;
+    let (code, out, err) = f.dlq(&[
+        "replay",
+        "--all",
+        "--force",
+        "--operator",
+        "bob",
+        "--rate",
+        "100",
+    ]);
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(out.contains("sent 3"), "{out}");
+    let op: uuid::Uuid = sqlx::query_scalar("SELECT id FROM operations")
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+    let report = wait_for(DEADLINE, "a case and a failure again", || async {
+        let (_, out, _) = f.dlq(&["operation", &op.to_string(), "--json"]);
+        let r: Value = serde_json::from_str(&out).unwrap();
+        (r["summary"]["became_cases"] == 1 && r["summary"]["failed_again"] == 1).then_some(r)
+    })
+    .await;
+    assert_eq!(report["summary"]["pending"], 1);
+    assert_eq!(report["operation"]["operator"], "bob");
+    let by_order = |o: &str| {
+        report["items"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|i| i["order"] == o)
+            .unwrap()["outcome"]
+            .clone()
+    };
+    assert_eq!(by_order("4001"), "became a case");
+    assert_eq!(by_order("4003"), "pending");
+    assert!(
+        report["items"][0]["case_id"].is_string()
+            || report["items"][1]["case_id"].is_string()
+            || report["items"][2]["case_id"].is_string()
+    );
+    let (_, out, _) = f.dlq(&["operation", &op.to_string()]);
+    assert!(
+        out.contains("became a case") && out.contains("failed again") && out.contains("pending"),
+        "{out}"
+    );
+    // The malformed one is one dead letter seen twice.
+    let bad = f.id_of(&pool, "bad").await;
+    let seen: i32 = sqlx::query_scalar("SELECT seen_count FROM dead_letters WHERE id = $1")
+        .bind(bad)
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+    assert_eq!(seen, 2);
+    worker.shutdown().await.unwrap();
+    f.channel
+        .queue_delete(parked.as_str().into(), QueueDeleteOptions::default())
+        .await
+        .unwrap();
     f.cleanup().await;
 }
