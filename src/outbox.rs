@@ -335,7 +335,13 @@ impl Relay {
                     }
                     match self.round(&publisher).await {
                         Ok(Round::Worked { lost: false }) => reconnect.reset(),
-                        Ok(Round::Worked { lost: true }) => break,
+                        Ok(Round::Worked { lost: true }) => {
+                            // Closed now, not when the next one opens: a
+                            // channel whose confirms are late must not stay
+                            // open through the pause with its messages.
+                            publisher.close("holdclear outbox: channel given up").await;
+                            break;
+                        }
                         Ok(Round::Idle) => {
                             reconnect.reset();
                             self.idle(&cancel).await;
