@@ -7,7 +7,7 @@
 use lapin::{Connection, ConnectionProperties};
 use tokio_util::sync::CancellationToken;
 
-use super::BrokerError;
+use super::{BrokerError, Endpoint};
 use crate::config::SecretUrl;
 use crate::retry::Reconnect;
 
@@ -42,7 +42,12 @@ impl Broker {
     pub async fn connect(&self, role: &str) -> Result<Connection, BrokerError> {
         let props = ConnectionProperties::default()
             .with_connection_name(format!("{} {role}", self.name).into());
-        Ok(Connection::connect(self.url.expose(), props).await?)
+        Connection::connect(self.url.expose(), props)
+            .await
+            .map_err(|error| BrokerError::Connect {
+                endpoint: Endpoint::of(&self.url),
+                error,
+            })
     }
 
     /// Connects, retrying with backoff (100 ms doubling to 10 s) until it

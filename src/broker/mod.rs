@@ -2,6 +2,7 @@
 //!
 //! - [`bench`]: the benchmark's broker limit (an ack-only consumer), queue counts, purge.
 //! - [`connection`]: connecting, with a named connection and a reconnect loop.
+//! - [`error`]: broker failures explained for a person: what failed, why, what to do.
 //! - [`topology`]: the exchanges and queues of the event contract, declared idempotently.
 //! - [`dlq`]: operators' view of the dead-letter queue: browse, replay, purge.
 //! - [`publisher`]: publishing with confirms and `mandatory`, one message or a window of them.
@@ -14,6 +15,7 @@ pub mod connection;
 pub mod consumer;
 pub mod dead_letter;
 pub mod dlq;
+pub mod error;
 pub mod publisher;
 pub mod subscription;
 pub mod topology;
@@ -23,17 +25,7 @@ pub use connection::Broker;
 pub type Connection = lapin::Connection;
 pub use consumer::{Acknowledged, Closing, Consumer, ConsumerSettings, Delivery, acknowledge};
 pub use dead_letter::dead_letter;
+pub use error::{BrokerError, Endpoint, Operation};
 pub use publisher::{OutgoingMessage, PublishError, Publisher};
 pub use subscription::{Received, Subscription, close};
 pub use topology::{declare_topology, delete_topology};
-
-/// What went wrong talking to RabbitMQ.
-#[derive(Debug, thiserror::Error)]
-pub enum BrokerError {
-    /// The connection or channel failed, or the broker refused an operation.
-    #[error("RabbitMQ: {0}")]
-    Amqp(#[from] lapin::Error),
-    /// Shutdown was requested while waiting for the broker.
-    #[error("cancelled while connecting to RabbitMQ")]
-    Cancelled,
-}

@@ -108,7 +108,9 @@ pub fn load(config: Option<&std::path::Path>) -> Result<Settings, ConfigError> {
     Settings::load(config)
 }
 
-/// Log set-up for one-shot commands: warnings and errors only, unless `RUST_LOG` says more.
+/// Log set-up for one-shot commands: holdclear's own warnings and errors
+/// only, unless `RUST_LOG` says more. Libraries (lapin, sqlx, …) stay quiet:
+/// a failing command prints one clear line of its own, not their log lines.
 pub fn quiet_logs() {
     use std::io::IsTerminal;
     let format = if std::io::stderr().is_terminal() {
@@ -116,7 +118,7 @@ pub fn quiet_logs() {
     } else {
         LogFormat::Json
     };
-    crate::ops::logs::init(format, "warn");
+    crate::ops::logs::init(format, "off,holdclear=warn");
 }
 
 /// The database and broker names of one run of a command that works on its

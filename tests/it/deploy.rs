@@ -132,7 +132,7 @@ fn reply_code<T>(result: &lapin::Result<T>) -> Option<u16> {
 }
 
 /// Runs `rabbitmqctl -q ARGS` and returns its standard output; panics on failure.
-fn rabbitmqctl(args: &[&str]) -> String {
+pub(crate) fn rabbitmqctl(args: &[&str]) -> String {
     let out = Command::new("rabbitmqctl")
         .arg("-q")
         .args(args)
@@ -148,13 +148,13 @@ fn rabbitmqctl(args: &[&str]) -> String {
 }
 
 /// A scratch vhost and users on the shared broker; dropped means deleted.
-struct Scratch {
-    vhost: String,
+pub(crate) struct Scratch {
+    pub(crate) vhost: String,
     users: Vec<String>,
 }
 
 impl Scratch {
-    fn new() -> Self {
+    pub(crate) fn new() -> Self {
         Self {
             vhost: unique("hc-deploy"),
             users: Vec::new(),
@@ -162,20 +162,45 @@ impl Scratch {
     }
 
     /// A user name that [`Drop`] deletes.
-    fn user(&mut self, prefix: &str) -> String {
+    pub(crate) fn user(&mut self, prefix: &str) -> String {
         let user = unique(prefix);
         self.users.push(user.clone());
         user
     }
 
-    async fn connect(&self, user: &str, password: &str) -> Connection {
+    /// The AMQP URL of `user` on the scratch vhost.
+    pub(crate) fn url(&self, user: &str, password: &str) -> String {
         let mut url = url::Url::parse(&amqp_url()).expect("HOLDCLEAR_TEST_AMQP_URL is a URL");
         url.set_username(user).unwrap();
         url.set_password(Some(password)).unwrap();
         url.set_path(&format!("/{}", self.vhost));
-        Connection::connect(url.as_str(), ConnectionProperties::default())
+        url.to_string()
+    }
+
+    pub(crate) async fn connect(&self, user: &str, password: &str) -> Connection {
+        Connection::connect(&self.url(user, password), ConnectionProperties::default())
             .await
             .unwrap_or_else(|e| panic!("{user} cannot connect to vhost {}: {e}", self.vhost))
+    }
+
+    /// The tests' broker user (guest by default) with every permission on
+    /// the scratch vhost, which is created if the test has not imported one.
+    pub(crate) async fn admin(&self) -> Connection {
+        let _ = Command::new("rabbitmqctl")
+            .args(["-q", "add_vhost", &self.vhost])
+            .output();
+        let admin = url::Url::parse(&amqp_url()).unwrap();
+        rabbitmqctl(&[
+            "set_permissions",
+            "-p",
+            &self.vhost,
+            admin.username(),
+            ".*",
+            ".*",
+            ".*",
+        ]);
+        self.connect(admin.username(), admin.password().unwrap_or("guest"))
+            .await
     }
 }
 
