@@ -185,6 +185,9 @@ pub struct AmqpSettings {
     pub prefetch: u16,
     /// Largest accepted message body, in bytes.
     pub max_payload_bytes: usize,
+    /// Memory allowed for message bodies in flight: `prefetch ×
+    /// max_payload_bytes` must fit (checked at start; docs/deployment.md).
+    pub memory_budget_bytes: u64,
     /// `x-delivery-limit` of the held-order queue (poison-loop guard).
     pub delivery_limit: u32,
     /// Deliveries written to the database in one transaction, at most.
@@ -287,6 +290,7 @@ struct FileSettings {
     amqp_url: Option<String>,
     amqp_prefetch: Option<u16>,
     max_payload_bytes: Option<usize>,
+    memory_budget: Option<String>,
     delivery_limit: Option<u32>,
     intake_batch: Option<usize>,
     intake_linger: Option<String>,
@@ -473,6 +477,25 @@ impl Settings {
             256 * 1024,
         )?;
         positive("HOLDCLEAR_MAX_PAYLOAD_BYTES", max_payload_bytes as f64)?;
+        let memory_budget_raw = r.string("HOLDCLEAR_MEMORY_BUDGET", f.memory_budget, "256MiB");
+        let memory_budget_bytes = parse_bytes(&memory_budget_raw)
+            .map_err(|reason| ConfigError::invalid("HOLDCLEAR_MEMORY_BUDGET", reason))?;
+        // The worst case of bodies in flight: every unacknowledged delivery
+        // the broker may hand over at the payload limit.
+        let in_flight = u64::from(prefetch).saturating_mul(max_payload_bytes as u64);
+        if in_flight > memory_budget_bytes {
+            return Err(ConfigError::invalid(
+                "HOLDCLEAR_MEMORY_BUDGET",
+                format!(
+                    "HOLDCLEAR_AMQP_PREFETCH ({prefetch}) × HOLDCLEAR_MAX_PAYLOAD_BYTES \
+                     ({max_payload_bytes}) = {} of message bodies in flight at worst, more than \
+                     the budget of {}; lower the prefetch or the payload limit, or raise the \
+                     budget (docs/deployment.md, Memory)",
+                    format_bytes(in_flight),
+                    format_bytes(memory_budget_bytes)
+                ),
+            ));
+        }
         let delivery_limit = r.parsed("HOLDCLEAR_DELIVERY_LIMIT", f.delivery_limit, 20)?;
         positive("HOLDCLEAR_DELIVERY_LIMIT", delivery_limit as f64)?;
         let intake_batch = r.parsed("HOLDCLEAR_INTAKE_BATCH", f.intake_batch, 256)?;
@@ -672,6 +695,7 @@ impl Settings {
                 topology,
                 prefetch,
                 max_payload_bytes,
+                memory_budget_bytes,
                 delivery_limit,
                 intake_batch,
                 intake_linger,
@@ -690,6 +714,45 @@ impl Settings {
             log_format,
             shutdown_timeout,
         })
+    }
+}
+
+/// Parses a size: bytes (`262144`) or with a binary unit (`256KiB`,
+/// `256MiB`, `1GiB`; a space before the unit is fine).
+pub fn parse_bytes(raw: &str) -> Result<u64, String> {
+    let t = raw.trim();
+    let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
+    let (digits, unit) = t.split_at(split);
+    let n: u64 = digits
+        .parse()
+        .map_err(|_| format!("{raw:?} is not a size like 262144, 256KiB, 256MiB or 1GiB"))?;
+    let factor: u64 = match unit.trim() {
+        "" | "B" => 1,
+        "KiB" => 1 << 10,
+        "MiB" => 1 << 20,
+        "GiB" => 1 << 30,
+        other => {
+            return Err(format!(
+                "{raw:?}: unknown unit {other:?} (use B, KiB, MiB or GiB)"
+            ));
+        }
+    };
+    n.checked_mul(factor)
+        .filter(|b| *b > 0)
+        .ok_or_else(|| format!("{raw:?} must be greater than 0 and below 16 EiB"))
+}
+
+/// A size as a person reads it: `256 KiB`, `1 GiB`, or bytes.
+pub fn format_bytes(n: u64) -> String {
+    for (unit, size) in [("GiB", 1u64 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)] {
+        if n >= size && n % size == 0 {
+            return format!("{} {unit}", n / size);
+        }
+    }
+    if n >= 1 << 20 {
+        format!("{:.1} MiB", n as f64 / f64::from(1u32 << 20))
+    } else {
+        format!("{n} bytes")
     }
 }
 
@@ -768,6 +831,54 @@ mod tests {
             let err = with(&[(name, value)]).unwrap_err().to_string();
             assert!(err.contains(name), "{name}={value}: {err}");
         }
+    }
+
+    #[test]
+    fn bodies_in_flight_must_fit_the_memory_budget() {
+        // The defaults fit: 1024 × 256 KiB = 256 MiB.
+        let s = with(&[]).unwrap();
+        assert_eq!(s.amqp.memory_budget_bytes, 256 << 20);
+        let err = with(&[("HOLDCLEAR_AMQP_PREFETCH", "2048")])
+            .unwrap_err()
+            .to_string();
+        for named in [
+            "HOLDCLEAR_MEMORY_BUDGET",
+            "HOLDCLEAR_AMQP_PREFETCH (2048)",
+            "HOLDCLEAR_MAX_PAYLOAD_BYTES (262144)",
+            "512 MiB",
+            "256 MiB",
+        ] {
+            assert!(err.contains(named), "{named}: {err}");
+        }
+        with(&[
+            ("HOLDCLEAR_AMQP_PREFETCH", "2048"),
+            ("HOLDCLEAR_MEMORY_BUDGET", "512MiB"),
+        ])
+        .unwrap();
+        with(&[
+            ("HOLDCLEAR_AMQP_PREFETCH", "2048"),
+            ("HOLDCLEAR_MAX_PAYLOAD_BYTES", "131072"),
+        ])
+        .unwrap();
+    }
+
+    #[test]
+    fn sizes_parse_with_binary_units() {
+        let cases = [
+            ("262144", Some(262_144)),
+            ("256KiB", Some(262_144)),
+            ("256 MiB", Some(256 << 20)),
+            ("1GiB", Some(1 << 30)),
+            ("1GB", None),
+            ("0", None),
+            ("lots", None),
+        ];
+        for (raw, want) in cases {
+            assert_eq!(parse_bytes(raw).ok(), want, "{raw}");
+        }
+        assert_eq!(format_bytes(1 << 30), "1 GiB");
+        assert_eq!(format_bytes(256 << 10), "256 KiB");
+        assert_eq!(format_bytes(1000), "1000 bytes");
     }
 
     #[test]

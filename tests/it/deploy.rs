@@ -534,3 +534,47 @@ fn shipped_rules_files_are_valid() {
         );
     }
 }
+
+/// Settings whose worst case (prefetch × payload limit) does not fit the
+/// memory budget are refused at start, naming the settings: exit 64 before
+/// anything connects.
+#[test]
+fn prefetch_times_payload_limit_must_fit_the_memory_budget() {
+    let out = crate::support::bin()
+        .arg("migrate")
+        .env("HOLDCLEAR_AMQP_PREFETCH", "4096")
+        .env("HOLDCLEAR_MAX_PAYLOAD_BYTES", "262144")
+        .env_remove("HOLDCLEAR_MEMORY_BUDGET")
+        // Nothing listens there: only the settings can make this exit 64.
+        .env(
+            "HOLDCLEAR_DATABASE_URL",
+            "postgres://postgres@127.0.0.1:9/none",
+        )
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(64), "{stderr}");
+    for named in [
+        "HOLDCLEAR_MEMORY_BUDGET",
+        "HOLDCLEAR_AMQP_PREFETCH",
+        "HOLDCLEAR_MAX_PAYLOAD_BYTES",
+        "1 GiB",
+    ] {
+        assert!(stderr.contains(named), "{named} in: {stderr}");
+    }
+
+    // The same settings with a budget that holds them pass the check (and
+    // the command gets as far as the database, which is not there).
+    let out = crate::support::bin()
+        .arg("migrate")
+        .env("HOLDCLEAR_AMQP_PREFETCH", "4096")
+        .env("HOLDCLEAR_MEMORY_BUDGET", "1GiB")
+        .env(
+            "HOLDCLEAR_DATABASE_URL",
+            "postgres://postgres@127.0.0.1:9/none",
+        )
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+}
