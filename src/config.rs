@@ -159,6 +159,18 @@ impl Default for Topology {
 }
 
 impl Topology {
+    /// The alternate exchange of the events exchange (fanout): events no
+    /// queue is bound for go there. `<events_exchange>.unrouted`.
+    pub fn unrouted_exchange(&self) -> String {
+        format!("{}.unrouted", self.events_exchange)
+    }
+
+    /// The quorum queue bound to [`Self::unrouted_exchange`], where the
+    /// broker keeps those events (same name as that exchange).
+    pub fn unrouted_queue(&self) -> String {
+        self.unrouted_exchange()
+    }
+
     /// The default names with `prefix` in front of each, for tests, the demo
     /// and the benchmark, so they never touch a real setup.
     pub fn prefixed(prefix: &str) -> Self {

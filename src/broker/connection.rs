@@ -4,10 +4,13 @@
 //! error to the loop that owns it, which reconnects through [`Broker`] and
 //! declares its channels again. That keeps recovery explicit and testable.
 
+use std::sync::Arc;
+
 use lapin::{Connection, ConnectionProperties};
+use tokio::sync::OnceCell;
 use tokio_util::sync::CancellationToken;
 
-use super::{BrokerError, Endpoint};
+use super::{BrokerError, Endpoint, ServerVersion};
 use crate::config::SecretUrl;
 use crate::retry::Reconnect;
 
@@ -16,6 +19,9 @@ use crate::retry::Reconnect;
 pub struct Broker {
     url: SecretUrl,
     name: String,
+    /// The broker's version once read, shared by the clones: read once per
+    /// process (each read is a connection RabbitMQ logs as a WARNING).
+    server: Arc<OnceCell<ServerVersion>>,
 }
 
 impl Broker {
@@ -25,7 +31,17 @@ impl Broker {
         Self {
             url,
             name: name.into(),
+            server: Arc::default(),
         }
+    }
+
+    /// Which broker this is (see [`super::server`]); read at the first
+    /// call, then remembered. A failed read is tried again next time.
+    pub async fn server_version(&self) -> Result<ServerVersion, BrokerError> {
+        self.server
+            .get_or_try_init(|| super::server::probe(&self.url))
+            .await
+            .cloned()
     }
 
     /// The connection name prefix.

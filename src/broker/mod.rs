@@ -3,7 +3,9 @@
 //! - [`bench`]: the benchmark's broker limit (an ack-only consumer), queue counts, purge.
 //! - [`connection`]: connecting, with a named connection and a reconnect loop.
 //! - [`error`]: broker failures explained for a person: what failed, why, what to do.
-//! - [`topology`]: the exchanges and queues of the event contract, declared idempotently.
+//! - [`topology`]: the exchanges and queues of the event contract, declared idempotently,
+//!   so that no RabbitMQ version drops a message on its own; older ones kept and reported.
+//! - [`server`]: which RabbitMQ the broker is (its `connection.start` properties).
 //! - [`dlq`]: operators' view of the dead-letter queue: browse, replay, purge.
 //! - [`publisher`]: publishing with confirms and `mandatory`, one message or a window of them.
 //! - [`subscription`]: a private queue on an exchange, to watch events as fulfilment would.
@@ -17,6 +19,7 @@ pub mod dead_letter;
 pub mod dlq;
 pub mod error;
 pub mod publisher;
+pub mod server;
 pub mod subscription;
 pub mod topology;
 
@@ -27,5 +30,8 @@ pub use consumer::{Acknowledged, Closing, Consumer, ConsumerSettings, Delivery, 
 pub use dead_letter::dead_letter;
 pub use error::{BrokerError, Endpoint, Operation};
 pub use publisher::{OutgoingMessage, PublishError, Publisher};
+pub use server::ServerVersion;
 pub use subscription::{Received, Subscription, close};
-pub use topology::{declare_topology, delete_topology};
+pub use topology::{
+    Declared, Outdated, declare_topology, declare_topology_for, delete_topology, ready_messages,
+};

@@ -183,6 +183,12 @@ impl Scratch {
             .unwrap_or_else(|e| panic!("{user} cannot connect to vhost {}: {e}", self.vhost))
     }
 
+    /// The URL of the tests' broker user on the scratch vhost.
+    pub(crate) fn admin_url(&self) -> String {
+        let admin = url::Url::parse(&amqp_url()).unwrap();
+        self.url(admin.username(), admin.password().unwrap_or("guest"))
+    }
+
     /// The tests' broker user (guest by default) with every permission on
     /// the scratch vhost, which is created if the test has not imported one.
     pub(crate) async fn admin(&self) -> Connection {

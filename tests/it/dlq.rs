@@ -4,7 +4,6 @@ use holdclear::broker::{Broker, Publisher, declare_topology};
 use holdclear::config::SecretUrl;
 use lapin::options::{
     BasicGetOptions, BasicPublishOptions, ExchangeDeleteOptions, QueueDeclareOptions,
-    QueueDeleteOptions,
 };
 use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
 use lapin::{BasicProperties, Channel, Connection};
@@ -35,8 +34,7 @@ impl Fixture {
             prefix.clone(),
         );
         let conn = broker.connect("test").await.unwrap();
-        let publisher = Publisher::open(&conn).await.unwrap();
-        declare_topology(publisher.channel(), &topology(&prefix), delivery_limit)
+        declare_topology(&broker, &conn, &topology(&prefix), delivery_limit)
             .await
             .unwrap();
         let channel = conn.create_channel().await.unwrap();
@@ -133,22 +131,9 @@ impl Fixture {
 
     async fn cleanup(self) {
         let t = topology(&self.prefix);
-        for q in [&t.held_queue, &t.dead_letter_queue] {
-            self.channel
-                .queue_delete(q.as_str().into(), QueueDeleteOptions::default())
-                .await
-                .unwrap();
-        }
-        for e in [
-            &t.orders_exchange,
-            &t.dead_letter_exchange,
-            &t.events_exchange,
-        ] {
-            self.channel
-                .exchange_delete(e.as_str().into(), ExchangeDeleteOptions::default())
-                .await
-                .unwrap();
-        }
+        holdclear::broker::delete_topology(&self.conn, &t)
+            .await
+            .unwrap();
         self.conn.close(200, "done".into()).await.ok();
     }
 }
@@ -556,8 +541,14 @@ async fn a_refused_replay_names_user_permission_and_exchange() {
     let config = config_file(dir.path(), &prefix);
     // The topology and one dead letter, as the tests' admin user.
     let admin = scratch.admin().await;
+    let admin_broker = Broker::new(
+        SecretUrl::parse("amqp", &scratch.admin_url()).unwrap(),
+        prefix.clone(),
+    );
+    declare_topology(&admin_broker, &admin, &t, 20)
+        .await
+        .unwrap();
     let publisher = Publisher::open(&admin).await.unwrap();
-    declare_topology(publisher.channel(), &t, 20).await.unwrap();
     let mut headers = FieldTable::default();
     for (k, v) in [
         ("x-holdclear-error-code", "INVALID_EVENT"),
