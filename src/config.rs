@@ -757,7 +757,7 @@ pub fn parse_bytes(raw: &str) -> Result<u64, String> {
 /// A size as a person reads it: `256 KiB`, `1 GiB`, or bytes.
 pub fn format_bytes(n: u64) -> String {
     for (unit, size) in [("GiB", 1u64 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)] {
-        if n >= size && n % size == 0 {
+        if n >= size && n.is_multiple_of(size) {
             return format!("{} {unit}", n / size);
         }
     }

@@ -61,7 +61,7 @@ impl Broker {
         Connection::connect(self.url.expose(), props)
             .await
             .map_err(|error| BrokerError::Connect {
-                endpoint: Endpoint::of(&self.url),
+                endpoint: Box::new(Endpoint::of(&self.url)),
                 error,
             })
     }

@@ -21,7 +21,7 @@ pub enum BrokerError {
     #[error("{}", user_message(self))]
     Connect {
         /// Where to, without the password.
-        endpoint: Endpoint,
+        endpoint: Box<Endpoint>,
         /// lapin's error.
         error: lapin::Error,
     },
@@ -29,7 +29,7 @@ pub enum BrokerError {
     #[error("{}", user_message(self))]
     Operation {
         /// What was being done.
-        op: Operation,
+        op: Box<Operation>,
         /// lapin's error.
         error: lapin::Error,
     },
@@ -74,7 +74,10 @@ impl BrokerError {
     /// The same error with what was being done, unless it already says.
     pub(crate) fn during(self, op: Operation) -> Self {
         match self {
-            Self::Amqp(error) => Self::Operation { op, error },
+            Self::Amqp(error) => Self::Operation {
+                op: Box::new(op),
+                error,
+            },
             other => other,
         }
     }
@@ -88,7 +91,10 @@ pub(crate) trait During<T> {
 
 impl<T> During<T> for Result<T, lapin::Error> {
     fn during(self, op: impl FnOnce() -> Operation) -> Result<T, BrokerError> {
-        self.map_err(|error| BrokerError::Operation { op: op(), error })
+        self.map_err(|error| BrokerError::Operation {
+            op: Box::new(op()),
+            error,
+        })
     }
 }
 

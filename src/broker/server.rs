@@ -84,7 +84,7 @@ impl fmt::Display for ServerVersion {
 /// Reads the server properties of the broker at `url` (see the module doc).
 pub async fn probe(url: &SecretUrl) -> Result<ServerVersion, BrokerError> {
     let failed = |error: std::io::Error| BrokerError::Connect {
-        endpoint: Endpoint::of(url),
+        endpoint: Box::new(Endpoint::of(url)),
         error: error.into(),
     };
     let uri = AMQPUri::from_str(url.expose()).map_err(|e| {
