@@ -99,6 +99,12 @@ async fn topology_is_idempotent_and_unroutable_messages_are_returned() {
 
 /// Writes one escalation event for a fresh case through a real step commit.
 async fn outbox_row(store: &holdclear::store::Store, order: &str) -> uuid::Uuid {
+    outbox_rows(store, order, 1).await
+}
+
+/// Writes `n` escalation events (distinct ids) for a fresh case through one
+/// real step commit.
+async fn outbox_rows(store: &holdclear::store::Store, order: &str, n: u32) -> uuid::Uuid {
     use holdclear::domain::{CaseState, EscalationLevel, EscalationReason, HeldOrderEvent};
     use holdclear::outbox::OutboundEvent;
     use holdclear::store::Recorded;
@@ -130,23 +136,21 @@ async fn outbox_row(store: &holdclear::store::Store, order: &str) -> uuid::Uuid 
     next.state = CaseState::Escalated;
     next.escalation_reason = Some(EscalationReason::NoRuleMatched);
     next.next_action_at = None;
-    let envelope = OutboundEvent::HoldEscalated {
-        reason: EscalationReason::NoRuleMatched,
-        level: EscalationLevel::Critical,
-        held_seconds: 1,
-        detail: "no rule".into(),
-        threshold: None,
-    }
-    .envelope(id, 0, &case.order, chrono::Utc::now());
+    let envelopes: Vec<_> = (0..n)
+        .map(|i| {
+            OutboundEvent::HoldEscalated {
+                reason: EscalationReason::NoRuleMatched,
+                level: EscalationLevel::Critical,
+                held_seconds: 1,
+                detail: "no rule".into(),
+                threshold: (n > 1).then_some(i),
+            }
+            .envelope(id, 0, &case.order, chrono::Utc::now())
+        })
+        .collect();
     assert!(
         store
-            .commit_step(
-                "writer#1",
-                &next,
-                &[],
-                std::slice::from_ref(&envelope),
-                None
-            )
+            .commit_step("writer#1", &next, &[], &envelopes, None)
             .await
             .unwrap()
     );
@@ -194,9 +198,10 @@ async fn the_relay_closes_the_channel_whose_confirms_timed_out(pool: sqlx::PgPoo
     )
     .await
     .unwrap();
-    let case = outbox_row(&store, "7001").await;
+    // A full window (the relay's batch of 100): its confirms cannot all
+    // arrive within zero seconds, so every round loses its channel.
+    let case = outbox_rows(&store, "7001", 100).await;
 
-    // No confirm can arrive within zero seconds: every round loses its channel.
     let relay_name = format!("{prefix}-relay");
     let relay = Relay::new(
         store.clone(),
@@ -224,7 +229,7 @@ async fn the_relay_closes_the_channel_whose_confirms_timed_out(pool: sqlx::PgPoo
         "four rounds without confirms",
         || async {
             let rows = store.outbox_of_case(case).await.unwrap();
-            (rows[0].attempts >= 4).then_some(())
+            rows.iter().all(|r| r.attempts >= 4).then_some(())
         },
     )
     .await;
