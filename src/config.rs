@@ -186,6 +186,33 @@ impl Topology {
     }
 }
 
+impl AmqpSettings {
+    /// Checks that the worst case of message bodies in flight, every
+    /// unacknowledged delivery the broker may hand over at the payload limit
+    /// (`prefetch × max_payload_bytes`), fits `memory_budget_bytes`.
+    /// [`Settings::load`] does (so every command refuses such settings at
+    /// start, exit 64); settings built otherwise, as tests do, are not held
+    /// to it unless they ask.
+    pub fn check_memory_budget(&self) -> Result<(), ConfigError> {
+        let in_flight = u64::from(self.prefetch).saturating_mul(self.max_payload_bytes as u64);
+        if in_flight <= self.memory_budget_bytes {
+            return Ok(());
+        }
+        Err(ConfigError::invalid(
+            "HOLDCLEAR_MEMORY_BUDGET",
+            format!(
+                "HOLDCLEAR_AMQP_PREFETCH ({}) × HOLDCLEAR_MAX_PAYLOAD_BYTES ({}) = {} of \
+                 message bodies in flight at worst, more than the budget of {}; lower the \
+                 prefetch or the payload limit, or raise the budget (docs/deployment.md, Memory)",
+                self.prefetch,
+                self.max_payload_bytes,
+                format_bytes(in_flight),
+                format_bytes(self.memory_budget_bytes)
+            ),
+        ))
+    }
+}
+
 /// Connection to RabbitMQ and the bounds of consuming.
 #[derive(Clone, Debug)]
 pub struct AmqpSettings {
@@ -414,9 +441,12 @@ pub fn parse_duration(raw: &str) -> Result<Duration, String> {
 }
 
 impl Settings {
-    /// Reads the optional file and the process environment.
+    /// Reads the optional file and the process environment, and checks
+    /// the memory budget ([`AmqpSettings::check_memory_budget`]).
     pub fn load(file: Option<&Path>) -> Result<Self, ConfigError> {
-        Self::from_sources(file, &ProcessEnv)
+        let settings = Self::from_sources(file, &ProcessEnv)?;
+        settings.amqp.check_memory_budget()?;
+        Ok(settings)
     }
 
     /// Reads the optional file and the given environment.
@@ -492,22 +522,6 @@ impl Settings {
         let memory_budget_raw = r.string("HOLDCLEAR_MEMORY_BUDGET", f.memory_budget, "256MiB");
         let memory_budget_bytes = parse_bytes(&memory_budget_raw)
             .map_err(|reason| ConfigError::invalid("HOLDCLEAR_MEMORY_BUDGET", reason))?;
-        // The worst case of bodies in flight: every unacknowledged delivery
-        // the broker may hand over at the payload limit.
-        let in_flight = u64::from(prefetch).saturating_mul(max_payload_bytes as u64);
-        if in_flight > memory_budget_bytes {
-            return Err(ConfigError::invalid(
-                "HOLDCLEAR_MEMORY_BUDGET",
-                format!(
-                    "HOLDCLEAR_AMQP_PREFETCH ({prefetch}) × HOLDCLEAR_MAX_PAYLOAD_BYTES \
-                     ({max_payload_bytes}) = {} of message bodies in flight at worst, more than \
-                     the budget of {}; lower the prefetch or the payload limit, or raise the \
-                     budget (docs/deployment.md, Memory)",
-                    format_bytes(in_flight),
-                    format_bytes(memory_budget_bytes)
-                ),
-            ));
-        }
         let delivery_limit = r.parsed("HOLDCLEAR_DELIVERY_LIMIT", f.delivery_limit, 20)?;
         positive("HOLDCLEAR_DELIVERY_LIMIT", delivery_limit as f64)?;
         let intake_batch = r.parsed("HOLDCLEAR_INTAKE_BATCH", f.intake_batch, 256)?;
@@ -848,9 +862,11 @@ mod tests {
     #[test]
     fn bodies_in_flight_must_fit_the_memory_budget() {
         // The defaults fit: 1024 × 256 KiB = 256 MiB.
+        let checked = |vars: &[(&str, &str)]| with(vars)?.amqp.check_memory_budget();
         let s = with(&[]).unwrap();
         assert_eq!(s.amqp.memory_budget_bytes, 256 << 20);
-        let err = with(&[("HOLDCLEAR_AMQP_PREFETCH", "2048")])
+        s.amqp.check_memory_budget().unwrap();
+        let err = checked(&[("HOLDCLEAR_AMQP_PREFETCH", "2048")])
             .unwrap_err()
             .to_string();
         for named in [
@@ -862,12 +878,12 @@ mod tests {
         ] {
             assert!(err.contains(named), "{named}: {err}");
         }
-        with(&[
+        checked(&[
             ("HOLDCLEAR_AMQP_PREFETCH", "2048"),
             ("HOLDCLEAR_MEMORY_BUDGET", "512MiB"),
         ])
         .unwrap();
-        with(&[
+        checked(&[
             ("HOLDCLEAR_AMQP_PREFETCH", "2048"),
             ("HOLDCLEAR_MAX_PAYLOAD_BYTES", "131072"),
         ])
