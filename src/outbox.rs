@@ -12,8 +12,9 @@
 //! so a consumer can drop duplicates.
 //!
 //! An event no queue is bound for is not returned when the events exchange
-//! has its alternate exchange ([`crate::broker::topology`]): the broker
-//! keeps it in `<events exchange>.unrouted` and the row is sent. The relay
+//! has its alternate exchange (the policy `holdclear-events`, see
+//! [`crate::broker::topology`]): the broker keeps it in
+//! `<events exchange>.unrouted` and the row is sent. The relay
 //! reports that queue's length as `holdclear_events_unrouted` (and a WARN
 //! when it grows), so that an operator binds the missing queue.
 
@@ -457,7 +458,7 @@ impl Relay {
                             exchange = %self.topology.events_exchange,
                             attempts,
                             error = %error,
-                            "Event cannot be published; check the events exchange and that a queue is bound for this routing key."
+                            "Event cannot be published; check the events exchange, and bind a queue for this routing key or give the exchange its alternate exchange (policy holdclear-events, docs/deployment.md)."
                         );
                     } else {
                         tracing::warn!(

@@ -7,7 +7,7 @@
 //! | held-order queue | quorum; `x-dead-letter-exchange`, `x-delivery-limit` (the setting), `x-dead-letter-strategy=at-least-once`, `x-overflow=reject-publish` |
 //! | dead-letter exchange | fanout |
 //! | dead-letter queue | quorum; on RabbitMQ 4.x also `x-delivery-limit=-1` |
-//! | events exchange | topic; `alternate-exchange` = `<events>.unrouted` |
+//! | events exchange | topic, no arguments (as the contract's consumers declare it) |
 //! | `<events>.unrouted` | fanout exchange, and a quorum queue bound to it (`x-max-length`, `x-overflow=reject-publish`; on 4.x `x-delivery-limit=-1`) |
 //!
 //! At-least-once dead lettering keeps a dead letter in the held queue until
@@ -20,6 +20,16 @@
 //! dropped after 20 looks. On 3.x `-1` would mean "over the limit on the
 //! first return", so it is declared only when the broker says it is 4.x
 //! ([`super::server`]).
+//!
+//! `<events>.unrouted` is the events exchange's alternate exchange: an event
+//! no queue is bound for goes there and is kept, instead of coming back to
+//! the relay. The link is a policy (`holdclear-events`, shipped in
+//! `deploy/rabbitmq/definitions.json`), not an `alternate-exchange`
+//! argument: consumers declare `holdclear.events` as the contract states it,
+//! a plain durable topic exchange, and an argument would make every such
+//! declaration fail with PRECONDITION_FAILED. The worker declares the
+//! alternate exchange and its queue; without the policy they stay unused
+//! and unroutable events come back to the outbox as before.
 //!
 //! Existing brokers: a queue or exchange cannot change its arguments, and a
 //! declaration with other arguments fails with PRECONDITION_FAILED. When
@@ -177,36 +187,11 @@ pub async fn declare_topology_for(
     };
     let t = topology;
     let unrouted = t.unrouted_exchange();
-    d.exchange(
-        &t.orders_exchange,
-        ExchangeKind::Topic,
-        FieldTable::default(),
-        None,
-    )
-    .await?;
-    d.exchange(
-        &t.dead_letter_exchange,
-        ExchangeKind::Fanout,
-        FieldTable::default(),
-        None,
-    )
-    .await?;
-    d.exchange(&unrouted, ExchangeKind::Fanout, FieldTable::default(), None)
+    d.exchange(&t.orders_exchange, ExchangeKind::Topic).await?;
+    d.exchange(&t.dead_letter_exchange, ExchangeKind::Fanout)
         .await?;
-    d.exchange(
-        &t.events_exchange,
-        ExchangeKind::Topic,
-        table(&[("alternate-exchange", text(&unrouted))]),
-        Some(Outdated {
-            kind: "exchange",
-            name: t.events_exchange.clone(),
-            lacks: "an alternate exchange: an event no queue is bound for is returned to the relay and stays in the outbox, retried",
-            fix: format!(
-                "a policy on it with {{\"alternate-exchange\": \"{unrouted}\"}} (holdclear-events in deploy/rabbitmq/definitions.json)"
-            ),
-        }),
-    )
-    .await?;
+    d.exchange(&unrouted, ExchangeKind::Fanout).await?;
+    d.exchange(&t.events_exchange, ExchangeKind::Topic).await?;
     d.queue(
         &t.held_queue,
         held_queue_arguments(t, delivery_limit),
@@ -295,40 +280,15 @@ impl Declarer<'_> {
         Ok(())
     }
 
-    /// Declares an exchange; if it exists without `args` and `outdated` is
-    /// given, accepts it as it is and records `outdated`.
-    async fn exchange(
-        &mut self,
-        name: &str,
-        kind: ExchangeKind,
-        args: FieldTable,
-        outdated: Option<Outdated>,
-    ) -> Result<(), BrokerError> {
-        let op = || Operation::Declare {
-            kind: "exchange",
-            name: name.to_owned(),
-        };
-        let declare = |channel: Channel, args: FieldTable| {
-            let kind = kind.clone();
-            async move {
-                channel
-                    .exchange_declare(name.into(), kind, durable_exchange(), args)
-                    .await
-            }
-        };
-        let first = declare(self.channel.clone(), args).await.during(op);
-        match (first, outdated) {
-            (Ok(()), _) => Ok(()),
-            (Err(e), Some(outdated)) if e.reply_code() == Some(PRECONDITION_FAILED) => {
-                self.fresh_channel().await?;
-                declare(self.channel.clone(), FieldTable::default())
-                    .await
-                    .map_err(|_| e)?;
-                self.outdated.push(outdated);
-                Ok(())
-            }
-            (Err(e), _) => Err(e),
-        }
+    /// Declares a durable exchange without arguments.
+    async fn exchange(&mut self, name: &str, kind: ExchangeKind) -> Result<(), BrokerError> {
+        self.channel
+            .exchange_declare(name.into(), kind, durable_exchange(), FieldTable::default())
+            .await
+            .during(|| Operation::Declare {
+                kind: "exchange",
+                name: name.to_owned(),
+            })
     }
 
     /// Declares a quorum queue; if it exists with the older arguments of

@@ -329,17 +329,75 @@ async fn the_held_queue_dead_letters_at_least_once() {
     holdclear::broker::close(&conn).await;
 }
 
+/// A policy on vhost `/` for one test's exchange or queue; cleared when dropped.
+struct Policy(String);
+
+impl Policy {
+    /// `holdclear-events` of deploy/rabbitmq/definitions.json, for `topo`'s
+    /// events exchange.
+    fn alternate_exchange(topo: &holdclear::config::Topology) -> Self {
+        let name = unique("hc-test-ae");
+        let pattern = format!("^{}$", topo.events_exchange.replace('.', "\\."));
+        let definition =
+            serde_json::json!({ "alternate-exchange": topo.unrouted_exchange() }).to_string();
+        let out = std::process::Command::new("rabbitmqctl")
+            .args([
+                "-q",
+                "set_policy",
+                &name,
+                &pattern,
+                &definition,
+                "--apply-to",
+                "exchanges",
+                "--priority",
+                "10",
+            ])
+            .output()
+            .expect("rabbitmqctl runs");
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        Self(name)
+    }
+}
+
+impl Drop for Policy {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("rabbitmqctl")
+            .args(["-q", "clear_policy", &self.0])
+            .output();
+    }
+}
+
 /// An event nobody subscribed to is not returned to the relay (which would
-/// retry it forever): the events exchange's alternate exchange takes it to
-/// `<events exchange>.unrouted`, where the broker keeps it.
+/// retry it forever): with the shipped policy, the events exchange's
+/// alternate exchange takes it to `<events exchange>.unrouted`, which the
+/// worker declares, and the broker keeps it. The events exchange itself has
+/// no arguments: a consumer declaring it as the contract states is accepted.
 #[tokio::test]
 async fn events_nobody_subscribed_to_are_kept_by_the_broker() {
     let prefix = unique("topology-ae");
     let topo = topology(&prefix);
+    let _policy = Policy::alternate_exchange(&topo);
     let broker = Broker::new(SecretUrl::parse("amqp", &amqp_url()).unwrap(), prefix);
     let conn = broker.connect("test").await.unwrap();
     let publisher = Publisher::open(&conn).await.unwrap();
     declare_topology(&broker, &conn, &topo, 20).await.unwrap();
+    let consumer = conn.create_channel().await.unwrap();
+    consumer
+        .exchange_declare(
+            topo.events_exchange.as_str().into(),
+            lapin::ExchangeKind::Topic,
+            lapin::options::ExchangeDeclareOptions {
+                durable: true,
+                ..Default::default()
+            },
+            FieldTable::default(),
+        )
+        .await
+        .expect("a consumer's plain declaration of the events exchange");
     publisher
         .publish(&topo.events_exchange, &message(1))
         .await
@@ -416,10 +474,10 @@ async fn queues_that_keep_messages_have_no_delivery_limit_on_any_version() {
 }
 
 /// A broker set up by an older holdclear: the held queue without
-/// at-least-once dead lettering, the events exchange without an alternate
-/// exchange (and, on 4.x, the DLQ without -1). Declaring them again would
-/// fail with PRECONDITION_FAILED; they are kept, reported with the policy
-/// that fixes each, and the worker consumes as before.
+/// at-least-once dead lettering (and, on 4.x, the DLQ and the unrouted
+/// queue without -1). Declaring them again would fail with
+/// PRECONDITION_FAILED; they are kept, reported with the policy that fixes
+/// each, and the worker consumes as before.
 #[sqlx::test]
 async fn an_existing_broker_with_older_arguments_keeps_working(pool: sqlx::PgPool) {
     use holdclear::broker::{ServerVersion, declare_topology_for};
@@ -482,12 +540,8 @@ async fn an_existing_broker_with_older_arguments_keeps_working(pool: sqlx::PgPoo
     let here = declare_topology(&broker, &conn, &topo, 20)
         .await
         .expect("kept, not refused");
-    assert_eq!(
-        names(&here),
-        [topo.events_exchange.clone(), topo.held_queue.clone()]
-    );
-    assert!(here.outdated[0].fix.contains("alternate-exchange"));
-    assert!(here.outdated[1].fix.contains("at-least-once"));
+    assert_eq!(names(&here), std::slice::from_ref(&topo.held_queue));
+    assert!(here.outdated[0].fix.contains("at-least-once"));
     // The same broker after an upgrade to 4.x: the queues that keep
     // messages lack their -1 too.
     let on_4 = declare_topology_for(&conn, &topo, 20, &ServerVersion::new("RabbitMQ", "4.2.0"))
@@ -496,13 +550,12 @@ async fn an_existing_broker_with_older_arguments_keeps_working(pool: sqlx::PgPoo
     assert_eq!(
         names(&on_4),
         [
-            topo.events_exchange.clone(),
             topo.held_queue.clone(),
             topo.dead_letter_queue.clone(),
             topo.unrouted_queue()
         ]
     );
-    assert!(on_4.outdated[2].fix.contains("\"delivery-limit\": -1"));
+    assert!(on_4.outdated[1].fix.contains("\"delivery-limit\": -1"));
 
     // `holdclear run` on that broker: ready, and it takes held orders.
     let worker = crate::support::worker::start(crate::support::settings(
@@ -543,14 +596,16 @@ async fn an_existing_broker_with_older_arguments_keeps_working(pool: sqlx::PgPoo
     holdclear::broker::close(&conn).await;
 }
 
-/// The relay publishes an event no queue is bound for: the broker keeps it
-/// in the unrouted queue, and the row is sent (not retried forever).
+/// The relay publishes an event no queue is bound for: with the shipped
+/// policy the broker keeps it in the unrouted queue, and the row is sent
+/// (not retried forever).
 #[sqlx::test]
 async fn the_relay_moves_on_from_an_event_nobody_subscribed_to(pool: sqlx::PgPool) {
     use holdclear::outbox::{Relay, RelaySettings};
     let store = holdclear::store::Store::from_pool(pool.clone());
     let prefix = unique("relay-unrouted");
     let topo = topology(&prefix);
+    let _policy = Policy::alternate_exchange(&topo);
     let broker = Broker::new(SecretUrl::parse("amqp", &amqp_url()).unwrap(), prefix);
     let conn = broker.connect("test").await.unwrap();
     declare_topology(&broker, &conn, &topo, 20).await.unwrap();

@@ -424,6 +424,35 @@ async fn definitions_accept_the_workers_topology_and_nothing_more() {
         .expect("the dead letter is in the DLQ");
     assert_eq!(got.delivery.data, b"dead letter");
 
+    // An event no queue is bound for: the policy's alternate exchange takes
+    // it to holdclear.events.unrouted, where it is kept (not returned).
+    let confirm = ch
+        .basic_publish(
+            name(&topology.events_exchange),
+            name("order.nobody_listens"),
+            BasicPublishOptions {
+                mandatory: true,
+                ..Default::default()
+            },
+            b"unrouted event",
+            BasicProperties::default(),
+        )
+        .await
+        .unwrap()
+        .await
+        .unwrap();
+    assert!(matches!(confirm, Confirmation::Ack(None)), "{confirm:?}");
+    let got = wait_for(Duration::from_secs(10), "the kept event", || async {
+        ch.basic_get(
+            name(&topology.unrouted_queue()),
+            BasicGetOptions { no_ack: true },
+        )
+        .await
+        .unwrap()
+    })
+    .await;
+    assert_eq!(got.delivery.data, b"unrouted event");
+
     // The policies apply to the held-order queue and the events exchange,
     // and to nothing else (no delivery limit on the queues that keep messages).
     let queues = policies(&scratch.vhost, "queues");
