@@ -211,7 +211,8 @@ pub async fn declare_topology_for(
     let keeping_before = table(&[("x-queue-type", text("quorum"))]);
     let unlimited_fix = |name: &str| {
         format!(
-            "on RabbitMQ 4.x, a policy on it with {{\"delivery-limit\": -1}} (rabbitmqctl set_policy {name}-unlimited '^{}$' '{{\"delivery-limit\": -1}}' --apply-to queues --priority 10), or recreate it empty",
+            "on RabbitMQ 4.x, a policy on it with {{\"delivery-limit\": -1}} (rabbitmqctl set_policy {} '^{}$' '{{\"delivery-limit\": -1}}' --apply-to queues --priority 10), or recreate it empty",
+            name.replace('.', "-"),
             name.replace('.', "\\.")
         )
     };
