@@ -282,6 +282,18 @@ impl Default for Topology {
 }
 
 impl Topology {
+    /// The alternate exchange of the events exchange (fanout): events no
+    /// queue is bound for go there. `<events_exchange>.unrouted`.
+    pub fn unrouted_exchange(&self) -> String {
+        format!("{}.unrouted", self.events_exchange)
+    }
+
+    /// The quorum queue bound to [`Self::unrouted_exchange`], where the
+    /// broker keeps those events (same name as that exchange).
+    pub fn unrouted_queue(&self) -> String {
+        self.unrouted_exchange()
+    }
+
     /// The default names with `prefix` in front of each, for tests, the demo
     /// and the benchmark, so they never touch a real setup.
     pub fn prefixed(prefix: &str) -> Self {
@@ -297,6 +309,33 @@ impl Topology {
     }
 }
 
+impl AmqpSettings {
+    /// Checks that the worst case of message bodies in flight, every
+    /// unacknowledged delivery the broker may hand over at the payload limit
+    /// (`prefetch × max_payload_bytes`), fits `memory_budget_bytes`.
+    /// [`Settings::load`] does (so every command refuses such settings at
+    /// start, exit 64); settings built otherwise, as tests do, are not held
+    /// to it unless they ask.
+    pub fn check_memory_budget(&self) -> Result<(), ConfigError> {
+        let in_flight = u64::from(self.prefetch).saturating_mul(self.max_payload_bytes as u64);
+        if in_flight <= self.memory_budget_bytes {
+            return Ok(());
+        }
+        Err(ConfigError::invalid(
+            "HOLDCLEAR_MEMORY_BUDGET",
+            format!(
+                "HOLDCLEAR_AMQP_PREFETCH ({}) × HOLDCLEAR_MAX_PAYLOAD_BYTES ({}) = {} of \
+                 message bodies in flight at worst, more than the budget of {}; lower the \
+                 prefetch or the payload limit, or raise the budget (docs/deployment.md, Memory)",
+                self.prefetch,
+                self.max_payload_bytes,
+                format_bytes(in_flight),
+                format_bytes(self.memory_budget_bytes)
+            ),
+        ))
+    }
+}
+
 /// Connection to RabbitMQ and the bounds of consuming.
 #[derive(Clone, Debug)]
 pub struct AmqpSettings {
@@ -308,6 +347,9 @@ pub struct AmqpSettings {
     pub prefetch: u16,
     /// Largest accepted message body, in bytes.
     pub max_payload_bytes: usize,
+    /// Memory allowed for message bodies in flight: `prefetch ×
+    /// max_payload_bytes` must fit (checked at start; docs/deployment.md).
+    pub memory_budget_bytes: u64,
     /// `x-delivery-limit` of the held-order queue (poison-loop guard).
     pub delivery_limit: u32,
     /// Deliveries written to the database in one transaction, at most.
@@ -453,6 +495,7 @@ struct FileSettings {
     amqp_url: Option<String>,
     amqp_prefetch: Option<u16>,
     max_payload_bytes: Option<usize>,
+    memory_budget: Option<String>,
     delivery_limit: Option<u32>,
     intake_batch: Option<usize>,
     intake_linger: Option<String>,
@@ -580,9 +623,12 @@ pub fn parse_duration(raw: &str) -> Result<Duration, String> {
 }
 
 impl Settings {
-    /// Reads the optional file and the process environment.
+    /// Reads the optional file and the process environment, and checks
+    /// the memory budget ([`AmqpSettings::check_memory_budget`]).
     pub fn load(file: Option<&Path>) -> Result<Self, ConfigError> {
-        Self::from_sources(file, &ProcessEnv)
+        let settings = Self::from_sources(file, &ProcessEnv)?;
+        settings.amqp.check_memory_budget()?;
+        Ok(settings)
     }
 
     /// Reads the optional file and the given environment.
@@ -722,6 +768,9 @@ impl Settings {
             256 * 1024,
         )?;
         positive("HOLDCLEAR_MAX_PAYLOAD_BYTES", max_payload_bytes as f64)?;
+        let memory_budget_raw = r.string("HOLDCLEAR_MEMORY_BUDGET", f.memory_budget, "256MiB");
+        let memory_budget_bytes = parse_bytes(&memory_budget_raw)
+            .map_err(|reason| ConfigError::invalid("HOLDCLEAR_MEMORY_BUDGET", reason))?;
         let delivery_limit = r.parsed("HOLDCLEAR_DELIVERY_LIMIT", f.delivery_limit, 20)?;
         positive("HOLDCLEAR_DELIVERY_LIMIT", delivery_limit as f64)?;
         let intake_batch = r.parsed("HOLDCLEAR_INTAKE_BATCH", f.intake_batch, 256)?;
@@ -939,6 +988,7 @@ impl Settings {
                 topology,
                 prefetch,
                 max_payload_bytes,
+                memory_budget_bytes,
                 delivery_limit,
                 intake_batch,
                 intake_linger,
@@ -960,6 +1010,45 @@ impl Settings {
             log_format,
             shutdown_timeout,
         })
+    }
+}
+
+/// Parses a size: bytes (`262144`) or with a binary unit (`256KiB`,
+/// `256MiB`, `1GiB`; a space before the unit is fine).
+pub fn parse_bytes(raw: &str) -> Result<u64, String> {
+    let t = raw.trim();
+    let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
+    let (digits, unit) = t.split_at(split);
+    let n: u64 = digits
+        .parse()
+        .map_err(|_| format!("{raw:?} is not a size like 262144, 256KiB, 256MiB or 1GiB"))?;
+    let factor: u64 = match unit.trim() {
+        "" | "B" => 1,
+        "KiB" => 1 << 10,
+        "MiB" => 1 << 20,
+        "GiB" => 1 << 30,
+        other => {
+            return Err(format!(
+                "{raw:?}: unknown unit {other:?} (use B, KiB, MiB or GiB)"
+            ));
+        }
+    };
+    n.checked_mul(factor)
+        .filter(|b| *b > 0)
+        .ok_or_else(|| format!("{raw:?} must be greater than 0 and below 16 EiB"))
+}
+
+/// A size as a person reads it: `256 KiB`, `1 GiB`, or bytes.
+pub fn format_bytes(n: u64) -> String {
+    for (unit, size) in [("GiB", 1u64 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)] {
+        if n >= size && n.is_multiple_of(size) {
+            return format!("{} {unit}", n / size);
+        }
+    }
+    if n >= 1 << 20 {
+        format!("{:.1} MiB", n as f64 / f64::from(1u32 << 20))
+    } else {
+        format!("{n} bytes")
     }
 }
 
@@ -1114,6 +1203,56 @@ mod tests {
             let err = with(&[(name, value)]).unwrap_err().to_string();
             assert!(err.contains(name), "{name}={value}: {err}");
         }
+    }
+
+    #[test]
+    fn bodies_in_flight_must_fit_the_memory_budget() {
+        // The defaults fit: 1024 × 256 KiB = 256 MiB.
+        let checked = |vars: &[(&str, &str)]| with(vars)?.amqp.check_memory_budget();
+        let s = with(&[]).unwrap();
+        assert_eq!(s.amqp.memory_budget_bytes, 256 << 20);
+        s.amqp.check_memory_budget().unwrap();
+        let err = checked(&[("HOLDCLEAR_AMQP_PREFETCH", "2048")])
+            .unwrap_err()
+            .to_string();
+        for named in [
+            "HOLDCLEAR_MEMORY_BUDGET",
+            "HOLDCLEAR_AMQP_PREFETCH (2048)",
+            "HOLDCLEAR_MAX_PAYLOAD_BYTES (262144)",
+            "512 MiB",
+            "256 MiB",
+        ] {
+            assert!(err.contains(named), "{named}: {err}");
+        }
+        checked(&[
+            ("HOLDCLEAR_AMQP_PREFETCH", "2048"),
+            ("HOLDCLEAR_MEMORY_BUDGET", "512MiB"),
+        ])
+        .unwrap();
+        checked(&[
+            ("HOLDCLEAR_AMQP_PREFETCH", "2048"),
+            ("HOLDCLEAR_MAX_PAYLOAD_BYTES", "131072"),
+        ])
+        .unwrap();
+    }
+
+    #[test]
+    fn sizes_parse_with_binary_units() {
+        let cases = [
+            ("262144", Some(262_144)),
+            ("256KiB", Some(262_144)),
+            ("256 MiB", Some(256 << 20)),
+            ("1GiB", Some(1 << 30)),
+            ("1GB", None),
+            ("0", None),
+            ("lots", None),
+        ];
+        for (raw, want) in cases {
+            assert_eq!(parse_bytes(raw).ok(), want, "{raw}");
+        }
+        assert_eq!(format_bytes(1 << 30), "1 GiB");
+        assert_eq!(format_bytes(256 << 10), "256 KiB");
+        assert_eq!(format_bytes(1000), "1000 bytes");
     }
 
     #[test]

@@ -10,6 +10,13 @@
 //! unsent, with `attempts`, `last_error` and a backoff before the next try.
 //! Publishing is at least once; the envelope id is stable per transition,
 //! so a consumer can drop duplicates.
+//!
+//! An event no queue is bound for is not returned when the events exchange
+//! has its alternate exchange (the policy `holdclear-events`, see
+//! [`crate::broker::topology`]): the broker keeps it in
+//! `<events exchange>.unrouted` and the row is sent. The relay
+//! reports that queue's length as `holdclear_events_unrouted` (and a WARN
+//! when it grows), so that an operator binds the missing queue.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -20,7 +27,7 @@ use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
-use crate::broker::{Broker, BrokerError, OutgoingMessage, Publisher};
+use crate::broker::{Broker, BrokerError, Connection, OutgoingMessage, Publisher};
 use crate::config::{RetrySettings, Topology};
 use crate::domain::{AccountType, EscalationLevel, EscalationReason, OrderId};
 use crate::retry::{self, Reconnect};
@@ -247,6 +254,8 @@ pub struct RelaySettings {
     /// Backoff of a row that failed to publish (its `max_elapsed` is unused:
     /// an event is never dropped).
     pub retry: RetrySettings,
+    /// How often to read the length of the unrouted-events queue.
+    pub unrouted_check: Duration,
 }
 
 impl Default for RelaySettings {
@@ -262,6 +271,7 @@ impl Default for RelaySettings {
                 multiplier: 2.0,
                 randomization: 0.2,
             },
+            unrouted_check: Duration::from_secs(30),
         }
     }
 }
@@ -315,6 +325,7 @@ impl Relay {
                 Err(_) => break,
             };
             tracing::info!(exchange = %self.topology.events_exchange, "Outbox relay connected.");
+            let mut unrouted = Unrouted::default();
             loop {
                 let publisher = match Publisher::open(&conn).await {
                     Ok(p) => p,
@@ -333,9 +344,16 @@ impl Relay {
                         crate::broker::close(&conn).await;
                         break 'connect;
                     }
+                    unrouted.check(&conn, &self.topology, &self.settings).await;
                     match self.round(&publisher).await {
                         Ok(Round::Worked { lost: false }) => reconnect.reset(),
-                        Ok(Round::Worked { lost: true }) => break,
+                        Ok(Round::Worked { lost: true }) => {
+                            // Closed now, not when the next one opens: a
+                            // channel whose confirms are late must not stay
+                            // open through the pause with its messages.
+                            publisher.close("holdclear outbox: channel given up").await;
+                            break;
+                        }
                         Ok(Round::Idle) => {
                             reconnect.reset();
                             self.idle(&cancel).await;
@@ -440,7 +458,7 @@ impl Relay {
                             exchange = %self.topology.events_exchange,
                             attempts,
                             error = %error,
-                            "Event cannot be published; check the events exchange and that a queue is bound for this routing key."
+                            "Event cannot be published; check the events exchange, and bind a queue for this routing key or give the exchange its alternate exchange (policy holdclear-events, docs/deployment.md)."
                         );
                     } else {
                         tracing::warn!(
@@ -463,6 +481,45 @@ impl Relay {
         }
         batch.settle(&sent, &failed).await?;
         Ok(Round::Worked { lost })
+    }
+}
+
+/// The length of the unrouted-events queue, read now and then.
+#[derive(Default)]
+struct Unrouted {
+    checked: Option<tokio::time::Instant>,
+    last: Option<u32>,
+}
+
+impl Unrouted {
+    /// Reads the queue's length when `settings.unrouted_check` has passed;
+    /// sets the gauge and warns when it grew. A missing queue (an events
+    /// exchange without its alternate exchange) is not an error.
+    async fn check(&mut self, conn: &Connection, topology: &Topology, settings: &RelaySettings) {
+        if self
+            .checked
+            .is_some_and(|t| t.elapsed() < settings.unrouted_check)
+        {
+            return;
+        }
+        self.checked = Some(tokio::time::Instant::now());
+        let queue = topology.unrouted_queue();
+        match crate::broker::ready_messages(conn, &queue).await {
+            Ok(Some(n)) => {
+                metrics::gauge!("holdclear_events_unrouted").set(f64::from(n));
+                if n > self.last.unwrap_or(0) {
+                    tracing::warn!(
+                        %queue,
+                        messages = n,
+                        exchange = %topology.events_exchange,
+                        "Events no queue is bound for are kept by the broker; bind a queue for their routing keys, then move or purge them."
+                    );
+                }
+                self.last = Some(n);
+            }
+            Ok(None) => {}
+            Err(e) => tracing::debug!(%queue, error = %e, "Cannot read the unrouted-events queue."),
+        }
     }
 }
 

@@ -217,7 +217,8 @@ impl Bench {
         let conn = broker.connect(role).await?;
         let publisher = crate::broker::Publisher::open(&conn).await?;
         crate::broker::declare_topology(
-            publisher.channel(),
+            &broker,
+            &conn,
             topology,
             self.settings.amqp.delivery_limit,
         )

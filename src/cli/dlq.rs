@@ -8,7 +8,7 @@ use comfy_table::{Table, presets::UTF8_FULL_CONDENSED};
 
 use super::UsageError;
 use crate::broker::Broker;
-use crate::broker::dlq::{self, DeadLetter, Selection};
+use crate::broker::dlq::{self, DeadLetter, NotReplayed, ReplayOptions, Selection};
 use crate::config::{Settings, parse_duration};
 
 /// Subcommands of `holdclear dlq`.
@@ -24,6 +24,10 @@ pub enum Command {
         limit: usize,
     },
     /// Put dead letters back on their original exchange and routing key.
+    ///
+    /// Messages go to the configured orders exchange only; one whose headers
+    /// name another exchange stays, unless that exchange is named with
+    /// --to-exchange.
     Replay {
         /// Every message (required when no --id or --code narrows the choice).
         #[arg(long)]
@@ -37,6 +41,10 @@ pub enum Command {
         /// Show what would be replayed; change nothing.
         #[arg(long)]
         dry_run: bool,
+        /// Replay to this exchange instead of the configured orders exchange
+        /// (only messages that came from it).
+        #[arg(long, value_name = "EXCHANGE")]
+        to_exchange: Option<String>,
         /// Messages republished per second, at most.
         #[arg(long, default_value_t = 50.0)]
         rate: f64,
@@ -52,6 +60,12 @@ pub enum Command {
         /// Required: purging cannot be undone.
         #[arg(long)]
         yes: bool,
+        /// Every message (required when no --code or --older-than narrows the choice).
+        #[arg(long)]
+        all: bool,
+        /// Show what would be purged; delete nothing.
+        #[arg(long)]
+        dry_run: bool,
         /// Only messages dead-lettered longer ago than this (e.g. 7d, 12h).
         #[arg(long, value_name = "DURATION")]
         older_than: Option<String>,
@@ -86,6 +100,7 @@ pub async fn execute(settings: Settings, cmd: Command) -> anyhow::Result<ExitCod
             ids,
             codes,
             dry_run,
+            to_exchange,
             rate,
             limit,
             json,
@@ -105,7 +120,14 @@ pub async fn execute(settings: Settings, cmd: Command) -> anyhow::Result<ExitCod
                 error_codes: codes,
                 failed_before: None,
             };
-            let report = dlq::replay(&conn, &queue, &selection, limit, rate, dry_run).await?;
+            let options = ReplayOptions {
+                exchange: to_exchange
+                    .unwrap_or_else(|| settings.amqp.topology.orders_exchange.clone()),
+                limit,
+                per_second: rate,
+                dry_run,
+            };
+            let report = dlq::replay(&conn, &queue, &selection, &options).await?;
             if json {
                 serde_json::to_writer_pretty(&mut out, &report)?;
                 writeln!(out)?;
@@ -114,9 +136,15 @@ pub async fn execute(settings: Settings, cmd: Command) -> anyhow::Result<ExitCod
                     writeln!(out, "{}", table(&report.replayed))?;
                 }
                 for (letter, reason) in &report.failed {
+                    let hint = match reason {
+                        NotReplayed::OtherExchange { from, .. } => {
+                            format!("; to replay it there, add --to-exchange {from}")
+                        }
+                        _ => String::new(),
+                    };
                     writeln!(
                         out,
-                        "not replayed: {} ({reason})",
+                        "not replayed: {} ({reason}{hint})",
                         letter.message_id.as_deref().unwrap_or("(no message id)")
                     )?;
                 }
@@ -139,12 +167,21 @@ pub async fn execute(settings: Settings, cmd: Command) -> anyhow::Result<ExitCod
         }
         Command::Purge {
             yes,
+            all,
+            dry_run,
             older_than,
             codes,
         } => {
             if !yes {
                 return Err(UsageError(
                     "purging deletes dead letters for good: add --yes to confirm".into(),
+                )
+                .into());
+            }
+            if !all && codes.is_empty() && older_than.is_none() {
+                return Err(UsageError(
+                    "say which messages to purge: --all, --code ERROR_CODE or --older-than DURATION (try --dry-run first)"
+                        .into(),
                 )
                 .into());
             }
@@ -164,8 +201,19 @@ pub async fn execute(settings: Settings, cmd: Command) -> anyhow::Result<ExitCod
                 error_codes: codes,
                 failed_before,
             };
-            let purged = dlq::purge(&conn, &queue, &selection).await?;
-            writeln!(out, "{} message(s) purged from {queue}.", purged.len())?;
+            let purged = dlq::purge(&conn, &queue, &selection, dry_run).await?;
+            if dry_run {
+                if !purged.is_empty() {
+                    writeln!(out, "{}", table(&purged))?;
+                }
+                writeln!(
+                    out,
+                    "{} message(s) would be purged from {queue}.",
+                    purged.len()
+                )?;
+            } else {
+                writeln!(out, "{} message(s) purged from {queue}.", purged.len())?;
+            }
         }
     }
     crate::broker::close(&conn).await;
