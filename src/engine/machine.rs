@@ -39,22 +39,20 @@
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
-use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 use uuid::Uuid;
 
 use crate::commerce::{
-    AccountStatus, Assignment, AssignmentReceipt, CommerceError, ErrorCode, Order, SmartAccount,
+    AccountStatus, AssignmentReceipt, CommerceError, ErrorCode, Order, SmartAccount,
     VirtualAccount, choose_virtual_account,
 };
 use crate::config::EngineSettings;
 use crate::domain::{
-    AccountSelector, AccountType, CaseState, Domain, EscalationLevel, EscalationReason,
-    HeldOrderEvent, HoldReason, OrderId, SalesOrderNumber, Target,
+    AccountSelector, AccountType, Assignment, Case, CaseState, Decision, Domain, EscalationLevel,
+    EscalationReason, HistoryEntry, HoldReason, OrderId, OutboundEvent, ResolvedTarget,
+    SalesOrderNumber, Target,
 };
-use crate::outbox::OutboundEvent;
 use crate::retry;
-use crate::rules::Decision;
 
 /// Namespace of the Idempotency-Keys (UUID v5).
 const IDEMPOTENCY_NAMESPACE: Uuid = Uuid::from_u128(0x6c1f_2a4e_0b7d_4f3a_9e51_3d2c_8a77_b104);
@@ -75,97 +73,6 @@ pub enum MachineError {
         /// The outcome's name.
         outcome: &'static str,
     },
-}
-
-/// The resolved target: what is (or was) assigned.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub struct ResolvedTarget {
-    /// The chosen account's domain.
-    pub smart_account_domain: String,
-    /// Customer or holding account.
-    pub account_type: AccountType,
-    /// The chosen Virtual Account; `None` when nothing needed assigning (the
-    /// pending account of the hold turned ACTIVE).
-    pub virtual_account_name: Option<String>,
-    /// The rule's fallback target was used.
-    pub via_fallback: bool,
-}
-
-impl ResolvedTarget {
-    /// The assignment to send, if one is needed.
-    pub fn assignment(&self) -> Option<Assignment> {
-        Some(Assignment {
-            smart_account_domain: self.smart_account_domain.clone(),
-            account_type: self.account_type,
-            virtual_account_name: self.virtual_account_name.clone()?,
-        })
-    }
-}
-
-/// One case as the engine sees it (a row of `cases`).
-#[derive(Clone, Debug, PartialEq)]
-pub struct Case {
-    /// Case id.
-    pub id: Uuid,
-    /// The order; the sales order number is filled in once learned.
-    pub order: OrderId,
-    /// The event that opened the case.
-    pub event: HeldOrderEvent,
-    /// Where the case stands.
-    pub state: CaseState,
-    /// When the hold was applied (the event's `heldAt`, else its arrival).
-    pub held_at: DateTime<Utc>,
-    /// What the rules decided.
-    pub decision: Option<Decision>,
-    /// The resolved account, type and Virtual Account.
-    pub target: Option<ResolvedTarget>,
-    /// Idempotency-Key of the assignment.
-    pub idempotency_key: Option<String>,
-    /// The accepted assignment's id.
-    pub assignment_id: Option<String>,
-    /// When the assignment was accepted.
-    pub assigned_at: Option<DateTime<Utc>>,
-    /// When the current watch began.
-    pub watching_since: Option<DateTime<Utc>>,
-    /// Transient failures in the current streak.
-    pub attempt: u32,
-    /// First transient failure of the current streak.
-    pub retry_since: Option<DateTime<Utc>>,
-    /// Looks at the order since the watch began.
-    pub polls: u32,
-    /// Why the case escalated (terminal), if it did.
-    pub escalation_reason: Option<EscalationReason>,
-    /// `HOLD_PERSISTS` thresholds already emitted.
-    pub escalation_level: u32,
-    /// When the hold was released.
-    pub released_at: Option<DateTime<Utc>>,
-    /// When the case reached a terminal state.
-    pub closed_at: Option<DateTime<Utc>>,
-    /// Re-runs by `holdclear cases retry`.
-    pub generation: u32,
-    /// When the case is next due; `None` exactly when it is terminal.
-    pub next_action_at: Option<DateTime<Utc>>,
-}
-
-impl Case {
-    /// The number an operator knows the order by: the sales order number,
-    /// else the web order id.
-    pub fn subject(&self) -> String {
-        match (&self.order.sales_order_number, &self.order.web_order_id) {
-            (Some(so), _) => so.to_string(),
-            (None, Some(web)) => web.to_string(),
-            (None, None) => self.order.key(),
-        }
-    }
-
-    /// The rule that decided the case, if any.
-    pub fn rule(&self) -> Option<&str> {
-        self.decision.as_ref().map(|d| d.rule.as_str())
-    }
-
-    fn held_seconds(&self, at: DateTime<Utc>) -> i64 {
-        (at - self.held_at).num_seconds().max(0)
-    }
 }
 
 /// A call a step asks for.
@@ -416,20 +323,6 @@ pub enum Next {
     Done(Outcome),
     /// The case is terminal: nothing to do.
     Stop,
-}
-
-/// One line of a case's history.
-#[derive(Clone, Debug, PartialEq)]
-pub struct HistoryEntry {
-    /// When it happened.
-    pub at: DateTime<Utc>,
-    /// `call`, `decided`, `resolved`, `assigned`, `still_held`, `released`,
-    /// `escalated`, `retry_scheduled`, `redecide`, `event`.
-    pub kind: &'static str,
-    /// The case's state after this entry.
-    pub state: CaseState,
-    /// The particulars.
-    pub detail: Value,
 }
 
 /// The history entry of one call and its reply.

@@ -45,15 +45,14 @@
 use std::fmt;
 use std::path::{Path, PathBuf};
 
-use serde::{Deserialize, Serialize};
-
-use crate::domain::{HeldOrder, Target};
+use crate::domain::HeldOrder;
 
 mod compile;
 mod explain;
 mod file;
 mod index;
 mod matcher;
+mod model;
 mod reload;
 #[cfg(test)]
 mod tests;
@@ -61,18 +60,7 @@ mod tests;
 pub use explain::{Explanation, Failure, OrderFacts, Outcome, RuleExplanation};
 pub use reload::RulesHandle;
 
-/// What the rules decided for one held order.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Decision {
-    /// Name of the rule that matched.
-    pub rule: String,
-    /// SHA-256 (hex) of the rules file content the decision was made with.
-    pub rules_hash: String,
-    /// What to assign.
-    pub target: Target,
-    /// What to assign when the target's account is missing or not ACTIVE.
-    pub fallback: Option<Target>,
-}
+pub use crate::domain::Decision;
 
 /// A rule named in an error: its position (from 1) and its name, if it has one.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -247,7 +235,7 @@ pub enum RulesError {
 pub struct Rules {
     file: PathBuf,
     hash: String,
-    rules: Vec<compile::Rule>,
+    rules: Vec<model::Rule>,
     index: index::MatchIndex,
 }
 

@@ -12,11 +12,9 @@ use uuid::Uuid;
 
 use super::{Store, StoreError};
 use crate::domain::{
-    CaseState, EscalationReason, HeldOrderEvent, OrderId, SalesOrderNumber, WebOrderId,
+    Case, CaseState, Decision, Envelope, EscalationReason, HeldOrderEvent, HistoryEntry, OrderId,
+    ResolvedTarget, SalesOrderNumber, WebOrderId,
 };
-use crate::engine::machine::{Case, HistoryEntry, ResolvedTarget};
-use crate::outbox::Envelope;
-use crate::rules::Decision;
 
 /// The columns a [`Case`] is read from, in every `SELECT`/`RETURNING`.
 macro_rules! case_columns {
