@@ -174,13 +174,16 @@ def check_compose() -> dict:
     for name in ("rabbitmq", "postgres", "sim", "migrate", "worker"):
         check(name in services, where, f"service {name} missing")
 
+    # One-shot services (restart "no": migrate, tls) are waited for until
+    # they completed; the others until healthy.
+    one_shot = {n for n, svc in services.items() if svc.get("restart") == "no"}
     for name, svc in services.items():
         for port in svc.get("ports", []):
             check(isinstance(port, str) and port.startswith("127.0.0.1:"), where,
                   f"{name} publishes {port!r}: bind published ports to 127.0.0.1")
         for dep, cond in (svc.get("depends_on") or {}).items():
             check(dep in services, where, f"{name} depends on unknown service {dep}")
-            want = "service_completed_successfully" if dep == "migrate" else "service_healthy"
+            want = "service_completed_successfully" if dep in one_shot else "service_healthy"
             check(cond.get("condition") == want, where, f"{name} must wait for {dep} with {want}")
             if want == "service_healthy":
                 check("healthcheck" in services.get(dep, {}) or services.get(dep, {}).get("build"), where,
@@ -373,6 +376,8 @@ def check_no_secrets() -> None:
             m = key_val.match(line)
             if m and m.group(0).lstrip().strip("\"'").startswith("password_hash"):
                 continue  # checked against the dev password in check_definitions
+            if m and m.group(0).lstrip().startswith("secretName:"):
+                continue  # the name of a Secret (a volume's source), not a value
             if m and not line.strip().startswith(("- name:", "name:")) and m.group(2) not in ("|", ">"):
                 value = m.group(2)
                 if "://" in value or value.endswith((".toml", ".json")) or m.group(1).lower() == "token" and value.startswith("http"):

@@ -96,14 +96,58 @@ impl SecretUrl {
         &self.0
     }
 
-    /// The URL with its password replaced, safe to log.
+    /// The URL with every secret replaced, safe to log: the password, the
+    /// value of each query parameter whose name looks secret (see
+    /// [`is_secret_key`]: `password=`, `sslpassword=`, `sslkey=`,
+    /// `…secret…`, `…token…`), and a fragment.
     pub fn redacted(&self) -> String {
         let mut shown = self.0.clone();
         if shown.password().is_some() {
-            let _ = shown.set_password(Some("redacted"));
+            let _ = shown.set_password(Some(REDACTED));
+        }
+        // Rebuilt only when there is something to hide: otherwise the query
+        // is shown exactly as written.
+        if shown.query_pairs().any(|(k, _)| is_secret_key(&k)) {
+            let pairs: Vec<(String, String)> = shown
+                .query_pairs()
+                .map(|(k, v)| {
+                    let v = if is_secret_key(&k) {
+                        REDACTED.to_owned()
+                    } else {
+                        v.into_owned()
+                    };
+                    (k.into_owned(), v)
+                })
+                .collect();
+            shown.query_pairs_mut().clear().extend_pairs(pairs);
+        }
+        if shown.fragment().is_some() {
+            shown.set_fragment(Some(REDACTED));
         }
         shown.to_string()
     }
+}
+
+/// What [`SecretUrl::redacted`] shows instead of a secret.
+const REDACTED: &str = "redacted";
+
+/// True for a URL query parameter whose value may be a secret: its name
+/// (any case) contains `pass` (`password`, `sslpassword`, `passphrase`,
+/// `passfile`), `pwd`, `secret`, `token`, `key` (`sslkey`, `api_key`),
+/// `auth` or `credential`. Shown redacted; an innocent parameter caught
+/// by this costs only a less helpful log line.
+pub fn is_secret_key(name: &str) -> bool {
+    const WORDS: [&str; 7] = [
+        "pass",
+        "pwd",
+        "secret",
+        "token",
+        "key",
+        "auth",
+        "credential",
+    ];
+    let name = name.to_ascii_lowercase();
+    WORDS.iter().any(|w| name.contains(w))
 }
 
 impl fmt::Debug for SecretUrl {
@@ -115,6 +159,85 @@ impl fmt::Debug for SecretUrl {
 impl fmt::Display for SecretUrl {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(&self.redacted())
+    }
+}
+
+/// A PEM bundle of CA certificates trusted for TLS to a dependency (a
+/// private CA), read and checked once at start: a file that is missing,
+/// unreadable, not PEM, or without a parsable certificate is a
+/// [`ConfigError`] naming the setting. The certificates are added to the
+/// built-in roots, not instead of them.
+#[derive(Clone, PartialEq, Eq)]
+pub struct CaFile {
+    path: PathBuf,
+    pem: String,
+    certificates: usize,
+}
+
+impl CaFile {
+    /// Reads and checks the PEM file at `path`, given by `setting`.
+    pub fn load(setting: &str, path: &Path) -> Result<Self, ConfigError> {
+        use rustls::pki_types::CertificateDer;
+        use rustls::pki_types::pem::PemObject;
+
+        let shown = path.display();
+        let bytes = std::fs::read(path)
+            .map_err(|e| ConfigError::invalid(setting, format!("cannot read {shown}: {e}")))?;
+        let pem = String::from_utf8(bytes).map_err(|_| {
+            ConfigError::invalid(setting, format!("{shown} is not a PEM file (not text)"))
+        })?;
+        let certs = CertificateDer::pem_slice_iter(pem.as_bytes())
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| ConfigError::invalid(setting, format!("{shown} is not valid PEM: {e}")))?;
+        if certs.is_empty() {
+            return Err(ConfigError::invalid(
+                setting,
+                format!("{shown} holds no PEM certificate (-----BEGIN CERTIFICATE-----)"),
+            ));
+        }
+        let mut roots = rustls::RootCertStore::empty();
+        for (i, cert) in certs.iter().enumerate() {
+            roots.add(cert.clone()).map_err(|e| {
+                ConfigError::invalid(
+                    setting,
+                    format!(
+                        "certificate {} of {shown} is not a usable CA certificate: {e}",
+                        i + 1
+                    ),
+                )
+            })?;
+        }
+        Ok(Self {
+            path: path.to_path_buf(),
+            pem,
+            certificates: certs.len(),
+        })
+    }
+
+    /// Where it was read from.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// The file's text: one or more `CERTIFICATE` PEM blocks.
+    pub fn pem(&self) -> &str {
+        &self.pem
+    }
+
+    /// How many certificates it holds.
+    pub fn certificates(&self) -> usize {
+        self.certificates
+    }
+}
+
+impl fmt::Debug for CaFile {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "CaFile({}, {} certificate(s))",
+            self.path.display(),
+            self.certificates
+        )
     }
 }
 
@@ -191,6 +314,8 @@ pub struct AmqpSettings {
     pub intake_batch: usize,
     /// How long intake waits for a batch to fill before writing it.
     pub intake_linger: Duration,
+    /// CA trusted for `amqps://` besides the built-in roots.
+    pub tls_ca: Option<CaFile>,
 }
 
 /// The commerce API client.
@@ -208,6 +333,8 @@ pub struct CommerceSettings {
     pub rate_limit: f64,
     /// Timeout of one HTTP request.
     pub request_timeout: Duration,
+    /// CA trusted for `https://` besides the built-in roots.
+    pub tls_ca: Option<CaFile>,
 }
 
 /// Exponential backoff for transient failures (see the `backoff` crate).
@@ -262,6 +389,9 @@ pub struct Settings {
     pub database_url: SecretUrl,
     /// Connections in the pool.
     pub database_max_connections: u32,
+    /// CA trusted for TLS to PostgreSQL besides the built-in roots (the
+    /// URL's `sslmode` says whether and how the server is verified).
+    pub database_tls_ca: Option<CaFile>,
     /// RabbitMQ.
     pub amqp: AmqpSettings,
     /// Commerce API.
@@ -314,6 +444,12 @@ struct FileSettings {
     http_addr: Option<String>,
     log_format: Option<String>,
     shutdown_timeout: Option<String>,
+    // TLS and plaintext (see `TlsFiles`).
+    tls_ca_file: Option<PathBuf>,
+    amqp_tls_ca_file: Option<PathBuf>,
+    database_tls_ca_file: Option<PathBuf>,
+    commerce_tls_ca_file: Option<PathBuf>,
+    commerce_allow_plaintext: Option<bool>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -380,6 +516,15 @@ impl Reader<'_> {
         }
     }
 
+    /// A CA file setting: read and checked now, so that a bad one stops
+    /// the start naming `env`.
+    fn ca_file(&self, env: &str, file: Option<PathBuf>) -> Result<Option<CaFile>, ConfigError> {
+        match self.env.var(env).map(|v| PathBuf::from(v.trim())).or(file) {
+            Some(path) => CaFile::load(env, &path).map(Some),
+            None => Ok(None),
+        }
+    }
+
     fn duration(
         &self,
         env: &str,
@@ -427,6 +572,23 @@ impl Settings {
     fn build(f: FileSettings, env: &dyn Env) -> Result<Self, ConfigError> {
         let r = Reader { env };
 
+        // TLS: each dependency's own CA file wins over the shared one.
+        let shared_ca = r.ca_file("HOLDCLEAR_TLS_CA_FILE", f.tls_ca_file)?;
+        let amqp_tls_ca = r
+            .ca_file("HOLDCLEAR_AMQP_TLS_CA_FILE", f.amqp_tls_ca_file)?
+            .or_else(|| shared_ca.clone());
+        let database_tls_ca = r
+            .ca_file("HOLDCLEAR_DATABASE_TLS_CA_FILE", f.database_tls_ca_file)?
+            .or_else(|| shared_ca.clone());
+        let commerce_tls_ca = r
+            .ca_file("HOLDCLEAR_COMMERCE_TLS_CA_FILE", f.commerce_tls_ca_file)?
+            .or(shared_ca);
+        let allow_plaintext = r.parsed(
+            "HOLDCLEAR_COMMERCE_ALLOW_PLAINTEXT",
+            f.commerce_allow_plaintext,
+            false,
+        )?;
+
         let database_url = SecretUrl::parse(
             "HOLDCLEAR_DATABASE_URL",
             &r.string(
@@ -435,7 +597,9 @@ impl Settings {
                 "postgres://postgres@127.0.0.1:5432/holdclear",
             ),
         )?;
-        if !matches!(database_url.url().scheme(), "postgres" | "postgresql") {
+        if !matches!(database_url.url().scheme(), "postgres" | "postgresql")
+            || database_url.url().cannot_be_a_base()
+        {
             return Err(ConfigError::invalid(
                 "HOLDCLEAR_DATABASE_URL",
                 "must start with postgres://",
@@ -459,7 +623,10 @@ impl Settings {
                 "amqp://guest:guest@127.0.0.1:5672/%2f",
             ),
         )?;
-        if !matches!(amqp_url.url().scheme(), "amqp" | "amqps") {
+        // (`amqp:user:pw@host`, without `//`, is no URL with a host: lapin
+        // would repeat it whole in its error.)
+        if !matches!(amqp_url.url().scheme(), "amqp" | "amqps") || amqp_url.url().cannot_be_a_base()
+        {
             return Err(ConfigError::invalid(
                 "HOLDCLEAR_AMQP_URL",
                 "must start with amqp:// or amqps://",
@@ -487,6 +654,7 @@ impl Settings {
                 "http://127.0.0.1:8089",
             ),
         )?;
+        check_commerce_url("HOLDCLEAR_COMMERCE_BASE_URL", &base_url, allow_plaintext)?;
         let default_token = format!(
             "{}/oauth2/default/v1/token",
             base_url.as_str().trim_end_matches('/')
@@ -499,6 +667,7 @@ impl Settings {
                 &default_token,
             ),
         )?;
+        check_commerce_url("HOLDCLEAR_COMMERCE_TOKEN_URL", &token_url, allow_plaintext)?;
         let client_id = r.string(
             "HOLDCLEAR_COMMERCE_CLIENT_ID",
             f.commerce_client_id,
@@ -667,6 +836,7 @@ impl Settings {
         Ok(Self {
             database_url,
             database_max_connections,
+            database_tls_ca,
             amqp: AmqpSettings {
                 url: amqp_url,
                 topology,
@@ -675,6 +845,7 @@ impl Settings {
                 delivery_limit,
                 intake_batch,
                 intake_linger,
+                tls_ca: amqp_tls_ca,
             },
             commerce: CommerceSettings {
                 base_url,
@@ -683,6 +854,7 @@ impl Settings {
                 client_secret,
                 rate_limit,
                 request_timeout,
+                tls_ca: commerce_tls_ca,
             },
             rules_path,
             engine,
@@ -703,6 +875,46 @@ fn parse_http_url(setting: &str, raw: &str) -> Result<Url, ConfigError> {
         ));
     }
     Ok(url)
+}
+
+/// A commerce URL carries no credentials (they are the client id and
+/// secret settings, sent only in the token request's body), and is
+/// `https://` unless its host is loopback (the simulator on this machine)
+/// or `HOLDCLEAR_COMMERCE_ALLOW_PLAINTEXT` is true: the client secret and
+/// the tokens never travel in clear text by accident.
+fn check_commerce_url(setting: &str, url: &Url, allow_plaintext: bool) -> Result<(), ConfigError> {
+    if !url.username().is_empty() || url.password().is_some() {
+        return Err(ConfigError::invalid(
+            setting,
+            "must not carry a user or password (the credentials are \
+             HOLDCLEAR_COMMERCE_CLIENT_ID and HOLDCLEAR_COMMERCE_CLIENT_SECRET)",
+        ));
+    }
+    if let Some((key, _)) = url.query_pairs().find(|(k, _)| is_secret_key(k)) {
+        return Err(ConfigError::invalid(
+            setting,
+            format!("must not carry a secret in its query ({key}=…)"),
+        ));
+    }
+    if url.scheme() == "http" && !allow_plaintext && !is_loopback(url) {
+        return Err(ConfigError::invalid(
+            setting,
+            "is http:// to a host that is not loopback: the client secret and the \
+             tokens would travel in clear text; use https://, or set \
+             HOLDCLEAR_COMMERCE_ALLOW_PLAINTEXT=true to accept that",
+        ));
+    }
+    Ok(())
+}
+
+/// `localhost`, 127.0.0.0/8 or `::1`.
+fn is_loopback(url: &Url) -> bool {
+    match url.host() {
+        Some(url::Host::Domain(d)) => d.eq_ignore_ascii_case("localhost"),
+        Some(url::Host::Ipv4(ip)) => ip.is_loopback(),
+        Some(url::Host::Ipv6(ip)) => ip.is_loopback(),
+        None => false,
+    }
 }
 
 fn positive(setting: &str, value: f64) -> Result<(), ConfigError> {
@@ -785,10 +997,283 @@ mod tests {
 
     #[test]
     fn bad_url_error_does_not_echo_the_password() {
-        let err = with(&[("HOLDCLEAR_DATABASE_URL", "postgres://u:hunter2@[bad")])
-            .unwrap_err()
-            .to_string();
-        assert!(!err.contains("hunter2"), "{err}");
+        for (name, value) in [
+            ("HOLDCLEAR_DATABASE_URL", "postgres://u:hunter2@[bad"),
+            ("HOLDCLEAR_DATABASE_URL", "postgres:u:hunter2@db/hc"),
+            ("HOLDCLEAR_AMQP_URL", "amqp:guest:hunter2@rabbit"),
+            ("HOLDCLEAR_AMQP_URL", "amqps//guest:hunter2@rabbit"),
+        ] {
+            let err = with(&[(name, value)]).unwrap_err().to_string();
+            assert!(err.contains(name), "{value}: {err}");
+            assert!(!err.contains("hunter2"), "{value}: {err}");
+        }
+    }
+
+    /// Checks how `url` is shown: none of `hidden` appears, all of `shown` do,
+    /// in `redacted()`, `Display` and `Debug` alike.
+    fn check_redacted(url: &str, hidden: &[&str], shown: &[&str]) {
+        let secret = SecretUrl::parse("test", url).unwrap();
+        for text in [secret.redacted(), secret.to_string(), format!("{secret:?}")] {
+            for h in hidden {
+                assert!(!text.contains(h), "{url}: {h:?} shows in {text}");
+            }
+            for s in shown {
+                assert!(text.contains(s), "{url}: {s:?} missing from {text}");
+            }
+        }
+        assert_eq!(secret.expose(), url, "expose() keeps the URL as given");
+    }
+
+    #[test]
+    fn urls_are_shown_without_their_secrets() {
+        let cases: &[(&str, &[&str], &[&str])] = &[
+            (
+                "postgres://u:hunter2@db:5432/hc",
+                &["hunter2"],
+                &["postgres://u:redacted@db:5432/hc"],
+            ),
+            (
+                "postgres://u@db/hc?password=hunter2",
+                &["hunter2"],
+                &["password=redacted"],
+            ),
+            (
+                "postgres://u@db/hc?sslmode=verify-full&sslpassword=hunter2&sslrootcert=%2Fetc%2Fca.pem",
+                &["hunter2"],
+                &[
+                    "sslmode=verify-full",
+                    "sslpassword=redacted",
+                    "sslrootcert=",
+                ],
+            ),
+            (
+                "postgres://u@db/hc?sslkey=/keys/hunter2.key&sslcert=/keys/client.pem",
+                &["hunter2"],
+                &["sslkey=redacted", "client.pem"],
+            ),
+            (
+                "postgres://u@db/hc?PassWord=hunter2&Client_Secret=hunter3&x-auth-token=hunter4",
+                &["hunter2", "hunter3", "hunter4"],
+                &["PassWord=redacted", "Client_Secret=redacted"],
+            ),
+            (
+                // A percent-encoded name is still a password.
+                "postgres://u@db/hc?pass%77ord=hunter2",
+                &["hunter2"],
+                &["=redacted"],
+            ),
+            (
+                // A percent-encoded value is hidden in both spellings.
+                "postgres://u@db/hc?password=hun%74er2",
+                &["hunter2", "hun%74er2"],
+                &["password=redacted"],
+            ),
+            (
+                "postgres://u@db/hc?password=hunter2&password=hunter3&application_name=hc",
+                &["hunter2", "hunter3"],
+                &["application_name=hc"],
+            ),
+            (
+                "amqps://u:hunter2@rabbit:5671/%2f?heartbeat=30&api_key=hunter3#hunter4",
+                &["hunter2", "hunter3", "hunter4"],
+                &["amqps://u:redacted@rabbit:5671/%2f", "heartbeat=30"],
+            ),
+            (
+                "postgres://u@db/hc?sslmode=verify-full&sslrootcert=/etc/ca.pem",
+                &[],
+                &["postgres://u@db/hc?sslmode=verify-full&sslrootcert=/etc/ca.pem"],
+            ),
+        ];
+        for (url, hidden, shown) in cases {
+            check_redacted(url, hidden, shown);
+        }
+    }
+
+    #[test]
+    fn secret_query_keys() {
+        let cases = [
+            ("password", true),
+            ("sslpassword", true),
+            ("passfile", true),
+            ("sslkey", true),
+            ("ssl-key", true),
+            ("client_secret", true),
+            ("access_token", true),
+            ("Authorization", true),
+            ("sslmode", false),
+            ("sslrootcert", false),
+            ("application_name", false),
+            ("heartbeat", false),
+            ("host", false),
+        ];
+        for (key, secret) in cases {
+            assert_eq!(is_secret_key(key), secret, "{key}");
+        }
+    }
+
+    /// A CA certificate in PEM, made for the test.
+    fn ca_pem() -> String {
+        let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+        params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        let key = rcgen::KeyPair::generate().unwrap();
+        params.self_signed(&key).unwrap().pem()
+    }
+
+    #[test]
+    fn ca_files_per_dependency_win_over_the_shared_one() {
+        let dir = tempfile::tempdir().unwrap();
+        let shared = dir.path().join("shared.pem");
+        let amqp = dir.path().join("amqp.pem");
+        std::fs::write(&shared, ca_pem()).unwrap();
+        std::fs::write(&amqp, format!("{}{}", ca_pem(), ca_pem())).unwrap();
+
+        let s = with(&[]).unwrap();
+        assert!(s.amqp.tls_ca.is_none() && s.database_tls_ca.is_none());
+        assert!(s.commerce.tls_ca.is_none());
+
+        let s = with(&[
+            ("HOLDCLEAR_TLS_CA_FILE", shared.to_str().unwrap()),
+            ("HOLDCLEAR_AMQP_TLS_CA_FILE", amqp.to_str().unwrap()),
+        ])
+        .unwrap();
+        let amqp_ca = s.amqp.tls_ca.as_ref().unwrap();
+        assert_eq!(amqp_ca.path(), amqp);
+        assert_eq!(amqp_ca.certificates(), 2);
+        assert_eq!(s.database_tls_ca.as_ref().unwrap().path(), shared);
+        assert_eq!(s.commerce.tls_ca.as_ref().unwrap().path(), shared);
+        assert!(format!("{s:?}").contains("1 certificate(s)"));
+
+        // The file's keys, with the environment over them.
+        let file = dir.path().join("holdclear.toml");
+        std::fs::write(
+            &file,
+            format!(
+                "tls_ca_file = {:?}\ndatabase_tls_ca_file = {:?}\n",
+                shared.to_str().unwrap(),
+                amqp.to_str().unwrap()
+            ),
+        )
+        .unwrap();
+        let env: HashMap<String, String> = [(
+            "HOLDCLEAR_COMMERCE_TLS_CA_FILE".to_owned(),
+            amqp.display().to_string(),
+        )]
+        .into();
+        let s = Settings::from_sources(Some(&file), &env).unwrap();
+        assert_eq!(s.amqp.tls_ca.unwrap().path(), shared);
+        assert_eq!(s.database_tls_ca.unwrap().path(), amqp);
+        assert_eq!(s.commerce.tls_ca.unwrap().path(), amqp);
+    }
+
+    #[test]
+    fn bad_ca_files_name_the_setting() {
+        let dir = tempfile::tempdir().unwrap();
+        let write = |name: &str, body: &[u8]| {
+            let p = dir.path().join(name);
+            std::fs::write(&p, body).unwrap();
+            p.display().to_string()
+        };
+        let missing = dir.path().join("missing.pem").display().to_string();
+        let directory = dir.path().display().to_string();
+        let text = write("notes.txt", b"just some text\n");
+        let binary = write("der.bin", &[0x30, 0x82, 0xff, 0xfe, 0x00]);
+        let key_only = write(
+            "key.pem",
+            rcgen::KeyPair::generate()
+                .unwrap()
+                .serialize_pem()
+                .as_bytes(),
+        );
+        let junk = write(
+            "junk.pem",
+            b"-----BEGIN CERTIFICATE-----\naGVsbG8gd29ybGQ=\n-----END CERTIFICATE-----\n",
+        );
+        let unterminated = write("cut.pem", b"-----BEGIN CERTIFICATE-----\nMIIB\n");
+        let cases = [
+            (missing.as_str(), "cannot read"),
+            (directory.as_str(), "cannot read"),
+            (text.as_str(), "no PEM certificate"),
+            (binary.as_str(), "not a PEM file"),
+            (key_only.as_str(), "no PEM certificate"),
+            (junk.as_str(), "not a usable CA certificate"),
+            (unterminated.as_str(), "not valid PEM"),
+        ];
+        for setting in [
+            "HOLDCLEAR_TLS_CA_FILE",
+            "HOLDCLEAR_AMQP_TLS_CA_FILE",
+            "HOLDCLEAR_DATABASE_TLS_CA_FILE",
+            "HOLDCLEAR_COMMERCE_TLS_CA_FILE",
+        ] {
+            for (path, why) in cases {
+                let err = with(&[(setting, path)]).unwrap_err().to_string();
+                assert!(err.contains(setting), "{setting}={path}: {err}");
+                assert!(err.contains(why), "{setting}={path}: {err}");
+            }
+        }
+    }
+
+    #[test]
+    fn commerce_urls_in_clear_text_only_on_loopback_or_when_allowed() {
+        let base = "HOLDCLEAR_COMMERCE_BASE_URL";
+        let token = "HOLDCLEAR_COMMERCE_TOKEN_URL";
+        let allow = "HOLDCLEAR_COMMERCE_ALLOW_PLAINTEXT";
+        // (settings, the setting refused or None)
+        type Vars<'a> = &'a [(&'a str, &'a str)];
+        let cases: &[(Vars, Option<&str>)] = &[
+            (&[], None),
+            (&[(base, "http://localhost:8089")], None),
+            (&[(base, "http://127.0.0.2:8089")], None),
+            (&[(base, "http://[::1]:8089")], None),
+            (&[(base, "https://api.example.com")], None),
+            (&[(base, "http://api.example.com")], Some(base)),
+            (&[(base, "http://10.0.0.5:8089")], Some(base)),
+            (&[(base, "http://localhost.example.com")], Some(base)),
+            (&[(base, "http://sim:8089"), (allow, "true")], None),
+            (&[(base, "http://sim:8089"), (allow, "false")], Some(base)),
+            (&[(base, "http://sim:8089"), (allow, "yes")], Some(allow)),
+            (
+                &[
+                    (base, "https://api.example.com"),
+                    (token, "http://id.example.com/token"),
+                ],
+                Some(token),
+            ),
+            (
+                &[
+                    (base, "http://127.0.0.1:8089"),
+                    (token, "http://id.example.com/token"),
+                ],
+                Some(token),
+            ),
+            (
+                &[
+                    (base, "https://api.example.com"),
+                    (token, "http://id.example.com/token"),
+                    (allow, "true"),
+                ],
+                None,
+            ),
+            (&[(base, "https://u:hunter2@api.example.com")], Some(base)),
+            (
+                &[
+                    (base, "https://api.example.com"),
+                    (token, "https://id.example.com/token?client_secret=hunter2"),
+                ],
+                Some(token),
+            ),
+        ];
+        for (vars, refused) in cases {
+            match (with(vars), refused) {
+                (Ok(_), None) => {}
+                (Err(e), Some(name)) => {
+                    let e = e.to_string();
+                    assert!(e.contains(name), "{vars:?}: {e}");
+                    assert!(!e.contains("hunter2"), "{vars:?}: {e}");
+                }
+                (Ok(_), Some(name)) => panic!("{vars:?}: {name} accepted"),
+                (Err(e), None) => panic!("{vars:?}: refused: {e}"),
+            }
+        }
     }
 
     #[test]

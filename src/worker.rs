@@ -223,7 +223,7 @@ async fn work(
     let cases_opened = Arc::new(Notify::new());
     let (deliveries, inbox) = mpsc::channel(usize::from(settings.amqp.prefetch).max(1));
     let consumer = Consumer::new(
-        Broker::new(settings.amqp.url.clone(), connection_name(settings)),
+        Broker::from_settings(&settings.amqp, connection_name(settings)),
         ConsumerSettings {
             topology: settings.amqp.topology.clone(),
             prefetch: settings.amqp.prefetch,
@@ -260,7 +260,7 @@ async fn work(
     let relay_stop = CancellationToken::new();
     let relay = Relay::new(
         store.clone(),
-        Broker::new(settings.amqp.url.clone(), connection_name(settings)),
+        Broker::from_settings(&settings.amqp, connection_name(settings)),
         settings.amqp.topology.clone(),
         relay_wake,
     );
@@ -343,8 +343,12 @@ async fn prepare_store(
     let mut delays = Reconnect::default();
     loop {
         let attempt = async {
-            let store =
-                Store::connect(&settings.database_url, settings.database_max_connections).await?;
+            let store = Store::connect(
+                &settings.database_url,
+                settings.database_tls_ca.as_ref(),
+                settings.database_max_connections,
+            )
+            .await?;
             store.migrate().await?;
             Ok::<_, StoreError>(store)
         };

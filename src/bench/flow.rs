@@ -384,6 +384,16 @@ fn write_config(
     let s = &b.settings;
     let t = &s.amqp.topology;
     let ms = |d: Duration| format!("{}ms", d.as_millis());
+    // The CA files, since the workers see no HOLDCLEAR_* variables.
+    let mut tls = String::new();
+    for (key, ca) in [
+        ("amqp_tls_ca_file", &s.amqp.tls_ca),
+        ("database_tls_ca_file", &s.database_tls_ca),
+    ] {
+        if let Some(ca) = ca {
+            tls.push_str(&format!("{key} = {:?}\n", ca.path().display().to_string()));
+        }
+    }
     let text = format!(
         "database_url = {db:?}\n\
          database_max_connections = {conns}\n\
@@ -407,6 +417,7 @@ fn write_config(
          http_addr = \"127.0.0.1:0\"\n\
          log_format = \"json\"\n\
          shutdown_timeout = \"10s\"\n\
+         {tls}\
          [topology]\n\
          orders_exchange = {oe:?}\n\
          held_routing_key = {rk:?}\n\

@@ -145,7 +145,7 @@ async fn run_intake(b: &Bench, n: u64, progress: &dyn Fn(u64)) -> Result<Duratio
     let abort = CancellationToken::new();
     let (tx, rx) = mpsc::channel(usize::from(b.settings.amqp.prefetch).max(1));
     let consumer = Consumer::new(
-        Broker::new(b.settings.amqp.url.clone(), "holdclear bench intake"),
+        Broker::from_settings(&b.settings.amqp, "holdclear bench intake"),
         ConsumerSettings {
             topology: b.settings.amqp.topology.clone(),
             prefetch: b.settings.amqp.prefetch,
@@ -167,7 +167,7 @@ async fn run_intake(b: &Bench, n: u64, progress: &dyn Fn(u64)) -> Result<Duratio
     // database under test); the inbox is counted only for the last few
     // hundred orders, which the queue no longer shows.
     let result = async {
-        let conn = Broker::new(b.settings.amqp.url.clone(), "holdclear bench")
+        let conn = Broker::from_settings(&b.settings.amqp, "holdclear bench")
             .connect("depth")
             .await?;
         let queue = &b.settings.amqp.topology.held_queue;

@@ -219,7 +219,7 @@ impl Bench {
         let topology = &self.settings.amqp.topology;
         self.tables().truncate().await?;
         self.tables().checkpoint().await;
-        let broker = crate::broker::Broker::new(self.settings.amqp.url.clone(), "holdclear bench");
+        let broker = crate::broker::Broker::from_settings(&self.settings.amqp, "holdclear bench");
         let conn = broker.connect(role).await?;
         let publisher = crate::broker::Publisher::open(&conn).await?;
         crate::broker::declare_topology(

@@ -36,4 +36,13 @@ pub enum BrokerError {
     /// Shutdown was requested while waiting for the broker.
     #[error("cancelled while connecting to RabbitMQ")]
     Cancelled,
+    /// The TLS handshake of an `amqps://` connection failed: the server's
+    /// certificate is not trusted or does not name the URL's host.
+    #[error("RabbitMQ: TLS failed ({source}); trusted: {trusted}")]
+    Tls {
+        /// lapin's error, with rustls's reason.
+        source: lapin::Error,
+        /// Which roots were trusted.
+        trusted: String,
+    },
 }

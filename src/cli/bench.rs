@@ -102,7 +102,7 @@ pub async fn execute(base: Settings, args: Args) -> anyhow::Result<ExitCode> {
     )?;
 
     let result = async {
-        let store = Store::connect(&database_url, 8).await?;
+        let store = Store::connect(&database_url, settings.database_tls_ca.as_ref(), 8).await?;
         store.migrate().await?;
         let b = Bench {
             settings: settings.clone(),
@@ -121,15 +121,14 @@ pub async fn execute(base: Settings, args: Args) -> anyhow::Result<ExitCode> {
     .await;
 
     // Clean up whatever happened.
-    let broker = Broker::new(
-        settings.amqp.url.clone(),
-        format!("holdclear bench {run} cleanup"),
-    );
+    let broker = Broker::from_settings(&settings.amqp, format!("holdclear bench {run} cleanup"));
     if let Ok(conn) = broker.connect("cleanup").await {
         broker::delete_topology(&conn, &topology).await.ok();
         broker::close(&conn).await;
     }
-    crate::store::drop_database(&database_url).await.ok();
+    crate::store::drop_database(&database_url, settings.database_tls_ca.as_ref())
+        .await
+        .ok();
     let report = match result {
         Ok(report) => {
             std::fs::remove_dir_all(&work_dir).ok();

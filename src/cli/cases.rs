@@ -69,7 +69,7 @@ fn parse_state(raw: &str) -> Result<CaseState, String> {
 /// Runs `holdclear cases …`.
 pub async fn execute(settings: Settings, cmd: Command) -> anyhow::Result<ExitCode> {
     super::quiet_logs();
-    let store = Store::connect(&settings.database_url, 2)
+    let store = Store::connect(&settings.database_url, settings.database_tls_ca.as_ref(), 2)
         .await
         .with_context(|| format!("cannot connect to {}", settings.database_url))?;
     if !store.ready().await {

@@ -199,15 +199,14 @@ pub async fn execute(base: Settings, args: Args) -> anyhow::Result<ExitCode> {
 
     worker.shutdown().await.ok();
     sim.shutdown().await.ok();
-    let broker = Broker::new(
-        settings.amqp.url.clone(),
-        format!("holdclear demo {run} cleanup"),
-    );
+    let broker = Broker::from_settings(&settings.amqp, format!("holdclear demo {run} cleanup"));
     if let Ok(conn) = broker.connect("cleanup").await {
         broker::delete_topology(&conn, &topology).await.ok();
         broker::close(&conn).await;
     }
-    crate::store::drop_database(&database_url).await.ok();
+    crate::store::drop_database(&database_url, settings.database_tls_ca.as_ref())
+        .await
+        .ok();
     std::fs::remove_file(&rules_path).ok();
 
     let (table, dead_letters, complete) = result?;
@@ -227,7 +226,7 @@ async fn drive(
     topology: &Topology,
     timeout: Duration,
 ) -> anyhow::Result<(Table, String, bool)> {
-    let broker = Broker::new(settings.amqp.url.clone(), "holdclear demo");
+    let broker = Broker::from_settings(&settings.amqp, "holdclear demo");
     let conn = broker.connect("publisher").await?;
     let publisher = Publisher::open(&conn).await?;
     declare_topology(publisher.channel(), topology, settings.amqp.delivery_limit).await?;
@@ -343,7 +342,9 @@ async fn drive(
     broker::close(&conn).await;
 
     // Escalation events carry no rule; the case does.
-    let store = crate::store::Store::connect(&settings.database_url, 2).await?;
+    let store =
+        crate::store::Store::connect(&settings.database_url, settings.database_tls_ca.as_ref(), 2)
+            .await?;
     let cases = store
         .list_cases(&crate::store::CaseFilter {
             state: None,

@@ -65,7 +65,7 @@ pub enum Command {
 pub async fn execute(settings: Settings, cmd: Command) -> anyhow::Result<ExitCode> {
     super::quiet_logs();
     let queue = settings.amqp.topology.dead_letter_queue.clone();
-    let broker = Broker::new(settings.amqp.url.clone(), "holdclear-dlq");
+    let broker = Broker::from_settings(&settings.amqp, "holdclear-dlq");
     let conn = broker.connect("dlq").await?;
     let mut out = std::io::stdout().lock();
     match cmd {

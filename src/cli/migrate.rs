@@ -8,7 +8,8 @@ use crate::store::Store;
 /// Applies pending migrations and exits.
 pub async fn execute(settings: Settings) -> anyhow::Result<ExitCode> {
     crate::ops::logs::init(settings.log_format, "info");
-    let store = Store::connect(&settings.database_url, 2).await?;
+    let store =
+        Store::connect(&settings.database_url, settings.database_tls_ca.as_ref(), 2).await?;
     store.migrate().await?;
     tracing::info!(database = %settings.database_url, "Migrations applied.");
     Ok(ExitCode::SUCCESS)

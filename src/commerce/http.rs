@@ -130,9 +130,11 @@ fn setup_error(detail: impl Into<String>) -> CommerceError {
 
 impl HttpCommerce {
     /// A client for the API at `settings.base_url`. Nothing is sent yet: the
-    /// token is fetched by the first call. Fails only on settings that
-    /// cannot work (a rate limit that is not positive, a base URL that
-    /// cannot have paths) or when the TLS stack cannot start.
+    /// token is fetched by the first call. `https://` servers must present
+    /// a certificate for their host that chains to the platform's roots or
+    /// to `settings.tls_ca`. Fails only on settings that cannot work (a
+    /// rate limit that is not positive, a base URL that cannot have paths)
+    /// or when the TLS stack cannot start.
     pub fn new(settings: &CommerceSettings) -> Result<Self, CommerceError> {
         let _ = rustls::crypto::ring::default_provider().install_default();
         if settings.base_url.cannot_be_a_base() {
@@ -145,13 +147,26 @@ impl HttpCommerce {
                 "HOLDCLEAR_COMMERCE_RATE_LIMIT must be a positive number of calls per second",
             )
         })?;
-        let http = reqwest::Client::builder()
+        let mut builder = reqwest::Client::builder()
             .timeout(settings.request_timeout)
             .connect_timeout(settings.request_timeout.min(Duration::from_secs(5)))
             .pool_idle_timeout(Duration::from_secs(60))
             .pool_max_idle_per_host(64)
             .redirect(reqwest::redirect::Policy::none())
-            .user_agent(concat!("holdclear/", env!("CARGO_PKG_VERSION")))
+            .user_agent(concat!("holdclear/", env!("CARGO_PKG_VERSION")));
+        if let Some(ca) = &settings.tls_ca {
+            // Besides the platform's roots, as for RabbitMQ and PostgreSQL.
+            let certs =
+                reqwest::Certificate::from_pem_bundle(ca.pem().as_bytes()).map_err(|e| {
+                    setup_error(format!(
+                        "cannot use the CA file {}: {}",
+                        ca.path().display(),
+                        chain(&e)
+                    ))
+                })?;
+            builder = builder.tls_certs_merge(certs);
+        }
+        let http = builder
             .build()
             .map_err(|e| setup_error(format!("cannot build the HTTP client: {}", chain(&e))))?;
         Ok(Self {

@@ -8,11 +8,10 @@
 use std::str::FromStr;
 use std::time::Duration;
 
-use sqlx::migrate::MigrateDatabase;
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
-use sqlx::{PgPool, Postgres};
+use sqlx::{AssertSqlSafe, ConnectOptions, Connection, Executor, PgConnection, PgPool};
 
-use crate::config::SecretUrl;
+use crate::config::{CaFile, SecretUrl};
 
 /// An open case, as SQL: its state is none of the terminal ones
 /// ([`crate::domain::CaseState::is_terminal`]; a test keeps the two equal).
@@ -60,6 +59,18 @@ pub enum StoreError {
     /// A migration failed.
     #[error("migration failed: {0}")]
     Migrate(#[from] sqlx::migrate::MigrateError),
+    /// The TLS handshake with PostgreSQL failed: the server's certificate
+    /// is not trusted or does not name the URL's host (`sslmode=verify-full`),
+    /// or the server does not speak TLS (`sslmode=require` and stronger).
+    #[error("TLS to PostgreSQL at {server} failed ({source}); trusted: {trusted}")]
+    Tls {
+        /// `host:port` of the URL.
+        server: String,
+        /// Which roots were trusted.
+        trusted: String,
+        /// sqlx's error, with rustls's reason.
+        source: sqlx::Error,
+    },
     /// A stored row could not be read back into the domain.
     #[error("corrupt row in {table}: {detail}")]
     Corrupt {
@@ -110,6 +121,7 @@ impl StoreError {
                             || matches!(c.as_ref(), "55000" | "3D000" | "53300")
                     })
             }
+            Self::Tls { .. } => true,
             _ => false,
         }
     }
@@ -123,27 +135,22 @@ pub struct Store {
 
 impl Store {
     /// Connects to `url`, creating the database first if it does not exist.
-    pub async fn connect(url: &SecretUrl, max_connections: u32) -> Result<Self, StoreError> {
-        if !Postgres::database_exists(url.expose()).await? {
-            match Postgres::create_database(url.expose()).await {
-                Ok(()) => tracing::info!(database = %url, "Database created."),
-                // Another worker created it between the check and here.
-                Err(e)
-                    if Postgres::database_exists(url.expose())
-                        .await
-                        .unwrap_or(false) =>
-                {
-                    tracing::debug!(error = %e, "Database appeared concurrently.");
-                }
-                Err(e) => return Err(e.into()),
-            }
-        }
-        let options = PgConnectOptions::from_str(url.expose())?.application_name("holdclear");
+    /// TLS follows the URL's `sslmode` (`verify-full` checks the server's
+    /// certificate and name) and trusts `tls_ca` besides the built-in roots.
+    /// Every command that uses the database goes through here.
+    pub async fn connect(
+        url: &SecretUrl,
+        tls_ca: Option<&CaFile>,
+        max_connections: u32,
+    ) -> Result<Self, StoreError> {
+        let target = Target::new(url, tls_ca)?;
+        target.create_if_missing().await?;
         let pool = PgPoolOptions::new()
             .max_connections(max_connections)
             .acquire_timeout(Duration::from_secs(5))
-            .connect_with(options)
-            .await?;
+            .connect_with(target.options.clone())
+            .await
+            .map_err(|e| target.error(e))?;
         Ok(Self { pool })
     }
 
@@ -175,9 +182,190 @@ impl Store {
 
 /// Drops the database at `url` (the demo's and the benchmark's own, when
 /// they finish), closing other sessions on it first.
-pub async fn drop_database(url: &SecretUrl) -> Result<(), StoreError> {
-    Postgres::force_drop_database(url.expose()).await?;
+pub async fn drop_database(url: &SecretUrl, tls_ca: Option<&CaFile>) -> Result<(), StoreError> {
+    let target = Target::new(url, tls_ca)?;
+    let mut conn = target.maintenance().await?;
+    conn.execute(
+        sqlx::query(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity \
+             WHERE datname = $1 AND pid <> pg_backend_pid()",
+        )
+        .bind(&target.database),
+    )
+    .await?;
+    conn.execute(AssertSqlSafe(format!(
+        "DROP DATABASE IF EXISTS {}",
+        quote_ident(&target.database)
+    )))
+    .await?;
     Ok(())
+}
+
+/// The connect parameters sqlx reads from a URL's query; others are dropped
+/// before it sees them (it would log their values, which may be secret).
+const KNOWN_PARAMETERS: &[&str] = &[
+    "sslmode",
+    "ssl-mode",
+    "sslrootcert",
+    "ssl-root-cert",
+    "ssl-ca",
+    "sslcert",
+    "ssl-cert",
+    "sslkey",
+    "ssl-key",
+    "statement-cache-capacity",
+    "host",
+    "hostaddr",
+    "port",
+    "dbname",
+    "user",
+    "password",
+    "application_name",
+    "options",
+];
+
+/// A database URL made into sqlx's options once, with the CA file and the
+/// name of the database it points at.
+struct Target {
+    options: PgConnectOptions,
+    database: String,
+    trusted: String,
+}
+
+impl Target {
+    fn new(url: &SecretUrl, tls_ca: Option<&CaFile>) -> Result<Self, StoreError> {
+        let mut known = url.url().clone();
+        let pairs: Vec<(String, String)> = url
+            .url()
+            .query_pairs()
+            .filter(|(key, _)| {
+                let keep = KNOWN_PARAMETERS.contains(&key.as_ref()) || key.starts_with("options[");
+                if !keep {
+                    tracing::warn!(parameter = %key, "Unknown database URL parameter ignored.");
+                }
+                keep
+            })
+            .map(|(k, v)| (k.into_owned(), v.into_owned()))
+            .collect();
+        known.set_query(None);
+        if !pairs.is_empty() {
+            known.query_pairs_mut().extend_pairs(pairs);
+        }
+        let mut options = PgConnectOptions::from_str(known.as_str())?.application_name("holdclear");
+        if let Some(ca) = tls_ca {
+            options = options.ssl_root_cert_from_pem(ca.pem().as_bytes().to_vec());
+        }
+        let database = options
+            .get_database()
+            .unwrap_or(options.get_username())
+            .to_owned();
+        let trusted = match tls_ca {
+            Some(ca) => format!("the built-in roots and {}", ca.path().display()),
+            None => "the built-in roots only (no HOLDCLEAR_DATABASE_TLS_CA_FILE or \
+                     HOLDCLEAR_TLS_CA_FILE)"
+                .to_owned(),
+        };
+        Ok(Self {
+            options,
+            database,
+            trusted,
+        })
+    }
+
+    /// A connection to the maintenance database (`postgres`, or `template1`
+    /// when the target is `postgres`), as `createdb` does.
+    async fn maintenance(&self) -> Result<PgConnection, StoreError> {
+        let maintenance = if self.database == "postgres" {
+            "template1"
+        } else {
+            "postgres"
+        };
+        self.options
+            .clone()
+            .database(maintenance)
+            .connect()
+            .await
+            .map_err(|e| self.error(e))
+    }
+
+    /// Creates the database unless it exists (another worker may create it
+    /// at the same moment: that is fine).
+    async fn create_if_missing(&self) -> Result<(), StoreError> {
+        // The target itself first: the usual case, and the only one that
+        // works for a user who may not connect to the maintenance database.
+        match self.options.connect().await {
+            Ok(conn) => {
+                let _ = conn.close().await;
+                return Ok(());
+            }
+            Err(e) if !is_missing_database(&e) => return Err(self.error(e)),
+            Err(_) => {}
+        }
+        let mut conn = self.maintenance().await?;
+        let create = format!("CREATE DATABASE {}", quote_ident(&self.database));
+        match conn.execute(AssertSqlSafe(create)).await {
+            Ok(_) => {
+                tracing::info!(database = %self.database, "Database created.");
+                Ok(())
+            }
+            // 42P04 duplicate_database, 23505 unique_violation: another
+            // worker created it between the check and here.
+            Err(e)
+                if e.as_database_error()
+                    .and_then(|d| d.code())
+                    .is_some_and(|c| c == "42P04" || c == "23505") =>
+            {
+                tracing::debug!(error = %e, "Database appeared concurrently.");
+                Ok(())
+            }
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    /// A TLS failure says where and what was trusted; others pass as they are.
+    fn error(&self, e: sqlx::Error) -> StoreError {
+        if !is_tls_failure(&e) {
+            return e.into();
+        }
+        StoreError::Tls {
+            server: format!("{}:{}", self.options.get_host(), self.options.get_port()),
+            trusted: self.trusted.clone(),
+            source: e,
+        }
+    }
+}
+
+/// True when TLS could not be set up: sqlx's own TLS error, or rustls
+/// refusing the handshake (an untrusted or misnamed certificate).
+fn is_tls_failure(e: &sqlx::Error) -> bool {
+    match e {
+        sqlx::Error::Tls(_) => true,
+        sqlx::Error::Io(io) => {
+            let mut current: Option<&(dyn std::error::Error + 'static)> = io
+                .get_ref()
+                .map(|inner| inner as &(dyn std::error::Error + 'static));
+            while let Some(err) = current {
+                if err.is::<rustls::Error>() {
+                    return true;
+                }
+                current = err.source();
+            }
+            false
+        }
+        _ => false,
+    }
+}
+
+/// PostgreSQL's `3D000 invalid_catalog_name`: the database does not exist.
+fn is_missing_database(e: &sqlx::Error) -> bool {
+    e.as_database_error()
+        .and_then(|d| d.code())
+        .is_some_and(|c| c == "3D000")
+}
+
+/// `name` as a quoted SQL identifier.
+fn quote_ident(name: &str) -> String {
+    format!("\"{}\"", name.replace('"', "\"\""))
 }
 
 #[cfg(test)]

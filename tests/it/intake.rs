@@ -222,8 +222,8 @@ async fn parallel_writers_open_one_case_per_order(pool: PgPool) {
     let url = database_url(&pool).await;
     let secret = holdclear::config::SecretUrl::parse("db", &url).unwrap();
     let (a_store, b_store) = (
-        Store::connect(&secret, 2).await.unwrap(),
-        Store::connect(&secret, 2).await.unwrap(),
+        Store::connect(&secret, None, 2).await.unwrap(),
+        Store::connect(&secret, None, 2).await.unwrap(),
     );
     let orders: Vec<String> = (0..200).map(|n| format!("{}", 7000 + n)).collect();
     let a: Vec<_> = orders

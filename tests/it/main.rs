@@ -15,3 +15,4 @@ mod intake;
 mod ops;
 mod rules;
 mod support;
+mod tls;

@@ -206,3 +206,97 @@ async fn secrets_never_shown(pool: PgPool) {
 fn orders_after(orders: &[super::Order]) -> Vec<super::Order> {
     super::orders("secrets-wrong", 87_100_000 + orders.len() as u64, 3)
 }
+
+/// A database URL with a password in its user info and in its query
+/// (`password=`, `sslpassword=`, an `sslkey` path), an AMQP URL with a
+/// password and a token, both unreachable, every log level on: no command
+/// prints any of them, neither in its own lines (the URLs are shown
+/// redacted) nor in what sqlx or lapin say about them.
+#[tokio::test]
+async fn database_url_secrets_never_shown() {
+    const USER_PW: &str = "hc-Kq3-userinfo-password-do-not-print";
+    const QUERY_PW: &str = "hc-Kq3-query-password-do-not-print";
+    const SSL_PW: &str = "hc-Kq3-sslpassword-do-not-print";
+    const KEY: &str = "hc-Kq3-key-name-do-not-print";
+    const AMQP_PW: &str = "hc-Kq3-amqp-password-do-not-print";
+    const AMQP_TOKEN: &str = "hc-Kq3-amqp-token-do-not-print";
+    let secrets = [USER_PW, QUERY_PW, SSL_PW, KEY, AMQP_PW, AMQP_TOKEN];
+    let url = format!(
+        "postgres://holdclear:{USER_PW}@127.0.0.1:1/holdclear?sslmode=verify-full\
+         &password={QUERY_PW}&sslpassword={SSL_PW}&sslkey=/nonexistent/{KEY}.key"
+    );
+    // Unreachable too (`dlq list`, the bench's clean-up), with secrets of its own.
+    let amqp =
+        format!("amqp://guest:{AMQP_PW}@127.0.0.1:1/%2f?heartbeat=30&auth_token={AMQP_TOKEN}");
+    let dir = tempfile::tempdir().unwrap();
+    let env: HashMap<String, String> = [
+        ("HOLDCLEAR_DATABASE_URL", url.as_str()),
+        ("HOLDCLEAR_AMQP_URL", amqp.as_str()),
+        ("HOLDCLEAR_HTTP_ADDR", "127.0.0.1:0"),
+        ("HOLDCLEAR_LOG_FORMAT", "json"),
+        ("RUST_LOG", "trace"),
+    ]
+    .into_iter()
+    .map(|(k, v)| (k.to_owned(), v.to_owned()))
+    .collect();
+
+    let mut shown: Vec<(String, String)> = Vec::new();
+    // Commands that give up: exit 1.
+    for args in [
+        vec!["migrate"],
+        vec!["cases", "list"],
+        vec!["bench", "--sections", "1", "--orders", "10"],
+        vec!["dlq", "list"],
+    ] {
+        let (out, text) = cli(&env, &args);
+        assert_eq!(out.status.code(), Some(1), "{args:?}: {text}");
+        shown.push((format!("holdclear {}", args.join(" ")), text));
+    }
+    // Commands that wait for the database: stopped once they said so.
+    for args in [vec!["run"], vec!["demo"]] {
+        let log = dir.path().join(format!("{}.log", args.join("-")));
+        let mut child = bin()
+            .args(&args)
+            .env_clear()
+            .envs(&env)
+            .env("PATH", std::env::var("PATH").unwrap_or_default())
+            .stdout(std::fs::File::create(&log).unwrap())
+            .stderr(std::fs::File::create(&log).unwrap())
+            .spawn()
+            .expect("the CLI runs");
+        wait_for(
+            Duration::from_secs(30),
+            "the database reported unreachable",
+            || async {
+                let text = std::fs::read_to_string(&log).unwrap_or_default();
+                text.contains("Cannot reach the database").then_some(())
+            },
+        )
+        .await;
+        let pid = nix::unistd::Pid::from_raw(child.id() as i32);
+        let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while child.try_wait().unwrap().is_none() && Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        let _ = child.kill();
+        let _ = child.wait();
+        shown.push((
+            format!("holdclear {}", args.join(" ")),
+            std::fs::read_to_string(&log).unwrap(),
+        ));
+    }
+
+    // The URL is shown, redacted, where a command names its database.
+    let run = &shown[4].1;
+    assert!(
+        run.contains("password=redacted") && run.contains("sslpassword=redacted"),
+        "{run}"
+    );
+    assert!(run.contains("holdclear:redacted@127.0.0.1:1"), "{run}");
+    for (what, text) in &shown {
+        for secret in secrets {
+            assert!(!text.contains(secret), "{what} shows {secret}:\n{text}");
+        }
+    }
+}

@@ -32,6 +32,7 @@ pub fn settings(sim: &SimHandle) -> CommerceSettings {
         client_secret: Secret::new(DEMO_CLIENT_SECRET),
         rate_limit: 1000.0,
         request_timeout: Duration::from_millis(500),
+        tls_ca: None,
     }
 }
 
