@@ -805,28 +805,11 @@ impl Settings {
     fn build(mut f: FileSettings, env: &dyn Env) -> Result<Self, ConfigError> {
         let r = Reader { env };
         let f = &mut f;
-        // TLS: each dependency's own CA file wins over the shared one.
-        let shared_ca = r.ca_file("HOLDCLEAR_TLS_CA_FILE", f.tls_ca_file.take())?;
-        let amqp_tls_ca = r
-            .ca_file("HOLDCLEAR_AMQP_TLS_CA_FILE", f.amqp_tls_ca_file.take())?
-            .or_else(|| shared_ca.clone());
-        let database_tls_ca = r
-            .ca_file(
-                "HOLDCLEAR_DATABASE_TLS_CA_FILE",
-                f.database_tls_ca_file.take(),
-            )?
-            .or_else(|| shared_ca.clone());
-        let commerce_tls_ca = r
-            .ca_file(
-                "HOLDCLEAR_COMMERCE_TLS_CA_FILE",
-                f.commerce_tls_ca_file.take(),
-            )?
-            .or(shared_ca);
+        let [amqp_tls_ca, database_tls_ca, commerce_tls_ca] = tls_cas(&r, f)?;
         let allow_plaintext = r.parsed(
             "HOLDCLEAR_COMMERCE_ALLOW_PLAINTEXT",
             f.commerce_allow_plaintext.take(),
         )?;
-
         let database_url = SecretUrl::parse(
             "HOLDCLEAR_DATABASE_URL",
             &r.string("HOLDCLEAR_DATABASE_URL", f.database_url.take()),
@@ -867,7 +850,50 @@ impl Settings {
             )
         })?;
 
-        let log_format = match r.env.var("HOLDCLEAR_LOG_FORMAT").or(f.log_format.take()) {
+        let log_format = log_format(&r, f)?;
+        let shutdown_timeout =
+            r.duration("HOLDCLEAR_SHUTDOWN_TIMEOUT", f.shutdown_timeout.take())?;
+
+        Ok(Self {
+            database_url,
+            database_max_connections,
+            database_tls_ca,
+            amqp,
+            commerce,
+            rules_path,
+            engine,
+            http_addr,
+            log_format,
+            shutdown_timeout,
+        })
+    }
+}
+
+/// Each dependency's CA file (RabbitMQ, PostgreSQL, the commerce API): its
+/// own wins over the shared one.
+fn tls_cas(r: &Reader<'_>, f: &mut FileSettings) -> Result<[Option<CaFile>; 3], ConfigError> {
+    let shared_ca = r.ca_file("HOLDCLEAR_TLS_CA_FILE", f.tls_ca_file.take())?;
+    let amqp_tls_ca = r
+        .ca_file("HOLDCLEAR_AMQP_TLS_CA_FILE", f.amqp_tls_ca_file.take())?
+        .or_else(|| shared_ca.clone());
+    let database_tls_ca = r
+        .ca_file(
+            "HOLDCLEAR_DATABASE_TLS_CA_FILE",
+            f.database_tls_ca_file.take(),
+        )?
+        .or_else(|| shared_ca.clone());
+    let commerce_tls_ca = r
+        .ca_file(
+            "HOLDCLEAR_COMMERCE_TLS_CA_FILE",
+            f.commerce_tls_ca_file.take(),
+        )?
+        .or(shared_ca);
+    Ok([amqp_tls_ca, database_tls_ca, commerce_tls_ca])
+}
+
+fn log_format(r: &Reader<'_>, f: &mut FileSettings) -> Result<LogFormat, ConfigError> {
+    Ok(
+        match r.env.var("HOLDCLEAR_LOG_FORMAT").or(f.log_format.take()) {
             None => {
                 use std::io::IsTerminal;
                 if std::io::stderr().is_terminal() {
@@ -886,23 +912,8 @@ impl Settings {
                     ));
                 }
             },
-        };
-        let shutdown_timeout =
-            r.duration("HOLDCLEAR_SHUTDOWN_TIMEOUT", f.shutdown_timeout.take())?;
-
-        Ok(Self {
-            database_url,
-            database_max_connections,
-            database_tls_ca,
-            amqp,
-            commerce,
-            rules_path,
-            engine,
-            http_addr,
-            log_format,
-            shutdown_timeout,
-        })
-    }
+        },
+    )
 }
 
 fn amqp(

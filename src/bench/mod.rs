@@ -341,16 +341,12 @@ async fn rabbitmq_version() -> Option<String> {
 /// Latency percentiles, milliseconds.
 #[derive(Clone, Debug, Default, Serialize)]
 #[serde(rename_all = "camelCase")]
+#[allow(missing_docs)] // the number of samples and the usual percentiles
 pub struct Percentiles {
-    /// Samples.
     pub samples: usize,
-    /// Median.
     pub p50: f64,
-    /// 95th percentile.
     pub p95: f64,
-    /// 99th percentile.
     pub p99: f64,
-    /// Largest.
     pub max: f64,
 }
 

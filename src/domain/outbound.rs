@@ -51,7 +51,7 @@ pub enum OutboundEvent {
     },
     /// `order.hold_escalated`: a person must act.
     HoldEscalated {
-        /// Why.
+        /// The contract's reason code.
         reason: EscalationReason,
         /// How urgent.
         level: EscalationLevel,

@@ -276,7 +276,7 @@ pub enum Outcome {
     },
     /// A person must act.
     Escalate {
-        /// Why.
+        /// The contract's reason code.
         reason: EscalationReason,
         /// What exactly happened, one line.
         detail: String,

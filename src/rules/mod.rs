@@ -127,7 +127,7 @@ pub enum RulesError {
     /// A key the rules file does not have (often a typo).
     #[error("{at}: unknown key `{key}`{}", if expected.is_empty() { String::new() } else { format!("; {expected}") })]
     UnknownKey {
-        /// Where.
+        #[allow(missing_docs)] // where in the file, in every variant
         at: Box<Location>,
         /// The key, with its table inside the rule (`when.contry`).
         key: String,
@@ -145,7 +145,7 @@ pub enum RulesError {
     /// A value of the wrong type or outside its set.
     #[error("{at}: `{key}`: {reason}")]
     InvalidValue {
-        /// Where.
+        #[allow(missing_docs)] // where in the file, in every variant
         at: Box<Location>,
         /// The key.
         key: String,
@@ -155,7 +155,7 @@ pub enum RulesError {
     /// `name = ""`.
     #[error("{at}: `name` is empty; every rule needs a unique name")]
     EmptyName {
-        /// Where.
+        #[allow(missing_docs)] // where in the file, in every variant
         at: Box<Location>,
     },
     /// Two rules with the same name.
@@ -173,7 +173,7 @@ pub enum RulesError {
     /// A domain pattern that is not a `*` glob over a domain.
     #[error("{at}: `{key}`: bad domain pattern {pattern:?}: {reason}")]
     BadGlob {
-        /// Where.
+        #[allow(missing_docs)] // where in the file, in every variant
         at: Box<Location>,
         /// The key (`when.end_customer_domain`).
         key: String,
@@ -187,7 +187,7 @@ pub enum RulesError {
         "{at}: `{key}` is an empty list, which matches no order; leave the key out to match any value"
     )]
     EmptyList {
-        /// Where.
+        #[allow(missing_docs)] // where in the file, in every variant
         at: Box<Location>,
         /// The key.
         key: String,
@@ -205,7 +205,7 @@ pub enum RulesError {
         "{at}: `{key}`: from = {value:?} is not supported; the only source is \"end_customer_domain\""
     )]
     UnsupportedFrom {
-        /// Where.
+        #[allow(missing_docs)] // where in the file, in every variant
         at: Box<Location>,
         /// The key (`assign.smart_account.from`).
         key: String,
@@ -217,7 +217,7 @@ pub enum RulesError {
         "{at}: `fallback.smart_account.from`: a fallback names a fixed account (domain, name or email), not one taken from the order"
     )]
     FromInFallback {
-        /// Where.
+        #[allow(missing_docs)] // where in the file, in every variant
         at: Box<Location>,
     },
     /// A `[rule.fallback]` without `smart_account`.

@@ -136,12 +136,11 @@ pub struct CaseRecord {
 /// One line of `holdclear cases list`.
 #[derive(Clone, Debug, Serialize)]
 #[serde(rename_all = "camelCase")]
+#[allow(missing_docs)] // the columns, as stored
 pub struct CaseSummary {
-    /// Case id.
     pub id: Uuid,
     /// Sales order number, or `web:<id>`.
     pub order: String,
-    /// State.
     pub state: String,
     /// Rule that decided it.
     pub rule: Option<String>,
@@ -149,9 +148,7 @@ pub struct CaseSummary {
     pub account: Option<String>,
     /// Escalation reason, when escalated.
     pub escalation_reason: Option<String>,
-    /// Opened.
     pub created_at: DateTime<Utc>,
-    /// Last change.
     pub updated_at: DateTime<Utc>,
     /// Next step due (open cases only).
     pub next_action_at: Option<DateTime<Utc>>,
@@ -168,19 +165,16 @@ pub struct CaseFilter {
     pub limit: u32,
 }
 
-/// One stored history line.
+/// One stored history line: the columns of `case_history`.
 #[derive(Clone, Debug, Serialize)]
 #[serde(rename_all = "camelCase")]
+#[allow(missing_docs)] // the columns, as stored
 pub struct HistoryRow {
-    /// Position.
     pub id: i64,
-    /// When.
     pub at: DateTime<Utc>,
-    /// What kind of entry.
     pub kind: String,
-    /// State after it.
+    /// The case's state after this line.
     pub state: String,
-    /// Particulars.
     pub detail: Value,
 }
 
