@@ -208,14 +208,9 @@ pub struct Envelope {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::domain::{SalesOrderNumber, WebOrderId};
 
     fn order(so: Option<&str>, web: Option<&str>) -> OrderId {
-        OrderId::new(
-            so.map(|s| SalesOrderNumber::parse(s).unwrap()),
-            web.map(|w| WebOrderId::parse(w).unwrap()),
-        )
-        .unwrap()
+        OrderId::from_test(so, web)
     }
 
     fn time() -> DateTime<Utc> {

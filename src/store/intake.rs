@@ -439,14 +439,9 @@ fn groups<'a>(orders: &[&'a OrderId]) -> Vec<Group<'a>> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::domain::{SalesOrderNumber, WebOrderId};
 
     fn order(so: Option<&str>, web: Option<&str>) -> OrderId {
-        OrderId::new(
-            so.map(|s| SalesOrderNumber::parse(s).unwrap()),
-            web.map(|w| WebOrderId::parse(w).unwrap()),
-        )
-        .unwrap()
+        OrderId::from_test(so, web)
     }
 
     #[test]
