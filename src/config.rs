@@ -314,8 +314,38 @@ pub struct AmqpSettings {
     pub intake_batch: usize,
     /// How long intake waits for a batch to fill before writing it.
     pub intake_linger: Duration,
+    /// Longest wait for the broker's confirm of a publish (dead letters,
+    /// events); past it the publish counts as failed and is retried.
+    pub confirm_timeout: Duration,
     /// CA trusted for `amqps://` besides the built-in roots.
     pub tls_ca: Option<CaFile>,
+}
+
+/// Deadlines on every wait for PostgreSQL; a wait that runs out fails
+/// with an error its caller retries.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DatabaseTimeouts {
+    /// `statement_timeout` of every session: the longest one statement runs.
+    pub statement: Duration,
+    /// `lock_timeout` of every session: the longest a statement waits for a lock.
+    pub lock: Duration,
+    /// `idle_in_transaction_session_timeout`: a session left idle inside a
+    /// transaction this long is ended by the server (its locks released).
+    pub idle_in_transaction: Duration,
+    /// The longest wait for a connection of the pool (opening one included).
+    pub acquire: Duration,
+}
+
+impl Default for DatabaseTimeouts {
+    /// `30s`, `10s`, `60s`, `5s`.
+    fn default() -> Self {
+        Self {
+            statement: Duration::from_secs(30),
+            lock: Duration::from_secs(10),
+            idle_in_transaction: Duration::from_secs(60),
+            acquire: Duration::from_secs(5),
+        }
+    }
 }
 
 /// The commerce API client.
@@ -389,6 +419,8 @@ pub struct Settings {
     pub database_url: SecretUrl,
     /// Connections in the pool.
     pub database_max_connections: u32,
+    /// Deadlines of statements, locks, idle transactions and pool waits.
+    pub database_timeouts: DatabaseTimeouts,
     /// CA trusted for TLS to PostgreSQL besides the built-in roots (the
     /// URL's `sslmode` says whether and how the server is verified).
     pub database_tls_ca: Option<CaFile>,
@@ -414,12 +446,17 @@ pub struct Settings {
 struct FileSettings {
     database_url: Option<String>,
     database_max_connections: Option<u32>,
+    database_statement_timeout: Option<String>,
+    database_lock_timeout: Option<String>,
+    database_idle_in_transaction_timeout: Option<String>,
+    database_acquire_timeout: Option<String>,
     amqp_url: Option<String>,
     amqp_prefetch: Option<u16>,
     max_payload_bytes: Option<usize>,
     delivery_limit: Option<u32>,
     intake_batch: Option<usize>,
     intake_linger: Option<String>,
+    amqp_confirm_timeout: Option<String>,
     topology: Option<Topology>,
     commerce_base_url: Option<String>,
     commerce_token_url: Option<String>,
@@ -542,6 +579,26 @@ pub const SETTINGS: &[Setting] = &[
         "created if missing; `?sslmode=verify-full` for TLS",
     ),
     value("HOLDCLEAR_DATABASE_MAX_CONNECTIONS", "16", "pool size"),
+    value(
+        "HOLDCLEAR_DATABASE_STATEMENT_TIMEOUT",
+        "30s",
+        "PostgreSQL's `statement_timeout` of every session; a statement that runs out is retried (migrations have none)",
+    ),
+    value(
+        "HOLDCLEAR_DATABASE_LOCK_TIMEOUT",
+        "10s",
+        "PostgreSQL's `lock_timeout` of every session",
+    ),
+    value(
+        "HOLDCLEAR_DATABASE_IDLE_IN_TRANSACTION_TIMEOUT",
+        "60s",
+        "the server ends a session left idle inside a transaction (its locks go with it); longer than `HOLDCLEAR_AMQP_CONFIRM_TIMEOUT` (the relay waits for confirms inside one)",
+    ),
+    value(
+        "HOLDCLEAR_DATABASE_ACQUIRE_TIMEOUT",
+        "5s",
+        "longest wait for a pooled connection (opening one included)",
+    ),
     value(
         "HOLDCLEAR_AMQP_URL",
         "amqp://guest:guest@127.0.0.1:5672/%2f",
@@ -830,8 +887,8 @@ impl Settings {
             "HOLDCLEAR_DATABASE_MAX_CONNECTIONS",
             database_max_connections as f64,
         )?;
-
-        let amqp = amqp(&r, f, amqp_tls_ca)?;
+        let database_timeouts = database_timeouts(&r, f)?;
+        let amqp = amqp(&r, f, amqp_tls_ca, &database_timeouts)?;
         let commerce = commerce(&r, f, commerce_tls_ca, allow_plaintext)?;
         let rules_path = f
             .rules
@@ -857,6 +914,7 @@ impl Settings {
         Ok(Self {
             database_url,
             database_max_connections,
+            database_timeouts,
             database_tls_ca,
             amqp,
             commerce,
@@ -916,10 +974,54 @@ fn log_format(r: &Reader<'_>, f: &mut FileSettings) -> Result<LogFormat, ConfigE
     )
 }
 
+/// PostgreSQL's session limits and the pool's wait.
+fn database_timeouts(
+    r: &Reader<'_>,
+    f: &mut FileSettings,
+) -> Result<DatabaseTimeouts, ConfigError> {
+    let timeouts = DatabaseTimeouts {
+        statement: r.duration(
+            "HOLDCLEAR_DATABASE_STATEMENT_TIMEOUT",
+            f.database_statement_timeout.take(),
+        )?,
+        lock: r.duration(
+            "HOLDCLEAR_DATABASE_LOCK_TIMEOUT",
+            f.database_lock_timeout.take(),
+        )?,
+        idle_in_transaction: r.duration(
+            "HOLDCLEAR_DATABASE_IDLE_IN_TRANSACTION_TIMEOUT",
+            f.database_idle_in_transaction_timeout.take(),
+        )?,
+        acquire: r.duration(
+            "HOLDCLEAR_DATABASE_ACQUIRE_TIMEOUT",
+            f.database_acquire_timeout.take(),
+        )?,
+    };
+    for (setting, value) in [
+        ("HOLDCLEAR_DATABASE_STATEMENT_TIMEOUT", timeouts.statement),
+        ("HOLDCLEAR_DATABASE_LOCK_TIMEOUT", timeouts.lock),
+        (
+            "HOLDCLEAR_DATABASE_IDLE_IN_TRANSACTION_TIMEOUT",
+            timeouts.idle_in_transaction,
+        ),
+        ("HOLDCLEAR_DATABASE_ACQUIRE_TIMEOUT", timeouts.acquire),
+    ] {
+        // PostgreSQL takes whole milliseconds (0 would mean "no limit").
+        if value < Duration::from_millis(1) {
+            return Err(ConfigError::invalid(setting, "must be at least 1ms"));
+        }
+        if value > Duration::from_secs(24 * 3600) {
+            return Err(ConfigError::invalid(setting, "must be at most 24h"));
+        }
+    }
+    Ok(timeouts)
+}
+
 fn amqp(
     r: &Reader<'_>,
     f: &mut FileSettings,
     tls_ca: Option<CaFile>,
+    database: &DatabaseTimeouts,
 ) -> Result<AmqpSettings, ConfigError> {
     let amqp_url = SecretUrl::parse(
         "HOLDCLEAR_AMQP_URL",
@@ -942,6 +1044,19 @@ fn amqp(
     let intake_batch = r.parsed("HOLDCLEAR_INTAKE_BATCH", f.intake_batch.take())?;
     positive("HOLDCLEAR_INTAKE_BATCH", intake_batch as f64)?;
     let intake_linger = r.duration("HOLDCLEAR_INTAKE_LINGER", f.intake_linger.take())?;
+    let confirm_timeout = r.duration(
+        "HOLDCLEAR_AMQP_CONFIRM_TIMEOUT",
+        f.amqp_confirm_timeout.take(),
+    )?;
+    nonzero("HOLDCLEAR_AMQP_CONFIRM_TIMEOUT", confirm_timeout)?;
+    // The relay keeps its rows' transaction open while it waits for the
+    // broker's confirms: the server must not end it meanwhile.
+    if database.idle_in_transaction <= confirm_timeout {
+        return Err(ConfigError::invalid(
+            "HOLDCLEAR_DATABASE_IDLE_IN_TRANSACTION_TIMEOUT",
+            "must be longer than HOLDCLEAR_AMQP_CONFIRM_TIMEOUT (the outbox relay holds a transaction while it waits for confirms)",
+        ));
+    }
 
     let topology = f.topology.take().unwrap_or_default();
     for (key, name) in [
@@ -968,6 +1083,7 @@ fn amqp(
         delivery_limit,
         intake_batch,
         intake_linger,
+        confirm_timeout,
         tls_ca,
     })
 }
@@ -1254,6 +1370,42 @@ mod tests {
         assert_eq!(s.engine.retry.max_elapsed, Duration::from_secs(3600));
         assert_eq!(s.amqp.max_payload_bytes, 256 * 1024);
         assert_eq!(s.amqp.topology.held_queue, "holdclear.order-held");
+        assert_eq!(s.database_timeouts, DatabaseTimeouts::default());
+        assert_eq!(s.amqp.confirm_timeout, Duration::from_secs(30));
+    }
+
+    #[test]
+    fn database_and_confirm_deadlines() {
+        let s = with(&[
+            ("HOLDCLEAR_DATABASE_STATEMENT_TIMEOUT", "2s"),
+            ("HOLDCLEAR_DATABASE_LOCK_TIMEOUT", "300ms"),
+            ("HOLDCLEAR_DATABASE_IDLE_IN_TRANSACTION_TIMEOUT", "1m"),
+            ("HOLDCLEAR_DATABASE_ACQUIRE_TIMEOUT", "500ms"),
+            ("HOLDCLEAR_AMQP_CONFIRM_TIMEOUT", "5s"),
+        ])
+        .unwrap();
+        assert_eq!(
+            s.database_timeouts,
+            DatabaseTimeouts {
+                statement: Duration::from_secs(2),
+                lock: Duration::from_millis(300),
+                idle_in_transaction: Duration::from_secs(60),
+                acquire: Duration::from_millis(500),
+            }
+        );
+        assert_eq!(s.amqp.confirm_timeout, Duration::from_secs(5));
+        for (name, value) in [
+            ("HOLDCLEAR_DATABASE_STATEMENT_TIMEOUT", "0s"),
+            ("HOLDCLEAR_DATABASE_LOCK_TIMEOUT", "500us"),
+            ("HOLDCLEAR_DATABASE_ACQUIRE_TIMEOUT", "2d"),
+            ("HOLDCLEAR_DATABASE_IDLE_IN_TRANSACTION_TIMEOUT", "soon"),
+            ("HOLDCLEAR_AMQP_CONFIRM_TIMEOUT", "0s"),
+            ("HOLDCLEAR_AMQP_CONFIRM_TIMEOUT", "2m"),
+            ("HOLDCLEAR_DATABASE_IDLE_IN_TRANSACTION_TIMEOUT", "30s"),
+        ] {
+            let err = with(&[(name, value)]).unwrap_err().to_string();
+            assert!(err.contains(name), "{name}={value}: {err}");
+        }
     }
 
     #[test]

@@ -1,39 +1,52 @@
 //! The worker (`holdclear run`) assembled: the operations HTTP server
 //! (`/healthz`, `/readyz`, `/metrics`), the store (database created and
-//! migrated), the held-order consumer feeding intake, the case engine, the
-//! outbox relay, the rules reload on SIGHUP and the database probe — all
-//! stopped by one cancellation token.
+//! migrated), the held-order consumer feeding intake, the case engine (its
+//! claim loop and its committer), the outbox relay, the rules reload on
+//! SIGHUP and the database probe — all stopped by one cancellation token.
 //!
-//! Shutdown, once the token fires: the consumer cancels its subscription
-//! and forwards what the broker had already sent; intake commits and acks
-//! those batches; the connection is closed; the HTTP server stops last.
-//! Work still waiting on a dependency when 80 % of `shutdown_timeout` has
-//! passed is abandoned unacknowledged (the broker delivers it again), so
-//! the worker is gone within `shutdown_timeout`.
+//! Every long-running task runs under the [`Supervisor`]: one that ends
+//! before the worker was asked to stop, or panics, makes `/healthz` answer
+//! 503 naming it and stops the worker, which then exits non-zero so that
+//! its orchestrator restarts it (a worker that quietly lost its engine
+//! would take held orders and never clear them).
+//!
+//! Shutdown, once the token fires (or a task failed): the consumer cancels
+//! its subscription and forwards what the broker had already sent; intake
+//! commits and acks those batches; the engine finishes its steps in flight;
+//! the relay publishes what they committed; the connection is closed; the
+//! HTTP server stops last. Work still waiting on a dependency when 80 % of
+//! `shutdown_timeout` has passed is abandoned unacknowledged (the broker
+//! delivers it again), so the worker is gone within `shutdown_timeout`.
 
+use std::future::Future;
 use std::net::SocketAddr;
+use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
 use std::time::Duration;
 
+use futures_util::FutureExt;
 use tokio::sync::{Notify, mpsc};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::broker::{Broker, Consumer, ConsumerSettings};
-use crate::commerce::{CommerceApi, CommerceError, HttpCommerce};
+use crate::commerce::{CommerceApi, CommerceError, ErrorCode, HttpCommerce};
 use crate::config::Settings;
-use crate::engine::Engine;
+use crate::engine::{Engine, EngineTasks};
 use crate::intake::{Intake, IntakeSettings};
-use crate::ops::health::{Health, probe_database};
+use crate::ops::health::{Health, TaskFailure, panic_message, probe_database};
 use crate::ops::http::{self, HttpError};
-use crate::outbox::Relay;
+use crate::ops::identity::WorkerIdentity;
+use crate::outbox::{Relay, RelaySettings};
 use crate::retry::Reconnect;
 use crate::rules::{Rules, RulesError, RulesHandle};
 use crate::store::{Store, StoreError};
 
 /// How often the database probe runs.
 const PROBE_EVERY: Duration = Duration::from_secs(1);
+/// How long the tasks get to end once everything was told to stop.
+const TASKS_EXIT: Duration = Duration::from_secs(2);
 
 /// Why the worker could not start or stopped with an error.
 #[derive(Debug, thiserror::Error)]
@@ -45,8 +58,9 @@ pub enum WorkerError {
     /// unreachable (which is retried): a failed migration, refused credentials.
     #[error("cannot prepare the database: {0}")]
     Store(#[from] StoreError),
-    /// A task of the worker panicked.
-    #[error("a worker task failed: {0}")]
+    /// The worker's main task could not be joined (it was cancelled or
+    /// panicked outside every supervised task).
+    #[error("the worker failed: {0}")]
     Task(#[from] tokio::task::JoinError),
     /// The rules file is missing or invalid: the worker does not start without rules.
     #[error(transparent)]
@@ -54,19 +68,87 @@ pub enum WorkerError {
     /// The commerce client could not be built from the settings.
     #[error("cannot set up the commerce API client: {0}")]
     Commerce(#[from] CommerceError),
+    /// The commerce API's token endpoint refused the client credentials at
+    /// start: every call would fail, so the worker does not start.
+    #[error(
+        "the commerce API refused the client credentials: {detail} at {token_url}; check HOLDCLEAR_COMMERCE_CLIENT_ID and HOLDCLEAR_COMMERCE_CLIENT_SECRET"
+    )]
+    Credentials {
+        /// The token endpoint.
+        token_url: String,
+        /// What it said (the client id, the HTTP status; never the secret).
+        detail: String,
+    },
     /// The metrics recorder could not be installed.
     #[error("cannot set up /metrics: {0}")]
     Metrics(String),
-    /// A task of the worker ended before shutdown was requested.
-    #[error("the {0} task stopped unexpectedly")]
-    Stopped(&'static str),
+    /// A long-running task of the worker ended or panicked before the
+    /// worker was asked to stop; the worker stopped so that it is restarted.
+    #[error("the {} task stopped unexpectedly ({}); the worker stopped so that it is restarted", .0.task, .0.error)]
+    TaskFailed(TaskFailure),
 }
 
-/// What the worker needs besides its settings, ready before anything runs.
-struct Parts {
-    rules: RulesHandle,
-    commerce: Arc<dyn CommerceApi>,
-    store_slot: Arc<std::sync::OnceLock<Store>>,
+/// Watches the worker's long-running tasks: each runs on the worker's
+/// [`TaskTracker`] with its panics caught; one that ends before `stop`
+/// fired, or panics at any time, is recorded in [`Health`] (so `/healthz`
+/// answers 503 naming it) and fires `stop`, which shuts the worker down.
+#[derive(Clone, Debug)]
+pub struct Supervisor {
+    tracker: TaskTracker,
+    stop: CancellationToken,
+    health: Arc<Health>,
+}
+
+impl Supervisor {
+    /// Tasks recorded in `health`; `stop` is the worker's shutdown: tasks
+    /// that end after it fired were asked to.
+    pub fn new(health: Arc<Health>, stop: CancellationToken) -> Self {
+        Self {
+            tracker: TaskTracker::new(),
+            stop,
+            health,
+        }
+    }
+
+    /// Runs `task` as the worker's task called `name`; its output, or
+    /// `None` when it panicked.
+    pub fn spawn<F>(&self, name: &'static str, task: F) -> JoinHandle<Option<F::Output>>
+    where
+        F: Future + Send + 'static,
+        F::Output: Send + 'static,
+    {
+        let this = self.clone();
+        self.tracker.spawn(async move {
+            let ended = AssertUnwindSafe(task).catch_unwind().await;
+            match &ended {
+                Err(panic) => this.fail(name, format!("it panicked: {}", panic_message(&**panic))),
+                Ok(_) if !this.stop.is_cancelled() => this.fail(name, "it returned".to_owned()),
+                Ok(_) => {}
+            }
+            ended.ok()
+        })
+    }
+
+    /// Records `name`'s failure and stops the worker.
+    fn fail(&self, name: &'static str, error: String) {
+        if self.health.task_failed(name, error.clone()) {
+            tracing::error!(
+                task = name,
+                error = %error,
+                "A worker task stopped unexpectedly; stopping the worker (it exits non-zero, to be restarted)."
+            );
+        }
+        self.stop.cancel();
+    }
+
+    /// Waits (up to `within`) for every task to end; the tasks must have
+    /// been told to stop.
+    pub async fn wait(&self, within: Duration) -> bool {
+        self.tracker.close();
+        tokio::time::timeout(within, self.tracker.wait())
+            .await
+            .is_ok()
+    }
 }
 
 /// The running worker.
@@ -74,8 +156,11 @@ struct Parts {
 pub struct WorkerHandle {
     /// The address the operations HTTP server bound (port 0 is resolved).
     pub http_addr: SocketAddr,
-    /// The readiness the worker reports on `/readyz`.
+    /// The readiness the worker reports on `/readyz` (and the task that
+    /// failed, on `/healthz`).
     pub health: Arc<Health>,
+    /// Who this worker is (in its leases, logs and `/readyz`).
+    pub identity: WorkerIdentity,
     cancel: CancellationToken,
     main: JoinHandle<Result<(), WorkerError>>,
 }
@@ -99,54 +184,153 @@ impl WorkerHandle {
 #[derive(Debug)]
 pub struct Worker;
 
+/// What the worker needs besides its settings, ready before anything runs.
+struct Parts {
+    identity: WorkerIdentity,
+    rules: RulesHandle,
+    commerce: Arc<dyn CommerceApi>,
+    store_slot: Arc<std::sync::OnceLock<Store>>,
+    supervisor: Supervisor,
+    /// The worker's own shutdown: the caller's token, or a task's failure.
+    stop: CancellationToken,
+    /// Stops the tasks that run to the very end (probe, rules reload).
+    background: CancellationToken,
+    /// Stops the HTTP server, last.
+    http_stop: CancellationToken,
+}
+
 impl Worker {
-    /// Binds the HTTP server, then starts everything else on a task and
-    /// returns at once; unreachable dependencies are retried in the
-    /// background (`/readyz` says which). `cancel` stops the worker.
+    /// Binds the HTTP server, checks the commerce credentials, then starts
+    /// everything else on a task and returns; unreachable dependencies are
+    /// retried in the background (`/readyz` says which). `cancel` stops the
+    /// worker. Refused commerce credentials stop it at once
+    /// ([`WorkerError::Credentials`]); an unreachable token endpoint does
+    /// not (each call retries).
     pub async fn start(
         settings: Settings,
         cancel: CancellationToken,
     ) -> Result<WorkerHandle, WorkerError> {
+        let client = HttpCommerce::new(&settings.commerce)?;
+        Self::launch(settings, cancel, Arc::new(client.clone()), Some(client)).await
+    }
+
+    /// [`Worker::start`] with another commerce API than the one the
+    /// settings describe (a double at the trait's boundary, in tests);
+    /// nothing is checked before it is used.
+    pub async fn start_with(
+        settings: Settings,
+        cancel: CancellationToken,
+        commerce: Arc<dyn CommerceApi>,
+    ) -> Result<WorkerHandle, WorkerError> {
+        Self::launch(settings, cancel, commerce, None).await
+    }
+
+    async fn launch(
+        settings: Settings,
+        cancel: CancellationToken,
+        commerce: Arc<dyn CommerceApi>,
+        check: Option<HttpCommerce>,
+    ) -> Result<WorkerHandle, WorkerError> {
+        let identity = WorkerIdentity::new();
         let rules = RulesHandle::new(Rules::load(&settings.rules_path)?);
         tracing::info!(
+            worker = %identity,
             file = %settings.rules_path.display(),
             rules = rules.current().len(),
             hash = %rules.current().hash(),
             "Rules loaded."
         );
-        let commerce: Arc<dyn CommerceApi> = Arc::new(HttpCommerce::new(&settings.commerce)?);
         let metrics =
             crate::ops::metrics::install().map_err(|e| WorkerError::Metrics(e.to_string()))?;
-        let store_slot = Arc::new(std::sync::OnceLock::new());
         let health = Health::new();
-        let tracker = TaskTracker::new();
+        let stop = cancel.child_token();
+        let supervisor = Supervisor::new(Arc::clone(&health), stop.clone());
+        let background = CancellationToken::new();
         let http_stop = CancellationToken::new();
-        let router = http::router(Arc::clone(&health)).merge(http::metrics_router(
-            metrics,
-            Arc::clone(&store_slot),
-            Arc::clone(&health),
-        ));
-        let http_addr =
-            http::serve(settings.http_addr, router, http_stop.clone(), &tracker).await?;
+        // Stops what was started when the worker cannot start after all.
+        let abandon = |supervisor: Supervisor| {
+            stop.cancel();
+            background.cancel();
+            http_stop.cancel();
+            async move {
+                supervisor.wait(TASKS_EXIT).await;
+            }
+        };
+
+        // SIGHUP reloads the rules from here on; a bad file keeps the rules
+        // in force. (`holdclear run` ignores SIGHUP from its first line.)
+        supervisor.spawn(
+            "rules reload",
+            rules
+                .clone()
+                .reload_on_sighup(settings.rules_path.clone(), background.clone()),
+        );
+
+        let store_slot = Arc::new(std::sync::OnceLock::new());
+        let router = http::router(Arc::clone(&health), identity.clone()).merge(
+            http::metrics_router(metrics, Arc::clone(&store_slot), Arc::clone(&health)),
+        );
+        let (http_addr, serving) =
+            match http::serve(settings.http_addr, router, http_stop.clone()).await {
+                Ok(served) => served,
+                Err(e) => {
+                    abandon(supervisor).await;
+                    return Err(e.into());
+                }
+            };
+        supervisor.spawn("health server", serving);
+
+        if let Some(client) = check
+            && let Err(e) = check_credentials(&client, &settings).await
+        {
+            abandon(supervisor).await;
+            return Err(e);
+        }
+
         let parts = Parts {
+            identity: identity.clone(),
             rules,
             commerce,
             store_slot,
-        };
-        let main = tokio::spawn(supervise(
-            settings,
-            parts,
-            Arc::clone(&health),
-            tracker,
+            supervisor,
+            stop: stop.clone(),
+            background,
             http_stop,
-            cancel.clone(),
-        ));
+        };
+        let main = tokio::spawn(supervise(settings, parts, Arc::clone(&health)));
         Ok(WorkerHandle {
             http_addr,
             health,
+            identity,
             cancel,
             main,
         })
+    }
+}
+
+/// Asks the token endpoint for a token once (bounded by the commerce
+/// timeout): a refusal of the credentials is an error; anything else
+/// (unreachable, slow, a 5xx) is logged and left to each call's retries.
+async fn check_credentials(client: &HttpCommerce, settings: &Settings) -> Result<(), WorkerError> {
+    let within = settings.commerce.request_timeout + Duration::from_secs(1);
+    let token_url = settings.commerce.token_url.to_string();
+    match tokio::time::timeout(within, client.check_credentials()).await {
+        Ok(Ok(())) => {
+            tracing::info!(token_url = %token_url, "Commerce API credentials accepted.");
+            Ok(())
+        }
+        Ok(Err(CommerceError::Permanent {
+            code: ErrorCode::InvalidCredentials,
+            detail,
+        })) => Err(WorkerError::Credentials { token_url, detail }),
+        Ok(Err(e)) => {
+            tracing::warn!(token_url = %token_url, error = %e, "Cannot check the commerce API credentials now; going on (each call retries).");
+            Ok(())
+        }
+        Err(_) => {
+            tracing::warn!(token_url = %token_url, timeout_ms = within.as_millis() as u64, "The commerce API's token endpoint did not answer in time; going on (each call retries).");
+            Ok(())
+        }
     }
 }
 
@@ -155,11 +339,11 @@ pub async fn run(settings: Settings, cancel: CancellationToken) -> Result<(), Wo
     Worker::start(settings, cancel).await?.wait().await
 }
 
-/// The name the worker's RabbitMQ connections carry (plus their role).
-fn connection_name(settings: &Settings) -> String {
+/// The name the worker's RabbitMQ connections carry (plus their role):
+/// `holdclear <worker uuid> queue=<held queue>`.
+fn connection_name(settings: &Settings, identity: &WorkerIdentity) -> String {
     format!(
-        "holdclear pid={} queue={}",
-        std::process::id(),
+        "holdclear {identity} queue={}",
         settings.amqp.topology.held_queue
     )
 }
@@ -168,19 +352,26 @@ async fn supervise(
     settings: Settings,
     parts: Parts,
     health: Arc<Health>,
-    tracker: TaskTracker,
-    http_stop: CancellationToken,
-    cancel: CancellationToken,
 ) -> Result<(), WorkerError> {
-    let result = work(&settings, parts, &health, &tracker, &cancel).await;
+    let supervisor = parts.supervisor.clone();
+    let (stop, background, http_stop) = (
+        parts.stop.clone(),
+        parts.background.clone(),
+        parts.http_stop.clone(),
+    );
+    let result = work(&settings, parts, &health).await;
+    // Whatever ends from here on was asked to.
+    stop.cancel();
+    background.cancel();
     http_stop.cancel();
-    tracker.close();
-    if tokio::time::timeout(Duration::from_secs(2), tracker.wait())
-        .await
-        .is_err()
-    {
+    if !supervisor.wait(TASKS_EXIT).await {
         tracing::warn!("Some tasks were still running at exit.");
     }
+    let result = match (result, health.failure()) {
+        (Err(e), _) => Err(e),
+        (Ok(()), Some(failure)) => Err(WorkerError::TaskFailed(failure)),
+        (Ok(()), None) => Ok(()),
+    };
     match &result {
         Ok(()) => tracing::info!("Worker stopped."),
         Err(e) => tracing::error!(error = %e, "Worker stopped with an error."),
@@ -188,42 +379,43 @@ async fn supervise(
     result
 }
 
-async fn work(
-    settings: &Settings,
-    parts: Parts,
-    health: &Arc<Health>,
-    tracker: &TaskTracker,
-    cancel: &CancellationToken,
-) -> Result<(), WorkerError> {
-    let Some(store) = prepare_store(settings, cancel).await? else {
+async fn work(settings: &Settings, parts: Parts, health: &Arc<Health>) -> Result<(), WorkerError> {
+    let stop = &parts.stop;
+    let supervisor = &parts.supervisor;
+    let Some(store) = prepare_store(settings, stop).await? else {
         return Ok(());
     };
     health.set_database(true);
     let _ = parts.store_slot.set(store.clone());
     tracing::info!(
+        worker = %parts.identity,
+        host = parts.identity.host(),
+        pid = parts.identity.pid(),
         database = %settings.database_url,
         broker = %settings.amqp.url,
         queue = %settings.amqp.topology.held_queue,
         "Worker starting."
     );
 
-    // Background tasks that only stop at the very end.
-    let background = CancellationToken::new();
     // The shutdown deadline: waits on dependencies end when it fires.
     let abort = CancellationToken::new();
 
-    tracker.spawn(probe_database(
-        store.clone(),
-        Arc::clone(health),
-        PROBE_EVERY,
-        background.clone(),
-    ));
+    supervisor.spawn(
+        "database probe",
+        probe_database(
+            store.clone(),
+            Arc::clone(health),
+            PROBE_EVERY,
+            settings.database_timeouts.statement + settings.database_timeouts.acquire,
+            parts.background.clone(),
+        ),
+    );
 
     // Intake: held orders from RabbitMQ become cases.
     let cases_opened = Arc::new(Notify::new());
     let (deliveries, inbox) = mpsc::channel(usize::from(settings.amqp.prefetch).max(1));
     let consumer = Consumer::new(
-        Broker::from_settings(&settings.amqp, connection_name(settings)),
+        Broker::from_settings(&settings.amqp, connection_name(settings, &parts.identity)),
         ConsumerSettings {
             topology: settings.amqp.topology.clone(),
             prefetch: settings.amqp.prefetch,
@@ -231,76 +423,68 @@ async fn work(
         },
         Arc::clone(health),
     );
-    let consuming = tracker.spawn(consumer.run(deliveries, cancel.clone(), abort.clone()));
+    let consuming = supervisor.spawn(
+        "consumer",
+        consumer.run(deliveries, stop.clone(), abort.clone()),
+    );
     let intake = Intake::new(
         store.clone(),
         IntakeSettings::from(&settings.amqp),
         Arc::clone(health),
         Arc::clone(&cases_opened),
     );
-    let intaking = tracker.spawn(intake.run(inbox, abort.clone()));
+    let intaking = supervisor.spawn("intake", intake.run(inbox, abort.clone()));
 
-    // The case engine: due cases are decided, resolved, assigned and watched.
+    // The case engine: due cases are decided, resolved, assigned and
+    // watched; its committer writes their steps.
     let relay_wake = Arc::new(Notify::new());
-    let engine = Engine::new(
+    let EngineTasks {
+        stepping,
+        committing,
+    } = Engine::new(
         store.clone(),
         parts.commerce,
         Arc::new(parts.rules.clone()),
         settings.engine.clone(),
-        connection_name(settings),
+        parts.identity.clone(),
         Arc::clone(&cases_opened),
         Arc::clone(&relay_wake),
     )
     .with_drain_timeout(settings.shutdown_timeout.mul_f64(0.8))
-    .with_abort(abort.clone());
-    let engining = tracker.spawn(engine.run(cancel.clone()));
+    .with_abort(abort.clone())
+    .tasks(stop.clone());
+    let committer = supervisor.spawn("committer", committing);
+    let engining = supervisor.spawn("engine", stepping);
 
     // The outbox relay: committed events to the events exchange. It runs
     // until the engine has drained, so that the last steps' events go out.
     let relay_stop = CancellationToken::new();
     let relay = Relay::new(
         store.clone(),
-        Broker::from_settings(&settings.amqp, connection_name(settings)),
+        Broker::from_settings(&settings.amqp, connection_name(settings, &parts.identity)),
         settings.amqp.topology.clone(),
         relay_wake,
-    );
-    let relaying = tracker.spawn(relay.run(relay_stop.clone()));
+    )
+    .with_settings(RelaySettings {
+        confirm_timeout: settings.amqp.confirm_timeout,
+        ..RelaySettings::default()
+    });
+    let relaying = supervisor.spawn("relay", relay.run(relay_stop.clone()));
 
-    // Rules: SIGHUP reloads the file; a bad file keeps the rules in force.
-    tracker.spawn(
-        parts
-            .rules
-            .reload_on_sighup(settings.rules_path.clone(), background.clone()),
-    );
-
-    // Run until cancelled. Intake or the consumer ending before that is a
-    // bug (a panic): stop the worker so that it is restarted, rather than
-    // leave a consumer that takes nothing.
-    let mut consuming = consuming;
-    let mut intaking = intaking;
-    let early = tokio::select! {
-        () = cancel.cancelled() => None,
-        r = &mut intaking => Some(("intake", r.err())),
-        r = &mut consuming => Some(("consumer", r.err())),
-    };
-    if let Some((task, panic)) = early {
-        tracing::error!(
-            task,
-            "A worker task stopped unexpectedly; stopping the worker."
-        );
-        cancel.cancel();
-        abort.cancel();
-        background.cancel();
-        relay_stop.cancel();
-        return Err(match panic {
-            Some(e) => WorkerError::Task(e),
-            None => WorkerError::Stopped(task),
-        });
+    // Run until asked to stop, or until a task failed (the supervisor
+    // fires `stop` then).
+    stop.cancelled().await;
+    match health.failure() {
+        Some(failure) => tracing::error!(
+            task = failure.task,
+            timeout_ms = settings.shutdown_timeout.as_millis() as u64,
+            "Shutting down after a task failed: finishing in-flight batches."
+        ),
+        None => tracing::info!(
+            timeout_ms = settings.shutdown_timeout.as_millis() as u64,
+            "Shutting down: finishing in-flight batches."
+        ),
     }
-    tracing::info!(
-        timeout_ms = settings.shutdown_timeout.as_millis() as u64,
-        "Shutting down: finishing in-flight batches."
-    );
     let deadline = settings.shutdown_timeout.mul_f64(0.8);
     let timer = {
         let abort = abort.clone();
@@ -313,6 +497,7 @@ async fn work(
     let consumed = consuming.await;
     let taken = intaking.await;
     let engined = engining.await;
+    let committed = committer.await;
     // Give the relay a moment to publish what the drain committed; what it
     // cannot is published on the next start.
     let _ = tokio::time::timeout(Duration::from_millis(500), async {
@@ -324,11 +509,11 @@ async fn work(
     relay_stop.cancel();
     let relayed = relaying.await;
     timer.abort();
-    background.cancel();
     taken?;
     engined?;
+    committed?;
     relayed?;
-    if let Some(conn) = consumed? {
+    if let Some(Some(conn)) = consumed? {
         let _ = tokio::time::timeout(Duration::from_secs(1), conn.close()).await;
     }
     Ok(())
@@ -343,10 +528,11 @@ async fn prepare_store(
     let mut delays = Reconnect::default();
     loop {
         let attempt = async {
-            let store = Store::connect(
+            let store = Store::connect_with(
                 &settings.database_url,
                 settings.database_tls_ca.as_ref(),
                 settings.database_max_connections,
+                &settings.database_timeouts,
             )
             .await?;
             store.migrate().await?;
@@ -356,7 +542,7 @@ async fn prepare_store(
             () = cancel.cancelled() => return Ok(None),
             result = attempt => match result {
                 Ok(store) => return Ok(Some(store)),
-                Err(e) if e.is_connection() => e,
+                Err(e) if e.is_transient() => e,
                 Err(e) => return Err(e),
             },
         };

@@ -3,6 +3,8 @@
 //! plus the `x-holdclear-*` headers of the event contract saying why, when
 //! and where from. The publish is confirmed before the caller acks.
 
+use std::time::Duration;
+
 use chrono::{DateTime, SecondsFormat, Utc};
 use lapin::types::{AMQPValue, LongString, ShortString};
 
@@ -15,7 +17,8 @@ use crate::domain::DeadLetterCode;
 const MAX_DETAIL_CHARS: usize = 512;
 
 /// Publishes `delivery` to the dead-letter exchange of the session it came
-/// on and waits for the broker's confirm. An error that
+/// on and waits for the broker's confirm, at most `confirm_timeout`
+/// ([`PublishError::TimedOut`] then: publish it again). An error that
 /// [`PublishError::is_channel_lost`] means the delivery's own connection is
 /// gone: the broker will deliver it again, so there is nothing to ack.
 pub async fn dead_letter(
@@ -23,6 +26,7 @@ pub async fn dead_letter(
     code: DeadLetterCode,
     detail: &str,
     failed_at: DateTime<Utc>,
+    confirm_timeout: Duration,
 ) -> Result<(), PublishError> {
     let session = &delivery.session;
     let mut headers = delivery.properties.headers().clone().unwrap_or_default();
@@ -42,15 +46,15 @@ pub async fn dead_letter(
         );
     }
     let properties = delivery.properties.clone().with_headers(headers);
-    session
-        .publisher
-        .publish_raw(
-            &session.dead_letter_exchange,
-            delivery.routing_key(),
-            delivery.body(),
-            properties,
-        )
+    let published = session.publisher.publish_raw(
+        &session.dead_letter_exchange,
+        delivery.routing_key(),
+        delivery.body(),
+        properties,
+    );
+    tokio::time::timeout(confirm_timeout, published)
         .await
+        .unwrap_or(Err(PublishError::TimedOut(confirm_timeout)))
 }
 
 /// The detail as one bounded line: control characters (line breaks

@@ -40,6 +40,10 @@ pub enum PublishError {
     /// The channel or connection failed before the confirm arrived.
     #[error(transparent)]
     Broker(#[from] BrokerError),
+    /// No confirm within the deadline (`HOLDCLEAR_AMQP_CONFIRM_TIMEOUT`):
+    /// the outcome is unknown; the caller publishes again.
+    #[error("the broker did not confirm the message within {}", humantime::format_duration(*.0))]
+    TimedOut(std::time::Duration),
 }
 
 impl PublishError {

@@ -66,7 +66,7 @@ fn sections(raw: &str) -> Result<BTreeSet<u8>, super::UsageError> {
 
 /// Runs `holdclear bench`.
 pub async fn execute(base: Settings, args: Args) -> anyhow::Result<ExitCode> {
-    crate::ops::logs::init(crate::config::LogFormat::Pretty, "error,lapin=off");
+    crate::ops::logs::init(crate::config::LogFormat::Pretty, "off,holdclear=error");
     let sections = sections(&args.sections)?;
     let super::ScratchRun {
         run,
@@ -102,7 +102,19 @@ pub async fn execute(base: Settings, args: Args) -> anyhow::Result<ExitCode> {
     )?;
 
     let result = async {
-        let store = Store::connect(&database_url, settings.database_tls_ca.as_ref(), 8).await?;
+        // Seeding a million cases, VACUUM ANALYZE and CHECKPOINT may rightly
+        // take longer than a worker's statement may.
+        let timeouts = crate::config::DatabaseTimeouts {
+            statement: std::time::Duration::from_secs(3600),
+            ..settings.database_timeouts.clone()
+        };
+        let store = Store::connect_with(
+            &database_url,
+            settings.database_tls_ca.as_ref(),
+            8,
+            &timeouts,
+        )
+        .await?;
         store.migrate().await?;
         let b = Bench {
             settings: settings.clone(),

@@ -4,7 +4,6 @@
 
 use std::process::ExitCode;
 
-use anyhow::Context;
 use chrono::{DateTime, Utc};
 use comfy_table::{ContentArrangement, Table, presets::UTF8_FULL_CONDENSED};
 use serde_json::{Value, json};
@@ -13,6 +12,7 @@ use super::UsageError;
 use crate::config::Settings;
 use crate::domain::CaseState;
 use crate::engine::{EngineError, retry_case};
+use crate::ops::identity::WorkerIdentity;
 use crate::store::{CaseFilter, CaseRecord, HistoryRow, OutboxRow, Store};
 
 /// Most rows `cases list` prints.
@@ -69,9 +69,14 @@ fn parse_state(raw: &str) -> Result<CaseState, String> {
 /// Runs `holdclear cases …`.
 pub async fn execute(settings: Settings, cmd: Command) -> anyhow::Result<ExitCode> {
     super::quiet_logs();
-    let store = Store::connect(&settings.database_url, settings.database_tls_ca.as_ref(), 2)
-        .await
-        .with_context(|| format!("cannot connect to {}", settings.database_url))?;
+    // Never creates the database: a missing one is named, with what to do.
+    let store = Store::open(
+        &settings.database_url,
+        settings.database_tls_ca.as_ref(),
+        2,
+        &settings.database_timeouts,
+    )
+    .await?;
     if !store.ready().await {
         anyhow::bail!(
             "the database {} has no (or an older) holdclear schema: run `holdclear migrate`",
@@ -175,6 +180,15 @@ fn case_json(r: &CaseRecord) -> Value {
     })
 }
 
+/// The lease token of the claim that wrote the case's latest history line
+/// that names one, and when.
+fn last_worker(history: &[HistoryRow]) -> Option<(&str, DateTime<Utc>)> {
+    history
+        .iter()
+        .rev()
+        .find_map(|h| h.detail.get("worker")?.as_str().map(|w| (w, h.at)))
+}
+
 /// One history line's particulars, compact.
 fn summary(h: &HistoryRow) -> String {
     let d = &h.detail;
@@ -195,9 +209,15 @@ async fn show(store: &Store, order: &str, as_json: bool) -> anyhow::Result<()> {
         .ok_or_else(|| UsageError(format!("no case for order {order}")))?;
     let history = store.case_history(record.case.id, MAX_HISTORY).await?;
     let events = store.outbox_of_case(record.case.id).await?;
+    let last = last_worker(&history);
     if as_json {
         let out = json!({
             "case": case_json(&record),
+            "lastWorker": last.map(|(owner, at)| json!({
+                "worker": WorkerIdentity::of_lease_owner(owner),
+                "leaseOwner": owner,
+                "at": at,
+            })),
             "history": history,
             "events": events,
         });
@@ -284,8 +304,19 @@ async fn show(store: &Store, order: &str, as_json: bool) -> anyhow::Result<()> {
         row(
             "Lease",
             format!(
-                "{owner} until {}",
+                "held by worker {} (claim {owner}) until {}",
+                WorkerIdentity::of_lease_owner(owner),
                 record.lease_expires_at.map_or_else(|| "?".into(), when)
+            ),
+        );
+    }
+    if let Some((owner, at)) = last {
+        row(
+            "Last worker",
+            format!(
+                "{} (claim {owner}) at {}",
+                WorkerIdentity::of_lease_owner(owner),
+                when(at)
             ),
         );
     }

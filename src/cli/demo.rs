@@ -150,7 +150,7 @@ struct Outcome {
 pub async fn execute(base: Settings, args: Args) -> anyhow::Result<ExitCode> {
     // The table tells the story; logs only for errors an operator must see
     // (RUST_LOG still wins). lapin reports the demo's own closing channels.
-    crate::ops::logs::init(crate::config::LogFormat::Pretty, "error,lapin=off");
+    crate::ops::logs::init(crate::config::LogFormat::Pretty, "off,holdclear=error");
     let timeout = crate::config::parse_duration(&args.timeout)
         .map_err(|e| super::UsageError(format!("--timeout: {e}")))?;
     let super::ScratchRun {

@@ -78,7 +78,7 @@ pub fn main(cli: Cli) -> ExitCode {
     match runtime.block_on(execute(cli)) {
         Ok(code) => code,
         Err(e) => {
-            eprintln!("error: {e:#}");
+            eprintln!("error: {}", one_line(&e));
             if e.downcast_ref::<ConfigError>().is_some() || e.downcast_ref::<UsageError>().is_some()
             {
                 ExitCode::from(EXIT_USAGE)
@@ -89,10 +89,29 @@ pub fn main(cli: Cli) -> ExitCode {
     }
 }
 
+/// The error and its causes on one line, each cause said once: a cause
+/// whose text the line already holds (errors that show their source in
+/// their own message, as most do) is not repeated.
+pub fn one_line(error: &anyhow::Error) -> String {
+    let mut line = String::new();
+    for cause in error.chain() {
+        let text = cause.to_string();
+        let text = text.split_whitespace().collect::<Vec<_>>().join(" ");
+        if text.is_empty() || line.contains(&text) {
+            continue;
+        }
+        if !line.is_empty() {
+            line.push_str(": ");
+        }
+        line.push_str(&text);
+    }
+    line
+}
+
 async fn execute(cli: Cli) -> anyhow::Result<ExitCode> {
     let config = cli.config.as_deref();
     match cli.command {
-        Command::Run(args) => run::execute(load(config)?, args).await,
+        Command::Run(args) => run::execute(config, args).await,
         Command::Migrate => migrate::execute(load(config)?).await,
         Command::Rules(cmd) => rules::execute(config, cmd).await,
         Command::Dlq(cmd) => dlq::execute(load(config)?, cmd).await,
@@ -108,7 +127,9 @@ pub fn load(config: Option<&std::path::Path>) -> Result<Settings, ConfigError> {
     Settings::load(config)
 }
 
-/// Log set-up for one-shot commands: warnings and errors only, unless `RUST_LOG` says more.
+/// Log set-up for one-shot commands: holdclear's own warnings and errors
+/// only, unless `RUST_LOG` says more. Libraries (sqlx, lapin, …) stay out
+/// of a command's output: what failed is said once, by the command.
 pub fn quiet_logs() {
     use std::io::IsTerminal;
     let format = if std::io::stderr().is_terminal() {
@@ -116,7 +137,7 @@ pub fn quiet_logs() {
     } else {
         LogFormat::Json
     };
-    crate::ops::logs::init(format, "warn");
+    crate::ops::logs::init(format, "off,holdclear=warn");
 }
 
 /// The database and broker names of one run of a command that works on its
@@ -143,5 +164,38 @@ impl ScratchRun {
             topology: Topology::prefixed(&format!("holdclear-{what}-{run}.")),
             run,
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::one_line;
+
+    #[derive(Debug, thiserror::Error)]
+    #[error("cannot reach it: {0}")]
+    struct Outer(#[source] Inner);
+
+    #[derive(Debug, thiserror::Error)]
+    #[error("connection refused")]
+    struct Inner;
+
+    #[derive(Debug, thiserror::Error)]
+    #[error("the broker is away")]
+    struct Quiet(#[source] Inner);
+
+    #[test]
+    fn each_cause_is_said_once() {
+        // The top error already says its cause: once.
+        let e = anyhow::Error::new(Outer(Inner));
+        assert_eq!(one_line(&e), "cannot reach it: connection refused");
+        // A context and a cause that is not in the line yet: both.
+        let e = anyhow::Error::new(Quiet(Inner)).context("dlq list");
+        assert_eq!(
+            one_line(&e),
+            "dlq list: the broker is away: connection refused"
+        );
+        // Line breaks inside a message become spaces.
+        let e = anyhow::anyhow!("two\nlines");
+        assert_eq!(one_line(&e), "two lines");
     }
 }

@@ -1,10 +1,12 @@
 //! `holdclear run`: the worker, until SIGTERM or ctrl-c.
 
+use std::path::Path;
 use std::process::ExitCode;
 
+use anyhow::Context;
+use tokio::signal::unix::{Signal, SignalKind, signal};
 use tokio_util::sync::CancellationToken;
 
-use crate::config::Settings;
 use crate::worker::WorkerError;
 
 /// Arguments of `holdclear run`.
@@ -12,46 +14,78 @@ use crate::worker::WorkerError;
 pub struct Args {}
 
 /// Runs the worker; SIGTERM and ctrl-c start a graceful shutdown, after
-/// which it exits 0.
-pub async fn execute(settings: Settings, _args: Args) -> anyhow::Result<ExitCode> {
+/// which it exits 0. SIGHUP reloads the rules, and never kills it: its
+/// handler is installed before anything else, settings included (the
+/// default action of SIGHUP is to terminate).
+pub async fn execute(config: Option<&Path>, _args: Args) -> anyhow::Result<ExitCode> {
+    let signals = Signals::install()?;
+    let settings = super::load(config)?;
     // sqlx reports PostgreSQL notices (e.g. "relation already exists,
     // skipping" from the migrator) at INFO; they are not the worker's lifecycle.
     crate::ops::logs::init(settings.log_format, "info,sqlx::postgres::notice=warn");
+    log_panics();
     let cancel = CancellationToken::new();
-    tokio::spawn(stop_on_signal(cancel.clone()));
+    tokio::spawn(signals.stop_on_signal(cancel.clone()));
     match crate::worker::run(settings, cancel).await {
         Ok(()) => Ok(ExitCode::SUCCESS),
-        // A bad rules file or unusable commerce settings are the operator's to fix.
-        Err(e @ (WorkerError::Rules(_) | WorkerError::Commerce(_))) => {
-            Err(super::UsageError(e.to_string()).into())
-        }
+        // A bad rules file, unusable commerce settings or refused commerce
+        // credentials are the operator's to fix.
+        Err(
+            e
+            @ (WorkerError::Rules(_) | WorkerError::Commerce(_) | WorkerError::Credentials { .. }),
+        ) => Err(super::UsageError(e.to_string()).into()),
         Err(e) => Err(e.into()),
     }
 }
 
-/// Cancels `cancel` on the first SIGTERM or ctrl-c (SIGINT).
-async fn stop_on_signal(cancel: CancellationToken) {
-    let terminate = async {
-        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(mut s) => {
-                s.recv().await;
-            }
-            Err(e) => {
-                tracing::warn!(error = %e, "Cannot listen for SIGTERM; only ctrl-c stops the worker.");
-                std::future::pending::<()>().await;
-            }
+/// Panics become log lines (ERROR, with where and, when `RUST_BACKTRACE`
+/// asks, the backtrace), not text among the JSON lines. A panic in a step
+/// or a task is caught and handled (see the engine and the worker's
+/// supervisor); this only says where it happened.
+fn log_panics() {
+    std::panic::set_hook(Box::new(|info| {
+        let message = crate::ops::health::panic_message(info.payload());
+        let location = info
+            .location()
+            .map(|l| format!("{}:{}", l.file(), l.line()))
+            .unwrap_or_default();
+        let backtrace = std::backtrace::Backtrace::capture();
+        if backtrace.status() == std::backtrace::BacktraceStatus::Captured {
+            tracing::error!(panic = %message, location = %location, backtrace = %backtrace, "Panicked.");
+        } else {
+            tracing::error!(panic = %message, location = %location, "Panicked.");
         }
-    };
-    let interrupt = async {
-        if let Err(e) = tokio::signal::ctrl_c().await {
-            tracing::warn!(error = %e, "Cannot listen for ctrl-c; only SIGTERM stops the worker.");
-            std::future::pending::<()>().await;
-        }
-    };
-    let signal = tokio::select! {
-        () = interrupt => "SIGINT",
-        () = terminate => "SIGTERM",
-    };
-    tracing::info!(signal, "Signal received; shutting down.");
-    cancel.cancel();
+    }));
+}
+
+/// The signals `holdclear run` handles, listened for from its first line.
+struct Signals {
+    terminate: Signal,
+    interrupt: Signal,
+    /// Only held: once tokio listens for SIGHUP, a SIGHUP no longer
+    /// terminates the process (the rules reload listens on its own).
+    _hangup: Signal,
+}
+
+impl Signals {
+    fn install() -> anyhow::Result<Self> {
+        let listen = |kind: SignalKind, name: &str| {
+            signal(kind).with_context(|| format!("cannot listen for {name}"))
+        };
+        Ok(Self {
+            terminate: listen(SignalKind::terminate(), "SIGTERM")?,
+            interrupt: listen(SignalKind::interrupt(), "SIGINT")?,
+            _hangup: listen(SignalKind::hangup(), "SIGHUP")?,
+        })
+    }
+
+    /// Cancels `cancel` on the first SIGTERM or ctrl-c (SIGINT).
+    async fn stop_on_signal(mut self, cancel: CancellationToken) {
+        let signal = tokio::select! {
+            _ = self.interrupt.recv() => "SIGINT",
+            _ = self.terminate.recv() => "SIGTERM",
+        };
+        tracing::info!(signal, "Signal received; shutting down.");
+        cancel.cancel();
+    }
 }

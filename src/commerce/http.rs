@@ -389,6 +389,14 @@ impl HttpCommerce {
         classify(endpoint, answer)
     }
 
+    /// Gets a token (the cached one, or a new one): `Ok` when the token
+    /// endpoint accepts the client credentials. A refusal is
+    /// `Permanent { code: InvalidCredentials, .. }`; the worker asks once at
+    /// start, so that wrong credentials stop it rather than every case.
+    pub async fn check_credentials(&self) -> Result<(), CommerceError> {
+        self.token().await.map(|_| ())
+    }
+
     async fn token(&self) -> Result<Lease, CommerceError> {
         self.inner.tokens.get(|| self.fetch_token()).await
     }

@@ -21,6 +21,10 @@ pub(crate) const REFUSAL_COOL_DOWN: Duration = Duration::from_secs(30);
 pub(crate) const FAILURE_COOL_DOWN: Duration = Duration::from_secs(1);
 /// The most a token is refreshed ahead of its expiry.
 const MAX_REFRESH_MARGIN: Duration = Duration::from_secs(60);
+/// The longest a token is kept, whatever `expires_in` said: an endpoint
+/// may answer "never" (`u64::MAX` seconds), and an `Instant` cannot be
+/// moved that far (it panics). A day costs one token request a day.
+pub(crate) const MAX_TOKEN_LIFETIME: Duration = Duration::from_secs(24 * 3600);
 
 /// A token as the token endpoint issued it.
 pub(crate) struct Fresh {
@@ -104,13 +108,14 @@ impl TokenCache {
         state.token = None;
         match fetch().await {
             Ok(fresh) => {
-                let margin = (fresh.lifetime / 10).min(MAX_REFRESH_MARGIN);
+                let lifetime = fresh.lifetime.min(MAX_TOKEN_LIFETIME);
+                let margin = (lifetime / 10).min(MAX_REFRESH_MARGIN);
                 let fetched = Instant::now();
                 state.generation += 1;
                 state.failure = None;
                 state.token = Some(Cached {
                     value: fresh.value.clone(),
-                    refresh_at: fetched + fresh.lifetime.saturating_sub(margin),
+                    refresh_at: fetched + lifetime.saturating_sub(margin),
                 });
                 Ok(Lease {
                     value: fresh.value,
@@ -229,6 +234,28 @@ mod tests {
             .await
             .unwrap();
         assert_eq!(next.value.expose(), "t2");
+    }
+
+    #[tokio::test]
+    async fn a_token_that_never_expires_is_kept_a_day() {
+        let cache = TokenCache::default();
+        for lifetime in [
+            Duration::MAX,
+            Duration::from_secs(9_300_000_000_000_000_000),
+        ] {
+            let fetched = Instant::now();
+            let lease = cache
+                .get(|| async { fresh("forever", lifetime) })
+                .await
+                .unwrap();
+            assert_eq!(lease.value.expose(), "forever");
+            let state = cache.state.lock().await;
+            let refresh_at = state.token.as_ref().unwrap().refresh_at;
+            assert!(refresh_at <= fetched + MAX_TOKEN_LIFETIME + Duration::from_secs(1));
+            assert!(refresh_at > fetched + MAX_TOKEN_LIFETIME - 2 * MAX_REFRESH_MARGIN);
+            drop(state);
+            cache.invalidate(lease.generation).await;
+        }
     }
 
     #[tokio::test]

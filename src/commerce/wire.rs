@@ -62,7 +62,12 @@ impl TokenAnswer {
             Some(Value::String(s)) => s.trim().parse::<f64>().ok(),
             Some(_) => None,
         }?;
-        let stated = Duration::try_from_secs_f64(stated).ok()?;
+        // More seconds than a `Duration` holds (`u64::MAX` rounds up as a
+        // JSON number) is "forever": a day, as any long lifetime.
+        if !stated.is_finite() || stated < 0.0 {
+            return None;
+        }
+        let stated = Duration::try_from_secs_f64(stated).unwrap_or(Duration::MAX);
         Some(stated.clamp(MIN_TOKEN_LIFETIME, MAX_TOKEN_LIFETIME))
     }
 
@@ -593,6 +598,15 @@ mod tests {
             lifetime(r#"{"access_token":"x","expires_in":1e19}"#),
             Some(MAX_TOKEN_LIFETIME),
             "no forever"
+        );
+        assert_eq!(
+            lifetime(r#"{"access_token":"x","expires_in":18446744073709551615}"#),
+            Some(MAX_TOKEN_LIFETIME),
+            "u64::MAX, past a Duration once read as a JSON number: a day, not an error"
+        );
+        assert_eq!(
+            lifetime(r#"{"access_token":"x","expires_in":"1e400"}"#),
+            None
         );
         assert_eq!(lifetime(r#"{"access_token":"x","expires_in":-1}"#), None);
         assert_eq!(

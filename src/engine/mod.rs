@@ -17,7 +17,7 @@ use crate::domain::{Case, Decision, HeldOrder};
 use crate::store::StoreError;
 
 pub use machine::MachineError;
-pub use scheduler::Engine;
+pub use scheduler::{Engine, EngineTasks};
 
 /// Where the engine gets its decisions: the operator's rules in production
 /// (`RulesHandle`), anything deterministic in tests.

@@ -2,8 +2,10 @@
 //!
 //! - Claims take up to `batch_size` due cases (never more than free
 //!   concurrency permits) with `FOR UPDATE SKIP LOCKED`, leasing each for
-//!   `lease` under a token unique to the claim (`<worker id>#<n>`), so two
-//!   claimers — processes or loops — never step one case at once.
+//!   `lease` under a token unique to the claim (`<worker uuid>#<n>`, see
+//!   [`WorkerIdentity`]), so two claimers — processes, replicas that are
+//!   all PID 1, or loops — never step one case at once, and a worker that
+//!   wakes up after its lease ran out is fenced out whoever took it.
 //! - A step holds one permit of a `Semaphore(concurrency)`; its lease is
 //!   renewed every third of `lease` while it runs; if a renewal finds the
 //!   lease lost, the step is abandoned (its outcome never written).
@@ -17,13 +19,15 @@
 //! - On cancel: no new claims; in-flight steps finish their current step,
 //!   give their lease back and stop, within the drain timeout.
 
+use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use chrono::Utc;
-use futures_util::StreamExt;
+use futures_util::future::BoxFuture;
 use futures_util::stream::FuturesUnordered;
+use futures_util::{FutureExt, StreamExt};
 use serde_json::json;
 use tokio::sync::{Notify, Semaphore, mpsc, oneshot};
 use tokio::task::JoinSet;
@@ -34,6 +38,8 @@ use super::machine::{self, Call, MAX_CALLS_PER_STEP, Next, Outcome, Reply, Trans
 use crate::commerce::{CommerceApi, CommerceError, ErrorCode};
 use crate::config::EngineSettings;
 use crate::domain::{Case, CaseState, Envelope, HistoryEntry, OutboundEvent};
+use crate::ops::health::panic_message;
+use crate::ops::identity::WorkerIdentity;
 use crate::retry::Reconnect;
 use crate::store::{Claimed, Identity, StepCommit, Store, StoreError};
 
@@ -66,7 +72,7 @@ struct Inner {
     commerce: Arc<dyn CommerceApi>,
     rules: Arc<dyn DecisionSource>,
     settings: EngineSettings,
-    worker_id: String,
+    identity: WorkerIdentity,
     wake: Arc<Notify>,
     relay_wake: Arc<Notify>,
     local: Notify,
@@ -99,13 +105,14 @@ impl CommitRequest {
 impl Engine {
     /// An engine stepping the cases in `store`. `wake` is notified by intake
     /// when it opens cases; the engine notifies `relay_wake` after commits
-    /// that wrote events. `worker_id` names this worker in leases.
+    /// that wrote events. `identity` is this worker's: every lease it takes
+    /// is `<identity>#<claim number>`; give each engine its own.
     pub fn new(
         store: Store,
         commerce: Arc<dyn CommerceApi>,
         rules: Arc<dyn DecisionSource>,
         settings: EngineSettings,
-        worker_id: String,
+        identity: WorkerIdentity,
         wake: Arc<Notify>,
         relay_wake: Arc<Notify>,
     ) -> Self {
@@ -118,7 +125,7 @@ impl Engine {
                 commerce,
                 rules,
                 settings,
-                worker_id,
+                identity,
                 wake,
                 relay_wake,
                 local: Notify::new(),
@@ -145,110 +152,178 @@ impl Engine {
         self
     }
 
-    /// Claims and steps due cases until `cancel` fires, then drains.
+    /// Claims and steps due cases until `cancel` fires, then drains: the
+    /// two tasks of [`Engine::tasks`], the committer on a task of its own.
     pub async fn run(self, cancel: CancellationToken) {
-        let inner = self.inner;
+        let EngineTasks {
+            stepping,
+            committing,
+        } = self.tasks(cancel);
+        let committer = tokio::spawn(committing);
+        stepping.await;
+        let _ = committer.await;
+    }
+
+    /// The engine as the two long-running tasks a worker supervises:
+    /// `stepping` claims and steps cases until `cancel` fires, drains, then
+    /// stops `committing` and waits for it (bounded); `committing` writes
+    /// the step commits (see [`write_commits`]). Run both.
+    pub fn tasks(self, cancel: CancellationToken) -> EngineTasks {
         let stop_committing = CancellationToken::new();
-        let committer = tokio::spawn(write_commits(
-            inner.store.clone(),
-            self.commits,
-            stop_committing.clone(),
-        ));
-        let permits = Arc::new(Semaphore::new(inner.settings.concurrency.max(1)));
-        let mut tasks = JoinSet::new();
-        let mut db_delays = Reconnect::default();
-        tracing::info!(
-            worker = %inner.worker_id,
-            concurrency = inner.settings.concurrency,
-            batch = inner.settings.batch_size,
-            "Case engine started."
-        );
-        loop {
-            while let Some(done) = tasks.try_join_next() {
-                if let Err(e) = done
-                    && e.is_panic()
-                {
-                    tracing::error!(error = %e, "A case step panicked; its case resumes when its lease runs out.");
-                }
+        // Fires when the committer ends, however it ends (a panic included).
+        let committer_done = CancellationToken::new();
+        let committing = {
+            let store = self.inner.store.clone();
+            let stop = stop_committing.clone();
+            let done = committer_done.clone().drop_guard();
+            let requests = self.commits;
+            async move {
+                let _done = done;
+                write_commits(store, requests, stop).await;
             }
-            if cancel.is_cancelled() {
-                break;
+            .boxed()
+        };
+        let stepping = step_cases(
+            self.inner,
+            cancel,
+            self.drain_timeout,
+            self.abort,
+            stop_committing,
+            committer_done,
+        )
+        .boxed();
+        EngineTasks {
+            stepping,
+            committing,
+        }
+    }
+}
+
+/// The two long-running tasks of an [`Engine`] (see [`Engine::tasks`]).
+pub struct EngineTasks {
+    /// Claims and steps cases; after the cancel, drains, then stops the
+    /// committer and waits for it.
+    pub stepping: BoxFuture<'static, ()>,
+    /// Writes the steps' commits until `stepping` stops it.
+    pub committing: BoxFuture<'static, ()>,
+}
+
+/// The claim loop: claims due cases and steps each on a task of its own,
+/// until `cancel` (or the committer's death), then drains within
+/// `drain_timeout` (or until `abort`), then stops the committer.
+async fn step_cases(
+    inner: Arc<Inner>,
+    cancel: CancellationToken,
+    drain_timeout: Duration,
+    abort: CancellationToken,
+    stop_committing: CancellationToken,
+    committer_done: CancellationToken,
+) {
+    let permits = Arc::new(Semaphore::new(inner.settings.concurrency.max(1)));
+    let mut tasks = JoinSet::new();
+    let mut db_delays = Reconnect::default();
+    tracing::info!(
+        worker = %inner.identity,
+        concurrency = inner.settings.concurrency,
+        batch = inner.settings.batch_size,
+        "Case engine started."
+    );
+    loop {
+        while let Some(done) = tasks.try_join_next() {
+            if let Err(e) = done
+                && e.is_panic()
+            {
+                tracing::error!(error = %e, "A case step task panicked outside its step; its case resumes when its lease runs out.");
             }
-            let free = permits
-                .available_permits()
-                .min(inner.settings.batch_size.max(1));
-            if free == 0 {
+        }
+        if cancel.is_cancelled() {
+            break;
+        }
+        if committer_done.is_cancelled() {
+            tracing::error!(
+                task = "committer",
+                "The step committer stopped; the engine stops (no step could be committed)."
+            );
+            break;
+        }
+        let free = permits
+            .available_permits()
+            .min(inner.settings.batch_size.max(1));
+        if free == 0 {
+            tokio::select! {
+                () = cancel.cancelled() => break,
+                () = committer_done.cancelled() => continue,
+                permit = permits.clone().acquire_owned() => drop(permit),
+            }
+            continue;
+        }
+        let n = inner.claims.fetch_add(1, Ordering::Relaxed);
+        let owner = inner.identity.lease_owner(n);
+        let claimed = match inner
+            .store
+            .claim_due(&owner, inner.settings.lease, free)
+            .await
+        {
+            Ok(claimed) => {
+                db_delays.reset();
+                claimed
+            }
+            Err(e) => {
+                let delay = db_delays.next_delay();
+                tracing::warn!(error = %e, retry_in_ms = delay.as_millis() as u64, "Cannot claim cases; retrying.");
                 tokio::select! {
                     () = cancel.cancelled() => break,
-                    permit = permits.clone().acquire_owned() => drop(permit),
+                    () = tokio::time::sleep(delay) => {}
                 }
                 continue;
             }
-            let n = inner.claims.fetch_add(1, Ordering::Relaxed);
-            let owner = format!("{}#{n}", inner.worker_id);
-            let claimed = match inner
-                .store
-                .claim_due(&owner, inner.settings.lease, free)
-                .await
-            {
-                Ok(claimed) => {
-                    db_delays.reset();
-                    claimed
-                }
-                Err(e) => {
-                    let delay = db_delays.next_delay();
-                    tracing::warn!(error = %e, retry_in_ms = delay.as_millis() as u64, "Cannot claim cases; retrying.");
-                    tokio::select! {
-                        () = cancel.cancelled() => break,
-                        () = tokio::time::sleep(delay) => {}
-                    }
-                    continue;
-                }
-            };
-            let full = claimed.len() >= free;
-            for claim in claimed {
-                let Ok(permit) = permits.clone().try_acquire_owned() else {
-                    // Cannot happen (only this loop acquires); give the case back.
-                    let _ = inner
-                        .store
-                        .release_case(claim.id, &owner, Duration::ZERO)
-                        .await;
-                    continue;
-                };
-                let inner = inner.clone();
-                let owner = owner.clone();
-                let cancel = cancel.clone();
-                tasks.spawn(async move {
-                    drive(inner, owner, claim, cancel).await;
-                    drop(permit);
-                });
-            }
-            if !full {
-                inner.idle(&cancel).await;
-            }
-        }
-        let drained = tokio::select! {
-            () = async { while tasks.join_next().await.is_some() {} } => true,
-            () = tokio::time::sleep(self.drain_timeout) => false,
-            () = self.abort.cancelled() => false,
         };
-        if !drained {
-            tracing::warn!(
-                in_flight = tasks.len(),
-                "Steps still running at the end of the drain; their cases resume when their leases run out."
-            );
-            tasks.abort_all();
+        let full = claimed.len() >= free;
+        for claim in claimed {
+            let Ok(permit) = permits.clone().try_acquire_owned() else {
+                // Cannot happen (only this loop acquires); give the case back.
+                let _ = inner
+                    .store
+                    .release_case(claim.id, &owner, Duration::ZERO)
+                    .await;
+                continue;
+            };
+            let inner = inner.clone();
+            let owner = owner.clone();
+            let cancel = cancel.clone();
+            tasks.spawn(async move {
+                drive(inner, owner, claim, cancel).await;
+                drop(permit);
+            });
         }
-        // Commits already being written finish (they are fenced); queued ones
-        // of aborted steps are dropped.
-        stop_committing.cancel();
-        if tokio::time::timeout(COMMIT_DRAIN, committer).await.is_err() {
-            tracing::warn!(
-                "Step commits still being written at the end of the drain; their cases resume when their leases run out."
-            );
+        if !full {
+            inner.idle(&cancel).await;
         }
-        tracing::info!(worker = %inner.worker_id, "Case engine stopped.");
     }
+    let drained = tokio::select! {
+        () = async { while tasks.join_next().await.is_some() {} } => true,
+        () = tokio::time::sleep(drain_timeout) => false,
+        () = abort.cancelled() => false,
+    };
+    if !drained {
+        tracing::warn!(
+            in_flight = tasks.len(),
+            "Steps still running at the end of the drain; their cases resume when their leases run out."
+        );
+        tasks.abort_all();
+    }
+    // Commits already being written finish (they are fenced); queued ones
+    // of aborted steps are dropped.
+    stop_committing.cancel();
+    if tokio::time::timeout(COMMIT_DRAIN, committer_done.cancelled())
+        .await
+        .is_err()
+    {
+        tracing::warn!(
+            "Step commits still being written at the end of the drain; their cases resume when their leases run out."
+        );
+    }
+    tracing::info!(worker = %inner.identity, "Case engine stopped.");
 }
 
 impl Inner {
@@ -376,67 +451,103 @@ async fn steps(
         let before = case.state;
         let mut replies = Vec::new();
         let mut history = Vec::new();
-        let outcome = loop {
-            match machine::plan(&case, &replies) {
-                Next::Stop => {
-                    let _ = inner.store.release_case(case.id, owner, SET_ASIDE).await;
-                    return;
-                }
-                Next::Done(outcome) => break outcome,
-                Next::Call(call) => {
-                    if matches!(call, Call::Assign { .. })
-                        && !uncommitted.is_empty()
-                        && !commit(
-                            inner,
-                            owner,
-                            &case,
-                            &mut carried,
-                            &[],
-                            Some(inner.settings.lease),
-                            &mut uncommitted,
-                        )
-                        .await
-                    {
-                        return;
+        // The call in flight, for a panic's history line.
+        let mut calling = "step";
+        // A panic anywhere in the step (the plan, a call, the decision
+        // source) is the case's transient failure: retried with backoff and
+        // counted against its budget like any other, never a dead step
+        // task whose case comes back at every lease expiry.
+        let planned = AssertUnwindSafe(async {
+            loop {
+                match machine::plan(&case, &replies) {
+                    Next::Stop => {
+                        let _ = inner.store.release_case(case.id, owner, SET_ASIDE).await;
+                        return None;
                     }
-                    let at = Utc::now();
-                    let started = Instant::now();
-                    let reply = tokio::select! {
-                        reply = inner.call(&case, &call) => reply,
-                        () = lost.cancelled() => {
-                            tracing::warn!(lease_owner = %owner, call = call.name(), "Lease lost while stepping; the step is abandoned.");
-                            return;
+                    Next::Done(outcome) => return Some(outcome),
+                    Next::Call(call) => {
+                        if matches!(call, Call::Assign { .. })
+                            && !uncommitted.is_empty()
+                            && !commit(
+                                inner,
+                                owner,
+                                &case,
+                                &mut carried,
+                                &[],
+                                Some(inner.settings.lease),
+                                &mut uncommitted,
+                            )
+                            .await
+                        {
+                            return None;
                         }
-                    };
-                    let took = started.elapsed();
-                    tracing::debug!(
-                        call = call.name(),
-                        class = reply.class(),
-                        took_ms = took.as_millis() as u64,
-                        "Call answered."
-                    );
-                    let mut entry = machine::call_entry(case.state, &call, &reply, at, took);
-                    entry.detail["worker"] = json!(owner);
-                    history.push(entry);
-                    let reply = match identify(inner, owner, &case, reply).await {
-                        Some(reply) => reply,
-                        None => return,
-                    };
-                    replies.push(reply);
-                    if replies.len() > MAX_CALLS_PER_STEP {
-                        // plan() ends the step on the next round.
-                        continue;
+                        calling = call.name();
+                        let at = Utc::now();
+                        let started = Instant::now();
+                        let reply = tokio::select! {
+                            reply = inner.call(&case, &call) => reply,
+                            () = lost.cancelled() => {
+                                tracing::warn!(lease_owner = %owner, call = call.name(), "Lease lost while stepping; the step is abandoned.");
+                                return None;
+                            }
+                        };
+                        let took = started.elapsed();
+                        tracing::debug!(
+                            call = call.name(),
+                            class = reply.class(),
+                            took_ms = took.as_millis() as u64,
+                            "Call answered."
+                        );
+                        let mut entry = machine::call_entry(case.state, &call, &reply, at, took);
+                        entry.detail["worker"] = json!(owner);
+                        history.push(entry);
+                        let reply = match identify(inner, owner, &case, reply).await {
+                            Some(reply) => reply,
+                            None => return None,
+                        };
+                        replies.push(reply);
+                        calling = "step";
+                        if replies.len() > MAX_CALLS_PER_STEP {
+                            // plan() ends the step on the next round.
+                            continue;
+                        }
                     }
                 }
             }
+        })
+        .catch_unwind()
+        .await;
+        let outcome = match planned {
+            Ok(Some(outcome)) => outcome,
+            Ok(None) => return,
+            Err(panic) => panicked(&case, calling, &*panic),
         };
         let now = Utc::now();
-        let transition = match machine::apply(&case, outcome.clone(), now, &inner.settings) {
-            Ok(t) => t,
-            Err(e) => {
+        let applied = |outcome: Outcome| {
+            std::panic::catch_unwind(AssertUnwindSafe(|| {
+                machine::apply(&case, outcome, now, &inner.settings)
+            }))
+        };
+        let (outcome, transition) = match applied(outcome.clone()) {
+            Ok(Ok(t)) => (outcome, t),
+            Ok(Err(e)) => {
                 tracing::error!(error = %e, "The case's step has no valid transition; it is set aside.");
                 let _ = inner.store.release_case(case.id, owner, SET_ASIDE).await;
                 return;
+            }
+            Err(panic) => {
+                let transient = panicked(&case, "apply", &*panic);
+                match applied(transient.clone()) {
+                    Ok(Ok(t)) => (transient, t),
+                    _ => {
+                        tracing::error!(
+                            set_aside_s = SET_ASIDE.as_secs(),
+                            "The case's step panicked and so did recording it; it is set aside."
+                        );
+                        let _ = inner.store.release_case(case.id, owner, SET_ASIDE).await;
+                        return;
+                    }
+                }
             }
         };
         let envelopes: Vec<Envelope> = transition
@@ -495,6 +606,24 @@ async fn steps(
     }
 }
 
+/// The transient failure that a panic in `case`'s step (during `call`)
+/// stands for, logged.
+fn panicked(case: &Case, call: &'static str, panic: &(dyn std::any::Any + Send)) -> Outcome {
+    let detail = format!("{call} panicked: {}", panic_message(panic));
+    tracing::error!(
+        order = %case.subject(),
+        state = %case.state,
+        call,
+        detail = %detail,
+        "A step panicked; it counts as a transient failure of its case."
+    );
+    Outcome::Transient {
+        call,
+        retry_after: None,
+        detail,
+    }
+}
+
 /// An order read that names the sales order number of a case which did not
 /// know it (the case was opened by a web order id) is recorded before the
 /// step goes on, so that the order has one case whatever id named it: the
@@ -550,18 +679,46 @@ async fn commit(
     uncommitted: &mut Vec<(CaseState, Outcome, Transition)>,
 ) -> bool {
     let outcome = uncommitted.last().map_or("-", |(_, o, _)| o.name());
-    let (done, written) = oneshot::channel();
-    let request = CommitRequest {
-        lease_owner: owner.to_owned(),
-        case: case.clone(),
-        history: std::mem::take(carried),
-        outbox: envelopes.to_vec(),
-        hold,
-        done,
-    };
-    let written = match inner.commits.send(request).await {
-        Ok(()) => written.await.ok(),
-        Err(_) => None,
+    // Every line says which claim wrote it: `cases show` names the worker
+    // that last held the case from it.
+    for entry in carried.iter_mut() {
+        if let Some(detail) = entry.detail.as_object_mut() {
+            detail.entry("worker").or_insert_with(|| json!(owner));
+        }
+    }
+    let history = std::mem::take(carried);
+    // A commit that timed out (a lock held elsewhere, a busy pool) or lost
+    // its connection is tried again while the lease lasts; it is fenced,
+    // so a retry after the lease went to another worker writes nothing.
+    let started = Instant::now();
+    let mut delays = Reconnect::default();
+    let written = loop {
+        let (done, written) = oneshot::channel();
+        let request = CommitRequest {
+            lease_owner: owner.to_owned(),
+            case: case.clone(),
+            history: history.clone(),
+            outbox: envelopes.to_vec(),
+            hold,
+            done,
+        };
+        let written = match inner.commits.send(request).await {
+            Ok(()) => written.await.ok(),
+            Err(_) => None,
+        };
+        match written {
+            Some(Err(e)) if e.is_transient() && started.elapsed() < inner.settings.lease => {
+                let delay = delays.next_delay();
+                tracing::warn!(
+                    error = %e,
+                    outcome,
+                    retry_in_ms = delay.as_millis() as u64,
+                    "Cannot commit the step now; trying again."
+                );
+                tokio::time::sleep(delay).await;
+            }
+            other => break other,
+        }
     };
     match written {
         Some(Ok(true)) => {
@@ -620,8 +777,9 @@ async fn write_commits(
 
 /// Writes one batch of step commits and answers each step. A statement
 /// that fails for one step's data must not fail the others: on an error
-/// that is not the connection's (or a deadlock), each step is written
-/// again on its own.
+/// that is not the connection's or a timeout's (a deadlock, say), each
+/// step is written again on its own; a timeout or a lost connection fails
+/// the batch at once (each step tries its commit again).
 async fn write_batch(store: &Store, batch: Vec<CommitRequest>) {
     metrics::histogram!("holdclear_engine_commit_batch_size").record(batch.len() as f64);
     let steps: Vec<StepCommit<'_>> = batch.iter().map(CommitRequest::step).collect();
@@ -633,7 +791,7 @@ async fn write_batch(store: &Store, batch: Vec<CommitRequest>) {
                 let _ = request.done.send(Ok(written));
             }
         }
-        Err(e) if batch.len() > 1 && !e.is_connection() => {
+        Err(e) if batch.len() > 1 && !e.is_transient() => {
             tracing::debug!(error = %e, steps = batch.len(), "A batch of step commits failed; writing each alone.");
             for request in batch {
                 let result = store

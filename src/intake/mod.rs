@@ -35,7 +35,7 @@ use crate::config::AmqpSettings;
 use crate::domain::{DeadLetterCode, DecodeError, HeldOrderEvent};
 use crate::ops::health::Health;
 use crate::retry::Reconnect;
-use crate::store::{Recorded, Store};
+use crate::store::{Probe, Recorded, Store};
 
 /// The bounds of intake.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -48,6 +48,8 @@ pub struct IntakeSettings {
     pub max_payload_bytes: usize,
     /// Batches written at once, at most (each is one transaction).
     pub in_flight: usize,
+    /// Longest wait for the broker's confirm of a dead letter.
+    pub confirm_timeout: Duration,
 }
 
 impl From<&AmqpSettings> for IntakeSettings {
@@ -61,6 +63,7 @@ impl From<&AmqpSettings> for IntakeSettings {
             linger: amqp.intake_linger,
             max_payload_bytes: amqp.max_payload_bytes,
             in_flight: (usize::from(amqp.prefetch) / batch).clamp(1, MAX_IN_FLIGHT),
+            confirm_timeout: amqp.confirm_timeout,
         }
     }
 }
@@ -298,11 +301,15 @@ impl Intake {
         let mut pending: Vec<&(usize, DecodeError)> = refused.iter().collect();
         let mut delays = Reconnect::default();
         while !pending.is_empty() {
-            let results = join_all(
-                pending
-                    .iter()
-                    .map(|(i, err)| dead_letter(&batch[*i], err.code, &err.detail, failed_at)),
-            )
+            let results = join_all(pending.iter().map(|(i, err)| {
+                dead_letter(
+                    &batch[*i],
+                    err.code,
+                    &err.detail,
+                    failed_at,
+                    self.settings.confirm_timeout,
+                )
+            }))
             .await;
             let mut retry = Vec::new();
             for (item, result) in pending.into_iter().zip(results) {
@@ -372,14 +379,22 @@ impl Intake {
                 Err(e) => {
                     let delay = delays.next_delay();
                     // A database that fails its readiness probe is down,
-                    // whatever the error said.
-                    if e.is_connection() || !self.database_ready().await {
+                    // whatever the error said; a busy one (no pooled
+                    // connection free in time) is not.
+                    if self.database_down().await {
                         self.health.set_database(false);
                         tracing::warn!(
                             error = %e,
                             events = events.len(),
                             retry_in_ms = delay.as_millis() as u64,
                             "Cannot record held orders: the database is unreachable; keeping the batch and retrying."
+                        );
+                    } else if e.is_transient() {
+                        tracing::warn!(
+                            error = %e,
+                            events = events.len(),
+                            retry_in_ms = delay.as_millis() as u64,
+                            "Cannot record held orders now (a timeout or a lost session); keeping the batch and retrying."
                         );
                     } else {
                         tracing::error!(
@@ -406,11 +421,13 @@ impl Intake {
 }
 
 impl Intake {
-    /// The readiness probe of the store, bounded.
-    async fn database_ready(&self) -> bool {
-        tokio::time::timeout(Duration::from_secs(2), self.store.ready())
-            .await
-            .unwrap_or(false)
+    /// The readiness probe of the store, bounded: down or unmigrated (not
+    /// merely busy).
+    async fn database_down(&self) -> bool {
+        matches!(
+            self.store.probe(Duration::from_secs(2)).await,
+            Probe::Down | Probe::Unmigrated
+        )
     }
 }
 

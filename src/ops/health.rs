@@ -1,22 +1,47 @@
-//! Liveness and readiness: what the worker depends on, and whether it is up.
+//! Liveness and readiness: what the worker depends on, whether it is up,
+//! and whether every task of the worker still runs.
 //!
 //! [`Health`] is shared: the consumer reports the broker, intake and the
-//! database probe report the database. `/readyz` reads it (see [`super::http`]).
+//! database probe report the database, the worker's supervisor reports a
+//! task that died. `/readyz` and `/healthz` read it (see [`super::http`]).
 
-use std::sync::Arc;
+use std::any::Any;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::time::Duration;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use serde::Serialize;
 use tokio_util::sync::CancellationToken;
 
-use crate::store::Store;
+use crate::store::{Probe, Store};
 
-/// Whether each dependency of the worker is usable right now.
+/// Whether each dependency of the worker is usable right now, and the
+/// first task of the worker that stopped when it should not have.
 #[derive(Debug, Default)]
 pub struct Health {
     database: AtomicBool,
     broker: AtomicBool,
+    failure: Mutex<Option<TaskFailure>>,
+}
+
+/// A long-running task of the worker that ended or panicked before the
+/// worker was asked to stop (`/healthz` answers 503 with it).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct TaskFailure {
+    /// Which task: `engine`, `committer`, `relay`, `consumer`, `intake`,
+    /// `database probe`, `rules reload`, `health server`.
+    pub task: &'static str,
+    /// How it ended: `it returned`, or `it panicked: <message>`.
+    pub error: String,
+}
+
+/// The message of a panic's payload (`panic!("…")`), or a placeholder.
+pub fn panic_message(payload: &(dyn Any + Send)) -> &str {
+    payload
+        .downcast_ref::<&str>()
+        .copied()
+        .or_else(|| payload.downcast_ref::<String>().map(String::as_str))
+        .unwrap_or("a panic without a message")
 }
 
 /// A snapshot of [`Health`], as `/readyz` shows it.
@@ -57,6 +82,28 @@ impl Health {
         }
     }
 
+    /// Records that `task` stopped when it should not have; the first
+    /// failure is kept. `true` when this one is the first.
+    pub fn task_failed(&self, task: &'static str, error: impl Into<String>) -> bool {
+        let mut failure = self.failure.lock().unwrap_or_else(|p| p.into_inner());
+        if failure.is_some() {
+            return false;
+        }
+        *failure = Some(TaskFailure {
+            task,
+            error: error.into(),
+        });
+        true
+    }
+
+    /// The first task that stopped when it should not have, if any.
+    pub fn failure(&self) -> Option<TaskFailure> {
+        self.failure
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
     /// True when the database is reported up.
     pub fn database(&self) -> bool {
         self.database.load(Ordering::Acquire)
@@ -83,22 +130,48 @@ impl Health {
     }
 }
 
-/// Longest a database probe may take before it counts as down.
+/// Longest a database probe may take before it counts as down (or busy).
 const PROBE_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// Probes the database every `every` (connection and migrations, see
-/// [`Store::ready`]) and reports it to `health`, until `cancel`.
+/// [`Store::probe`]) and reports it to `health`, until `cancel`.
+///
+/// A busy pool (every connection in use, none free in time) is not a
+/// database that is down: the state in force is kept, so `/readyz` does
+/// not flap under load. Busy for longer than `busy_limit` (the statement
+/// timeout plus the acquire timeout: no connection is held that long by
+/// one statement) counts as down: the connections are stuck.
 pub async fn probe_database(
     store: Store,
     health: Arc<Health>,
     every: Duration,
+    busy_limit: Duration,
     cancel: CancellationToken,
 ) {
+    let mut busy_since: Option<Instant> = None;
     loop {
-        let ok = tokio::time::timeout(PROBE_TIMEOUT, store.ready())
-            .await
-            .unwrap_or(false);
-        health.set_database(ok);
+        match store.probe(PROBE_TIMEOUT).await {
+            Probe::Ready => {
+                busy_since = None;
+                health.set_database(true);
+            }
+            Probe::Busy => {
+                let since = *busy_since.get_or_insert_with(Instant::now);
+                if since.elapsed() > busy_limit {
+                    tracing::warn!(
+                        busy_s = since.elapsed().as_secs(),
+                        "No database connection came free for longer than a statement may run."
+                    );
+                    health.set_database(false);
+                } else {
+                    tracing::debug!("The database pool is busy; readiness unchanged.");
+                }
+            }
+            Probe::Unmigrated | Probe::Down => {
+                busy_since = None;
+                health.set_database(false);
+            }
+        }
         tokio::select! {
             () = cancel.cancelled() => return,
             () = tokio::time::sleep(every) => {}
@@ -126,5 +199,26 @@ mod tests {
         assert!(h.readiness().ready);
         h.set_broker(false);
         assert_eq!(h.readiness().down, ["broker"]);
+    }
+
+    #[test]
+    fn the_first_task_failure_is_kept() {
+        let h = Health::new();
+        assert_eq!(h.failure(), None);
+        assert!(h.task_failed("relay", "it returned"));
+        assert!(!h.task_failed("engine", "it panicked: boom"));
+        assert_eq!(
+            h.failure(),
+            Some(TaskFailure {
+                task: "relay",
+                error: "it returned".into()
+            })
+        );
+        let payload: Box<dyn Any + Send> = Box::new(format!("boom {}", 1));
+        assert_eq!(panic_message(&*payload), "boom 1");
+        let payload: Box<dyn Any + Send> = Box::new("static");
+        assert_eq!(panic_message(&*payload), "static");
+        let payload: Box<dyn Any + Send> = Box::new(7_u8);
+        assert_eq!(panic_message(&*payload), "a panic without a message");
     }
 }

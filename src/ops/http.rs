@@ -1,7 +1,8 @@
-//! The operations HTTP server: `/healthz` (the process runs) and `/readyz`
-//! (the database and the broker are usable). Build on [`router`] to add
-//! routes (e.g. `/metrics`).
+//! The operations HTTP server: `/healthz` (every task of the process runs)
+//! and `/readyz` (the database and the broker are usable). Build on
+//! [`router`] to add routes (e.g. `/metrics`).
 
+use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::Arc;
 
@@ -12,9 +13,9 @@ use axum::response::{IntoResponse, Json};
 use axum::routing::get;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
-use tokio_util::task::TaskTracker;
 
 use super::health::Health;
+use super::identity::WorkerIdentity;
 
 /// What went wrong starting the HTTP server.
 #[derive(Debug, thiserror::Error)]
@@ -29,12 +30,20 @@ pub enum HttpError {
     },
 }
 
+/// State of `/healthz` and `/readyz`.
+#[derive(Clone)]
+struct Probes {
+    health: Arc<Health>,
+    identity: WorkerIdentity,
+}
+
 /// The routes of the operations server, without state left to supply.
-pub fn router(health: Arc<Health>) -> Router {
+/// `/readyz` names the worker (`identity`).
+pub fn router(health: Arc<Health>, identity: WorkerIdentity) -> Router {
     Router::new()
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
-        .with_state(health)
+        .with_state(Probes { health, identity })
 }
 
 /// State of `/metrics`: the recorder, and the store once it is connected.
@@ -76,37 +85,57 @@ async fn metrics(State(m): State<MetricsState>) -> impl IntoResponse {
     )
 }
 
-async fn healthz() -> impl IntoResponse {
-    (StatusCode::OK, Json(serde_json::json!({"status": "ok"})))
+/// 200 while every task of the worker runs; 503 naming the task that
+/// stopped (the worker is on its way out, to be restarted).
+async fn healthz(State(p): State<Probes>) -> impl IntoResponse {
+    match p.health.failure() {
+        None => (
+            StatusCode::OK,
+            Json(serde_json::json!({"status": "ok", "worker": p.identity})),
+        ),
+        Some(f) => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            Json(serde_json::json!({
+                "status": "failing",
+                "task": f.task,
+                "error": f.error,
+                "worker": p.identity,
+            })),
+        ),
+    }
 }
 
-async fn readyz(State(health): State<Arc<Health>>) -> impl IntoResponse {
-    let r = health.readiness();
+async fn readyz(State(p): State<Probes>) -> impl IntoResponse {
+    let r = p.health.readiness();
     if r.ready {
-        (StatusCode::OK, Json(serde_json::json!({"status": "ready"})))
+        (
+            StatusCode::OK,
+            Json(serde_json::json!({"status": "ready", "worker": p.identity})),
+        )
     } else {
         (
             StatusCode::SERVICE_UNAVAILABLE,
-            Json(serde_json::json!({"status": "not ready", "down": r.down})),
+            Json(serde_json::json!({"status": "not ready", "down": r.down, "worker": p.identity})),
         )
     }
 }
 
-/// Binds `addr` (port 0 picks a free one) and serves `router` on a task of
-/// `tracker` until `cancel`; returns the address actually bound.
+/// Binds `addr` (port 0 picks a free one); returns the address actually
+/// bound and the server: a future that serves `router` until `cancel`
+/// (spawn it; it ends early only if the server fails, which it logs).
 pub async fn serve(
     addr: SocketAddr,
     router: Router,
     cancel: CancellationToken,
-    tracker: &TaskTracker,
-) -> Result<SocketAddr, HttpError> {
+) -> Result<(SocketAddr, impl Future<Output = ()> + Send + 'static), HttpError> {
     let listener = TcpListener::bind(addr)
         .await
         .map_err(|source| HttpError::Bind { addr, source })?;
     let bound = listener
         .local_addr()
         .map_err(|source| HttpError::Bind { addr, source })?;
-    tracker.spawn(async move {
+    tracing::info!(addr = %bound, "HTTP server listening.");
+    let serving = async move {
         let shutdown = async move { cancel.cancelled().await };
         if let Err(e) = axum::serve(listener, router)
             .with_graceful_shutdown(shutdown)
@@ -114,7 +143,6 @@ pub async fn serve(
         {
             tracing::error!(addr = %bound, error = %e, "The HTTP server failed.");
         }
-    });
-    tracing::info!(addr = %bound, "HTTP server listening.");
-    Ok(bound)
+    };
+    Ok((bound, serving))
 }

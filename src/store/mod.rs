@@ -5,13 +5,14 @@
 //! steps, case history, and the outbox; [`bench::BenchTables`] holds what
 //! only `holdclear bench` asks (seeding, counting, the claim's plan).
 
+use std::fmt;
 use std::str::FromStr;
 use std::time::Duration;
 
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 use sqlx::{AssertSqlSafe, ConnectOptions, Connection, Executor, PgConnection, PgPool};
 
-use crate::config::{CaFile, SecretUrl};
+use crate::config::{CaFile, DatabaseTimeouts, SecretUrl};
 
 /// An open case, as SQL: its state is none of the terminal ones
 /// ([`crate::domain::CaseState::is_terminal`]; a test keeps the two equal).
@@ -56,6 +57,10 @@ pub enum StoreError {
     /// The database could not be reached or answered with an error.
     #[error("database error: {0}")]
     Database(#[from] sqlx::Error),
+    /// No session could be opened: said in words an operator acts on
+    /// (what failed, why, which setting to check).
+    #[error("{0}")]
+    Connect(ConnectError),
     /// A migration failed.
     #[error("migration failed: {0}")]
     Migrate(#[from] sqlx::migrate::MigrateError),
@@ -79,6 +84,151 @@ pub enum StoreError {
         /// What could not be read.
         detail: String,
     },
+}
+
+/// Why no session with PostgreSQL could be opened.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ConnectError {
+    /// `host:port` of the server.
+    pub server: String,
+    /// What went wrong.
+    pub failure: ConnectFailure,
+}
+
+/// What went wrong opening a session.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum ConnectFailure {
+    /// Nothing listens there.
+    Refused,
+    /// No answer within the acquire timeout.
+    TimedOut(Duration),
+    /// The network said no (host unknown or unreachable, reset, …).
+    Unreachable(String),
+    /// The server refused the user (no such role, wrong password).
+    Login {
+        /// The user of the URL.
+        user: String,
+        /// The server's words.
+        message: String,
+    },
+    /// The database does not exist.
+    NoDatabase {
+        /// Its name.
+        database: String,
+    },
+    /// The database does not exist and the user may not create it.
+    CannotCreate {
+        /// Its name.
+        database: String,
+        /// The server's words.
+        message: String,
+    },
+    /// The server is up but takes no session now (starting, shutting
+    /// down, no connection slot left, connections not allowed).
+    NotNow(String),
+    /// Anything else (TLS, a bad URL parameter, …).
+    Other(String),
+}
+
+impl fmt::Display for ConnectError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let server = &self.server;
+        match &self.failure {
+            ConnectFailure::Refused => write!(
+                f,
+                "cannot connect to PostgreSQL at {server} (connection refused): is it running? Check HOLDCLEAR_DATABASE_URL"
+            ),
+            ConnectFailure::TimedOut(t) => write!(
+                f,
+                "cannot connect to PostgreSQL at {server} (no answer within {}): is it running and reachable? Check HOLDCLEAR_DATABASE_URL",
+                humantime::format_duration(*t)
+            ),
+            ConnectFailure::Unreachable(why) => write!(
+                f,
+                "cannot connect to PostgreSQL at {server} ({why}): is the host right and reachable? Check HOLDCLEAR_DATABASE_URL"
+            ),
+            ConnectFailure::Login { user, message } => write!(
+                f,
+                "PostgreSQL at {server} refused user \"{user}\" ({message}): check the user and password in HOLDCLEAR_DATABASE_URL"
+            ),
+            ConnectFailure::NoDatabase { database } => write!(
+                f,
+                "the database \"{database}\" does not exist on PostgreSQL at {server}: `holdclear migrate` creates it; or check the name in HOLDCLEAR_DATABASE_URL"
+            ),
+            ConnectFailure::CannotCreate { database, message } => write!(
+                f,
+                "cannot create the database \"{database}\" on PostgreSQL at {server} ({message}): create it, or let the user of HOLDCLEAR_DATABASE_URL create databases"
+            ),
+            ConnectFailure::NotNow(why) => write!(
+                f,
+                "PostgreSQL at {server} takes no connection now ({why}); try again later, or check HOLDCLEAR_DATABASE_URL"
+            ),
+            ConnectFailure::Other(why) => write!(
+                f,
+                "cannot connect to PostgreSQL at {server}: {why}; check HOLDCLEAR_DATABASE_URL"
+            ),
+        }
+    }
+}
+
+impl ConnectError {
+    /// Names what went wrong connecting to `database` on `server` as
+    /// `user` with `error` (`timeout`: how long it was given).
+    fn new(
+        server: String,
+        user: &str,
+        database: &str,
+        error: &sqlx::Error,
+        timeout: Duration,
+    ) -> Self {
+        let user = user.to_owned();
+        let database = database.to_owned();
+        let failure = match error {
+            sqlx::Error::Io(e) if e.kind() == std::io::ErrorKind::ConnectionRefused => {
+                ConnectFailure::Refused
+            }
+            sqlx::Error::Io(e) if e.kind() == std::io::ErrorKind::TimedOut => {
+                ConnectFailure::TimedOut(timeout)
+            }
+            sqlx::Error::Io(e) => ConnectFailure::Unreachable(io_reason(e)),
+            sqlx::Error::PoolTimedOut => ConnectFailure::TimedOut(timeout),
+            sqlx::Error::Database(d) => {
+                let message = d.message().to_owned();
+                match d.code().as_deref().unwrap_or_default() {
+                    "28P01" | "28000" => ConnectFailure::Login { user, message },
+                    "3D000" => ConnectFailure::NoDatabase { database },
+                    "42501" => ConnectFailure::CannotCreate { database, message },
+                    code if code.starts_with("57P") || matches!(code, "53300" | "55000") => {
+                        ConnectFailure::NotNow(message)
+                    }
+                    _ => ConnectFailure::Other(message),
+                }
+            }
+            other => ConnectFailure::Other(other.to_string()),
+        };
+        Self { server, failure }
+    }
+
+    /// Worth retrying: the server may be back, or take sessions, later.
+    pub fn is_transient(&self) -> bool {
+        matches!(
+            self.failure,
+            ConnectFailure::Refused
+                | ConnectFailure::TimedOut(_)
+                | ConnectFailure::Unreachable(_)
+                | ConnectFailure::NoDatabase { .. }
+                | ConnectFailure::NotNow(_)
+        )
+    }
+}
+
+/// An I/O error in a few words, without the OS error number.
+fn io_reason(e: &std::io::Error) -> String {
+    let text = e.to_string();
+    match text.split_once(" (os error") {
+        Some((words, _)) => words.to_lowercase(),
+        None => text,
+    }
 }
 
 impl StoreError {
@@ -122,41 +272,108 @@ impl StoreError {
                     })
             }
             Self::Tls { .. } => true,
+            Self::Connect(c) => c.is_transient(),
             _ => false,
         }
     }
+
+    /// A wait that ran out of time: a statement past `statement_timeout`
+    /// (57014), a lock past `lock_timeout` (55P03), a session idle in a
+    /// transaction past its limit (25P03), no pooled connection in time.
+    /// Not the data's fault: the same statement is tried again.
+    pub fn is_timeout(&self) -> bool {
+        match self {
+            Self::Database(sqlx::Error::PoolTimedOut) => true,
+            Self::Database(e) => e
+                .as_database_error()
+                .and_then(|d| d.code())
+                .is_some_and(|c| matches!(c.as_ref(), "57014" | "55P03" | "25P03")),
+            _ => false,
+        }
+    }
+
+    /// Worth trying again as it is: [`Self::is_connection`] or
+    /// [`Self::is_timeout`].
+    pub fn is_transient(&self) -> bool {
+        self.is_connection() || self.is_timeout()
+    }
+}
+
+/// What the readiness probe found (see [`Store::probe`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Probe {
+    /// The database answers, every migration applied.
+    Ready,
+    /// It answers, but migrations are missing.
+    Unmigrated,
+    /// No connection of the pool came free in time because every one is
+    /// in use: the database is busy, not down.
+    Busy,
+    /// It does not answer (or answers with an error).
+    Down,
 }
 
 /// The pool and every query of the service.
 #[derive(Clone, Debug)]
 pub struct Store {
     pool: PgPool,
+    /// How migrations connect: the pool's options without its statement
+    /// and lock deadlines (a migration may rightly take long, or wait for
+    /// another worker's). `None` for a wrapped pool.
+    migrations: Option<PgConnectOptions>,
 }
 
 impl Store {
-    /// Connects to `url`, creating the database first if it does not exist.
-    /// TLS follows the URL's `sslmode` (`verify-full` checks the server's
-    /// certificate and name) and trusts `tls_ca` besides the built-in roots.
-    /// Every command that uses the database goes through here.
+    /// [`Store::connect_with`] the default deadlines.
     pub async fn connect(
         url: &SecretUrl,
         tls_ca: Option<&CaFile>,
         max_connections: u32,
     ) -> Result<Self, StoreError> {
-        let target = Target::new(url, tls_ca)?;
+        Self::connect_with(url, tls_ca, max_connections, &DatabaseTimeouts::default()).await
+    }
+
+    /// Connects to `url`, creating the database first if it does not exist.
+    /// TLS follows the URL's `sslmode` (`verify-full` checks the server's
+    /// certificate and name) and trusts `tls_ca` besides the built-in roots.
+    /// Every session of the pool has `timeouts`' statement, lock and
+    /// idle-in-transaction deadlines; a connection is waited for at most
+    /// `timeouts.acquire` (opening one, and the database check, included).
+    /// A failure to connect is [`StoreError::Connect`] (in words) or
+    /// [`StoreError::Tls`].
+    pub async fn connect_with(
+        url: &SecretUrl,
+        tls_ca: Option<&CaFile>,
+        max_connections: u32,
+        timeouts: &DatabaseTimeouts,
+    ) -> Result<Self, StoreError> {
+        let target = Target::new(url, tls_ca, timeouts.acquire)?;
         target.create_if_missing().await?;
-        let pool = PgPoolOptions::new()
-            .max_connections(max_connections)
-            .acquire_timeout(Duration::from_secs(5))
-            .connect_with(target.options.clone())
-            .await
-            .map_err(|e| target.error(e))?;
-        Ok(Self { pool })
+        target.pool(max_connections, timeouts).await
+    }
+
+    /// Connects to the existing database at `url` (never creates it: a
+    /// missing one is [`ConnectFailure::NoDatabase`]), with `timeouts`.
+    pub async fn open(
+        url: &SecretUrl,
+        tls_ca: Option<&CaFile>,
+        max_connections: u32,
+        timeouts: &DatabaseTimeouts,
+    ) -> Result<Self, StoreError> {
+        let target = Target::new(url, tls_ca, timeouts.acquire)?;
+        // One session first: its error is the precise one (the pool's
+        // would be a timeout after retrying a refused connection).
+        let conn = target.session(&target.options).await?;
+        let _ = conn.close().await;
+        target.pool(max_connections, timeouts).await
     }
 
     /// Wraps an existing pool (tests get one per test from `#[sqlx::test]`).
     pub fn from_pool(pool: PgPool) -> Self {
-        Self { pool }
+        Self {
+            pool,
+            migrations: None,
+        }
     }
 
     /// The pool, for the few callers that need it (benchmarks, tests).
@@ -164,26 +381,62 @@ impl Store {
         &self.pool
     }
 
-    /// Applies pending migrations.
+    /// Applies pending migrations, on a session of their own without the
+    /// pool's statement and lock deadlines.
     pub async fn migrate(&self) -> Result<(), StoreError> {
-        MIGRATOR.run(&self.pool).await?;
+        match &self.migrations {
+            Some(options) => {
+                let pool = PgPoolOptions::new()
+                    .max_connections(1)
+                    .acquire_timeout(self.pool.options().get_acquire_timeout())
+                    .connect_with(options.clone())
+                    .await?;
+                let result = MIGRATOR.run(&pool).await;
+                pool.close().await;
+                result?;
+            }
+            None => MIGRATOR.run(&self.pool).await?,
+        }
         Ok(())
     }
 
     /// True when the database answers and every migration is applied.
     pub async fn ready(&self) -> bool {
-        let applied: Result<i64, _> =
+        self.applied().await.is_ok_and(|all| all)
+    }
+
+    /// Whether every migration is applied.
+    async fn applied(&self) -> Result<bool, sqlx::Error> {
+        let applied: i64 =
             sqlx::query_scalar("SELECT count(*) FROM _sqlx_migrations WHERE success")
                 .fetch_one(&self.pool)
-                .await;
-        matches!(applied, Ok(n) if n as usize >= MIGRATOR.iter().count())
+                .await?;
+        Ok(applied as usize >= MIGRATOR.iter().count())
+    }
+
+    /// Probes the database within `within`: ready, unmigrated, down — or
+    /// busy, when no connection came free because the pool is full and
+    /// every connection is in use (a timeout then says nothing about the
+    /// database, only that it is busy).
+    pub async fn probe(&self, within: Duration) -> Probe {
+        match tokio::time::timeout(within, self.applied()).await {
+            Ok(Ok(true)) => Probe::Ready,
+            Ok(Ok(false)) => Probe::Unmigrated,
+            Ok(Err(sqlx::Error::PoolTimedOut)) | Err(_) if self.saturated() => Probe::Busy,
+            Ok(Err(_)) | Err(_) => Probe::Down,
+        }
+    }
+
+    /// Every connection of the pool is open and in use.
+    fn saturated(&self) -> bool {
+        self.pool.num_idle() == 0 && self.pool.size() >= self.pool.options().get_max_connections()
     }
 }
 
 /// Drops the database at `url` (the demo's and the benchmark's own, when
 /// they finish), closing other sessions on it first.
 pub async fn drop_database(url: &SecretUrl, tls_ca: Option<&CaFile>) -> Result<(), StoreError> {
-    let target = Target::new(url, tls_ca)?;
+    let target = Target::new(url, tls_ca, DatabaseTimeouts::default().acquire)?;
     let mut conn = target.maintenance().await?;
     conn.execute(
         sqlx::query(
@@ -230,10 +483,12 @@ struct Target {
     options: PgConnectOptions,
     database: String,
     trusted: String,
+    /// How long one connection attempt may take.
+    within: Duration,
 }
 
 impl Target {
-    fn new(url: &SecretUrl, tls_ca: Option<&CaFile>) -> Result<Self, StoreError> {
+    fn new(url: &SecretUrl, tls_ca: Option<&CaFile>, within: Duration) -> Result<Self, StoreError> {
         let mut known = url.url().clone();
         let pairs: Vec<(String, String)> = url
             .url()
@@ -269,6 +524,44 @@ impl Target {
             options,
             database,
             trusted,
+            within,
+        })
+    }
+
+    /// One session with `options`, bounded by the acquire timeout.
+    async fn session(&self, options: &PgConnectOptions) -> Result<PgConnection, StoreError> {
+        match tokio::time::timeout(self.within, options.connect()).await {
+            Ok(Ok(conn)) => Ok(conn),
+            Ok(Err(e)) => Err(self.error(e)),
+            Err(_) => Err(self.error(sqlx::Error::PoolTimedOut)),
+        }
+    }
+
+    /// The pool: every session with `timeouts`' deadlines; migrations get
+    /// the options without them.
+    async fn pool(
+        &self,
+        max_connections: u32,
+        timeouts: &DatabaseTimeouts,
+    ) -> Result<Store, StoreError> {
+        let ms = |d: Duration| d.as_millis().max(1);
+        let options = self.options.clone().options([
+            ("statement_timeout", ms(timeouts.statement)),
+            ("lock_timeout", ms(timeouts.lock)),
+            (
+                "idle_in_transaction_session_timeout",
+                ms(timeouts.idle_in_transaction),
+            ),
+        ]);
+        let pool = PgPoolOptions::new()
+            .max_connections(max_connections)
+            .acquire_timeout(timeouts.acquire)
+            .connect_with(options)
+            .await
+            .map_err(|e| self.error(e))?;
+        Ok(Store {
+            pool,
+            migrations: Some(self.options.clone()),
         })
     }
 
@@ -280,12 +573,8 @@ impl Target {
         } else {
             "postgres"
         };
-        self.options
-            .clone()
-            .database(maintenance)
-            .connect()
+        self.session(&self.options.clone().database(maintenance))
             .await
-            .map_err(|e| self.error(e))
     }
 
     /// Creates the database unless it exists (another worker may create it
@@ -293,13 +582,14 @@ impl Target {
     async fn create_if_missing(&self) -> Result<(), StoreError> {
         // The target itself first: the usual case, and the only one that
         // works for a user who may not connect to the maintenance database.
-        match self.options.connect().await {
-            Ok(conn) => {
+        match tokio::time::timeout(self.within, self.options.connect()).await {
+            Ok(Ok(conn)) => {
                 let _ = conn.close().await;
                 return Ok(());
             }
-            Err(e) if !is_missing_database(&e) => return Err(self.error(e)),
-            Err(_) => {}
+            Ok(Err(e)) if !is_missing_database(&e) => return Err(self.error(e)),
+            Ok(Err(_)) => {}
+            Err(_) => return Err(self.error(sqlx::Error::PoolTimedOut)),
         }
         let mut conn = self.maintenance().await?;
         let create = format!("CREATE DATABASE {}", quote_ident(&self.database));
@@ -318,17 +608,25 @@ impl Target {
                 tracing::debug!(error = %e, "Database appeared concurrently.");
                 Ok(())
             }
-            Err(e) => Err(e.into()),
+            Err(e) => Err(self.error(e)),
         }
     }
 
-    /// A TLS failure says where and what was trusted; others pass as they are.
+    /// A failure to open a session, said where and why: a TLS failure
+    /// with what was trusted, the others in words (see [`ConnectError`]).
     fn error(&self, e: sqlx::Error) -> StoreError {
+        let server = format!("{}:{}", self.options.get_host(), self.options.get_port());
         if !is_tls_failure(&e) {
-            return e.into();
+            return StoreError::Connect(ConnectError::new(
+                server,
+                self.options.get_username(),
+                &self.database,
+                &e,
+                self.within,
+            ));
         }
         StoreError::Tls {
-            server: format!("{}:{}", self.options.get_host(), self.options.get_port()),
+            server,
             trusted: self.trusted.clone(),
             source: e,
         }

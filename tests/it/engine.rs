@@ -25,6 +25,7 @@ use holdclear::domain::{
     HeldOrderEvent, Target, VirtualAccountChoice,
 };
 use holdclear::engine::{DecisionSource, Engine};
+use holdclear::ops::identity::WorkerIdentity;
 use holdclear::outbox::{Relay, RelaySettings};
 use holdclear::store::{CaseRecord, Recorded, StepCommit, Store};
 use lapin::options::{ExchangeDeleteOptions, QueueBindOptions, QueueDeclareOptions};
@@ -188,13 +189,13 @@ impl World {
         let relay_wake = Arc::new(Notify::new());
         let cancel = CancellationToken::new();
         let mut tasks = Vec::new();
-        for (n, api) in commerce.into_iter().enumerate() {
+        for api in commerce {
             let engine = Engine::new(
                 store.clone(),
                 api,
                 rules.clone(),
                 settings.clone(),
-                format!("{prefix}-w{n}"),
+                WorkerIdentity::new(),
                 wake.clone(),
                 relay_wake.clone(),
             );

@@ -11,6 +11,7 @@ mod demo;
 mod deploy;
 mod dlq;
 mod engine;
+mod hardening;
 mod intake;
 mod ops;
 mod rules;

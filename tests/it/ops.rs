@@ -105,3 +105,79 @@ async fn metrics_describe_a_real_run_and_readiness_follows_the_database(pool: sq
     events.close().await;
     drop(rabbit);
 }
+
+/// A busy pool is not a database that is down: with two connections, both
+/// held by statements waiting behind another session's lock on `cases`,
+/// the probe cannot get a connection for as long as the lock lasts, and
+/// `/readyz` keeps answering 200 (it flapped to 503 before).
+#[sqlx::test]
+async fn readiness_holds_while_the_pool_is_busy(pool: sqlx::PgPool) {
+    let prefix = unique("busy");
+    let db = database_url(&pool).await;
+    let simulator = sim::start_demo().await;
+    let mut s = settings(
+        &db,
+        &prefix,
+        &[
+            ("HOLDCLEAR_POLL_INTERVAL", "50ms"),
+            ("HOLDCLEAR_DATABASE_MAX_CONNECTIONS", "2"),
+            ("HOLDCLEAR_DATABASE_ACQUIRE_TIMEOUT", "500ms"),
+            ("HOLDCLEAR_DATABASE_LOCK_TIMEOUT", "30s"),
+            ("HOLDCLEAR_DATABASE_STATEMENT_TIMEOUT", "30s"),
+        ],
+    );
+    s.commerce = sim::settings(&simulator);
+    let rabbit = Rabbit::new(&prefix).await;
+    let mut events = EventQueue::bind(&rabbit.topology).await;
+    let worker = start(s).await;
+    let addr = worker.http_addr;
+    let body = wait_for(DEADLINE, "/readyz to answer 200", || async {
+        let (status, body) = http_get(addr, "/readyz").await;
+        (status == 200).then_some(body)
+    })
+    .await;
+    assert!(
+        body.contains(&worker.identity.to_string()),
+        "/readyz names the worker: {body}"
+    );
+
+    let mut locker = pool.begin().await.unwrap();
+    sqlx::query("LOCK TABLE cases IN ACCESS EXCLUSIVE MODE")
+        .execute(&mut *locker)
+        .await
+        .unwrap();
+    rabbit
+        .publish_events(&[held_event(&unique("busy-ev"), "990101")])
+        .await;
+    wait_for(DEADLINE, "both connections to wait on the lock", || async {
+        let n: i64 = sqlx::query_scalar(
+            "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() \
+             AND application_name = 'holdclear' AND wait_event_type = 'Lock'",
+        )
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+        (n >= 2).then_some(())
+    })
+    .await;
+    let busy = std::time::Instant::now();
+    let mut answers = Vec::new();
+    while busy.elapsed() < Duration::from_secs(4) {
+        let (status, body) = http_get(addr, "/readyz").await;
+        if status != 200 {
+            answers.push(body);
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    locker.rollback().await.unwrap();
+    assert!(answers.is_empty(), "/readyz flapped: {answers:?}");
+
+    events
+        .until(DEADLINE, "the order to be released", |seen| {
+            seen.iter().any(|e| e.routing_key == "order.hold_released")
+        })
+        .await;
+    worker.shutdown().await.unwrap();
+    events.close().await;
+    drop(rabbit);
+}

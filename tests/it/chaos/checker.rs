@@ -202,6 +202,7 @@ pub async fn check(
                             Expect::Escalated("SMART_ACCOUNT_NOT_FOUND")
                         }
                         Some("ASSIGNMENT_LOCKED") => Expect::Escalated("ASSIGNMENT_LOCKED"),
+                        Some("RETRIES_EXHAUSTED") => Expect::Escalated("RETRIES_EXHAUSTED"),
                         _ => Expect::Escalated("other"),
                     },
                 };

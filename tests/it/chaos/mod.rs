@@ -4,6 +4,10 @@
 //! terminal event, at most one accepted assignment, every malformed input is
 //! dead-lettered once, and no case is stuck.
 //!
+//! (`panics` is the one scenario with its worker in the test process: no
+//! input a worker process can be sent makes a step panic any more, so a
+//! commerce client that panics is put in at the trait's boundary.)
+//!
 //! Disruptions touch only what belongs to the test: its worker processes,
 //! the worker's own broker connections, the test's database, its exchange.
 //! The one exception, `broker_restarted`, stops RabbitMQ for everyone and
@@ -11,7 +15,9 @@
 
 mod checker;
 mod disruptive;
+mod panics;
 mod poison;
+mod replicas;
 mod scenarios;
 mod secrets;
 
@@ -71,22 +77,49 @@ pub fn worker_env(database_url: &str, sim: &SimHandle, config: &Path) -> HashMap
 
 /// A `holdclear run` process that can be killed and started again; its
 /// stderr (JSON logs) of every start is appended to one file. Killed when
-/// dropped.
+/// dropped. An *isolated* one runs as PID 1 of a PID namespace of its own,
+/// as in a container (`unshare --pid --fork`), when the machine allows it.
 pub struct WorkerProcess {
     env: HashMap<String, String>,
     child: Option<Child>,
+    /// In a PID namespace of its own (`child` is then `unshare`).
+    isolated: bool,
     /// Where the logs go.
     pub log: PathBuf,
     /// How many times it was started.
     pub starts: usize,
 }
 
+/// Whether `unshare --pid --fork` works here (root, or user namespaces).
+pub fn pid_namespaces() -> bool {
+    static WORKS: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *WORKS.get_or_init(|| {
+        std::process::Command::new("unshare")
+            .args(["--pid", "--fork", "--kill-child", "true"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status()
+            .is_ok_and(|s| s.success())
+    })
+}
+
 impl WorkerProcess {
     /// Starts `holdclear run` with `env`.
     pub fn start(env: HashMap<String, String>, dir: &Path) -> Self {
+        Self::launch(env, dir, false)
+    }
+
+    /// Starts `holdclear run` with `env` as PID 1 of a PID namespace of its
+    /// own, if [`pid_namespaces`] work here (else as a plain process).
+    pub fn start_isolated(env: HashMap<String, String>, dir: &Path) -> Self {
+        Self::launch(env, dir, pid_namespaces())
+    }
+
+    fn launch(env: HashMap<String, String>, dir: &Path, isolated: bool) -> Self {
         let mut w = Self {
             env,
             child: None,
+            isolated,
             log: dir.join("worker.log"),
             starts: 0,
         };
@@ -100,7 +133,14 @@ impl WorkerProcess {
             .append(true)
             .open(&self.log)
             .unwrap();
-        let mut cmd = bin();
+        let mut cmd = if self.isolated {
+            let mut cmd = std::process::Command::new("unshare");
+            cmd.args(["--pid", "--fork", "--kill-child"])
+                .arg(env!("CARGO_BIN_EXE_holdclear"));
+            cmd
+        } else {
+            bin()
+        };
         cmd.arg("run")
             .env_clear()
             .envs(&self.env)
@@ -114,8 +154,37 @@ impl WorkerProcess {
         self.starts += 1;
     }
 
+    /// The process running `holdclear run` (for an isolated one, the child
+    /// of `unshare`, once it exists).
+    fn worker_pid(&self) -> Option<nix::unistd::Pid> {
+        let child = self.child.as_ref()?.id();
+        if !self.isolated {
+            return Some(nix::unistd::Pid::from_raw(child as i32));
+        }
+        let start = Instant::now();
+        while start.elapsed() < Duration::from_secs(5) {
+            let children = std::fs::read_to_string(format!("/proc/{child}/task/{child}/children"))
+                .unwrap_or_default();
+            if let Some(pid) = children.split_whitespace().next() {
+                return pid.parse().ok().map(nix::unistd::Pid::from_raw);
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        None
+    }
+
+    /// Sends `signal` to the process running `holdclear run`.
+    pub fn signal(&self, signal: nix::sys::signal::Signal) {
+        if let Some(pid) = self.worker_pid() {
+            let _ = nix::sys::signal::kill(pid, signal);
+        }
+    }
+
     /// SIGKILL, reaped.
     pub fn kill9(&mut self) {
+        if let Some(pid) = self.worker_pid() {
+            let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGKILL);
+        }
         if let Some(mut child) = self.child.take() {
             let pid = nix::unistd::Pid::from_raw(child.id() as i32);
             let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGKILL);
@@ -137,9 +206,8 @@ impl WorkerProcess {
 
     /// SIGTERM and wait for the exit (bounded); the exit code.
     pub async fn terminate(&mut self, deadline: Duration) -> Option<i32> {
+        self.signal(nix::sys::signal::Signal::SIGTERM);
         let mut child = self.child.take()?;
-        let pid = nix::unistd::Pid::from_raw(child.id() as i32);
-        let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM);
         let start = Instant::now();
         loop {
             if let Some(status) = child.try_wait().unwrap() {
