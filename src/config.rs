@@ -717,6 +717,11 @@ pub const SETTINGS: &[Setting] = &[
         "larger messages are dead-lettered",
     ),
     value(
+        "HOLDCLEAR_AMQP_CONFIRM_TIMEOUT",
+        "30s",
+        "longest wait for the broker's confirm of a dead letter or an event; then it is published again",
+    ),
+    value(
         "HOLDCLEAR_DELIVERY_LIMIT",
         "20",
         "`x-delivery-limit` of the held-order queue",
