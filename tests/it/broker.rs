@@ -105,8 +105,8 @@ async fn outbox_row(store: &holdclear::store::Store, order: &str) -> uuid::Uuid 
 /// Writes `n` escalation events (distinct ids) for a fresh case through one
 /// real step commit.
 async fn outbox_rows(store: &holdclear::store::Store, order: &str, n: u32) -> uuid::Uuid {
+    use holdclear::domain::OutboundEvent;
     use holdclear::domain::{CaseState, EscalationLevel, EscalationReason, HeldOrderEvent};
-    use holdclear::outbox::OutboundEvent;
     use holdclear::store::Recorded;
     let body = serde_json::json!({
         "specversion": "1.0", "type": "commerce.order.held.v1", "source": "/t",
