@@ -51,24 +51,34 @@ def seconds(raw: str) -> float:
 
 
 # --------------------------------------------------------------------------
-# The AMQP topology of contracts/events.md, as the worker declares it.
+# The AMQP topology of contracts/events.md, as the worker declares it
+# (src/broker/topology.rs). definitions.json holds the part that is the same
+# on every RabbitMQ version; the DLQ and the unrouted-events queue get
+# x-delivery-limit=-1 on 4.x only (on 3.x -1 would dead-letter at the first
+# return), so only the worker, which reads the broker's version, declares them.
 CONTRACT_EXCHANGES = {
-    "commerce.orders": "topic",
-    "holdclear.dlx": "fanout",
-    "holdclear.events": "topic",
+    "commerce.orders": ("topic", {}),
+    "holdclear.dlx": ("fanout", {}),
+    # No arguments: consumers declare it as the contract states; its
+    # alternate exchange comes from a policy.
+    "holdclear.events": ("topic", {}),
+    "holdclear.events.unrouted": ("fanout", {}),
 }
 CONTRACT_QUEUES = {
     "holdclear.order-held": {
         "x-queue-type": "quorum",
         "x-dead-letter-exchange": "holdclear.dlx",
         "x-delivery-limit": 20,
+        "x-dead-letter-strategy": "at-least-once",
+        "x-overflow": "reject-publish",
     },
-    "holdclear.order-held.dlq": {"x-queue-type": "quorum"},
 }
+WORKER_ONLY_QUEUES = ("holdclear.order-held.dlq", "holdclear.events.unrouted")
 CONTRACT_BINDINGS = {
     ("commerce.orders", "holdclear.order-held", "order.held"),
-    ("holdclear.dlx", "holdclear.order-held.dlq", ""),
 }
+# The users and the documented development password of each.
+DEV_PASSWORDS = {"holdclear": b"holdclear-dev", "holdclear-operator": b"holdclear-operator-dev"}
 
 
 def check_definitions() -> dict:
@@ -78,13 +88,18 @@ def check_definitions() -> dict:
 
     exchanges = {e["name"]: e for e in defs.get("exchanges", [])}
     check(set(exchanges) == set(CONTRACT_EXCHANGES), where, f"exchanges {sorted(exchanges)} differ from the contract")
-    for name, kind in CONTRACT_EXCHANGES.items():
+    for name, (kind, args) in CONTRACT_EXCHANGES.items():
         e = exchanges.get(name, {})
+        # Identical arguments, or the worker's declare fails with PRECONDITION_FAILED.
         check(e.get("type") == kind and e.get("durable") is True and e.get("auto_delete") is False
-              and not e.get("arguments"), where, f"exchange {name} must be a durable {kind} without arguments")
+              and (e.get("arguments") or {}) == args, where,
+              f"exchange {name} must be a durable {kind} with exactly the arguments {args}")
 
     queues = {q["name"]: q for q in defs.get("queues", [])}
-    check(set(queues) == set(CONTRACT_QUEUES), where, f"queues {sorted(queues)} differ from the contract")
+    check(set(queues) == set(CONTRACT_QUEUES), where, f"queues {sorted(queues)} differ from {sorted(CONTRACT_QUEUES)}")
+    for name in WORKER_ONLY_QUEUES:
+        check(name not in queues, where,
+              f"queue {name} must not be defined here: its x-delivery-limit depends on the RabbitMQ version (the worker declares it)")
     for name, args in CONTRACT_QUEUES.items():
         q = queues.get(name, {})
         # Identical arguments, or the worker's declare fails with PRECONDITION_FAILED.
@@ -95,50 +110,79 @@ def check_definitions() -> dict:
                 if b.get("destination_type") == "queue"}
     check(bindings == CONTRACT_BINDINGS, where, f"bindings {sorted(bindings)} differ from the contract")
 
-    # The delivery-limit policy: matches the held queue only, and never
-    # above the queue argument (the broker applies the smaller of the two).
+    # The held-queue policy: matches the held queue only, never a delivery
+    # limit above the queue argument (the broker applies the smaller of the
+    # two), and what a queue declared by an older holdclear lacks.
     policies = defs.get("policies", [])
+    names = list(queues) + list(exchanges) + list(WORKER_ONLY_QUEUES) + [
+        "holdclear.order-held.retry", "x.holdclear.order-held"]
     limit_policies = [p for p in policies if "delivery-limit" in p.get("definition", {})]
     if check(len(limit_policies) == 1, where, "one policy must set delivery-limit"):
         p = limit_policies[0]
-        names = list(queues) + list(exchanges) + ["holdclear.order-held.retry", "x.holdclear.order-held"]
         matched = [n for n in names if re.search(p["pattern"], n)]
-        check(matched == ["holdclear.order-held"], where, f"policy {p['name']} must match holdclear.order-held only, matches {matched}")
+        check(matched == ["holdclear.order-held"], where,
+              f"policy {p['name']} must match holdclear.order-held only (a delivery limit on the DLQ would drop messages), matches {matched}")
         check(p.get("apply-to") in ("queues", "quorum_queues"), where, f"policy {p['name']} must apply to queues")
-        check(p["definition"]["delivery-limit"] == CONTRACT_QUEUES["holdclear.order-held"]["x-delivery-limit"],
+        d = p["definition"]
+        check(d["delivery-limit"] == CONTRACT_QUEUES["holdclear.order-held"]["x-delivery-limit"],
               where, "policy delivery-limit must equal the queue's x-delivery-limit (20, HOLDCLEAR_DELIVERY_LIMIT's default)")
+        check(d.get("dead-letter-strategy") == "at-least-once" and d.get("overflow") == "reject-publish", where,
+              f"policy {p['name']} must set dead-letter-strategy at-least-once and overflow reject-publish (for queues declared before them)")
+    ae_policies = [p for p in policies if "alternate-exchange" in p.get("definition", {})]
+    if check(len(ae_policies) == 1, where, "one policy must give holdclear.events its alternate exchange"):
+        p = ae_policies[0]
+        matched = [n for n in exchanges if re.search(p["pattern"], n)]
+        check(matched == ["holdclear.events"] and p.get("apply-to") == "exchanges", where,
+              f"policy {p['name']} must apply to the exchange holdclear.events only, matches {matched}")
+        check(p["definition"]["alternate-exchange"] == "holdclear.events.unrouted", where,
+              f"policy {p['name']} must name holdclear.events.unrouted, the alternate exchange the worker declares")
 
-    # The worker's user: least privilege (see docs/deployment.md).
+    # The users: least privilege (see docs/deployment.md).
     users = {u["name"]: u for u in defs.get("users", [])}
-    check(set(users) == {"holdclear"}, where, f"only the user holdclear is defined, found {sorted(users)}")
-    u = users.get("holdclear", {})
-    check(u.get("tags") in ([], ""), where, "user holdclear must have no tags (no management or admin rights)")
-    check(u.get("hashing_algorithm") == "rabbit_password_hashing_sha256" and "password" not in u,
-          where, "user holdclear must carry a sha256 password hash, never a password")
-    # The committed hash is that of the documented development password,
-    # nothing else: base64(salt[4] + sha256(salt + password)).
-    raw = base64.b64decode(u.get("password_hash", ""))
-    check(len(raw) == 36 and hashlib.sha256(raw[:4] + b"holdclear-dev").digest() == raw[4:], where,
-          "the committed password_hash must be that of the documented dev password holdclear-dev")
-    perms = [p for p in defs.get("permissions", []) if p["user"] == "holdclear"]
-    if check(len(perms) == 1, where, "user holdclear needs exactly one permissions entry"):
-        p = perms[0]
-        expect = {
-            # (resource, configure, write, read)
+    check(set(users) == set(DEV_PASSWORDS), where, f"the users are {sorted(DEV_PASSWORDS)}, found {sorted(users)}")
+    for name, dev_password in DEV_PASSWORDS.items():
+        u = users.get(name, {})
+        check(u.get("tags") in ([], ""), where, f"user {name} must have no tags (no management or admin rights)")
+        check(u.get("hashing_algorithm") == "rabbit_password_hashing_sha256" and "password" not in u,
+              where, f"user {name} must carry a sha256 password hash, never a password")
+        # The committed hash is that of the documented development password,
+        # nothing else: base64(salt[4] + sha256(salt + password)).
+        raw = base64.b64decode(u.get("password_hash", ""))
+        check(len(raw) == 36 and hashlib.sha256(raw[:4] + dev_password).digest() == raw[4:], where,
+              f"the committed password_hash of {name} must be that of the documented dev password {dev_password.decode()}")
+    expect = {
+        # (resource, configure, write, read)
+        "holdclear": {
             "commerce.orders": (True, False, True),   # declared and bound from; never published to
             "holdclear.order-held": (True, True, True),
             "holdclear.order-held.dlq": (True, True, True),
             "holdclear.dlx": (True, True, True),
             "holdclear.events": (True, True, True),
+            "holdclear.events.unrouted": (True, True, True),
             "other.queue": (False, False, False),
             "amq.topic": (False, False, False),
             "amq.default": (False, False, False),
             "commerce.orders.other": (False, False, False),
             "xholdclear.events": (False, False, False),
-        }
-        for name, want in expect.items():
-            got = tuple(bool(re.search(p[k], name)) for k in ("configure", "write", "read"))
-            check(got == want, where, f"holdclear's configure/write/read on {name} is {got}, want {want}")
+        },
+        # holdclear dlq: reads the DLQ, replays to commerce.orders; declares nothing.
+        "holdclear-operator": {
+            "commerce.orders": (False, True, False),
+            "holdclear.order-held.dlq": (False, False, True),
+            "holdclear.order-held": (False, False, False),
+            "holdclear.dlx": (False, False, False),
+            "holdclear.events": (False, False, False),
+            "commerce.orders.other": (False, False, False),
+            "amq.default": (False, False, False),
+        },
+    }
+    for user, table in expect.items():
+        perms = [p for p in defs.get("permissions", []) if p["user"] == user]
+        if check(len(perms) == 1, where, f"user {user} needs exactly one permissions entry"):
+            p = perms[0]
+            for name, want in table.items():
+                got = tuple(bool(re.search(p[k], name)) for k in ("configure", "write", "read"))
+                check(got == want, where, f"{user}'s configure/write/read on {name} is {got}, want {want}")
 
     vhosts = {v["name"] for v in defs.get("vhosts", [])}
     for section in ("permissions", "policies", "exchanges", "queues", "bindings"):
@@ -158,6 +202,8 @@ def check_rabbitmq_conf(compose: dict) -> None:
         if check("=" in line, where, f"line {n} is not `key = value`"):
             k, v = (s.strip() for s in line.split("=", 1))
             conf[k] = v
+    check(conf.get("max_message_size") == "262144", where,
+          "max_message_size must be holdclear's payload limit, 262144 (HOLDCLEAR_MAX_PAYLOAD_BYTES's default)")
     target = conf.get("definitions.local.path")
     mounts = compose["services"]["rabbitmq"].get("volumes", [])
     mounted = {m.split(":")[1]: m.split(":")[0] for m in mounts if isinstance(m, str)}

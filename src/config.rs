@@ -282,6 +282,18 @@ impl Default for Topology {
 }
 
 impl Topology {
+    /// The alternate exchange of the events exchange (fanout): events no
+    /// queue is bound for go there. `<events_exchange>.unrouted`.
+    pub fn unrouted_exchange(&self) -> String {
+        format!("{}.unrouted", self.events_exchange)
+    }
+
+    /// The quorum queue bound to [`Self::unrouted_exchange`], where the
+    /// broker keeps those events (same name as that exchange).
+    pub fn unrouted_queue(&self) -> String {
+        self.unrouted_exchange()
+    }
+
     /// The default names with `prefix` in front of each, for tests, the demo
     /// and the benchmark, so they never touch a real setup.
     pub fn prefixed(prefix: &str) -> Self {
@@ -297,6 +309,33 @@ impl Topology {
     }
 }
 
+impl AmqpSettings {
+    /// Checks that the worst case of message bodies in flight, every
+    /// unacknowledged delivery the broker may hand over at the payload limit
+    /// (`prefetch × max_payload_bytes`), fits `memory_budget_bytes`.
+    /// [`Settings::load`] does (so every command refuses such settings at
+    /// start, exit 64); settings built otherwise, as tests do, are not held
+    /// to it unless they ask.
+    pub fn check_memory_budget(&self) -> Result<(), ConfigError> {
+        let in_flight = u64::from(self.prefetch).saturating_mul(self.max_payload_bytes as u64);
+        if in_flight <= self.memory_budget_bytes {
+            return Ok(());
+        }
+        Err(ConfigError::invalid(
+            "HOLDCLEAR_MEMORY_BUDGET",
+            format!(
+                "HOLDCLEAR_AMQP_PREFETCH ({}) × HOLDCLEAR_MAX_PAYLOAD_BYTES ({}) = {} of \
+                 message bodies in flight at worst, more than the budget of {}; lower the \
+                 prefetch or the payload limit, or raise the budget (docs/deployment.md, Memory)",
+                self.prefetch,
+                self.max_payload_bytes,
+                format_bytes(in_flight),
+                format_bytes(self.memory_budget_bytes)
+            ),
+        ))
+    }
+}
+
 /// Connection to RabbitMQ and the bounds of consuming.
 #[derive(Clone, Debug)]
 pub struct AmqpSettings {
@@ -308,6 +347,9 @@ pub struct AmqpSettings {
     pub prefetch: u16,
     /// Largest accepted message body, in bytes.
     pub max_payload_bytes: usize,
+    /// Memory allowed for message bodies in flight: `prefetch ×
+    /// max_payload_bytes` must fit (checked at start; docs/deployment.md).
+    pub memory_budget_bytes: u64,
     /// `x-delivery-limit` of the held-order queue (poison-loop guard).
     pub delivery_limit: u32,
     /// Deliveries written to the database in one transaction, at most.
@@ -320,10 +362,10 @@ pub struct AmqpSettings {
     /// CA trusted for `amqps://` besides the built-in roots.
     pub tls_ca: Option<CaFile>,
     /// Whether `holdclear run` consumes the dead-letter queue into the
-    /// `dead_letters` table (`HOLDCLEAR_DLQ_INGEST`, default true).
+    /// `dead_letters` table (`HOLDCLEAR_DLQ_INGEST`).
     pub dead_letter_ingest: bool,
     /// How long archived and replayed dead letters are kept before the
-    /// background prune deletes them (`HOLDCLEAR_DLQ_RETENTION`, default 30d).
+    /// background prune deletes them (`HOLDCLEAR_DLQ_RETENTION`).
     pub dead_letter_retention: Duration,
 }
 
@@ -459,6 +501,7 @@ struct FileSettings {
     amqp_url: Option<String>,
     amqp_prefetch: Option<u16>,
     max_payload_bytes: Option<usize>,
+    memory_budget: Option<String>,
     delivery_limit: Option<u32>,
     intake_batch: Option<usize>,
     intake_linger: Option<String>,
@@ -530,34 +573,312 @@ impl Env for HashMap<String, String> {
     }
 }
 
+/// What a setting falls back to when neither the environment nor the file
+/// sets it.
+#[derive(Clone, Copy, Debug)]
+pub enum Fallback {
+    /// This value, parsed like one that was set.
+    Value(&'static str),
+    /// Worked out at start (documented in these words).
+    Computed(&'static str),
+}
+
+/// One setting: its variable, its default and what it means. The file key
+/// is the variable without `HOLDCLEAR_`, in lower case.
+#[derive(Clone, Copy, Debug)]
+pub struct Setting {
+    /// The environment variable.
+    pub env: &'static str,
+    /// When it is set nowhere.
+    pub fallback: Fallback,
+    /// What it does, for the README.
+    pub meaning: &'static str,
+}
+
+impl Setting {
+    /// The key in the settings file.
+    pub fn file_key(&self) -> String {
+        self.env
+            .trim_start_matches("HOLDCLEAR_")
+            .to_ascii_lowercase()
+    }
+}
+
+const fn value(env: &'static str, default: &'static str, meaning: &'static str) -> Setting {
+    Setting {
+        env,
+        fallback: Fallback::Value(default),
+        meaning,
+    }
+}
+
+const fn computed(env: &'static str, default: &'static str, meaning: &'static str) -> Setting {
+    Setting {
+        env,
+        fallback: Fallback::Computed(default),
+        meaning,
+    }
+}
+
+/// Every setting, in the README's order. [`Settings::load`] takes its
+/// defaults from here and [`settings_table`] prints the README's table from
+/// it (a test keeps the README equal to it).
+pub const SETTINGS: &[Setting] = &[
+    value(
+        "HOLDCLEAR_DATABASE_URL",
+        "postgres://postgres@127.0.0.1:5432/holdclear",
+        "created if missing; `?sslmode=verify-full` for TLS",
+    ),
+    value("HOLDCLEAR_DATABASE_MAX_CONNECTIONS", "16", "pool size"),
+    value(
+        "HOLDCLEAR_DATABASE_STATEMENT_TIMEOUT",
+        "30s",
+        "PostgreSQL's `statement_timeout` of every session; a statement that runs out is retried (migrations have none)",
+    ),
+    value(
+        "HOLDCLEAR_DATABASE_LOCK_TIMEOUT",
+        "10s",
+        "PostgreSQL's `lock_timeout` of every session",
+    ),
+    value(
+        "HOLDCLEAR_DATABASE_IDLE_IN_TRANSACTION_TIMEOUT",
+        "60s",
+        "the server ends a session left idle inside a transaction (its locks go with it); longer than `HOLDCLEAR_AMQP_CONFIRM_TIMEOUT` (the relay waits for confirms inside one)",
+    ),
+    value(
+        "HOLDCLEAR_DATABASE_ACQUIRE_TIMEOUT",
+        "5s",
+        "longest wait for a pooled connection (opening one included)",
+    ),
+    value(
+        "HOLDCLEAR_AMQP_URL",
+        "amqp://guest:guest@127.0.0.1:5672/%2f",
+        "`amqps://` works too",
+    ),
+    value(
+        "HOLDCLEAR_COMMERCE_BASE_URL",
+        "http://127.0.0.1:8089",
+        "the simulator's address; `https://` unless loopback or `HOLDCLEAR_COMMERCE_ALLOW_PLAINTEXT`",
+    ),
+    computed(
+        "HOLDCLEAR_TLS_CA_FILE",
+        "none (built-in roots)",
+        "PEM bundle of a private CA trusted for AMQPS, PostgreSQL and HTTPS, besides the built-in roots",
+    ),
+    computed(
+        "HOLDCLEAR_AMQP_TLS_CA_FILE",
+        "`HOLDCLEAR_TLS_CA_FILE`",
+        "the same for RabbitMQ alone (wins over the shared one)",
+    ),
+    computed(
+        "HOLDCLEAR_DATABASE_TLS_CA_FILE",
+        "`HOLDCLEAR_TLS_CA_FILE`",
+        "the same for PostgreSQL alone",
+    ),
+    computed(
+        "HOLDCLEAR_COMMERCE_TLS_CA_FILE",
+        "`HOLDCLEAR_TLS_CA_FILE`",
+        "the same for the commerce API alone",
+    ),
+    value(
+        "HOLDCLEAR_COMMERCE_ALLOW_PLAINTEXT",
+        "false",
+        "accept `http://` commerce URLs off loopback (the client secret would travel in clear text)",
+    ),
+    computed(
+        "HOLDCLEAR_COMMERCE_TOKEN_URL",
+        "base URL + `/oauth2/default/v1/token`",
+        "the OAuth2 token endpoint",
+    ),
+    computed(
+        "HOLDCLEAR_COMMERCE_CLIENT_ID",
+        "the simulator's demo id",
+        "OAuth2 client id",
+    ),
+    computed(
+        "HOLDCLEAR_COMMERCE_CLIENT_SECRET",
+        "the simulator's demo secret",
+        "never logged or printed",
+    ),
+    value(
+        "HOLDCLEAR_COMMERCE_RATE_LIMIT",
+        "10",
+        "calls per second, all tasks of one worker together",
+    ),
+    value("HOLDCLEAR_COMMERCE_TIMEOUT", "10s", "one HTTP request"),
+    value(
+        "HOLDCLEAR_RULES",
+        "deploy/config/rules.toml",
+        "the default Smart Account rules",
+    ),
+    value(
+        "HOLDCLEAR_POLL_INTERVAL",
+        "30s",
+        "first look at the order after an assignment; doubling from there",
+    ),
+    value(
+        "HOLDCLEAR_POLL_MAX_INTERVAL",
+        "15m",
+        "longest wait between two looks",
+    ),
+    value(
+        "HOLDCLEAR_ESCALATE_AFTER",
+        "4h",
+        "`HOLD_PERSISTS` (warning); more levels in the file",
+    ),
+    value(
+        "HOLDCLEAR_RETRY_INITIAL",
+        "1s",
+        "first delay after a transient failure",
+    ),
+    value(
+        "HOLDCLEAR_RETRY_MAX_INTERVAL",
+        "5m",
+        "longest delay between two tries",
+    ),
+    value(
+        "HOLDCLEAR_RETRY_MAX_ELAPSED",
+        "1h",
+        "past this, `RETRIES_EXHAUSTED`",
+    ),
+    value("HOLDCLEAR_RETRY_MULTIPLIER", "2", "growth of that backoff"),
+    value(
+        "HOLDCLEAR_RETRY_RANDOMIZATION",
+        "0.2",
+        "jitter of that backoff",
+    ),
+    value(
+        "HOLDCLEAR_HTTP_ADDR",
+        "127.0.0.1:9090",
+        "`/healthz`, `/readyz`, `/metrics`",
+    ),
+    computed(
+        "HOLDCLEAR_LOG_FORMAT",
+        "`pretty` on a terminal, else `json`",
+        "levels with `RUST_LOG`",
+    ),
+    value(
+        "HOLDCLEAR_AMQP_PREFETCH",
+        "1024",
+        "unacknowledged deliveries at once; intake writes prefetch / `HOLDCLEAR_INTAKE_BATCH` batches at once (1 to 8)",
+    ),
+    value(
+        "HOLDCLEAR_MAX_PAYLOAD_BYTES",
+        "262144",
+        "larger messages are dead-lettered",
+    ),
+    value(
+        "HOLDCLEAR_MEMORY_BUDGET",
+        "256MiB",
+        "most memory the bodies in flight may take: prefetch × payload limit must fit (exit 64 at start otherwise)",
+    ),
+    value(
+        "HOLDCLEAR_AMQP_CONFIRM_TIMEOUT",
+        "30s",
+        "longest wait for the broker's confirm of a dead letter or an event; then it is published again",
+    ),
+    value(
+        "HOLDCLEAR_DELIVERY_LIMIT",
+        "20",
+        "`x-delivery-limit` of the held-order queue",
+    ),
+    value(
+        "HOLDCLEAR_INTAKE_BATCH",
+        "256",
+        "deliveries per intake transaction",
+    ),
+    value(
+        "HOLDCLEAR_INTAKE_LINGER",
+        "5ms",
+        "longest wait to fill an intake batch",
+    ),
+    value(
+        "HOLDCLEAR_DLQ_INGEST",
+        "true",
+        "`holdclear run` keeps every dead letter in PostgreSQL (acked after commit)",
+    ),
+    value(
+        "HOLDCLEAR_DLQ_RETENTION",
+        "30d",
+        "archived and replayed dead letters are deleted after this, 500 at a time",
+    ),
+    value(
+        "HOLDCLEAR_ENGINE_CONCURRENCY",
+        "64",
+        "cases stepped at once",
+    ),
+    value(
+        "HOLDCLEAR_ENGINE_BATCH_SIZE",
+        "128",
+        "cases claimed per query",
+    ),
+    value("HOLDCLEAR_ENGINE_LEASE", "30s", "claim lease"),
+    value(
+        "HOLDCLEAR_ENGINE_IDLE_POLL",
+        "1s",
+        "how often to look for others' work",
+    ),
+    value("HOLDCLEAR_SHUTDOWN_TIMEOUT", "20s", "drain time on SIGTERM"),
+];
+
+/// The default of `env` from [`SETTINGS`] (a setting missing there, or one
+/// without a plain default, is a bug a test finds).
+fn default_of(env: &str) -> &'static str {
+    match SETTINGS.iter().find(|s| s.env == env).map(|s| s.fallback) {
+        Some(Fallback::Value(v)) => v,
+        _ => panic!("{env} has no default value in SETTINGS"),
+    }
+}
+
+/// The README's settings table, from [`SETTINGS`].
+pub fn settings_table() -> String {
+    let mut out = String::from("| variable | file key | default | meaning |\n|---|---|---|---|\n");
+    for s in SETTINGS {
+        let default = match s.fallback {
+            Fallback::Value(v) => format!("`{v}`"),
+            Fallback::Computed(text) => text.to_owned(),
+        };
+        out.push_str(&format!(
+            "| `{}` | `{}` | {default} | {} |\n",
+            s.env,
+            s.file_key(),
+            s.meaning
+        ));
+    }
+    out
+}
+
 /// Reads one setting: environment first, then the file, then the default.
 struct Reader<'a> {
     env: &'a dyn Env,
 }
 
 impl Reader<'_> {
-    fn string(&self, env: &str, file: Option<String>, default: &str) -> String {
+    fn string(&self, env: &str, file: Option<String>) -> String {
+        self.string_or(env, file, default_of(env))
+    }
+
+    /// A setting whose default is worked out ([`Fallback::Computed`]).
+    fn string_or(&self, env: &str, file: Option<String>, default: &str) -> String {
         self.env
             .var(env)
             .or(file)
             .unwrap_or_else(|| default.to_owned())
     }
 
-    fn parsed<T: std::str::FromStr>(
-        &self,
-        env: &str,
-        file: Option<T>,
-        default: T,
-    ) -> Result<T, ConfigError>
+    fn parsed<T: std::str::FromStr>(&self, env: &str, file: Option<T>) -> Result<T, ConfigError>
     where
         T::Err: fmt::Display,
     {
-        match self.env.var(env) {
-            Some(v) => v
-                .trim()
+        let parse = |v: &str| {
+            v.trim()
                 .parse()
-                .map_err(|e| ConfigError::invalid(env, format!("{v:?}: {e}"))),
-            None => Ok(file.unwrap_or(default)),
+                .map_err(|e| ConfigError::invalid(env, format!("{v:?}: {e}")))
+        };
+        match (self.env.var(env), file) {
+            (Some(v), _) => parse(&v),
+            (None, Some(f)) => Ok(f),
+            (None, None) => parse(default_of(env)),
         }
     }
 
@@ -570,13 +891,8 @@ impl Reader<'_> {
         }
     }
 
-    fn duration(
-        &self,
-        env: &str,
-        file: Option<String>,
-        default: &str,
-    ) -> Result<Duration, ConfigError> {
-        let raw = self.string(env, file, default);
+    fn duration(&self, env: &str, file: Option<String>) -> Result<Duration, ConfigError> {
+        let raw = self.string(env, file);
         parse_duration(&raw).map_err(|reason| ConfigError::invalid(env, reason))
     }
 }
@@ -588,9 +904,12 @@ pub fn parse_duration(raw: &str) -> Result<Duration, String> {
 }
 
 impl Settings {
-    /// Reads the optional file and the process environment.
+    /// Reads the optional file and the process environment, and checks
+    /// the memory budget ([`AmqpSettings::check_memory_budget`]).
     pub fn load(file: Option<&Path>) -> Result<Self, ConfigError> {
-        Self::from_sources(file, &ProcessEnv)
+        let settings = Self::from_sources(file, &ProcessEnv)?;
+        settings.amqp.check_memory_budget()?;
+        Ok(settings)
     }
 
     /// Reads the optional file and the given environment.
@@ -614,33 +933,17 @@ impl Settings {
         Self::build(f, env)
     }
 
-    fn build(f: FileSettings, env: &dyn Env) -> Result<Self, ConfigError> {
+    fn build(mut f: FileSettings, env: &dyn Env) -> Result<Self, ConfigError> {
         let r = Reader { env };
-
-        // TLS: each dependency's own CA file wins over the shared one.
-        let shared_ca = r.ca_file("HOLDCLEAR_TLS_CA_FILE", f.tls_ca_file)?;
-        let amqp_tls_ca = r
-            .ca_file("HOLDCLEAR_AMQP_TLS_CA_FILE", f.amqp_tls_ca_file)?
-            .or_else(|| shared_ca.clone());
-        let database_tls_ca = r
-            .ca_file("HOLDCLEAR_DATABASE_TLS_CA_FILE", f.database_tls_ca_file)?
-            .or_else(|| shared_ca.clone());
-        let commerce_tls_ca = r
-            .ca_file("HOLDCLEAR_COMMERCE_TLS_CA_FILE", f.commerce_tls_ca_file)?
-            .or(shared_ca);
+        let f = &mut f;
+        let [amqp_tls_ca, database_tls_ca, commerce_tls_ca] = tls_cas(&r, f)?;
         let allow_plaintext = r.parsed(
             "HOLDCLEAR_COMMERCE_ALLOW_PLAINTEXT",
-            f.commerce_allow_plaintext,
-            false,
+            f.commerce_allow_plaintext.take(),
         )?;
-
         let database_url = SecretUrl::parse(
             "HOLDCLEAR_DATABASE_URL",
-            &r.string(
-                "HOLDCLEAR_DATABASE_URL",
-                f.database_url,
-                "postgres://postgres@127.0.0.1:5432/holdclear",
-            ),
+            &r.string("HOLDCLEAR_DATABASE_URL", f.database_url.take()),
         )?;
         if !matches!(database_url.url().scheme(), "postgres" | "postgresql")
             || database_url.url().cannot_be_a_base()
@@ -652,247 +955,25 @@ impl Settings {
         }
         let database_max_connections = r.parsed(
             "HOLDCLEAR_DATABASE_MAX_CONNECTIONS",
-            f.database_max_connections,
-            16,
+            f.database_max_connections.take(),
         )?;
         positive(
             "HOLDCLEAR_DATABASE_MAX_CONNECTIONS",
             database_max_connections as f64,
         )?;
-        let database_timeouts = DatabaseTimeouts {
-            statement: r.duration(
-                "HOLDCLEAR_DATABASE_STATEMENT_TIMEOUT",
-                f.database_statement_timeout,
-                "30s",
-            )?,
-            lock: r.duration(
-                "HOLDCLEAR_DATABASE_LOCK_TIMEOUT",
-                f.database_lock_timeout,
-                "10s",
-            )?,
-            idle_in_transaction: r.duration(
-                "HOLDCLEAR_DATABASE_IDLE_IN_TRANSACTION_TIMEOUT",
-                f.database_idle_in_transaction_timeout,
-                "60s",
-            )?,
-            acquire: r.duration(
-                "HOLDCLEAR_DATABASE_ACQUIRE_TIMEOUT",
-                f.database_acquire_timeout,
-                "5s",
-            )?,
-        };
-        for (setting, value) in [
-            (
-                "HOLDCLEAR_DATABASE_STATEMENT_TIMEOUT",
-                database_timeouts.statement,
-            ),
-            ("HOLDCLEAR_DATABASE_LOCK_TIMEOUT", database_timeouts.lock),
-            (
-                "HOLDCLEAR_DATABASE_IDLE_IN_TRANSACTION_TIMEOUT",
-                database_timeouts.idle_in_transaction,
-            ),
-            (
-                "HOLDCLEAR_DATABASE_ACQUIRE_TIMEOUT",
-                database_timeouts.acquire,
-            ),
-        ] {
-            // PostgreSQL takes whole milliseconds (0 would mean "no limit").
-            if value < Duration::from_millis(1) {
-                return Err(ConfigError::invalid(setting, "must be at least 1ms"));
-            }
-            if value > Duration::from_secs(24 * 3600) {
-                return Err(ConfigError::invalid(setting, "must be at most 24h"));
-            }
-        }
-
-        let amqp_url = SecretUrl::parse(
-            "HOLDCLEAR_AMQP_URL",
-            &r.string(
-                "HOLDCLEAR_AMQP_URL",
-                f.amqp_url,
-                "amqp://guest:guest@127.0.0.1:5672/%2f",
-            ),
-        )?;
-        // (`amqp:user:pw@host`, without `//`, is no URL with a host: lapin
-        // would repeat it whole in its error.)
-        if !matches!(amqp_url.url().scheme(), "amqp" | "amqps") || amqp_url.url().cannot_be_a_base()
-        {
-            return Err(ConfigError::invalid(
-                "HOLDCLEAR_AMQP_URL",
-                "must start with amqp:// or amqps://",
-            ));
-        }
-        let prefetch = r.parsed("HOLDCLEAR_AMQP_PREFETCH", f.amqp_prefetch, 1024)?;
-        positive("HOLDCLEAR_AMQP_PREFETCH", prefetch as f64)?;
-        let max_payload_bytes = r.parsed(
-            "HOLDCLEAR_MAX_PAYLOAD_BYTES",
-            f.max_payload_bytes,
-            256 * 1024,
-        )?;
-        positive("HOLDCLEAR_MAX_PAYLOAD_BYTES", max_payload_bytes as f64)?;
-        let delivery_limit = r.parsed("HOLDCLEAR_DELIVERY_LIMIT", f.delivery_limit, 20)?;
-        positive("HOLDCLEAR_DELIVERY_LIMIT", delivery_limit as f64)?;
-        let intake_batch = r.parsed("HOLDCLEAR_INTAKE_BATCH", f.intake_batch, 256)?;
-        positive("HOLDCLEAR_INTAKE_BATCH", intake_batch as f64)?;
-        let intake_linger = r.duration("HOLDCLEAR_INTAKE_LINGER", f.intake_linger, "5ms")?;
-        let dead_letter_ingest = r.parsed("HOLDCLEAR_DLQ_INGEST", f.dlq_ingest, true)?;
-        let dead_letter_retention =
-            r.duration("HOLDCLEAR_DLQ_RETENTION", f.dlq_retention, "30d")?;
-        let confirm_timeout = r.duration(
-            "HOLDCLEAR_AMQP_CONFIRM_TIMEOUT",
-            f.amqp_confirm_timeout,
-            "30s",
-        )?;
-        nonzero("HOLDCLEAR_AMQP_CONFIRM_TIMEOUT", confirm_timeout)?;
-        // The relay keeps its rows' transaction open while it waits for the
-        // broker's confirms: the server must not end it meanwhile.
-        if database_timeouts.idle_in_transaction <= confirm_timeout {
-            return Err(ConfigError::invalid(
-                "HOLDCLEAR_DATABASE_IDLE_IN_TRANSACTION_TIMEOUT",
-                "must be longer than HOLDCLEAR_AMQP_CONFIRM_TIMEOUT (the outbox relay holds a transaction while it waits for confirms)",
-            ));
-        }
-
-        let base_url = parse_http_url(
-            "HOLDCLEAR_COMMERCE_BASE_URL",
-            &r.string(
-                "HOLDCLEAR_COMMERCE_BASE_URL",
-                f.commerce_base_url,
-                "http://127.0.0.1:8089",
-            ),
-        )?;
-        check_commerce_url("HOLDCLEAR_COMMERCE_BASE_URL", &base_url, allow_plaintext)?;
-        let default_token = format!(
-            "{}/oauth2/default/v1/token",
-            base_url.as_str().trim_end_matches('/')
-        );
-        let token_url = parse_http_url(
-            "HOLDCLEAR_COMMERCE_TOKEN_URL",
-            &r.string(
-                "HOLDCLEAR_COMMERCE_TOKEN_URL",
-                f.commerce_token_url,
-                &default_token,
-            ),
-        )?;
-        check_commerce_url("HOLDCLEAR_COMMERCE_TOKEN_URL", &token_url, allow_plaintext)?;
-        let client_id = r.string(
-            "HOLDCLEAR_COMMERCE_CLIENT_ID",
-            f.commerce_client_id,
-            DEMO_CLIENT_ID,
-        );
-        if client_id.trim().is_empty() {
-            return Err(ConfigError::invalid(
-                "HOLDCLEAR_COMMERCE_CLIENT_ID",
-                "is empty",
-            ));
-        }
-        let client_secret = Secret::new(r.string(
-            "HOLDCLEAR_COMMERCE_CLIENT_SECRET",
-            f.commerce_client_secret,
-            DEMO_CLIENT_SECRET,
-        ));
-        if client_secret.expose().is_empty() {
-            return Err(ConfigError::invalid(
-                "HOLDCLEAR_COMMERCE_CLIENT_SECRET",
-                "is empty",
-            ));
-        }
-        let rate_limit = r.parsed("HOLDCLEAR_COMMERCE_RATE_LIMIT", f.commerce_rate_limit, 10.0)?;
-        positive("HOLDCLEAR_COMMERCE_RATE_LIMIT", rate_limit)?;
-        let request_timeout =
-            r.duration("HOLDCLEAR_COMMERCE_TIMEOUT", f.commerce_timeout, "10s")?;
-        nonzero("HOLDCLEAR_COMMERCE_TIMEOUT", request_timeout)?;
-
+        let database_timeouts = database_timeouts(&r, f)?;
+        let amqp = amqp(&r, f, amqp_tls_ca, &database_timeouts)?;
+        let commerce = commerce(&r, f, commerce_tls_ca, allow_plaintext)?;
         let rules_path = f
             .rules
+            .take()
             .map(|p| p.to_string_lossy().into_owned())
             .map(Some)
             .unwrap_or(None);
-        let rules_path =
-            PathBuf::from(r.string("HOLDCLEAR_RULES", rules_path, "deploy/config/rules.toml"));
+        let rules_path = PathBuf::from(r.string("HOLDCLEAR_RULES", rules_path));
 
-        let poll_interval = r.duration("HOLDCLEAR_POLL_INTERVAL", f.poll_interval, "30s")?;
-        nonzero("HOLDCLEAR_POLL_INTERVAL", poll_interval)?;
-        let poll_max_interval =
-            r.duration("HOLDCLEAR_POLL_MAX_INTERVAL", f.poll_max_interval, "15m")?;
-        if poll_max_interval < poll_interval {
-            return Err(ConfigError::invalid(
-                "HOLDCLEAR_POLL_MAX_INTERVAL",
-                "is shorter than HOLDCLEAR_POLL_INTERVAL",
-            ));
-        }
-        let escalate_after = r.duration("HOLDCLEAR_ESCALATE_AFTER", f.escalate_after, "4h")?;
-        nonzero("HOLDCLEAR_ESCALATE_AFTER", escalate_after)?;
-        let mut escalation = vec![EscalationThreshold {
-            after: escalate_after,
-            level: crate::domain::EscalationLevel::Warning,
-        }];
-        for (i, lvl) in f
-            .escalation_levels
-            .unwrap_or_default()
-            .into_iter()
-            .enumerate()
-        {
-            let key = format!("escalation_levels[{i}]");
-            let after = parse_duration(&lvl.after)
-                .map_err(|reason| ConfigError::invalid(&format!("{key}.after"), reason))?;
-            let level = lvl
-                .level
-                .parse()
-                .map_err(|reason| ConfigError::invalid(&format!("{key}.level"), reason))?;
-            if after <= escalation.last().map(|l| l.after).unwrap_or_default() {
-                return Err(ConfigError::invalid(
-                    &format!("{key}.after"),
-                    "must be later than HOLDCLEAR_ESCALATE_AFTER and the levels before it",
-                ));
-            }
-            escalation.push(EscalationThreshold { after, level });
-        }
-
-        let retry = RetrySettings {
-            initial: r.duration("HOLDCLEAR_RETRY_INITIAL", f.retry_initial, "1s")?,
-            max_interval: r.duration("HOLDCLEAR_RETRY_MAX_INTERVAL", f.retry_max_interval, "5m")?,
-            max_elapsed: r.duration("HOLDCLEAR_RETRY_MAX_ELAPSED", f.retry_max_elapsed, "1h")?,
-            multiplier: r.parsed("HOLDCLEAR_RETRY_MULTIPLIER", f.retry_multiplier, 2.0)?,
-            randomization: r.parsed("HOLDCLEAR_RETRY_RANDOMIZATION", f.retry_randomization, 0.2)?,
-        };
-        nonzero("HOLDCLEAR_RETRY_INITIAL", retry.initial)?;
-        if retry.max_interval < retry.initial {
-            return Err(ConfigError::invalid(
-                "HOLDCLEAR_RETRY_MAX_INTERVAL",
-                "is shorter than HOLDCLEAR_RETRY_INITIAL",
-            ));
-        }
-        nonzero("HOLDCLEAR_RETRY_MAX_ELAPSED", retry.max_elapsed)?;
-        if retry.multiplier < 1.0 || !retry.multiplier.is_finite() {
-            return Err(ConfigError::invalid(
-                "HOLDCLEAR_RETRY_MULTIPLIER",
-                "must be at least 1",
-            ));
-        }
-        if !(0.0..=1.0).contains(&retry.randomization) {
-            return Err(ConfigError::invalid(
-                "HOLDCLEAR_RETRY_RANDOMIZATION",
-                "must be between 0 and 1",
-            ));
-        }
-
-        let engine = EngineSettings {
-            poll_interval,
-            poll_max_interval,
-            escalation,
-            retry,
-            concurrency: r.parsed("HOLDCLEAR_ENGINE_CONCURRENCY", f.engine_concurrency, 64)?,
-            batch_size: r.parsed("HOLDCLEAR_ENGINE_BATCH_SIZE", f.engine_batch_size, 128)?,
-            lease: r.duration("HOLDCLEAR_ENGINE_LEASE", f.engine_lease, "30s")?,
-            idle_poll: r.duration("HOLDCLEAR_ENGINE_IDLE_POLL", f.engine_idle_poll, "1s")?,
-        };
-        positive("HOLDCLEAR_ENGINE_CONCURRENCY", engine.concurrency as f64)?;
-        positive("HOLDCLEAR_ENGINE_BATCH_SIZE", engine.batch_size as f64)?;
-        nonzero("HOLDCLEAR_ENGINE_LEASE", engine.lease)?;
-        nonzero("HOLDCLEAR_ENGINE_IDLE_POLL", engine.idle_poll)?;
-
-        let http_addr_raw = r.string("HOLDCLEAR_HTTP_ADDR", f.http_addr, "127.0.0.1:9090");
+        let engine = engine(&r, f)?;
+        let http_addr_raw = r.string("HOLDCLEAR_HTTP_ADDR", f.http_addr.take());
         let http_addr = http_addr_raw.trim().parse().map_err(|_| {
             ConfigError::invalid(
                 "HOLDCLEAR_HTTP_ADDR",
@@ -900,7 +981,51 @@ impl Settings {
             )
         })?;
 
-        let log_format = match r.env.var("HOLDCLEAR_LOG_FORMAT").or(f.log_format) {
+        let log_format = log_format(&r, f)?;
+        let shutdown_timeout =
+            r.duration("HOLDCLEAR_SHUTDOWN_TIMEOUT", f.shutdown_timeout.take())?;
+
+        Ok(Self {
+            database_url,
+            database_max_connections,
+            database_timeouts,
+            database_tls_ca,
+            amqp,
+            commerce,
+            rules_path,
+            engine,
+            http_addr,
+            log_format,
+            shutdown_timeout,
+        })
+    }
+}
+
+/// Each dependency's CA file (RabbitMQ, PostgreSQL, the commerce API): its
+/// own wins over the shared one.
+fn tls_cas(r: &Reader<'_>, f: &mut FileSettings) -> Result<[Option<CaFile>; 3], ConfigError> {
+    let shared_ca = r.ca_file("HOLDCLEAR_TLS_CA_FILE", f.tls_ca_file.take())?;
+    let amqp_tls_ca = r
+        .ca_file("HOLDCLEAR_AMQP_TLS_CA_FILE", f.amqp_tls_ca_file.take())?
+        .or_else(|| shared_ca.clone());
+    let database_tls_ca = r
+        .ca_file(
+            "HOLDCLEAR_DATABASE_TLS_CA_FILE",
+            f.database_tls_ca_file.take(),
+        )?
+        .or_else(|| shared_ca.clone());
+    let commerce_tls_ca = r
+        .ca_file(
+            "HOLDCLEAR_COMMERCE_TLS_CA_FILE",
+            f.commerce_tls_ca_file.take(),
+        )?
+        .or(shared_ca);
+    Ok([amqp_tls_ca, database_tls_ca, commerce_tls_ca])
+}
+
+fn log_format(r: &Reader<'_>, f: &mut FileSettings) -> Result<LogFormat, ConfigError> {
+    Ok(
+        match r.env.var("HOLDCLEAR_LOG_FORMAT").or(f.log_format.take()) {
             None => {
                 use std::io::IsTerminal;
                 if std::io::stderr().is_terminal() {
@@ -919,60 +1044,325 @@ impl Settings {
                     ));
                 }
             },
-        };
-        let shutdown_timeout =
-            r.duration("HOLDCLEAR_SHUTDOWN_TIMEOUT", f.shutdown_timeout, "20s")?;
+        },
+    )
+}
 
-        let topology = f.topology.unwrap_or_default();
-        for (key, name) in [
-            ("topology.orders_exchange", &topology.orders_exchange),
-            ("topology.held_routing_key", &topology.held_routing_key),
-            ("topology.held_queue", &topology.held_queue),
-            (
-                "topology.dead_letter_exchange",
-                &topology.dead_letter_exchange,
-            ),
-            ("topology.dead_letter_queue", &topology.dead_letter_queue),
-            ("topology.events_exchange", &topology.events_exchange),
-        ] {
-            if name.trim().is_empty() || name.len() > 255 {
-                return Err(ConfigError::invalid(key, "must be 1 to 255 characters"));
-            }
+/// PostgreSQL's session limits and the pool's wait.
+fn database_timeouts(
+    r: &Reader<'_>,
+    f: &mut FileSettings,
+) -> Result<DatabaseTimeouts, ConfigError> {
+    let timeouts = DatabaseTimeouts {
+        statement: r.duration(
+            "HOLDCLEAR_DATABASE_STATEMENT_TIMEOUT",
+            f.database_statement_timeout.take(),
+        )?,
+        lock: r.duration(
+            "HOLDCLEAR_DATABASE_LOCK_TIMEOUT",
+            f.database_lock_timeout.take(),
+        )?,
+        idle_in_transaction: r.duration(
+            "HOLDCLEAR_DATABASE_IDLE_IN_TRANSACTION_TIMEOUT",
+            f.database_idle_in_transaction_timeout.take(),
+        )?,
+        acquire: r.duration(
+            "HOLDCLEAR_DATABASE_ACQUIRE_TIMEOUT",
+            f.database_acquire_timeout.take(),
+        )?,
+    };
+    for (setting, value) in [
+        ("HOLDCLEAR_DATABASE_STATEMENT_TIMEOUT", timeouts.statement),
+        ("HOLDCLEAR_DATABASE_LOCK_TIMEOUT", timeouts.lock),
+        (
+            "HOLDCLEAR_DATABASE_IDLE_IN_TRANSACTION_TIMEOUT",
+            timeouts.idle_in_transaction,
+        ),
+        ("HOLDCLEAR_DATABASE_ACQUIRE_TIMEOUT", timeouts.acquire),
+    ] {
+        // PostgreSQL takes whole milliseconds (0 would mean "no limit").
+        if value < Duration::from_millis(1) {
+            return Err(ConfigError::invalid(setting, "must be at least 1ms"));
         }
+        if value > Duration::from_secs(24 * 3600) {
+            return Err(ConfigError::invalid(setting, "must be at most 24h"));
+        }
+    }
+    Ok(timeouts)
+}
 
-        Ok(Self {
-            database_url,
-            database_max_connections,
-            database_timeouts,
-            database_tls_ca,
-            amqp: AmqpSettings {
-                url: amqp_url,
-                topology,
-                prefetch,
-                max_payload_bytes,
-                delivery_limit,
-                intake_batch,
-                intake_linger,
-                confirm_timeout,
-                tls_ca: amqp_tls_ca,
-                dead_letter_ingest,
-                dead_letter_retention,
-            },
-            commerce: CommerceSettings {
-                base_url,
-                token_url,
-                client_id,
-                client_secret,
-                rate_limit,
-                request_timeout,
-                tls_ca: commerce_tls_ca,
-            },
-            rules_path,
-            engine,
-            http_addr,
-            log_format,
-            shutdown_timeout,
-        })
+fn amqp(
+    r: &Reader<'_>,
+    f: &mut FileSettings,
+    tls_ca: Option<CaFile>,
+    database: &DatabaseTimeouts,
+) -> Result<AmqpSettings, ConfigError> {
+    let amqp_url = SecretUrl::parse(
+        "HOLDCLEAR_AMQP_URL",
+        &r.string("HOLDCLEAR_AMQP_URL", f.amqp_url.take()),
+    )?;
+    // (`amqp:user:pw@host`, without `//`, is no URL with a host: lapin
+    // would repeat it whole in its error.)
+    if !matches!(amqp_url.url().scheme(), "amqp" | "amqps") || amqp_url.url().cannot_be_a_base() {
+        return Err(ConfigError::invalid(
+            "HOLDCLEAR_AMQP_URL",
+            "must start with amqp:// or amqps://",
+        ));
+    }
+    let prefetch = r.parsed("HOLDCLEAR_AMQP_PREFETCH", f.amqp_prefetch.take())?;
+    positive("HOLDCLEAR_AMQP_PREFETCH", prefetch as f64)?;
+    let max_payload_bytes = r.parsed("HOLDCLEAR_MAX_PAYLOAD_BYTES", f.max_payload_bytes.take())?;
+    positive("HOLDCLEAR_MAX_PAYLOAD_BYTES", max_payload_bytes as f64)?;
+    let memory_budget_raw = r.string("HOLDCLEAR_MEMORY_BUDGET", f.memory_budget.take());
+    let memory_budget_bytes = parse_bytes(&memory_budget_raw)
+        .map_err(|reason| ConfigError::invalid("HOLDCLEAR_MEMORY_BUDGET", reason))?;
+    let delivery_limit = r.parsed("HOLDCLEAR_DELIVERY_LIMIT", f.delivery_limit.take())?;
+    positive("HOLDCLEAR_DELIVERY_LIMIT", delivery_limit as f64)?;
+    let intake_batch = r.parsed("HOLDCLEAR_INTAKE_BATCH", f.intake_batch.take())?;
+    positive("HOLDCLEAR_INTAKE_BATCH", intake_batch as f64)?;
+    let intake_linger = r.duration("HOLDCLEAR_INTAKE_LINGER", f.intake_linger.take())?;
+    let dead_letter_ingest = r.parsed("HOLDCLEAR_DLQ_INGEST", f.dlq_ingest.take())?;
+    let dead_letter_retention = r.duration("HOLDCLEAR_DLQ_RETENTION", f.dlq_retention.take())?;
+    let confirm_timeout = r.duration(
+        "HOLDCLEAR_AMQP_CONFIRM_TIMEOUT",
+        f.amqp_confirm_timeout.take(),
+    )?;
+    nonzero("HOLDCLEAR_AMQP_CONFIRM_TIMEOUT", confirm_timeout)?;
+    // The relay keeps its rows' transaction open while it waits for the
+    // broker's confirms: the server must not end it meanwhile.
+    if database.idle_in_transaction <= confirm_timeout {
+        return Err(ConfigError::invalid(
+            "HOLDCLEAR_DATABASE_IDLE_IN_TRANSACTION_TIMEOUT",
+            "must be longer than HOLDCLEAR_AMQP_CONFIRM_TIMEOUT (the outbox relay holds a transaction while it waits for confirms)",
+        ));
+    }
+
+    let topology = f.topology.take().unwrap_or_default();
+    for (key, name) in [
+        ("topology.orders_exchange", &topology.orders_exchange),
+        ("topology.held_routing_key", &topology.held_routing_key),
+        ("topology.held_queue", &topology.held_queue),
+        (
+            "topology.dead_letter_exchange",
+            &topology.dead_letter_exchange,
+        ),
+        ("topology.dead_letter_queue", &topology.dead_letter_queue),
+        ("topology.events_exchange", &topology.events_exchange),
+    ] {
+        if name.trim().is_empty() || name.len() > 255 {
+            return Err(ConfigError::invalid(key, "must be 1 to 255 characters"));
+        }
+    }
+
+    Ok(AmqpSettings {
+        url: amqp_url,
+        topology,
+        prefetch,
+        max_payload_bytes,
+        memory_budget_bytes,
+        delivery_limit,
+        intake_batch,
+        intake_linger,
+        confirm_timeout,
+        tls_ca,
+        dead_letter_ingest,
+        dead_letter_retention,
+    })
+}
+
+fn commerce(
+    r: &Reader<'_>,
+    f: &mut FileSettings,
+    tls_ca: Option<CaFile>,
+    allow_plaintext: bool,
+) -> Result<CommerceSettings, ConfigError> {
+    let base_url = parse_http_url(
+        "HOLDCLEAR_COMMERCE_BASE_URL",
+        &r.string("HOLDCLEAR_COMMERCE_BASE_URL", f.commerce_base_url.take()),
+    )?;
+    check_commerce_url("HOLDCLEAR_COMMERCE_BASE_URL", &base_url, allow_plaintext)?;
+    let default_token = format!(
+        "{}/oauth2/default/v1/token",
+        base_url.as_str().trim_end_matches('/')
+    );
+    let token_url = parse_http_url(
+        "HOLDCLEAR_COMMERCE_TOKEN_URL",
+        &r.string_or(
+            "HOLDCLEAR_COMMERCE_TOKEN_URL",
+            f.commerce_token_url.take(),
+            &default_token,
+        ),
+    )?;
+    check_commerce_url("HOLDCLEAR_COMMERCE_TOKEN_URL", &token_url, allow_plaintext)?;
+    let client_id = r.string_or(
+        "HOLDCLEAR_COMMERCE_CLIENT_ID",
+        f.commerce_client_id.take(),
+        DEMO_CLIENT_ID,
+    );
+    if client_id.trim().is_empty() {
+        return Err(ConfigError::invalid(
+            "HOLDCLEAR_COMMERCE_CLIENT_ID",
+            "is empty",
+        ));
+    }
+    let client_secret = Secret::new(r.string_or(
+        "HOLDCLEAR_COMMERCE_CLIENT_SECRET",
+        f.commerce_client_secret.take(),
+        DEMO_CLIENT_SECRET,
+    ));
+    if client_secret.expose().is_empty() {
+        return Err(ConfigError::invalid(
+            "HOLDCLEAR_COMMERCE_CLIENT_SECRET",
+            "is empty",
+        ));
+    }
+    let rate_limit = r.parsed(
+        "HOLDCLEAR_COMMERCE_RATE_LIMIT",
+        f.commerce_rate_limit.take(),
+    )?;
+    positive("HOLDCLEAR_COMMERCE_RATE_LIMIT", rate_limit)?;
+    let request_timeout = r.duration("HOLDCLEAR_COMMERCE_TIMEOUT", f.commerce_timeout.take())?;
+    nonzero("HOLDCLEAR_COMMERCE_TIMEOUT", request_timeout)?;
+
+    Ok(CommerceSettings {
+        base_url,
+        token_url,
+        client_id,
+        client_secret,
+        rate_limit,
+        request_timeout,
+        tls_ca,
+    })
+}
+
+fn engine(r: &Reader<'_>, f: &mut FileSettings) -> Result<EngineSettings, ConfigError> {
+    let poll_interval = r.duration("HOLDCLEAR_POLL_INTERVAL", f.poll_interval.take())?;
+    nonzero("HOLDCLEAR_POLL_INTERVAL", poll_interval)?;
+    let poll_max_interval =
+        r.duration("HOLDCLEAR_POLL_MAX_INTERVAL", f.poll_max_interval.take())?;
+    if poll_max_interval < poll_interval {
+        return Err(ConfigError::invalid(
+            "HOLDCLEAR_POLL_MAX_INTERVAL",
+            "is shorter than HOLDCLEAR_POLL_INTERVAL",
+        ));
+    }
+    let escalate_after = r.duration("HOLDCLEAR_ESCALATE_AFTER", f.escalate_after.take())?;
+    nonzero("HOLDCLEAR_ESCALATE_AFTER", escalate_after)?;
+    let escalation = escalation(escalate_after, f.escalation_levels.take())?;
+    let retry = RetrySettings {
+        initial: r.duration("HOLDCLEAR_RETRY_INITIAL", f.retry_initial.take())?,
+        max_interval: r.duration("HOLDCLEAR_RETRY_MAX_INTERVAL", f.retry_max_interval.take())?,
+        max_elapsed: r.duration("HOLDCLEAR_RETRY_MAX_ELAPSED", f.retry_max_elapsed.take())?,
+        multiplier: r.parsed("HOLDCLEAR_RETRY_MULTIPLIER", f.retry_multiplier.take())?,
+        randomization: r.parsed(
+            "HOLDCLEAR_RETRY_RANDOMIZATION",
+            f.retry_randomization.take(),
+        )?,
+    };
+    nonzero("HOLDCLEAR_RETRY_INITIAL", retry.initial)?;
+    if retry.max_interval < retry.initial {
+        return Err(ConfigError::invalid(
+            "HOLDCLEAR_RETRY_MAX_INTERVAL",
+            "is shorter than HOLDCLEAR_RETRY_INITIAL",
+        ));
+    }
+    nonzero("HOLDCLEAR_RETRY_MAX_ELAPSED", retry.max_elapsed)?;
+    if retry.multiplier < 1.0 || !retry.multiplier.is_finite() {
+        return Err(ConfigError::invalid(
+            "HOLDCLEAR_RETRY_MULTIPLIER",
+            "must be at least 1",
+        ));
+    }
+    if !(0.0..=1.0).contains(&retry.randomization) {
+        return Err(ConfigError::invalid(
+            "HOLDCLEAR_RETRY_RANDOMIZATION",
+            "must be between 0 and 1",
+        ));
+    }
+
+    let engine = EngineSettings {
+        poll_interval,
+        poll_max_interval,
+        escalation,
+        retry,
+        concurrency: r.parsed("HOLDCLEAR_ENGINE_CONCURRENCY", f.engine_concurrency.take())?,
+        batch_size: r.parsed("HOLDCLEAR_ENGINE_BATCH_SIZE", f.engine_batch_size.take())?,
+        lease: r.duration("HOLDCLEAR_ENGINE_LEASE", f.engine_lease.take())?,
+        idle_poll: r.duration("HOLDCLEAR_ENGINE_IDLE_POLL", f.engine_idle_poll.take())?,
+    };
+    positive("HOLDCLEAR_ENGINE_CONCURRENCY", engine.concurrency as f64)?;
+    positive("HOLDCLEAR_ENGINE_BATCH_SIZE", engine.batch_size as f64)?;
+    nonzero("HOLDCLEAR_ENGINE_LEASE", engine.lease)?;
+    nonzero("HOLDCLEAR_ENGINE_IDLE_POLL", engine.idle_poll)?;
+
+    Ok(engine)
+}
+
+/// `HOLDCLEAR_ESCALATE_AFTER` (warning) and the file's later levels.
+fn escalation(
+    escalate_after: Duration,
+    levels: Option<Vec<FileEscalationLevel>>,
+) -> Result<Vec<EscalationThreshold>, ConfigError> {
+    let mut escalation = vec![EscalationThreshold {
+        after: escalate_after,
+        level: crate::domain::EscalationLevel::Warning,
+    }];
+    for (i, lvl) in levels.unwrap_or_default().into_iter().enumerate() {
+        let key = format!("escalation_levels[{i}]");
+        let after = parse_duration(&lvl.after)
+            .map_err(|reason| ConfigError::invalid(&format!("{key}.after"), reason))?;
+        let level = lvl
+            .level
+            .parse()
+            .map_err(|reason| ConfigError::invalid(&format!("{key}.level"), reason))?;
+        if after <= escalation.last().map(|l| l.after).unwrap_or_default() {
+            return Err(ConfigError::invalid(
+                &format!("{key}.after"),
+                "must be later than HOLDCLEAR_ESCALATE_AFTER and the levels before it",
+            ));
+        }
+        escalation.push(EscalationThreshold { after, level });
+    }
+
+    Ok(escalation)
+}
+
+/// Parses a size: bytes (`262144`) or with a binary unit (`256KiB`,
+/// `256MiB`, `1GiB`; a space before the unit is fine).
+pub fn parse_bytes(raw: &str) -> Result<u64, String> {
+    let t = raw.trim();
+    let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
+    let (digits, unit) = t.split_at(split);
+    let n: u64 = digits
+        .parse()
+        .map_err(|_| format!("{raw:?} is not a size like 262144, 256KiB, 256MiB or 1GiB"))?;
+    let factor: u64 = match unit.trim() {
+        "" | "B" => 1,
+        "KiB" => 1 << 10,
+        "MiB" => 1 << 20,
+        "GiB" => 1 << 30,
+        other => {
+            return Err(format!(
+                "{raw:?}: unknown unit {other:?} (use B, KiB, MiB or GiB)"
+            ));
+        }
+    };
+    n.checked_mul(factor)
+        .filter(|b| *b > 0)
+        .ok_or_else(|| format!("{raw:?} must be greater than 0 and below 16 EiB"))
+}
+
+/// A size as a person reads it: `256 KiB`, `1 GiB`, or bytes.
+pub fn format_bytes(n: u64) -> String {
+    for (unit, size) in [("GiB", 1u64 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)] {
+        if n >= size && n.is_multiple_of(size) {
+            return format!("{} {unit}", n / size);
+        }
+    }
+    if n >= 1 << 20 {
+        format!("{:.1} MiB", n as f64 / f64::from(1u32 << 20))
+    } else {
+        format!("{n} bytes")
     }
 }
 
@@ -1056,6 +1446,34 @@ mod tests {
         Settings::from_sources(None, &env)
     }
 
+    /// The README's settings table is [`settings_table`]: the docs cannot
+    /// drift from the defaults the code uses.
+    #[test]
+    fn the_readme_settings_table_is_the_rendered_table() {
+        let readme = include_str!("../README.md");
+        let start = readme
+            .find("| variable | file key |")
+            .expect("the README has a settings table");
+        let end = readme[start..]
+            .find("\n\n")
+            .map_or(readme.len(), |n| start + n + 1);
+        assert_eq!(
+            &readme[start..end],
+            settings_table(),
+            "run `cargo test -p holdclear config::tests::print_settings_table -- --nocapture` and paste"
+        );
+        for s in SETTINGS {
+            if let Fallback::Value(_) = s.fallback {
+                default_of(s.env);
+            }
+        }
+    }
+
+    #[test]
+    fn print_settings_table() {
+        println!("{}", settings_table());
+    }
+
     #[test]
     fn defaults_work_on_localhost() {
         let s = with(&[]).unwrap();
@@ -1127,6 +1545,56 @@ mod tests {
             let err = with(&[(name, value)]).unwrap_err().to_string();
             assert!(err.contains(name), "{name}={value}: {err}");
         }
+    }
+
+    #[test]
+    fn bodies_in_flight_must_fit_the_memory_budget() {
+        // The defaults fit: 1024 × 256 KiB = 256 MiB.
+        let checked = |vars: &[(&str, &str)]| with(vars)?.amqp.check_memory_budget();
+        let s = with(&[]).unwrap();
+        assert_eq!(s.amqp.memory_budget_bytes, 256 << 20);
+        s.amqp.check_memory_budget().unwrap();
+        let err = checked(&[("HOLDCLEAR_AMQP_PREFETCH", "2048")])
+            .unwrap_err()
+            .to_string();
+        for named in [
+            "HOLDCLEAR_MEMORY_BUDGET",
+            "HOLDCLEAR_AMQP_PREFETCH (2048)",
+            "HOLDCLEAR_MAX_PAYLOAD_BYTES (262144)",
+            "512 MiB",
+            "256 MiB",
+        ] {
+            assert!(err.contains(named), "{named}: {err}");
+        }
+        checked(&[
+            ("HOLDCLEAR_AMQP_PREFETCH", "2048"),
+            ("HOLDCLEAR_MEMORY_BUDGET", "512MiB"),
+        ])
+        .unwrap();
+        checked(&[
+            ("HOLDCLEAR_AMQP_PREFETCH", "2048"),
+            ("HOLDCLEAR_MAX_PAYLOAD_BYTES", "131072"),
+        ])
+        .unwrap();
+    }
+
+    #[test]
+    fn sizes_parse_with_binary_units() {
+        let cases = [
+            ("262144", Some(262_144)),
+            ("256KiB", Some(262_144)),
+            ("256 MiB", Some(256 << 20)),
+            ("1GiB", Some(1 << 30)),
+            ("1GB", None),
+            ("0", None),
+            ("lots", None),
+        ];
+        for (raw, want) in cases {
+            assert_eq!(parse_bytes(raw).ok(), want, "{raw}");
+        }
+        assert_eq!(format_bytes(1 << 30), "1 GiB");
+        assert_eq!(format_bytes(256 << 10), "256 KiB");
+        assert_eq!(format_bytes(1000), "1000 bytes");
     }
 
     #[test]

@@ -399,6 +399,8 @@ fn write_config(
          database_max_connections = {conns}\n\
          amqp_url = {amqp:?}\n\
          amqp_prefetch = {prefetch}\n\
+         max_payload_bytes = {payload}\n\
+         memory_budget = \"{budget}\"\n\
          intake_batch = {batch}\n\
          intake_linger = {linger:?}\n\
          delivery_limit = {limit}\n\
@@ -429,6 +431,8 @@ fn write_config(
         conns = DATABASE_CONNECTIONS,
         amqp = s.amqp.url.expose(),
         prefetch = s.amqp.prefetch,
+        payload = s.amqp.max_payload_bytes,
+        budget = s.amqp.memory_budget_bytes,
         batch = s.amqp.intake_batch,
         linger = ms(s.amqp.intake_linger),
         limit = s.amqp.delivery_limit,

@@ -103,7 +103,7 @@ pub async fn against_broker(
     .await?;
     bar.finish_and_clear();
     let bar = b.bar(n, "1. intake: consumer + intake (commit, ack)");
-    b.store.bench_checkpoint().await;
+    b.tables().checkpoint().await;
     let reset = memory::reset_peak();
     let intake_time = run_intake(b, n, &|d| bar.set_position(d)).await?;
     let peak = if reset {
@@ -176,7 +176,7 @@ async fn run_intake(b: &Bench, n: u64, progress: &dyn Fn(u64)) -> Result<Duratio
             let ready = broker::bench::queue_counts(&conn, queue).await?.ready;
             let mut done = n.saturating_sub(u64::from(ready));
             if ready == 0 {
-                done = b.store.bench_inbox_count().await?.max(0) as u64;
+                done = b.tables().inbox_count().await?.max(0) as u64;
                 if done >= n {
                     break Ok(started.elapsed());
                 }
@@ -235,8 +235,8 @@ pub async fn against_database(
                 .collect::<Result<Vec<_>, _>>()?
         }
     };
-    b.store.bench_truncate().await?;
-    b.store.bench_checkpoint().await;
+    b.tables().truncate().await?;
+    b.tables().checkpoint().await;
     let batch = b.settings.amqp.intake_batch.max(1);
     let bar = b.bar(n, "2. database: intake's statement, directly");
     let started = Instant::now();

@@ -32,6 +32,7 @@ use crate::broker::PublishError;
 use crate::broker::bench::DrainError;
 use crate::config::Settings;
 use crate::sim::SimError;
+use crate::store::bench::BenchTables;
 use crate::store::{Store, StoreError};
 
 /// Why the benchmark could not finish.
@@ -203,6 +204,11 @@ pub struct Bench {
 }
 
 impl Bench {
+    /// The statements only the benchmark runs, on the run's database.
+    pub(crate) fn tables(&self) -> BenchTables {
+        BenchTables::new(&self.store)
+    }
+
     /// Empties the bench's tables and held queue, and opens a connection
     /// with a confirm-mode publisher on the declared topology: the start of
     /// every section that publishes held orders.
@@ -211,13 +217,14 @@ impl Bench {
         role: &str,
     ) -> Result<(crate::broker::Connection, crate::broker::Publisher), BenchError> {
         let topology = &self.settings.amqp.topology;
-        self.store.bench_truncate().await?;
-        self.store.bench_checkpoint().await;
+        self.tables().truncate().await?;
+        self.tables().checkpoint().await;
         let broker = crate::broker::Broker::from_settings(&self.settings.amqp, "holdclear bench");
         let conn = broker.connect(role).await?;
         let publisher = crate::broker::Publisher::open(&conn).await?;
         crate::broker::declare_topology(
-            publisher.channel(),
+            &broker,
+            &conn,
             topology,
             self.settings.amqp.delivery_limit,
         )
@@ -306,8 +313,8 @@ async fn machine(store: &Store) -> Machine {
             .map(|n| n.get())
             .unwrap_or(1),
         memory_mib: memory::mem_total_mib(),
-        postgresql: store
-            .bench_server_version()
+        postgresql: BenchTables::new(store)
+            .server_version()
             .await
             .unwrap_or_else(|e| format!("unknown ({e})")),
         rabbitmq: rabbitmq_version().await,
@@ -335,16 +342,12 @@ async fn rabbitmq_version() -> Option<String> {
 /// Latency percentiles, milliseconds.
 #[derive(Clone, Debug, Default, Serialize)]
 #[serde(rename_all = "camelCase")]
+#[allow(missing_docs)] // the number of samples and the usual percentiles
 pub struct Percentiles {
-    /// Samples.
     pub samples: usize,
-    /// Median.
     pub p50: f64,
-    /// 95th percentile.
     pub p95: f64,
-    /// 99th percentile.
     pub p99: f64,
-    /// Largest.
     pub max: f64,
 }
 

@@ -59,7 +59,7 @@ pub struct Claims {
 
 /// Runs section 4.
 pub async fn run(b: &Bench) -> Result<Watching, BenchError> {
-    b.store.bench_truncate().await?;
+    b.tables().truncate().await?;
     let event = serde_json::to_value(load::decoded(&load::held_body(
         "watch",
         4_000_000_000,
@@ -72,11 +72,11 @@ pub async fn run(b: &Bench) -> Result<Watching, BenchError> {
     let (offset, spread) = (Duration::from_secs(3600), Duration::from_secs(6 * 3600));
 
     let bar = b.bar(SMALL, "4. seeding watched cases");
-    b.store
-        .bench_seed_watching(0, SMALL as i64, &event, start, offset, spread)
+    b.tables()
+        .seed_watching(0, SMALL as i64, &event, start, offset, spread)
         .await?;
-    b.store.bench_analyze().await?;
-    b.store.bench_checkpoint().await;
+    b.tables().analyze().await?;
+    b.tables().checkpoint().await;
     bar.finish_and_clear();
     let small = claims(b, SMALL, "4. claims, few waiting").await?;
 
@@ -86,26 +86,26 @@ pub async fn run(b: &Bench) -> Result<Watching, BenchError> {
     let mut seeded = SMALL;
     while seeded < large {
         let take = (large - seeded).min(SEED_CHUNK);
-        b.store
-            .bench_seed_watching(seeded as i64, take as i64, &event, start, offset, spread)
+        b.tables()
+            .seed_watching(seeded as i64, take as i64, &event, start, offset, spread)
             .await?;
         seeded += take;
         bar.set_position(seeded);
     }
-    b.store.bench_analyze().await?;
-    b.store.bench_checkpoint().await;
+    b.tables().analyze().await?;
+    b.tables().checkpoint().await;
     let seed_seconds = seeding.elapsed().as_secs_f64();
     bar.finish_and_clear();
     let large = claims(b, large, "4. claims, many waiting").await?;
 
-    let plan = b.store.bench_explain_claim(DUE).await?;
+    let plan = b.tables().explain_claim(DUE).await?;
     let plan_uses_cases_due = plan.iter().any(|l| l.contains("cases_due"));
     let growth = if small.per_case_us > 0.0 {
         large.per_case_us / small.per_case_us
     } else {
         0.0
     };
-    b.store.bench_truncate().await?;
+    b.tables().truncate().await?;
     Ok(Watching {
         small,
         large,
@@ -123,7 +123,7 @@ async fn claims(b: &Bench, waiting: u64, label: &str) -> Result<Claims, BenchErr
     let mut times = Vec::with_capacity(CLAIMS);
     let mut claimed = 0usize;
     for i in 0..CLAIMS {
-        b.store.bench_make_due(DUE).await?;
+        b.tables().make_due(DUE).await?;
         let started = Instant::now();
         let got = b
             .store

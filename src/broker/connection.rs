@@ -4,11 +4,14 @@
 //! error to the loop that owns it, which reconnects through [`Broker`] and
 //! declares its channels again. That keeps recovery explicit and testable.
 
+use std::sync::Arc;
+
 use lapin::tcp::OwnedTLSConfig;
 use lapin::{Connection, ConnectionProperties};
+use tokio::sync::OnceCell;
 use tokio_util::sync::CancellationToken;
 
-use super::BrokerError;
+use super::{BrokerError, Endpoint, ServerVersion};
 use crate::config::{AmqpSettings, CaFile, SecretUrl};
 use crate::retry::Reconnect;
 
@@ -18,6 +21,9 @@ pub struct Broker {
     url: SecretUrl,
     name: String,
     tls_ca: Option<CaFile>,
+    /// The broker's version once read, shared by the clones: read once per
+    /// process (each read is a connection RabbitMQ logs as a WARNING).
+    server: Arc<OnceCell<ServerVersion>>,
 }
 
 impl Broker {
@@ -29,6 +35,7 @@ impl Broker {
             url,
             name: name.into(),
             tls_ca: None,
+            server: Arc::default(),
         }
     }
 
@@ -44,6 +51,15 @@ impl Broker {
     pub fn with_tls_ca(mut self, ca: Option<CaFile>) -> Self {
         self.tls_ca = ca;
         self
+    }
+
+    /// Which broker this is (see [`super::server`]); read at the first
+    /// call, then remembered. A failed read is tried again next time.
+    pub async fn server_version(&self) -> Result<ServerVersion, BrokerError> {
+        self.server
+            .get_or_try_init(|| super::server::probe(&self.url, self.tls_ca.as_ref()))
+            .await
+            .cloned()
     }
 
     /// The connection name prefix.
@@ -73,9 +89,12 @@ impl Broker {
     }
 
     /// A failed attempt; a TLS failure says which CA was trusted.
-    fn connect_error(&self, e: lapin::Error) -> BrokerError {
-        if self.url.url().scheme() != "amqps" || !is_tls_failure(&e) {
-            return e.into();
+    fn connect_error(&self, error: lapin::Error) -> BrokerError {
+        if self.url.url().scheme() != "amqps" || !is_tls_failure(&error) {
+            return BrokerError::Connect {
+                endpoint: Box::new(Endpoint::of(&self.url)),
+                error,
+            };
         }
         BrokerError::Tls {
             trusted: match &self.tls_ca {
@@ -84,7 +103,7 @@ impl Broker {
                          HOLDCLEAR_TLS_CA_FILE)"
                     .to_owned(),
             },
-            source: e,
+            source: error,
         }
     }
 

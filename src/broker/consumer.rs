@@ -21,6 +21,7 @@ use lapin::{BasicProperties, Channel, Connection};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
+use super::error::{During, Operation};
 use super::{Broker, BrokerError, Publisher, declare_topology};
 use crate::config::Topology;
 use crate::ops::health::Health;
@@ -338,11 +339,11 @@ impl Consumer {
         id: u64,
     ) -> Result<(Arc<Session>, lapin::Consumer), BrokerError> {
         let topology = &self.settings.topology;
+        declare_topology(&self.broker, conn, topology, self.settings.delivery_limit).await?;
         let channel = conn.create_channel().await?;
         channel
             .basic_qos(self.settings.prefetch, BasicQosOptions::default())
             .await?;
-        declare_topology(&channel, topology, self.settings.delivery_limit).await?;
         let publisher = Publisher::open(conn).await?;
         let consumer = channel
             .basic_consume(
@@ -351,7 +352,10 @@ impl Consumer {
                 BasicConsumeOptions::default(),
                 FieldTable::default(),
             )
-            .await?;
+            .await
+            .during(|| Operation::Read {
+                queue: topology.held_queue.clone(),
+            })?;
         let session = Arc::new(Session {
             id,
             channel,

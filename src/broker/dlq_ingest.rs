@@ -98,7 +98,7 @@ impl DeadLetterIngest {
             .basic_qos(self.prefetch, BasicQosOptions::default())
             .await
             .map_err(|e| BrokerError::from(e).to_string())?;
-        declare_topology(&channel, &self.topology, self.delivery_limit)
+        declare_topology(&self.broker, conn, &self.topology, self.delivery_limit)
             .await
             .map_err(|e| e.to_string())?;
         let mut consumer = channel

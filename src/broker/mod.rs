@@ -2,7 +2,10 @@
 //!
 //! - [`bench`]: the benchmark's broker limit (an ack-only consumer), queue counts, purge.
 //! - [`connection`]: connecting, with a named connection and a reconnect loop.
-//! - [`topology`]: the exchanges and queues of the event contract, declared idempotently.
+//! - [`error`]: broker failures explained for a person: what failed, why, what to do.
+//! - [`topology`]: the exchanges and queues of the event contract, declared idempotently,
+//!   so that no RabbitMQ version drops a message on its own; older ones kept and reported.
+//! - [`server`]: which RabbitMQ the broker is (its `connection.start` properties).
 //! - [`dlq_ingest`]: consuming the dead-letter queue into the store, ack after commit.
 //! - [`dlq`]: operators' view of the dead-letter queue: browse, replay, purge.
 //! - [`replay`]: sending stored dead letters back, one confirmed message at a time.
@@ -17,8 +20,10 @@ pub mod consumer;
 pub mod dead_letter;
 pub mod dlq;
 pub mod dlq_ingest;
+pub mod error;
 pub mod publisher;
 pub mod replay;
+pub mod server;
 pub mod subscription;
 pub mod topology;
 
@@ -27,26 +32,10 @@ pub use connection::Broker;
 pub type Connection = lapin::Connection;
 pub use consumer::{Acknowledged, Closing, Consumer, ConsumerSettings, Delivery, acknowledge};
 pub use dead_letter::dead_letter;
+pub use error::{BrokerError, Endpoint, Operation};
 pub use publisher::{OutgoingMessage, PublishError, Publisher};
+pub use server::ServerVersion;
 pub use subscription::{Received, Subscription, close};
-pub use topology::{declare_topology, delete_topology};
-
-/// What went wrong talking to RabbitMQ.
-#[derive(Debug, thiserror::Error)]
-pub enum BrokerError {
-    /// The connection or channel failed, or the broker refused an operation.
-    #[error("RabbitMQ: {0}")]
-    Amqp(#[from] lapin::Error),
-    /// Shutdown was requested while waiting for the broker.
-    #[error("cancelled while connecting to RabbitMQ")]
-    Cancelled,
-    /// The TLS handshake of an `amqps://` connection failed: the server's
-    /// certificate is not trusted or does not name the URL's host.
-    #[error("RabbitMQ: TLS failed ({source}); trusted: {trusted}")]
-    Tls {
-        /// lapin's error, with rustls's reason.
-        source: lapin::Error,
-        /// Which roots were trusted.
-        trusted: String,
-    },
-}
+pub use topology::{
+    Declared, Outdated, declare_topology, declare_topology_for, delete_topology, ready_messages,
+};

@@ -79,6 +79,14 @@ impl Publisher {
         self.channel.status().connected()
     }
 
+    /// Closes the channel, bounded (see [`super::topology::close_channel`]):
+    /// for a publisher given up on, e.g. after its confirms did not come in
+    /// time, before another is opened. Confirms still outstanding are lost
+    /// with it; the caller has already counted those messages as failed.
+    pub async fn close(&self, reason: &str) {
+        super::topology::close_channel(&self.channel, reason).await;
+    }
+
     /// Publishes one message and waits for its confirm.
     pub async fn publish(&self, exchange: &str, msg: &OutgoingMessage) -> Result<(), PublishError> {
         let mut results = self.publish_all(exchange, std::slice::from_ref(msg)).await;

@@ -1,28 +1,26 @@
 //! Sending stored dead letters back: one message at a time, with confirms
 //! and `mandatory`, its properties as they were received minus the
-//! dead-letter headers, `x-holdclear-replayed` counted up. An exchange that
-//! does not exist fails that message with a clear reason (checked on a
-//! channel of its own, which the broker closes) and the next one goes on.
+//! dead-letter headers (holdclear's and RabbitMQ's `x-death`),
+//! `x-holdclear-replayed` counted up. An exchange that does not exist fails
+//! that message with a clear reason (the broker closes only the channel)
+//! and the next one goes on; a refusal of the user stops the operation.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 use std::time::Duration;
 
-use lapin::options::ExchangeDeclareOptions;
+use lapin::Connection;
 use lapin::types::{AMQPValue, FieldTable, ShortString};
-use lapin::{Connection, ExchangeKind};
 use serde_json::Value;
 
-use super::dlq::{
-    ERROR_CODE, ERROR_DETAIL, FAILED_AT, ORIGINAL_EXCHANGE, ORIGINAL_ROUTING_KEY, REPLAYED,
-};
+use super::dlq::{DEAD_LETTER_HEADERS, REPLAYED};
 use super::dlq_ingest::properties_from_raw;
-use super::{Broker, BrokerError, PublishError, Publisher};
+use super::{Broker, BrokerError, Operation, PublishError, Publisher};
 
 /// Why one message could not be sent; the operation goes on.
 #[derive(Debug, thiserror::Error)]
 pub enum SendError {
     /// The exchange does not exist (or may not be used).
-    #[error("exchange {0:?} does not exist or cannot be used: {1}")]
+    #[error("exchange {0:?} does not exist: {1}")]
     NoExchange(String, String),
     /// The broker returned, nacked or did not confirm it.
     #[error("{0}")]
@@ -36,7 +34,6 @@ pub enum SendError {
 pub struct Replayer {
     conn: Connection,
     publisher: Publisher,
-    exchanges: HashMap<String, Result<(), String>>,
     confirm_timeout: Duration,
 }
 
@@ -48,7 +45,6 @@ impl Replayer {
         Ok(Self {
             conn,
             publisher,
-            exchanges: HashMap::new(),
             confirm_timeout,
         })
     }
@@ -62,13 +58,6 @@ impl Replayer {
         body: &[u8],
         raw_properties: &Value,
     ) -> Result<(), SendError> {
-        if !self.exchanges.contains_key(exchange) {
-            let checked = self.check_exchange(exchange).await?;
-            self.exchanges.insert(exchange.to_owned(), checked);
-        }
-        if let Some(Err(reason)) = self.exchanges.get(exchange) {
-            return Err(SendError::NoExchange(exchange.to_owned(), reason.clone()));
-        }
         let props = properties_from_raw(raw_properties);
         let mut headers: BTreeMap<ShortString, AMQPValue> = props
             .headers()
@@ -80,13 +69,7 @@ impl Replayer {
             Some(AMQPValue::LongInt(n)) => i64::from(*n),
             _ => 0,
         };
-        for name in [
-            ERROR_CODE,
-            ERROR_DETAIL,
-            FAILED_AT,
-            ORIGINAL_EXCHANGE,
-            ORIGINAL_ROUTING_KEY,
-        ] {
+        for name in DEAD_LETTER_HEADERS {
             headers.remove(name);
         }
         headers.insert(
@@ -99,36 +82,22 @@ impl Replayer {
             .publish_raw(exchange, routing_key, body, props);
         match tokio::time::timeout(self.confirm_timeout, sent).await {
             Ok(Ok(())) => Ok(()),
-            Ok(Err(PublishError::Broker(e))) => Err(SendError::Broker(e)),
+            Ok(Err(PublishError::Broker(e))) => {
+                let e = e.during(Operation::Publish {
+                    exchange: exchange.to_owned(),
+                });
+                // A missing exchange closes only the channel: that message
+                // fails, the next goes on a new channel.
+                if e.reply_code() == Some(404) && self.conn.status().connected() {
+                    self.publisher = Publisher::open(&self.conn).await?;
+                    return Err(SendError::NoExchange(exchange.to_owned(), e.to_string()));
+                }
+                Err(SendError::Broker(e))
+            }
             Ok(Err(e)) => Err(SendError::Refused(e.to_string())),
             Err(_) => Err(SendError::Refused(
                 PublishError::TimedOut(self.confirm_timeout).to_string(),
             )),
-        }
-    }
-
-    async fn check_exchange(&self, exchange: &str) -> Result<Result<(), String>, BrokerError> {
-        if exchange.is_empty() {
-            return Ok(Ok(()));
-        }
-        let channel = self.conn.create_channel().await?;
-        let declared = channel
-            .exchange_declare(
-                exchange.into(),
-                ExchangeKind::Topic,
-                ExchangeDeclareOptions {
-                    passive: true,
-                    ..ExchangeDeclareOptions::default()
-                },
-                FieldTable::default(),
-            )
-            .await;
-        match declared {
-            Ok(()) => {
-                let _ = channel.close(200, "checked".into()).await;
-                Ok(Ok(()))
-            }
-            Err(e) => Ok(Err(BrokerError::from(e).to_string())),
         }
     }
 

@@ -229,7 +229,7 @@ async fn drive(
     let broker = Broker::from_settings(&settings.amqp, "holdclear demo");
     let conn = broker.connect("publisher").await?;
     let publisher = Publisher::open(&conn).await?;
-    declare_topology(publisher.channel(), topology, settings.amqp.delivery_limit).await?;
+    declare_topology(&broker, &conn, topology, settings.amqp.delivery_limit).await?;
     let mut events = Subscription::open(&conn, &topology.events_exchange, "#").await?;
 
     let orders = orders();

@@ -170,8 +170,9 @@ pub struct ReplayArgs {
     /// Replay even dead letters whose cause is the message itself (malformed, invalid, …).
     #[arg(long)]
     force: bool,
-    /// Send to this exchange instead of the configured orders exchange.
-    #[arg(long)]
+    /// Also replay dead letters that came from this exchange (by default
+    /// only those from the configured orders exchange are sent).
+    #[arg(long, value_name = "EXCHANGE")]
     to_exchange: Option<String>,
     /// Who runs it (default: $USER).
     #[arg(long)]
@@ -707,13 +708,19 @@ async fn replay(settings: &Settings, store: &Store, args: ReplayArgs) -> anyhow:
                     .await?;
                 continue;
             };
-            let exchange = match (&options.to_exchange, &l.summary.origin_exchange) {
-                (Some(to), _) => to.clone(),
-                (None, Some(origin)) if origin == orders_exchange => origin.clone(),
-                (None, origin) => {
+            // Only to the configured orders exchange, or to the one the
+            // operator named with --to-exchange.
+            let exchange = match &l.summary.origin_exchange {
+                Some(origin)
+                    if origin == orders_exchange
+                        || options.to_exchange.as_deref() == Some(origin.as_str()) =>
+                {
+                    origin.clone()
+                }
+                origin => {
+                    let origin = origin.as_deref().unwrap_or("");
                     let reason = format!(
-                        "its original exchange {:?} is not the configured orders exchange {orders_exchange:?}; name it with --to-exchange",
-                        origin.as_deref().unwrap_or("")
+                        "it came from exchange '{origin}', not the configured orders exchange '{orders_exchange}'; replay it with --to-exchange {origin}"
                     );
                     store
                         .settle_operation_item(operation, id, Some(&reason))
@@ -750,13 +757,13 @@ async fn replay(settings: &Settings, store: &Store, args: ReplayArgs) -> anyhow:
     replayer.close().await;
     if interrupted || broken.is_some() {
         store.set_operation_status(operation, "interrupted").await?;
-        if let Some(e) = &broken {
-            writeln!(out, "Stopped: {e}.")?;
-        }
         writeln!(
             out,
             "Operation {operation} interrupted; continue it with `holdclear dlq replay --resume {operation}`."
         )?;
+        if let Some(e) = broken {
+            return Err(e.into());
+        }
         return Ok(ExitCode::FAILURE);
     }
     store.set_operation_status(operation, "done").await?;

@@ -16,6 +16,8 @@ use crate::domain::{
     AccountSelector, AccountType, Domain, OrderId, SalesOrderNumber, VirtualAccountChoice,
 };
 
+pub use crate::domain::Assignment;
+
 mod http;
 mod limiter;
 mod quick_retry;
@@ -261,17 +263,6 @@ impl Order {
             .map(|h| h.code.clone())
             .collect()
     }
-}
-
-/// What to assign to an order.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Assignment {
-    /// The chosen account's domain.
-    pub smart_account_domain: String,
-    /// Customer or holding account.
-    pub account_type: AccountType,
-    /// The chosen Virtual Account's name.
-    pub virtual_account_name: String,
 }
 
 /// The server's answer to an accepted assignment (202); the client

@@ -102,3 +102,14 @@ impl fmt::Display for Target {
         )
     }
 }
+
+/// What to assign to an order.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Assignment {
+    /// The chosen account's domain.
+    pub smart_account_domain: String,
+    /// Customer or holding account.
+    pub account_type: AccountType,
+    /// The chosen Virtual Account's name.
+    pub virtual_account_name: String,
+}

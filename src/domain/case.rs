@@ -1,8 +1,16 @@
-//! A case: one held order being worked, its states and how it can end.
+//! A case: one held order being worked, its states, how it can end, and
+//! the lines of its history.
 
 use std::fmt;
 
+use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
+use serde_json::Value;
+use uuid::Uuid;
+
+use super::account::{AccountType, Assignment, Target};
+use super::event::HeldOrderEvent;
+use super::values::OrderId;
 
 /// Where a case stands. `Released`, `Escalated` and `Merged` are terminal; a
 /// case that escalated with `HOLD_PERSISTS` stays `Watching`.
@@ -206,6 +214,125 @@ impl fmt::Display for EscalationReason {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(self.as_str())
     }
+}
+
+/// What the rules decided for one held order.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Decision {
+    /// Name of the rule that matched.
+    pub rule: String,
+    /// SHA-256 (hex) of the rules file content the decision was made with.
+    pub rules_hash: String,
+    /// What to assign.
+    pub target: Target,
+    /// What to assign when the target's account is missing or not ACTIVE.
+    pub fallback: Option<Target>,
+}
+
+/// The resolved target: what is (or was) assigned.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ResolvedTarget {
+    /// The chosen account's domain.
+    pub smart_account_domain: String,
+    /// Customer or holding account.
+    pub account_type: AccountType,
+    /// The chosen Virtual Account; `None` when nothing needed assigning (the
+    /// pending account of the hold turned ACTIVE).
+    pub virtual_account_name: Option<String>,
+    /// The rule's fallback target was used.
+    pub via_fallback: bool,
+}
+
+impl ResolvedTarget {
+    /// The assignment to send, if one is needed.
+    pub fn assignment(&self) -> Option<Assignment> {
+        Some(Assignment {
+            smart_account_domain: self.smart_account_domain.clone(),
+            account_type: self.account_type,
+            virtual_account_name: self.virtual_account_name.clone()?,
+        })
+    }
+}
+
+/// One case as the engine sees it (a row of `cases`).
+#[derive(Clone, Debug, PartialEq)]
+pub struct Case {
+    /// Case id.
+    pub id: Uuid,
+    /// The order; the sales order number is filled in once learned.
+    pub order: OrderId,
+    /// The event that opened the case.
+    pub event: HeldOrderEvent,
+    /// Where the case stands.
+    pub state: CaseState,
+    /// When the hold was applied (the event's `heldAt`, else its arrival).
+    pub held_at: DateTime<Utc>,
+    /// What the rules decided.
+    pub decision: Option<Decision>,
+    /// The resolved account, type and Virtual Account.
+    pub target: Option<ResolvedTarget>,
+    /// Idempotency-Key of the assignment.
+    pub idempotency_key: Option<String>,
+    /// The accepted assignment's id.
+    pub assignment_id: Option<String>,
+    /// When the assignment was accepted.
+    pub assigned_at: Option<DateTime<Utc>>,
+    /// When the current watch began.
+    pub watching_since: Option<DateTime<Utc>>,
+    /// Transient failures in the current streak.
+    pub attempt: u32,
+    /// First transient failure of the current streak.
+    pub retry_since: Option<DateTime<Utc>>,
+    /// Looks at the order since the watch began.
+    pub polls: u32,
+    /// Why the case escalated (terminal), if it did.
+    pub escalation_reason: Option<EscalationReason>,
+    /// `HOLD_PERSISTS` thresholds already emitted.
+    pub escalation_level: u32,
+    /// When the hold was released.
+    pub released_at: Option<DateTime<Utc>>,
+    /// When the case reached a terminal state.
+    pub closed_at: Option<DateTime<Utc>>,
+    /// Re-runs by `holdclear cases retry`.
+    pub generation: u32,
+    /// When the case is next due; `None` exactly when it is terminal.
+    pub next_action_at: Option<DateTime<Utc>>,
+}
+
+impl Case {
+    /// The number an operator knows the order by: the sales order number,
+    /// else the web order id.
+    pub fn subject(&self) -> String {
+        match (&self.order.sales_order_number, &self.order.web_order_id) {
+            (Some(so), _) => so.to_string(),
+            (None, Some(web)) => web.to_string(),
+            (None, None) => self.order.key(),
+        }
+    }
+
+    /// The rule that decided the case, if any.
+    pub fn rule(&self) -> Option<&str> {
+        self.decision.as_ref().map(|d| d.rule.as_str())
+    }
+
+    /// Seconds from the hold to `at` (never negative).
+    pub fn held_seconds(&self, at: DateTime<Utc>) -> i64 {
+        (at - self.held_at).num_seconds().max(0)
+    }
+}
+
+/// One line of a case's history.
+#[derive(Clone, Debug, PartialEq)]
+pub struct HistoryEntry {
+    /// When it happened.
+    pub at: DateTime<Utc>,
+    /// `call`, `decided`, `resolved`, `assigned`, `still_held`, `released`,
+    /// `escalated`, `retry_scheduled`, `redecide`, `event`.
+    pub kind: &'static str,
+    /// The case's state after this entry.
+    pub state: CaseState,
+    /// The particulars.
+    pub detail: Value,
 }
 
 #[cfg(test)]

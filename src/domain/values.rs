@@ -214,6 +214,18 @@ pub struct OrderId {
     pub web_order_id: Option<WebOrderId>,
 }
 
+#[cfg(test)]
+impl OrderId {
+    /// An order from valid ids (tests only; panics on a bad one).
+    pub(crate) fn from_test(so: Option<&str>, web: Option<&str>) -> Self {
+        Self::new(
+            so.map(|s| SalesOrderNumber::parse(s).unwrap()),
+            web.map(|w| WebOrderId::parse(w).unwrap()),
+        )
+        .unwrap()
+    }
+}
+
 impl OrderId {
     /// An order id from one or both numbers; `None` when both are missing.
     pub fn new(sales: Option<SalesOrderNumber>, web: Option<WebOrderId>) -> Option<Self> {

@@ -39,22 +39,20 @@
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
-use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 use uuid::Uuid;
 
 use crate::commerce::{
-    AccountStatus, Assignment, AssignmentReceipt, CommerceError, ErrorCode, Order, SmartAccount,
+    AccountStatus, AssignmentReceipt, CommerceError, ErrorCode, Order, SmartAccount,
     VirtualAccount, choose_virtual_account,
 };
 use crate::config::EngineSettings;
 use crate::domain::{
-    AccountSelector, AccountType, CaseState, Domain, EscalationLevel, EscalationReason,
-    HeldOrderEvent, HoldReason, OrderId, SalesOrderNumber, Target,
+    AccountSelector, AccountType, Assignment, Case, CaseState, Decision, Domain, EscalationLevel,
+    EscalationReason, HistoryEntry, HoldReason, OrderId, OutboundEvent, ResolvedTarget,
+    SalesOrderNumber, Target,
 };
-use crate::outbox::OutboundEvent;
 use crate::retry;
-use crate::rules::Decision;
 
 /// Namespace of the Idempotency-Keys (UUID v5).
 const IDEMPOTENCY_NAMESPACE: Uuid = Uuid::from_u128(0x6c1f_2a4e_0b7d_4f3a_9e51_3d2c_8a77_b104);
@@ -75,97 +73,6 @@ pub enum MachineError {
         /// The outcome's name.
         outcome: &'static str,
     },
-}
-
-/// The resolved target: what is (or was) assigned.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub struct ResolvedTarget {
-    /// The chosen account's domain.
-    pub smart_account_domain: String,
-    /// Customer or holding account.
-    pub account_type: AccountType,
-    /// The chosen Virtual Account; `None` when nothing needed assigning (the
-    /// pending account of the hold turned ACTIVE).
-    pub virtual_account_name: Option<String>,
-    /// The rule's fallback target was used.
-    pub via_fallback: bool,
-}
-
-impl ResolvedTarget {
-    /// The assignment to send, if one is needed.
-    pub fn assignment(&self) -> Option<Assignment> {
-        Some(Assignment {
-            smart_account_domain: self.smart_account_domain.clone(),
-            account_type: self.account_type,
-            virtual_account_name: self.virtual_account_name.clone()?,
-        })
-    }
-}
-
-/// One case as the engine sees it (a row of `cases`).
-#[derive(Clone, Debug, PartialEq)]
-pub struct Case {
-    /// Case id.
-    pub id: Uuid,
-    /// The order; the sales order number is filled in once learned.
-    pub order: OrderId,
-    /// The event that opened the case.
-    pub event: HeldOrderEvent,
-    /// Where the case stands.
-    pub state: CaseState,
-    /// When the hold was applied (the event's `heldAt`, else its arrival).
-    pub held_at: DateTime<Utc>,
-    /// What the rules decided.
-    pub decision: Option<Decision>,
-    /// The resolved account, type and Virtual Account.
-    pub target: Option<ResolvedTarget>,
-    /// Idempotency-Key of the assignment.
-    pub idempotency_key: Option<String>,
-    /// The accepted assignment's id.
-    pub assignment_id: Option<String>,
-    /// When the assignment was accepted.
-    pub assigned_at: Option<DateTime<Utc>>,
-    /// When the current watch began.
-    pub watching_since: Option<DateTime<Utc>>,
-    /// Transient failures in the current streak.
-    pub attempt: u32,
-    /// First transient failure of the current streak.
-    pub retry_since: Option<DateTime<Utc>>,
-    /// Looks at the order since the watch began.
-    pub polls: u32,
-    /// Why the case escalated (terminal), if it did.
-    pub escalation_reason: Option<EscalationReason>,
-    /// `HOLD_PERSISTS` thresholds already emitted.
-    pub escalation_level: u32,
-    /// When the hold was released.
-    pub released_at: Option<DateTime<Utc>>,
-    /// When the case reached a terminal state.
-    pub closed_at: Option<DateTime<Utc>>,
-    /// Re-runs by `holdclear cases retry`.
-    pub generation: u32,
-    /// When the case is next due; `None` exactly when it is terminal.
-    pub next_action_at: Option<DateTime<Utc>>,
-}
-
-impl Case {
-    /// The number an operator knows the order by: the sales order number,
-    /// else the web order id.
-    pub fn subject(&self) -> String {
-        match (&self.order.sales_order_number, &self.order.web_order_id) {
-            (Some(so), _) => so.to_string(),
-            (None, Some(web)) => web.to_string(),
-            (None, None) => self.order.key(),
-        }
-    }
-
-    /// The rule that decided the case, if any.
-    pub fn rule(&self) -> Option<&str> {
-        self.decision.as_ref().map(|d| d.rule.as_str())
-    }
-
-    fn held_seconds(&self, at: DateTime<Utc>) -> i64 {
-        (at - self.held_at).num_seconds().max(0)
-    }
 }
 
 /// A call a step asks for.
@@ -369,7 +276,7 @@ pub enum Outcome {
     },
     /// A person must act.
     Escalate {
-        /// Why.
+        /// The contract's reason code.
         reason: EscalationReason,
         /// What exactly happened, one line.
         detail: String,
@@ -416,20 +323,6 @@ pub enum Next {
     Done(Outcome),
     /// The case is terminal: nothing to do.
     Stop,
-}
-
-/// One line of a case's history.
-#[derive(Clone, Debug, PartialEq)]
-pub struct HistoryEntry {
-    /// When it happened.
-    pub at: DateTime<Utc>,
-    /// `call`, `decided`, `resolved`, `assigned`, `still_held`, `released`,
-    /// `escalated`, `retry_scheduled`, `redecide`, `event`.
-    pub kind: &'static str,
-    /// The case's state after this entry.
-    pub state: CaseState,
-    /// The particulars.
-    pub detail: Value,
 }
 
 /// The history entry of one call and its reply.
@@ -822,337 +715,400 @@ fn after(now: DateTime<Utc>, d: Duration) -> DateTime<Utc> {
     now + chrono::Duration::from_std(d).unwrap_or(chrono::Duration::MAX)
 }
 
-/// The case after `outcome`, with its history entries and events.
+/// The case after `outcome`, with its history entries and events: one
+/// function per outcome, each checking the state it applies to.
 pub fn apply(
     case: &Case,
     outcome: Outcome,
     now: DateTime<Utc>,
     settings: &EngineSettings,
 ) -> Result<Transition, MachineError> {
-    use CaseState as S;
-    let unexpected = |outcome: &Outcome| MachineError::Unexpected {
-        state: case.state,
-        outcome: outcome.name(),
-    };
+    let mut step = Step::new(case, &outcome, now);
     if case.state.is_terminal() {
-        return Err(unexpected(&outcome));
+        return Err(step.unexpected());
     }
-    let mut next = case.clone();
-    let mut history = Vec::new();
-    let mut events = Vec::new();
-    if !matches!(outcome, Outcome::Transient { .. }) {
-        next.attempt = 0;
-        next.retry_since = None;
-    }
-    let entry = |kind: &'static str, state: CaseState, detail: Value| HistoryEntry {
-        at: now,
-        kind,
-        state,
-        detail,
-    };
-
     match outcome {
-        Outcome::Identified { sales_order_number } => {
-            if case.state != S::Deciding || case.order.sales_order_number.is_some() {
-                return Err(unexpected(&Outcome::Identified { sales_order_number }));
-            }
-            next.order.sales_order_number = Some(sales_order_number);
-            next.next_action_at = Some(now);
-        }
-        Outcome::Decided(decision) => {
-            if case.state != S::Deciding {
-                return Err(unexpected(&Outcome::Decided(decision)));
-            }
-            next.state = S::Resolving;
-            next.next_action_at = Some(now);
-            history.push(entry(
-                "decided",
-                next.state,
-                json!({
-                    "rule": decision.rule,
-                    "rulesHash": decision.rules_hash,
-                    "target": decision.target.to_string(),
-                    "fallback": decision.fallback.as_ref().map(ToString::to_string),
-                }),
-            ));
-            next.decision = Some(decision);
-        }
-        Outcome::Resolved(resolution) => {
-            if case.state != S::Resolving {
-                return Err(unexpected(&Outcome::Resolved(resolution)));
-            }
-            match resolution {
-                Resolution::Assign {
-                    sales_order_number,
-                    assignment,
-                    via_fallback,
-                } => {
-                    next.state = S::Assigning;
-                    next.idempotency_key =
-                        Some(idempotency_key(case.id, case.generation, &assignment));
-                    next.order.sales_order_number = Some(sales_order_number);
-                    history.push(entry(
-                        "resolved",
-                        next.state,
-                        json!({
-                            "smartAccountDomain": assignment.smart_account_domain,
-                            "accountType": assignment.account_type.as_str(),
-                            "virtualAccountName": assignment.virtual_account_name,
-                            "viaFallback": via_fallback,
-                            "idempotencyKey": next.idempotency_key,
-                        }),
-                    ));
-                    next.target = Some(ResolvedTarget {
-                        smart_account_domain: assignment.smart_account_domain,
-                        account_type: assignment.account_type,
-                        virtual_account_name: Some(assignment.virtual_account_name),
-                        via_fallback,
-                    });
-                    next.next_action_at = Some(now);
-                }
-                Resolution::AlreadyActive {
-                    smart_account_domain,
-                    account_type,
-                    via_fallback,
-                } => {
-                    next.state = S::Watching;
-                    next.watching_since = Some(now);
-                    next.polls = 0;
-                    next.escalation_level = 0;
-                    history.push(entry(
-                        "resolved",
-                        next.state,
-                        json!({
-                            "smartAccountDomain": smart_account_domain,
-                            "accountType": account_type.as_str(),
-                            "viaFallback": via_fallback,
-                            "nothingToAssign": "the pending Smart Account of the hold is ACTIVE now",
-                        }),
-                    ));
-                    next.target = Some(ResolvedTarget {
-                        smart_account_domain,
-                        account_type,
-                        virtual_account_name: None,
-                        via_fallback,
-                    });
-                    // The hold may already be gone: look at once.
-                    next.next_action_at = Some(now);
-                }
-            }
-        }
-        Outcome::Assigned(receipt) => {
-            let target = case.target.as_ref().and_then(ResolvedTarget::assignment);
-            let (S::Assigning, None, Some(assignment)) = (case.state, &case.assignment_id, target)
-            else {
-                return Err(unexpected(&Outcome::Assigned(receipt)));
-            };
-            next.state = S::Watching;
-            next.assignment_id = Some(receipt.assignment_id.clone());
-            next.assigned_at = Some(now);
-            next.watching_since = Some(now);
-            next.polls = 0;
-            next.escalation_level = 0;
-            next.next_action_at = Some(after(now, settings.poll_interval));
-            history.push(entry(
-                "assigned",
-                next.state,
-                json!({"assignmentId": receipt.assignment_id, "status": receipt.status}),
-            ));
-            events.push(OutboundEvent::SmartAccountAssigned {
-                smart_account_domain: assignment.smart_account_domain,
-                account_type: assignment.account_type,
-                virtual_account_name: assignment.virtual_account_name,
-                rule: case.rule().unwrap_or_default().to_owned(),
-                assignment_id: receipt.assignment_id,
-                attempts: case.attempt + 1,
-            });
-        }
-        Outcome::StillHeld { other_holds } => {
-            if case.state != S::Watching {
-                return Err(unexpected(&Outcome::StillHeld { other_holds }));
-            }
-            next.polls = case.polls.saturating_add(1);
-            let since = case.watching_since.or(case.assigned_at).unwrap_or(now);
-            next.watching_since = Some(since);
-            let watched = (now - since).to_std().unwrap_or_default();
-            while let Some(threshold) = settings.escalation.get(next.escalation_level as usize) {
-                if watched < threshold.after {
-                    break;
-                }
-                let detail = format!(
-                    "the Smart Account hold is still on {} after the watch began{}",
-                    humantime::format_duration(Duration::from_secs(watched.as_secs())),
-                    match &case.assignment_id {
-                        Some(id) => format!(" (assignment {id})"),
-                        None => String::new(),
-                    }
-                );
-                history.push(entry(
-                    "escalated",
-                    next.state,
-                    json!({
-                        "reason": EscalationReason::HoldPersists.as_str(),
-                        "level": threshold.level.as_str(),
-                        "detail": detail,
-                    }),
-                ));
-                events.push(OutboundEvent::HoldEscalated {
-                    reason: EscalationReason::HoldPersists,
-                    level: threshold.level,
-                    held_seconds: case.held_seconds(now),
-                    detail,
-                    threshold: Some(next.escalation_level),
-                });
-                next.escalation_level += 1;
-            }
-            let delay = if next.escalation_level > 0 {
-                settings.poll_max_interval
-            } else {
-                retry::poll_delay(
-                    settings.poll_interval,
-                    settings.poll_max_interval,
-                    next.polls,
-                )
-            };
-            let mut at = after(now, delay);
-            if let Some(threshold) = settings.escalation.get(next.escalation_level as usize) {
-                at = at.min(after(since, threshold.after)).max(now);
-            }
-            next.next_action_at = Some(at);
-            history.push(entry(
-                "still_held",
-                next.state,
-                json!({"polls": next.polls, "otherHolds": other_holds, "nextLookAt": at}),
-            ));
-        }
+        Outcome::Identified { sales_order_number } => step.identified(sales_order_number)?,
+        Outcome::Decided(decision) => step.decided(decision)?,
+        Outcome::Resolved(Resolution::Assign {
+            sales_order_number,
+            assignment,
+            via_fallback,
+        }) => step.resolved_assign(sales_order_number, assignment, via_fallback)?,
+        Outcome::Resolved(Resolution::AlreadyActive {
+            smart_account_domain,
+            account_type,
+            via_fallback,
+        }) => step.resolved_active(smart_account_domain, account_type, via_fallback)?,
+        Outcome::Assigned(receipt) => step.assigned(receipt, settings)?,
+        Outcome::StillHeld { other_holds } => step.still_held(other_holds, settings)?,
         Outcome::Released {
             released_at,
             other_holds,
-        } => {
-            if case.state != S::Watching {
-                return Err(unexpected(&Outcome::Released {
-                    released_at,
-                    other_holds,
-                }));
-            }
-            let released_at = released_at.unwrap_or(now);
-            next.state = S::Released;
-            next.released_at = Some(released_at);
-            next.closed_at = Some(now);
-            next.next_action_at = None;
-            history.push(entry(
-                "released",
-                next.state,
-                json!({"releasedAt": released_at, "otherHolds": other_holds}),
-            ));
-            events.push(OutboundEvent::HoldReleased {
-                released_at,
-                held_seconds: case.held_seconds(released_at),
-                smart_account_domain: case.target.as_ref().map(|t| t.smart_account_domain.clone()),
-                rule: case.rule().map(str::to_owned),
-                other_holds,
-            });
-        }
-        Outcome::Escalate { reason, detail } => {
-            terminal_escalation(
-                case,
-                &mut next,
-                &mut history,
-                &mut events,
-                reason,
-                detail,
-                now,
-            );
-        }
+        } => step.released(released_at, other_holds)?,
+        Outcome::Escalate { reason, detail } => step.escalate(reason, detail),
         Outcome::Transient {
             call,
             retry_after,
             detail,
-        } => {
-            let since = case.retry_since.unwrap_or(now);
-            let attempt = case.attempt.saturating_add(1);
-            let elapsed = (now - since).to_std().unwrap_or_default();
-            if elapsed >= settings.retry.max_elapsed {
-                let detail = format!(
-                    "{attempt} attempts over {}; last: {detail}",
-                    humantime::format_duration(Duration::from_secs(elapsed.as_secs()))
-                );
-                terminal_escalation(
-                    case,
-                    &mut next,
-                    &mut history,
-                    &mut events,
-                    EscalationReason::RetriesExhausted,
-                    detail,
-                    now,
-                );
-            } else {
-                let delay = retry::durable_delay(&settings.retry, attempt)
-                    .max(retry_after.unwrap_or_default());
-                next.attempt = attempt;
-                next.retry_since = Some(since);
-                next.next_action_at = Some(after(now, delay));
-                history.push(entry(
-                    "retry_scheduled",
-                    next.state,
-                    json!({
-                        "call": call,
-                        "attempt": attempt,
-                        "detail": detail,
-                        "delayMs": delay.as_millis() as u64,
-                    }),
-                ));
-            }
-        }
-        Outcome::Redecide { detail } => {
-            if !matches!(case.state, S::Resolving | S::Assigning) {
-                return Err(unexpected(&Outcome::Redecide { detail }));
-            }
-            next.state = S::Deciding;
-            next.decision = None;
-            next.target = None;
-            next.idempotency_key = None;
-            next.next_action_at = Some(now);
-            history.push(entry("redecide", next.state, json!({"detail": detail})));
-        }
+        } => step.transient(call, retry_after, detail, settings),
+        Outcome::Redecide { detail } => step.redecide(detail)?,
     }
-    Ok(Transition {
-        case: next,
-        history,
-        events,
-    })
+    Ok(step.done())
 }
 
-fn terminal_escalation(
-    case: &Case,
-    next: &mut Case,
-    history: &mut Vec<HistoryEntry>,
-    events: &mut Vec<OutboundEvent>,
-    reason: EscalationReason,
-    detail: String,
+/// One [`apply`] in progress: the case before, the case after, and what the
+/// step adds to the history and the outbox.
+struct Step<'a> {
+    case: &'a Case,
+    outcome: &'static str,
     now: DateTime<Utc>,
-) {
-    next.state = CaseState::Escalated;
-    next.escalation_reason = Some(reason);
-    next.closed_at = Some(now);
-    next.next_action_at = None;
-    history.push(HistoryEntry {
-        at: now,
-        kind: "escalated",
-        state: next.state,
-        detail: json!({
-            "reason": reason.as_str(),
-            "level": EscalationLevel::Critical.as_str(),
-            "detail": detail,
-        }),
-    });
-    events.push(OutboundEvent::HoldEscalated {
-        reason,
-        level: EscalationLevel::Critical,
-        held_seconds: case.held_seconds(now),
-        detail,
-        threshold: None,
-    });
+    next: Case,
+    history: Vec<HistoryEntry>,
+    events: Vec<OutboundEvent>,
+}
+
+impl<'a> Step<'a> {
+    fn new(case: &'a Case, outcome: &Outcome, now: DateTime<Utc>) -> Self {
+        let mut next = case.clone();
+        // Any outcome but a transient failure ends the streak of failures.
+        if !matches!(outcome, Outcome::Transient { .. }) {
+            next.attempt = 0;
+            next.retry_since = None;
+        }
+        Self {
+            case,
+            outcome: outcome.name(),
+            now,
+            next,
+            history: Vec::new(),
+            events: Vec::new(),
+        }
+    }
+
+    fn unexpected(&self) -> MachineError {
+        MachineError::Unexpected {
+            state: self.case.state,
+            outcome: self.outcome,
+        }
+    }
+
+    /// `Ok` when the case is in `state`, else the outcome does not apply.
+    fn expect(&self, state: CaseState) -> Result<(), MachineError> {
+        if self.case.state == state {
+            Ok(())
+        } else {
+            Err(self.unexpected())
+        }
+    }
+
+    /// A history line, in the state the case is in by now.
+    fn entry(&mut self, kind: &'static str, detail: Value) {
+        self.history.push(HistoryEntry {
+            at: self.now,
+            kind,
+            state: self.next.state,
+            detail,
+        });
+    }
+
+    fn done(self) -> Transition {
+        Transition {
+            case: self.next,
+            history: self.history,
+            events: self.events,
+        }
+    }
+
+    fn identified(&mut self, sales_order_number: SalesOrderNumber) -> Result<(), MachineError> {
+        self.expect(CaseState::Deciding)?;
+        if self.case.order.sales_order_number.is_some() {
+            return Err(self.unexpected());
+        }
+        self.next.order.sales_order_number = Some(sales_order_number);
+        self.next.next_action_at = Some(self.now);
+        Ok(())
+    }
+
+    fn decided(&mut self, decision: Decision) -> Result<(), MachineError> {
+        self.expect(CaseState::Deciding)?;
+        self.next.state = CaseState::Resolving;
+        self.next.next_action_at = Some(self.now);
+        self.entry(
+            "decided",
+            json!({
+                "rule": decision.rule,
+                "rulesHash": decision.rules_hash,
+                "target": decision.target.to_string(),
+                "fallback": decision.fallback.as_ref().map(ToString::to_string),
+            }),
+        );
+        self.next.decision = Some(decision);
+        Ok(())
+    }
+
+    fn resolved_assign(
+        &mut self,
+        sales_order_number: SalesOrderNumber,
+        assignment: Assignment,
+        via_fallback: bool,
+    ) -> Result<(), MachineError> {
+        self.expect(CaseState::Resolving)?;
+        let key = idempotency_key(self.case.id, self.case.generation, &assignment);
+        self.next.state = CaseState::Assigning;
+        self.next.order.sales_order_number = Some(sales_order_number);
+        self.entry(
+            "resolved",
+            json!({
+                "smartAccountDomain": assignment.smart_account_domain,
+                "accountType": assignment.account_type.as_str(),
+                "virtualAccountName": assignment.virtual_account_name,
+                "viaFallback": via_fallback,
+                "idempotencyKey": key,
+            }),
+        );
+        self.next.idempotency_key = Some(key);
+        self.next.target = Some(ResolvedTarget {
+            smart_account_domain: assignment.smart_account_domain,
+            account_type: assignment.account_type,
+            virtual_account_name: Some(assignment.virtual_account_name),
+            via_fallback,
+        });
+        self.next.next_action_at = Some(self.now);
+        Ok(())
+    }
+
+    fn resolved_active(
+        &mut self,
+        smart_account_domain: String,
+        account_type: AccountType,
+        via_fallback: bool,
+    ) -> Result<(), MachineError> {
+        self.expect(CaseState::Resolving)?;
+        self.start_watch();
+        self.entry(
+            "resolved",
+            json!({
+                "smartAccountDomain": smart_account_domain,
+                "accountType": account_type.as_str(),
+                "viaFallback": via_fallback,
+                "nothingToAssign": "the pending Smart Account of the hold is ACTIVE now",
+            }),
+        );
+        self.next.target = Some(ResolvedTarget {
+            smart_account_domain,
+            account_type,
+            virtual_account_name: None,
+            via_fallback,
+        });
+        // The hold may already be gone: look at once.
+        self.next.next_action_at = Some(self.now);
+        Ok(())
+    }
+
+    fn start_watch(&mut self) {
+        self.next.state = CaseState::Watching;
+        self.next.watching_since = Some(self.now);
+        self.next.polls = 0;
+        self.next.escalation_level = 0;
+    }
+
+    fn assigned(
+        &mut self,
+        receipt: AssignmentReceipt,
+        settings: &EngineSettings,
+    ) -> Result<(), MachineError> {
+        let case = self.case;
+        let target = case.target.as_ref().and_then(ResolvedTarget::assignment);
+        let (CaseState::Assigning, None, Some(assignment)) =
+            (case.state, &case.assignment_id, target)
+        else {
+            return Err(self.unexpected());
+        };
+        self.start_watch();
+        self.next.assignment_id = Some(receipt.assignment_id.clone());
+        self.next.assigned_at = Some(self.now);
+        self.next.next_action_at = Some(after(self.now, settings.poll_interval));
+        self.entry(
+            "assigned",
+            json!({"assignmentId": receipt.assignment_id, "status": receipt.status}),
+        );
+        self.events.push(OutboundEvent::SmartAccountAssigned {
+            smart_account_domain: assignment.smart_account_domain,
+            account_type: assignment.account_type,
+            virtual_account_name: assignment.virtual_account_name,
+            rule: case.rule().unwrap_or_default().to_owned(),
+            assignment_id: receipt.assignment_id,
+            attempts: case.attempt + 1,
+        });
+        Ok(())
+    }
+
+    fn still_held(
+        &mut self,
+        other_holds: Vec<String>,
+        settings: &EngineSettings,
+    ) -> Result<(), MachineError> {
+        self.expect(CaseState::Watching)?;
+        let (case, now) = (self.case, self.now);
+        self.next.polls = case.polls.saturating_add(1);
+        let since = case.watching_since.or(case.assigned_at).unwrap_or(now);
+        self.next.watching_since = Some(since);
+        self.hold_persists(since, settings);
+        let delay = if self.next.escalation_level > 0 {
+            settings.poll_max_interval
+        } else {
+            retry::poll_delay(
+                settings.poll_interval,
+                settings.poll_max_interval,
+                self.next.polls,
+            )
+        };
+        let mut at = after(now, delay);
+        if let Some(threshold) = settings.escalation.get(self.next.escalation_level as usize) {
+            at = at.min(after(since, threshold.after)).max(now);
+        }
+        self.next.next_action_at = Some(at);
+        let polls = self.next.polls;
+        self.entry(
+            "still_held",
+            json!({"polls": polls, "otherHolds": other_holds, "nextLookAt": at}),
+        );
+        Ok(())
+    }
+
+    /// Every `HOLD_PERSISTS` threshold passed since the watch began and not
+    /// yet emitted: a history line and an event each.
+    fn hold_persists(&mut self, since: DateTime<Utc>, settings: &EngineSettings) {
+        let watched = (self.now - since).to_std().unwrap_or_default();
+        while let Some(threshold) = settings.escalation.get(self.next.escalation_level as usize) {
+            if watched < threshold.after {
+                break;
+            }
+            let detail = format!(
+                "the Smart Account hold is still on {} after the watch began{}",
+                humantime::format_duration(Duration::from_secs(watched.as_secs())),
+                match &self.case.assignment_id {
+                    Some(id) => format!(" (assignment {id})"),
+                    None => String::new(),
+                }
+            );
+            self.entry(
+                "escalated",
+                json!({
+                    "reason": EscalationReason::HoldPersists.as_str(),
+                    "level": threshold.level.as_str(),
+                    "detail": detail,
+                }),
+            );
+            self.events.push(OutboundEvent::HoldEscalated {
+                reason: EscalationReason::HoldPersists,
+                level: threshold.level,
+                held_seconds: self.case.held_seconds(self.now),
+                detail,
+                threshold: Some(self.next.escalation_level),
+            });
+            self.next.escalation_level += 1;
+        }
+    }
+
+    fn released(
+        &mut self,
+        released_at: Option<DateTime<Utc>>,
+        other_holds: Vec<String>,
+    ) -> Result<(), MachineError> {
+        self.expect(CaseState::Watching)?;
+        let case = self.case;
+        let released_at = released_at.unwrap_or(self.now);
+        self.next.state = CaseState::Released;
+        self.next.released_at = Some(released_at);
+        self.next.closed_at = Some(self.now);
+        self.next.next_action_at = None;
+        self.entry(
+            "released",
+            json!({"releasedAt": released_at, "otherHolds": other_holds}),
+        );
+        self.events.push(OutboundEvent::HoldReleased {
+            released_at,
+            held_seconds: case.held_seconds(released_at),
+            smart_account_domain: case.target.as_ref().map(|t| t.smart_account_domain.clone()),
+            rule: case.rule().map(str::to_owned),
+            other_holds,
+        });
+        Ok(())
+    }
+
+    /// A terminal escalation (level `critical`).
+    fn escalate(&mut self, reason: EscalationReason, detail: String) {
+        self.next.state = CaseState::Escalated;
+        self.next.escalation_reason = Some(reason);
+        self.next.closed_at = Some(self.now);
+        self.next.next_action_at = None;
+        self.entry(
+            "escalated",
+            json!({
+                "reason": reason.as_str(),
+                "level": EscalationLevel::Critical.as_str(),
+                "detail": detail,
+            }),
+        );
+        self.events.push(OutboundEvent::HoldEscalated {
+            reason,
+            level: EscalationLevel::Critical,
+            held_seconds: self.case.held_seconds(self.now),
+            detail,
+            threshold: None,
+        });
+    }
+
+    /// Retry later, or escalate `RETRIES_EXHAUSTED` once the streak has
+    /// lasted `retry.max_elapsed`.
+    fn transient(
+        &mut self,
+        call: &'static str,
+        retry_after: Option<Duration>,
+        detail: String,
+        settings: &EngineSettings,
+    ) {
+        let now = self.now;
+        let since = self.case.retry_since.unwrap_or(now);
+        let attempt = self.case.attempt.saturating_add(1);
+        let elapsed = (now - since).to_std().unwrap_or_default();
+        if elapsed >= settings.retry.max_elapsed {
+            let detail = format!(
+                "{attempt} attempts over {}; last: {detail}",
+                humantime::format_duration(Duration::from_secs(elapsed.as_secs()))
+            );
+            return self.escalate(EscalationReason::RetriesExhausted, detail);
+        }
+        let delay =
+            retry::durable_delay(&settings.retry, attempt).max(retry_after.unwrap_or_default());
+        self.next.attempt = attempt;
+        self.next.retry_since = Some(since);
+        self.next.next_action_at = Some(after(now, delay));
+        self.entry(
+            "retry_scheduled",
+            json!({
+                "call": call,
+                "attempt": attempt,
+                "detail": detail,
+                "delayMs": delay.as_millis() as u64,
+            }),
+        );
+    }
+
+    fn redecide(&mut self, detail: String) -> Result<(), MachineError> {
+        if !matches!(self.case.state, CaseState::Resolving | CaseState::Assigning) {
+            return Err(self.unexpected());
+        }
+        self.next.state = CaseState::Deciding;
+        self.next.decision = None;
+        self.next.target = None;
+        self.next.idempotency_key = None;
+        self.next.next_action_at = Some(self.now);
+        self.entry("redecide", json!({"detail": detail}));
+        Ok(())
+    }
 }
 
 /// Re-opens an escalated case (`holdclear cases retry`), as a new

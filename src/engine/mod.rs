@@ -13,11 +13,10 @@
 pub mod machine;
 mod scheduler;
 
-use crate::domain::HeldOrder;
-use crate::rules::Decision;
+use crate::domain::{Case, Decision, HeldOrder};
 use crate::store::StoreError;
 
-pub use machine::{Case, MachineError, ResolvedTarget};
+pub use machine::MachineError;
 pub use scheduler::{Engine, EngineTasks};
 
 /// Where the engine gets its decisions: the operator's rules in production
@@ -80,10 +79,7 @@ pub enum EngineError {
 /// `deciding`, or where it stood if an assignment may already exist (see
 /// [`machine::retry`]). Returns the re-opened case.
 #[tracing::instrument(skip_all, fields(order = %order))]
-pub async fn retry_case(
-    store: &crate::store::Store,
-    order: &str,
-) -> Result<machine::Case, EngineError> {
+pub async fn retry_case(store: &crate::store::Store, order: &str) -> Result<Case, EngineError> {
     use crate::store::RetryCommit;
     let record = store
         .latest_case(order)

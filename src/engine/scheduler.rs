@@ -34,15 +34,12 @@ use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
 use super::DecisionSource;
-use super::machine::{
-    self, Call, Case, HistoryEntry, MAX_CALLS_PER_STEP, Next, Outcome, Reply, Transition,
-};
+use super::machine::{self, Call, MAX_CALLS_PER_STEP, Next, Outcome, Reply, Transition};
 use crate::commerce::{CommerceApi, CommerceError, ErrorCode};
 use crate::config::EngineSettings;
-use crate::domain::CaseState;
+use crate::domain::{Case, CaseState, Envelope, HistoryEntry, OutboundEvent};
 use crate::ops::health::panic_message;
 use crate::ops::identity::WorkerIdentity;
-use crate::outbox::{Envelope, OutboundEvent};
 use crate::retry::Reconnect;
 use crate::store::{Claimed, Identity, StepCommit, Store, StoreError};
 

@@ -25,7 +25,7 @@ pub enum HttpError {
     Bind {
         /// The configured address (`HOLDCLEAR_HTTP_ADDR`).
         addr: SocketAddr,
-        /// Why.
+        /// The operating system's refusal.
         source: std::io::Error,
     },
 }

@@ -86,6 +86,10 @@ fn describe() {
         "holdclear_outbox_publish_failures_total",
         "Outbox publishes that were nacked, returned or lost."
     );
+    describe_gauge!(
+        "holdclear_events_unrouted",
+        "Events no queue was bound for, kept in the events exchange's unrouted queue."
+    );
     describe_gauge!("holdclear_cases", "Cases in the store, by state.");
     describe_gauge!(
         "holdclear_outbox_backlog",

@@ -7,8 +7,8 @@ use std::path::PathBuf;
 
 use serde::Serialize;
 
-use super::compile::{FROM_END_CUSTOMER_DOMAIN, Rule};
-use super::matcher::{Condition, Facts, Verdicts};
+use super::matcher::{Facts, Verdicts};
+use super::model::{Condition, FROM_END_CUSTOMER_DOMAIN, Rule};
 use super::{Decision, Rules};
 use crate::domain::{HeldOrder, HoldReason};
 

@@ -16,8 +16,7 @@ use std::collections::HashMap;
 
 use globset::{Candidate, GlobSet};
 
-use super::compile::{AccountSource, Rule};
-use super::matcher::Condition;
+use super::model::{AccountSource, Condition, Rule};
 
 /// One bit per rule.
 pub(super) type Bits = Vec<u64>;

@@ -5,51 +5,10 @@
 //! (see [`super::index`]). Explain reads the same bits rule by rule
 //! ([`Rules::holds`]), so what explain says is what decide does.
 
-use super::compile::{AccountSource, TargetSpec};
 use super::index::{Bits, OrderIds, bit, first};
+use super::model::{AccountSource, Condition, TargetSpec};
 use super::{Decision, Rules};
 use crate::domain::{AccountSelector, CountryCode, HeldOrder, HoldReason, Line, OrderType, Target};
-
-/// A condition of `[rule.when]`.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub(super) enum Condition {
-    /// `end_customer_domain`
-    EndCustomerDomain,
-    /// `partner_id`
-    PartnerId,
-    /// `country`
-    Country,
-    /// `hold_reason`
-    HoldReason,
-    /// `order_type`
-    OrderType,
-    /// `product_family`
-    ProductFamily,
-}
-
-impl Condition {
-    /// In file-key order, for explain.
-    pub const ALL: [Self; 6] = [
-        Self::EndCustomerDomain,
-        Self::PartnerId,
-        Self::Country,
-        Self::HoldReason,
-        Self::OrderType,
-        Self::ProductFamily,
-    ];
-
-    /// The key in the rules file.
-    pub fn key(self) -> &'static str {
-        match self {
-            Self::EndCustomerDomain => "when.end_customer_domain",
-            Self::PartnerId => "when.partner_id",
-            Self::Country => "when.country",
-            Self::HoldReason => "when.hold_reason",
-            Self::OrderType => "when.order_type",
-            Self::ProductFamily => "when.product_family",
-        }
-    }
-}
 
 /// What the rules look at in one order, borrowed from it, and its ids.
 pub(super) struct Facts<'a> {

@@ -45,15 +45,14 @@
 use std::fmt;
 use std::path::{Path, PathBuf};
 
-use serde::{Deserialize, Serialize};
-
-use crate::domain::{HeldOrder, Target};
+use crate::domain::HeldOrder;
 
 mod compile;
 mod explain;
 mod file;
 mod index;
 mod matcher;
+mod model;
 mod reload;
 #[cfg(test)]
 mod tests;
@@ -61,18 +60,7 @@ mod tests;
 pub use explain::{Explanation, Failure, OrderFacts, Outcome, RuleExplanation};
 pub use reload::RulesHandle;
 
-/// What the rules decided for one held order.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Decision {
-    /// Name of the rule that matched.
-    pub rule: String,
-    /// SHA-256 (hex) of the rules file content the decision was made with.
-    pub rules_hash: String,
-    /// What to assign.
-    pub target: Target,
-    /// What to assign when the target's account is missing or not ACTIVE.
-    pub fallback: Option<Target>,
-}
+pub use crate::domain::Decision;
 
 /// A rule named in an error: its position (from 1) and its name, if it has one.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -139,7 +127,7 @@ pub enum RulesError {
     /// A key the rules file does not have (often a typo).
     #[error("{at}: unknown key `{key}`{}", if expected.is_empty() { String::new() } else { format!("; {expected}") })]
     UnknownKey {
-        /// Where.
+        #[allow(missing_docs)] // where in the file, in every variant
         at: Box<Location>,
         /// The key, with its table inside the rule (`when.contry`).
         key: String,
@@ -157,7 +145,7 @@ pub enum RulesError {
     /// A value of the wrong type or outside its set.
     #[error("{at}: `{key}`: {reason}")]
     InvalidValue {
-        /// Where.
+        #[allow(missing_docs)] // where in the file, in every variant
         at: Box<Location>,
         /// The key.
         key: String,
@@ -167,7 +155,7 @@ pub enum RulesError {
     /// `name = ""`.
     #[error("{at}: `name` is empty; every rule needs a unique name")]
     EmptyName {
-        /// Where.
+        #[allow(missing_docs)] // where in the file, in every variant
         at: Box<Location>,
     },
     /// Two rules with the same name.
@@ -185,7 +173,7 @@ pub enum RulesError {
     /// A domain pattern that is not a `*` glob over a domain.
     #[error("{at}: `{key}`: bad domain pattern {pattern:?}: {reason}")]
     BadGlob {
-        /// Where.
+        #[allow(missing_docs)] // where in the file, in every variant
         at: Box<Location>,
         /// The key (`when.end_customer_domain`).
         key: String,
@@ -199,7 +187,7 @@ pub enum RulesError {
         "{at}: `{key}` is an empty list, which matches no order; leave the key out to match any value"
     )]
     EmptyList {
-        /// Where.
+        #[allow(missing_docs)] // where in the file, in every variant
         at: Box<Location>,
         /// The key.
         key: String,
@@ -217,7 +205,7 @@ pub enum RulesError {
         "{at}: `{key}`: from = {value:?} is not supported; the only source is \"end_customer_domain\""
     )]
     UnsupportedFrom {
-        /// Where.
+        #[allow(missing_docs)] // where in the file, in every variant
         at: Box<Location>,
         /// The key (`assign.smart_account.from`).
         key: String,
@@ -229,7 +217,7 @@ pub enum RulesError {
         "{at}: `fallback.smart_account.from`: a fallback names a fixed account (domain, name or email), not one taken from the order"
     )]
     FromInFallback {
-        /// Where.
+        #[allow(missing_docs)] // where in the file, in every variant
         at: Box<Location>,
     },
     /// A `[rule.fallback]` without `smart_account`.
@@ -247,7 +235,7 @@ pub enum RulesError {
 pub struct Rules {
     file: PathBuf,
     hash: String,
-    rules: Vec<compile::Rule>,
+    rules: Vec<model::Rule>,
     index: index::MatchIndex,
 }
 

@@ -784,7 +784,7 @@ mod reload {
 mod props {
     use proptest::prelude::*;
 
-    use super::super::compile;
+    use super::super::model;
     use super::*;
 
     fn pick<T: Clone + std::fmt::Debug>(values: &'static [T]) -> impl Strategy<Value = T> {
@@ -991,7 +991,7 @@ mod props {
                         .iter()
                         .any(|f| fs.iter().any(|w| w.eq_ignore_ascii_case(f)))
                 })
-                && (r.assign.account != compile::AccountSource::EndCustomerDomain
+                && (r.assign.account != model::AccountSource::EndCustomerDomain
                     || domain.is_some());
             ok.then(|| r.name.clone())
         })

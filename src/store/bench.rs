@@ -2,7 +2,8 @@
 //! statements (which it calls as they are: [`Store::record_held`],
 //! [`Store::claim_due`]): emptying the tables between runs, counting what
 //! intake wrote, seeding a million watched cases set-based, making a few of
-//! them due, and the plan of the claim.
+//! them due, and the plan of the claim. These live on [`BenchTables`], which
+//! only `src/bench/` builds, never on the production [`Store`].
 
 use std::time::Duration;
 
@@ -10,14 +11,20 @@ use chrono::{DateTime, Utc};
 use serde_json::Value;
 use sqlx::Row;
 
+use sqlx::PgPool;
+
 use super::{Store, StoreError};
 
 /// Makes the `$1` open cases due last due a second ago.
-const MAKE_DUE: &str = "UPDATE cases SET next_action_at = now() - interval '1 second' \
-     WHERE id IN (SELECT id FROM cases WHERE state NOT IN ('released', 'escalated', 'merged') \
-                  ORDER BY next_action_at DESC LIMIT $1)";
+const MAKE_DUE: &str = concat!(
+    "UPDATE cases SET next_action_at = now() - interval '1 second' \
+     WHERE id IN (SELECT id FROM cases WHERE ",
+    open_case!(),
+    " \
+                  ORDER BY next_action_at DESC LIMIT $1)"
+);
 
-/// Seeds cases `from..from + n` in state `watching` (see [`Store::bench_seed_watching`]).
+/// Seeds cases `from..from + n` in state `watching` (see [`BenchTables::seed_watching`]).
 const SEED_WATCHING: &str = r#"
 INSERT INTO cases (id, order_key, sales_order_number, state, event_id, event, hold_reason,
                    held_at, next_action_at, watching_since, assigned_at, polls,
@@ -41,9 +48,23 @@ SELECT gen_random_uuid(),
 FROM generate_series($1::bigint, $1::bigint + $2::bigint - 1) AS g
 "#;
 
-impl Store {
+/// The benchmark's own database, for the statements only the benchmark
+/// runs (`TRUNCATE` of every table among them).
+#[derive(Clone, Debug)]
+pub struct BenchTables {
+    pool: PgPool,
+}
+
+impl BenchTables {
+    /// The tables of the benchmark's store (its own database).
+    pub fn new(store: &Store) -> Self {
+        Self {
+            pool: store.pool().clone(),
+        }
+    }
+
     /// Empties every table of the service (the benchmark's own database only).
-    pub async fn bench_truncate(&self) -> Result<(), StoreError> {
+    pub async fn truncate(&self) -> Result<(), StoreError> {
         sqlx::query("TRUNCATE inbox, outbox, case_history, cases")
             .execute(&self.pool)
             .await?;
@@ -51,7 +72,7 @@ impl Store {
     }
 
     /// Event ids intake has recorded.
-    pub async fn bench_inbox_count(&self) -> Result<i64, StoreError> {
+    pub async fn inbox_count(&self) -> Result<i64, StoreError> {
         Ok(sqlx::query_scalar("SELECT count(*) FROM inbox")
             .fetch_one(&self.pool)
             .await?)
@@ -61,7 +82,7 @@ impl Store {
     /// next look falls at a random moment between `start` plus `offset` and
     /// `start` plus `offset + spread` seconds; each carries `event` (a valid
     /// held-order event, as intake would have stored it). One statement.
-    pub async fn bench_seed_watching(
+    pub async fn seed_watching(
         &self,
         from: i64,
         n: i64,
@@ -84,7 +105,7 @@ impl Store {
 
     /// Refreshes the planner's statistics of the cases table (autovacuum
     /// would, a little later).
-    pub async fn bench_analyze(&self) -> Result<(), StoreError> {
+    pub async fn analyze(&self) -> Result<(), StoreError> {
         sqlx::query("VACUUM ANALYZE cases")
             .execute(&self.pool)
             .await?;
@@ -94,7 +115,7 @@ impl Store {
     /// A checkpoint before a timed run, so that none started by an earlier
     /// section's writes lands in it. Best effort: a role that may not
     /// `CHECKPOINT` measures without it.
-    pub async fn bench_checkpoint(&self) {
+    pub async fn checkpoint(&self) {
         if let Err(e) = sqlx::query("CHECKPOINT").execute(&self.pool).await {
             tracing::debug!(error = %e, "No checkpoint before the timed run.");
         }
@@ -102,7 +123,7 @@ impl Store {
 
     /// Makes the `n` open cases due last due now (they then wait a second
     /// past their time, as cases do between two claims).
-    pub async fn bench_make_due(&self, n: i64) -> Result<u64, StoreError> {
+    pub async fn make_due(&self, n: i64) -> Result<u64, StoreError> {
         Ok(sqlx::query(MAKE_DUE)
             .bind(n)
             .execute(&self.pool)
@@ -111,7 +132,7 @@ impl Store {
     }
 
     /// The plan PostgreSQL picks for the engine's claim, as text lines.
-    pub async fn bench_explain_claim(&self, limit: i64) -> Result<Vec<String>, StoreError> {
+    pub async fn explain_claim(&self, limit: i64) -> Result<Vec<String>, StoreError> {
         // A fixed prefix on a constant statement: nothing from outside.
         let sql = sqlx::AssertSqlSafe(format!("EXPLAIN {}", super::cases::CLAIM_DUE));
         let rows = sqlx::query(sql)
@@ -126,7 +147,7 @@ impl Store {
     }
 
     /// The server's version (`SHOW server_version`).
-    pub async fn bench_server_version(&self) -> Result<String, StoreError> {
+    pub async fn server_version(&self) -> Result<String, StoreError> {
         Ok(sqlx::query_scalar("SHOW server_version")
             .fetch_one(&self.pool)
             .await?)

@@ -6,46 +6,12 @@ use std::time::Duration;
 use chrono::{DateTime, Utc};
 use serde::Serialize;
 use serde_json::Value;
-use sqlx::postgres::PgRow;
 use sqlx::{Postgres, Row, Transaction};
 use uuid::Uuid;
 
+use super::case_row::{CaseColumns, CaseRow, case_columns, case_input, case_set, corrupt};
 use super::{Store, StoreError};
-use crate::domain::{
-    CaseState, EscalationReason, HeldOrderEvent, OrderId, SalesOrderNumber, WebOrderId,
-};
-use crate::engine::machine::{Case, HistoryEntry, ResolvedTarget};
-use crate::outbox::Envelope;
-use crate::rules::Decision;
-
-/// The columns a [`Case`] is read from, in every `SELECT`/`RETURNING`.
-macro_rules! case_columns {
-    () => {
-        "id, order_key, sales_order_number, web_order_id, state, event, held_at, decision, \
-         target, idempotency_key, assignment_id, assigned_at, watching_since, attempt, \
-         retry_since, polls, escalation_reason, escalation_level, released_at, closed_at, \
-         generation, next_action_at, lease_owner, lease_expires_at, created_at, updated_at, \
-         merged_into"
-    };
-}
-
-/// The columns a step writes; `$1` is the case id, `$2` the fence value.
-macro_rules! case_update_set {
-    () => {
-        "UPDATE cases SET state = $3, sales_order_number = coalesce(sales_order_number, $4::text), \
-         order_key = coalesce(sales_order_number, $4::text, order_key), rule_name = $5, \
-         rules_hash = $6, decision = $7, target = $8, idempotency_key = $9, \
-         assignment_id = $10, assigned_at = $11, watching_since = $12, attempt = $13, \
-         retry_since = $14, polls = $15, escalation_reason = $16, escalation_level = $17, \
-         released_at = $18, closed_at = $19, generation = $20, \
-         next_action_at = CASE WHEN $22::float8 IS NULL THEN coalesce($21, now()) \
-                               ELSE now() + make_interval(secs => $22::float8) END, \
-         lease_owner = CASE WHEN $22::float8 IS NULL THEN NULL ELSE lease_owner END, \
-         lease_expires_at = CASE WHEN $22::float8 IS NULL THEN NULL \
-                                 ELSE now() + make_interval(secs => $22::float8) END, \
-         updated_at = now() "
-    };
-}
+use crate::domain::{Case, CaseState, Envelope, HistoryEntry, SalesOrderNumber};
 
 /// The claim of [`Store::claim_due`]: `$1` lease owner, `$2` lease in
 /// seconds, `$3` most cases. (The benchmark EXPLAINs this very statement.)
@@ -54,7 +20,9 @@ pub(super) const CLAIM_DUE: &str = concat!(
         lease_expires_at = now() + make_interval(secs => $2::float8), \
         next_action_at = now() + make_interval(secs => $2::float8) \
      WHERE id IN (SELECT id FROM cases \
-                  WHERE state NOT IN ('released', 'escalated', 'merged') AND next_action_at <= now() \
+                  WHERE ",
+    open_case!(),
+    " AND next_action_at <= now() \
                   ORDER BY next_action_at LIMIT $3 FOR UPDATE SKIP LOCKED) \
      RETURNING ",
     case_columns!()
@@ -62,23 +30,15 @@ pub(super) const CLAIM_DUE: &str = concat!(
 
 /// Step commits of several cases in one statement (one implicit
 /// transaction, one round trip). Per case (`$1..$22`, arrays, one element
-/// each): the new columns, fenced by the lease owner; rows are locked in id
-/// order so that two writers never wait on each other in a cycle. History
-/// (`$23..$27`) and outbox rows (`$28..$31`) carry their case id and are
-/// written only for the cases whose fence held. Returns those cases' ids.
-const COMMIT_STEPS: &str = r#"
-WITH input AS (
-    SELECT *
-    FROM unnest($1::uuid[], $2::text[], $3::text[], $4::text[], $5::text[], $6::text[],
-                $7::jsonb[], $8::jsonb[], $9::text[], $10::text[], $11::timestamptz[],
-                $12::timestamptz[], $13::int4[], $14::timestamptz[], $15::int4[], $16::text[],
-                $17::int2[], $18::timestamptz[], $19::timestamptz[], $20::int4[],
-                $21::timestamptz[], $22::float8[])
-         AS t(id, lease_owner, state, sales_order_number, rule_name, rules_hash, decision,
-              target, idempotency_key, assignment_id, assigned_at, watching_since, attempt,
-              retry_since, polls, escalation_reason, escalation_level, released_at, closed_at,
-              generation, next_action_at, hold)
-),
+/// each, [`case_input!`]): the new columns, fenced by the lease owner; rows
+/// are locked in id order so that two writers never wait on each other in a
+/// cycle. History (`$23..$27`) and outbox rows (`$28..$31`) carry their case
+/// id and are written only for the cases whose fence held. Returns those
+/// cases' ids.
+const COMMIT_STEPS: &str = concat!(
+    "WITH input AS (SELECT * FROM ",
+    case_input!(),
+    "),
 locked AS (
     SELECT c.id
     FROM cases c JOIN input i ON c.id = i.id AND c.lease_owner = i.lease_owner
@@ -86,26 +46,9 @@ locked AS (
     FOR UPDATE OF c
 ),
 step AS (
-    UPDATE cases c
-    SET state = i.state,
-        -- An id, once known, is never unlearned; a new one is learned through
-        -- `identify_order` first, so these change nothing in practice.
-        sales_order_number = coalesce(c.sales_order_number, i.sales_order_number),
-        order_key = coalesce(c.sales_order_number, i.sales_order_number, c.order_key),
-        rule_name = i.rule_name,
-        rules_hash = i.rules_hash, decision = i.decision, target = i.target,
-        idempotency_key = i.idempotency_key, assignment_id = i.assignment_id,
-        assigned_at = i.assigned_at, watching_since = i.watching_since, attempt = i.attempt,
-        retry_since = i.retry_since, polls = i.polls, escalation_reason = i.escalation_reason,
-        escalation_level = i.escalation_level, released_at = i.released_at,
-        closed_at = i.closed_at, generation = i.generation,
-        next_action_at = CASE WHEN i.hold IS NULL THEN coalesce(i.next_action_at, now())
-                              ELSE now() + make_interval(secs => i.hold) END,
-        lease_owner = CASE WHEN i.hold IS NULL THEN NULL ELSE c.lease_owner END,
-        lease_expires_at = CASE WHEN i.hold IS NULL THEN NULL
-                                ELSE now() + make_interval(secs => i.hold) END,
-        updated_at = now()
-    FROM input i
+    UPDATE cases c SET ",
+    case_set!(),
+    "FROM input i
     WHERE c.id = i.id AND c.lease_owner = i.lease_owner AND c.id IN (SELECT id FROM locked)
     RETURNING c.id
 ),
@@ -127,8 +70,18 @@ events AS (
     ORDER BY o.n
     ON CONFLICT (envelope_id) DO NOTHING
 )
-SELECT id FROM step
-"#;
+SELECT id FROM step"
+);
+
+/// A re-opened case ([`case_input!`] with one element), fenced by its
+/// previous generation (`$23`) and escalated state.
+const COMMIT_RETRY: &str = concat!(
+    "UPDATE cases c SET ",
+    case_set!(),
+    "FROM (SELECT * FROM ",
+    case_input!(),
+    ") i WHERE c.id = i.id AND c.generation = $23 AND c.state = 'escalated'"
+);
 
 /// One step's commit, for [`Store::commit_steps`].
 #[derive(Clone, Copy, Debug)]
@@ -183,12 +136,11 @@ pub struct CaseRecord {
 /// One line of `holdclear cases list`.
 #[derive(Clone, Debug, Serialize)]
 #[serde(rename_all = "camelCase")]
+#[allow(missing_docs)] // the columns, as stored
 pub struct CaseSummary {
-    /// Case id.
     pub id: Uuid,
     /// Sales order number, or `web:<id>`.
     pub order: String,
-    /// State.
     pub state: String,
     /// Rule that decided it.
     pub rule: Option<String>,
@@ -196,9 +148,7 @@ pub struct CaseSummary {
     pub account: Option<String>,
     /// Escalation reason, when escalated.
     pub escalation_reason: Option<String>,
-    /// Opened.
     pub created_at: DateTime<Utc>,
-    /// Last change.
     pub updated_at: DateTime<Utc>,
     /// Next step due (open cases only).
     pub next_action_at: Option<DateTime<Utc>>,
@@ -215,19 +165,16 @@ pub struct CaseFilter {
     pub limit: u32,
 }
 
-/// One stored history line.
+/// One stored history line: the columns of `case_history`.
 #[derive(Clone, Debug, Serialize)]
 #[serde(rename_all = "camelCase")]
+#[allow(missing_docs)] // the columns, as stored
 pub struct HistoryRow {
-    /// Position.
     pub id: i64,
-    /// When.
     pub at: DateTime<Utc>,
-    /// What kind of entry.
     pub kind: String,
-    /// State after it.
+    /// The case's state after this line.
     pub state: String,
-    /// Particulars.
     pub detail: Value,
 }
 
@@ -262,147 +209,6 @@ pub enum RetryCommit {
     Changed,
     /// Another case of the order is open: nothing written.
     OtherOpen,
-}
-
-fn corrupt(detail: impl Into<String>) -> StoreError {
-    StoreError::Corrupt {
-        table: "cases",
-        detail: detail.into(),
-    }
-}
-
-/// A `jsonb` column decoded straight into `T` (one parse, no
-/// intermediate `Value`); a value that does not fit `T` is a corrupt row.
-fn json_column<T: serde::de::DeserializeOwned>(
-    row: &PgRow,
-    column: &str,
-) -> Result<Option<T>, StoreError> {
-    match row.try_get::<Option<sqlx::types::Json<T>>, _>(column) {
-        Ok(v) => Ok(v.map(|j| j.0)),
-        Err(sqlx::Error::ColumnDecode { source, .. }) => {
-            Err(corrupt(format!("{column}: {source}")))
-        }
-        Err(e) => Err(e.into()),
-    }
-}
-
-fn count(row: &PgRow, column: &str) -> Result<u32, StoreError> {
-    let n: i32 = row.try_get(column)?;
-    u32::try_from(n).map_err(|_| corrupt(format!("{column} is negative")))
-}
-
-fn case_from_row(row: &PgRow) -> Result<Case, StoreError> {
-    let id: Uuid = row.try_get("id")?;
-    let so: Option<String> = row.try_get("sales_order_number")?;
-    let web: Option<String> = row.try_get("web_order_id")?;
-    let so = so
-        .map(|s| SalesOrderNumber::parse(&s))
-        .transpose()
-        .map_err(|e| corrupt(format!("case {id}: {e}")))?;
-    let web = web
-        .map(|s| WebOrderId::parse(&s))
-        .transpose()
-        .map_err(|e| corrupt(format!("case {id}: {e}")))?;
-    let event: HeldOrderEvent =
-        json_column(row, "event")?.ok_or_else(|| corrupt(format!("case {id}: event is null")))?;
-    // The columns are filled in as the engine learns; the event is the fallback.
-    let order = OrderId::new(
-        so.or_else(|| event.data.order.sales_order_number.clone()),
-        web.or_else(|| event.data.order.web_order_id.clone()),
-    )
-    .ok_or_else(|| corrupt(format!("case {id}: no order number")))?;
-    let state: String = row.try_get("state")?;
-    let state = CaseState::parse(&state)
-        .ok_or_else(|| corrupt(format!("case {id}: unknown state {state:?}")))?;
-    let reason: Option<String> = row.try_get("escalation_reason")?;
-    let escalation_reason = reason
-        .map(|r| {
-            EscalationReason::parse(&r)
-                .ok_or_else(|| corrupt(format!("case {id}: unknown escalation reason {r:?}")))
-        })
-        .transpose()?;
-    let level: i16 = row.try_get("escalation_level")?;
-    let next_action_at: DateTime<Utc> = row.try_get("next_action_at")?;
-    Ok(Case {
-        id,
-        order,
-        held_at: row.try_get("held_at")?,
-        decision: json_column::<Decision>(row, "decision")?,
-        target: json_column::<ResolvedTarget>(row, "target")?,
-        idempotency_key: row.try_get("idempotency_key")?,
-        assignment_id: row.try_get("assignment_id")?,
-        assigned_at: row.try_get("assigned_at")?,
-        watching_since: row.try_get("watching_since")?,
-        attempt: count(row, "attempt")?,
-        retry_since: row.try_get("retry_since")?,
-        polls: count(row, "polls")?,
-        escalation_reason,
-        escalation_level: u32::try_from(level)
-            .map_err(|_| corrupt(format!("case {id}: escalation_level is negative")))?,
-        released_at: row.try_get("released_at")?,
-        closed_at: row.try_get("closed_at")?,
-        generation: count(row, "generation")?,
-        next_action_at: (!state.is_terminal()).then_some(next_action_at),
-        state,
-        event,
-    })
-}
-
-fn record_from_row(row: &PgRow) -> Result<CaseRecord, StoreError> {
-    Ok(CaseRecord {
-        case: case_from_row(row)?,
-        order_key: row.try_get("order_key")?,
-        merged_into: row.try_get("merged_into")?,
-        lease_owner: row.try_get("lease_owner")?,
-        lease_expires_at: row.try_get("lease_expires_at")?,
-        created_at: row.try_get("created_at")?,
-        updated_at: row.try_get("updated_at")?,
-    })
-}
-
-fn to_json<T: Serialize>(v: &T) -> Result<Value, StoreError> {
-    serde_json::to_value(v).map_err(|e| corrupt(format!("cannot serialise: {e}")))
-}
-
-/// Binds the `case_update_set!` parameters `$3..$22` (after `$1`, `$2`).
-fn bind_case<'q>(
-    q: sqlx::query::Query<'q, Postgres, sqlx::postgres::PgArguments>,
-    case: &Case,
-    hold: Option<Duration>,
-) -> Result<sqlx::query::Query<'q, Postgres, sqlx::postgres::PgArguments>, StoreError> {
-    let decision = case.decision.as_ref().map(to_json).transpose()?;
-    let target = case.target.as_ref().map(to_json).transpose()?;
-    let int = |n: u32, what: &str| {
-        i32::try_from(n).map_err(|_| corrupt(format!("{what} out of range: {n}")))
-    };
-    Ok(q.bind(case.state.as_str())
-        .bind(
-            case.order
-                .sales_order_number
-                .as_ref()
-                .map(|s| s.to_string()),
-        )
-        .bind(case.decision.as_ref().map(|d| d.rule.clone()))
-        .bind(case.decision.as_ref().map(|d| d.rules_hash.clone()))
-        .bind(decision)
-        .bind(target)
-        .bind(case.idempotency_key.clone())
-        .bind(case.assignment_id.clone())
-        .bind(case.assigned_at)
-        .bind(case.watching_since)
-        .bind(int(case.attempt, "attempt")?)
-        .bind(case.retry_since)
-        .bind(int(case.polls, "polls")?)
-        .bind(case.escalation_reason.map(|r| r.as_str()))
-        .bind(
-            i16::try_from(case.escalation_level)
-                .map_err(|_| corrupt("escalation_level out of range"))?,
-        )
-        .bind(case.released_at)
-        .bind(case.closed_at)
-        .bind(int(case.generation, "generation")?)
-        .bind(case.next_action_at)
-        .bind(hold.map(secs)))
 }
 
 /// Binds a history as the arrays `at`, `kind`, `state`, `detail`.
@@ -463,7 +269,8 @@ impl Store {
                     id: row.try_get("id")?,
                     order_key: row.try_get("order_key")?,
                     // Claimed means due: the stored time is the lease's.
-                    case: case_from_row(row).map(|mut c| {
+                    case: CaseRow::read(row).and_then(CaseRow::decode).map(|r| {
+                        let mut c = r.case;
                         c.next_action_at = Some(now);
                         c
                     }),
@@ -479,11 +286,12 @@ impl Store {
         lease_owner: &str,
         lease: Duration,
     ) -> Result<bool, StoreError> {
-        let done = sqlx::query(
+        let done = sqlx::query(concat!(
             "UPDATE cases SET lease_expires_at = now() + make_interval(secs => $3::float8), \
                 next_action_at = now() + make_interval(secs => $3::float8) \
-             WHERE id = $1 AND lease_owner = $2 AND state NOT IN ('released', 'escalated', 'merged')",
-        )
+             WHERE id = $1 AND lease_owner = $2 AND ",
+            open_case!()
+        ))
         .bind(id)
         .bind(lease_owner)
         .bind(secs(lease))
@@ -549,63 +357,14 @@ impl Store {
         if steps.is_empty() {
             return Ok(Vec::new());
         }
-        let int = |n: u32, what: &str| {
-            i32::try_from(n).map_err(|_| corrupt(format!("{what} out of range: {n}")))
-        };
-        let n = steps.len();
-        let mut id = Vec::with_capacity(n);
-        let mut owner = Vec::with_capacity(n);
-        let mut state = Vec::with_capacity(n);
-        let mut so = Vec::with_capacity(n);
-        let mut rule = Vec::with_capacity(n);
-        let mut hash = Vec::with_capacity(n);
-        let mut decision = Vec::with_capacity(n);
-        let mut target = Vec::with_capacity(n);
-        let mut key = Vec::with_capacity(n);
-        let mut assignment = Vec::with_capacity(n);
-        let mut assigned_at = Vec::with_capacity(n);
-        let mut watching_since = Vec::with_capacity(n);
-        let mut attempt = Vec::with_capacity(n);
-        let mut retry_since = Vec::with_capacity(n);
-        let mut polls = Vec::with_capacity(n);
-        let mut reason = Vec::with_capacity(n);
-        let mut level = Vec::with_capacity(n);
-        let mut released_at = Vec::with_capacity(n);
-        let mut closed_at = Vec::with_capacity(n);
-        let mut generation = Vec::with_capacity(n);
-        let mut next_action_at = Vec::with_capacity(n);
-        let mut hold = Vec::with_capacity(n);
+        let mut cases = CaseColumns::default();
         let (mut h_case, mut h_at, mut h_kind, mut h_state, mut h_detail) =
             (Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new());
         let (mut o_id, mut o_case, mut o_key, mut o_body) =
             (Vec::new(), Vec::new(), Vec::new(), Vec::new());
         for step in steps {
             let c = step.case;
-            id.push(c.id);
-            owner.push(step.lease_owner);
-            state.push(c.state.as_str());
-            so.push(c.order.sales_order_number.as_ref().map(|s| s.to_string()));
-            rule.push(c.decision.as_ref().map(|d| d.rule.as_str()));
-            hash.push(c.decision.as_ref().map(|d| d.rules_hash.as_str()));
-            decision.push(c.decision.as_ref().map(to_json).transpose()?);
-            target.push(c.target.as_ref().map(to_json).transpose()?);
-            key.push(c.idempotency_key.as_deref());
-            assignment.push(c.assignment_id.as_deref());
-            assigned_at.push(c.assigned_at);
-            watching_since.push(c.watching_since);
-            attempt.push(int(c.attempt, "attempt")?);
-            retry_since.push(c.retry_since);
-            polls.push(int(c.polls, "polls")?);
-            reason.push(c.escalation_reason.map(|r| r.as_str()));
-            level.push(
-                i16::try_from(c.escalation_level)
-                    .map_err(|_| corrupt("escalation_level out of range"))?,
-            );
-            released_at.push(c.released_at);
-            closed_at.push(c.closed_at);
-            generation.push(int(c.generation, "generation")?);
-            next_action_at.push(c.next_action_at);
-            hold.push(step.hold.map(secs));
+            cases.push(c, Some(step.lease_owner), step.hold)?;
             for h in step.history {
                 h_case.push(c.id);
                 h_at.push(h.at);
@@ -620,29 +379,9 @@ impl Store {
                 o_body.push(&e.body);
             }
         }
-        let written: Vec<Uuid> = sqlx::query_scalar(COMMIT_STEPS)
-            .bind(&id)
-            .bind(owner)
-            .bind(state)
-            .bind(so)
-            .bind(rule)
-            .bind(hash)
-            .bind(decision)
-            .bind(target)
-            .bind(key)
-            .bind(assignment)
-            .bind(assigned_at)
-            .bind(watching_since)
-            .bind(attempt)
-            .bind(retry_since)
-            .bind(polls)
-            .bind(reason)
-            .bind(level)
-            .bind(released_at)
-            .bind(closed_at)
-            .bind(generation)
-            .bind(next_action_at)
-            .bind(hold)
+        let id = cases.ids().to_vec();
+        let written: Vec<Uuid> = cases
+            .bind(sqlx::query(COMMIT_STEPS))
             .bind(h_case)
             .bind(h_at)
             .bind(h_kind)
@@ -653,7 +392,10 @@ impl Store {
             .bind(o_key)
             .bind(o_body)
             .fetch_all(&self.pool)
-            .await?;
+            .await?
+            .iter()
+            .map(|row| row.try_get(0))
+            .collect::<Result<_, _>>()?;
         Ok(id.iter().map(|i| written.contains(i)).collect())
     }
 
@@ -667,13 +409,12 @@ impl Store {
         history: &[HistoryEntry],
     ) -> Result<RetryCommit, StoreError> {
         let mut tx = self.pool.begin().await?;
-        let q = sqlx::query(concat!(
-            case_update_set!(),
-            "WHERE id = $1 AND generation = $2 AND state = 'escalated'"
-        ))
-        .bind(after.id)
-        .bind(i32::try_from(before.generation).map_err(|_| corrupt("generation out of range"))?);
-        let done = match bind_case(q, after, None)?.execute(&mut *tx).await {
+        let mut case = CaseColumns::default();
+        case.push(after, None, None)?;
+        let q = case.bind(sqlx::query(COMMIT_RETRY)).bind(
+            i32::try_from(before.generation).map_err(|_| corrupt("generation out of range"))?,
+        );
+        let done = match q.execute(&mut *tx).await {
             Ok(done) => done,
             Err(sqlx::Error::Database(e)) if e.is_unique_violation() => {
                 return Ok(RetryCommit::OtherOpen);
@@ -730,12 +471,14 @@ impl Store {
             DateTime<Utc>,
             String,
         );
-        let row: Option<Row> = sqlx::query_as(
+        let row: Option<Row> = sqlx::query_as(concat!(
             "SELECT sales_order_number, web_order_id, created_at, held_at, state FROM cases \
              WHERE id = $1 AND lease_owner = $2 \
-               AND state NOT IN ('released', 'escalated', 'merged') \
-             FOR UPDATE",
-        )
+               AND ",
+            open_case!(),
+            " \
+             FOR UPDATE"
+        ))
         .bind(id)
         .bind(lease_owner)
         .fetch_optional(&mut *tx)
@@ -752,16 +495,20 @@ impl Store {
         // case opened (it was working the same hold), else one that ended
         // after this case's hold was applied (released or escalated: that
         // hold is another case's).
-        let other: Option<Uuid> = sqlx::query_scalar(
+        let other: Option<Uuid> = sqlx::query_scalar(concat!(
             "SELECT id FROM cases \
              WHERE order_key = $1 AND id <> $2 \
-               AND (state NOT IN ('released', 'escalated', 'merged') \
+               AND (",
+            open_case!(),
+            " \
                     OR (state <> 'merged' AND closed_at >= $3) \
                     OR (state IN ('released', 'escalated') \
                         AND coalesce(released_at, closed_at) >= $4)) \
-             ORDER BY (state NOT IN ('released', 'escalated', 'merged')) DESC, created_at DESC \
-             LIMIT 1 FOR UPDATE",
-        )
+             ORDER BY (",
+            open_case!(),
+            ") DESC, created_at DESC \
+             LIMIT 1 FOR UPDATE"
+        ))
         .bind(so)
         .bind(id)
         .bind(created_at)
@@ -829,9 +576,10 @@ impl Store {
 
     /// The earliest `next_action_at` of the open cases, if any.
     pub async fn next_due(&self) -> Result<Option<DateTime<Utc>>, StoreError> {
-        Ok(sqlx::query_scalar(
-            "SELECT min(next_action_at) FROM cases WHERE state NOT IN ('released', 'escalated', 'merged')",
-        )
+        Ok(sqlx::query_scalar(concat!(
+            "SELECT min(next_action_at) FROM cases WHERE ",
+            open_case!()
+        ))
         .fetch_one(&self.pool)
         .await?)
     }
@@ -847,7 +595,7 @@ impl Store {
         .fetch_optional(&self.pool)
         .await?
         .as_ref()
-        .map(record_from_row)
+        .map(|row| CaseRow::read(row)?.decode())
         .transpose()
     }
 
@@ -867,7 +615,7 @@ impl Store {
         .fetch_optional(&self.pool)
         .await?
         .as_ref()
-        .map(record_from_row)
+        .map(|row| CaseRow::read(row)?.decode())
         .transpose()
     }
 
@@ -879,10 +627,12 @@ impl Store {
         web_order_id: Option<&str>,
         except: Uuid,
     ) -> Result<Option<Uuid>, StoreError> {
-        Ok(sqlx::query_scalar(
+        Ok(sqlx::query_scalar(concat!(
             "SELECT id FROM cases WHERE (order_key = $1 OR web_order_id = $3) AND id <> $2 \
-             AND state NOT IN ('released', 'escalated', 'merged') LIMIT 1",
-        )
+             AND ",
+            open_case!(),
+            " LIMIT 1"
+        ))
         .bind(order_key)
         .bind(except)
         .bind(web_order_id)

@@ -66,7 +66,8 @@ const MAX_ROUNDS: usize = 5;
 /// open case has it (the unique indexes of open cases decide; a case that
 /// later learns a sales order number another case has is merged by the
 /// engine, see `Store::identify_order`).
-const RECORD_HELD: &str = r#"
+const RECORD_HELD: &str = concat!(
+    r#"
 WITH input AS (
     SELECT *
     FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::text[],
@@ -81,7 +82,9 @@ open_cases AS (
     SELECT c.id, c.order_key, c.sales_order_number, c.web_order_id, c.state
     FROM cases c
     WHERE (c.order_key = ANY($3::text[]) OR c.web_order_id = ANY($4::text[]))
-      AND c.state NOT IN ('released', 'escalated', 'merged')
+      AND "#,
+    open_case!(c),
+    r#"
     ORDER BY c.id -- locks in id order, as the engine's step commits take them
     FOR SHARE
 ),
@@ -208,7 +211,8 @@ FROM input i
 LEFT JOIN fresh f ON f.ord = i.ord
 LEFT JOIN settled s ON s.ord = i.ord
 ORDER BY i.ord
-"#;
+"#
+);
 
 /// Releases this transaction's inbox claims of events that found no case,
 /// so that the next round can claim them again.
@@ -435,14 +439,9 @@ fn groups<'a>(orders: &[&'a OrderId]) -> Vec<Group<'a>> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::domain::{SalesOrderNumber, WebOrderId};
 
     fn order(so: Option<&str>, web: Option<&str>) -> OrderId {
-        OrderId::new(
-            so.map(|s| SalesOrderNumber::parse(s).unwrap()),
-            web.map(|w| WebOrderId::parse(w).unwrap()),
-        )
-        .unwrap()
+        OrderId::from_test(so, web)
     }
 
     #[test]

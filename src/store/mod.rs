@@ -2,8 +2,8 @@
 //!
 //! [`Store`] owns the pool. Its methods are grouped by table in the
 //! submodules: the inbox and new cases (intake), the case engine's claims and
-//! steps, case history, and the outbox; `bench` holds what only
-//! `holdclear bench` asks (seeding, counting, the claim's plan).
+//! steps, case history, and the outbox; [`bench::BenchTables`] holds what
+//! only `holdclear bench` asks (seeding, counting, the claim's plan).
 
 use std::fmt;
 use std::str::FromStr;
@@ -14,7 +14,28 @@ use sqlx::{AssertSqlSafe, ConnectOptions, Connection, Executor, PgConnection, Pg
 
 use crate::config::{CaFile, DatabaseTimeouts, SecretUrl};
 
-mod bench;
+/// An open case, as SQL: its state is none of the terminal ones
+/// ([`crate::domain::CaseState::is_terminal`]; a test keeps the two equal).
+/// `open_case!()` for `state`, `open_case!(c)` for `c.state`. The migrations'
+/// partial indexes spell the same list.
+macro_rules! open_case {
+    () => {
+        concat!("state NOT IN ", terminal_states!())
+    };
+    ($alias:ident) => {
+        concat!(stringify!($alias), ".state NOT IN ", terminal_states!())
+    };
+}
+
+/// The terminal states, as an SQL list (see [`open_case!`]).
+macro_rules! terminal_states {
+    () => {
+        "('released', 'escalated', 'merged')"
+    };
+}
+
+pub mod bench;
+mod case_row;
 mod cases;
 mod dead_letters;
 mod intake;
@@ -648,4 +669,23 @@ fn is_missing_database(e: &sqlx::Error) -> bool {
 /// `name` as a quoted SQL identifier.
 fn quote_ident(name: &str) -> String {
     format!("\"{}\"", name.replace('"', "\"\""))
+}
+
+#[cfg(test)]
+mod open_case_tests {
+    use crate::domain::CaseState;
+
+    #[test]
+    fn the_open_case_predicate_names_exactly_the_terminal_states() {
+        let terminal: Vec<String> = CaseState::ALL
+            .into_iter()
+            .filter(|s| s.is_terminal())
+            .map(|s| format!("'{s}'"))
+            .collect();
+        assert_eq!(terminal_states!(), format!("({})", terminal.join(", ")));
+        assert_eq!(
+            open_case!(c),
+            concat!("c.state NOT IN ", terminal_states!())
+        );
+    }
 }

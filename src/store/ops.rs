@@ -28,10 +28,11 @@ impl Store {
         )
         .fetch_one(self.pool())
         .await?;
-        let oldest_open_hold_seconds: f64 = sqlx::query_scalar(
+        let oldest_open_hold_seconds: f64 = sqlx::query_scalar(concat!(
             "SELECT coalesce(extract(epoch FROM now() - min(held_at))::float8, 0)
-             FROM cases WHERE state NOT IN ('released', 'escalated', 'merged')",
-        )
+             FROM cases WHERE ",
+            open_case!()
+        ))
         .fetch_one(self.pool())
         .await?;
         Ok(OpsSnapshot {

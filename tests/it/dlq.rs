@@ -6,9 +6,11 @@
 use holdclear::broker::dlq_ingest::DeadLetterIngest;
 use holdclear::broker::{Broker, Publisher, declare_topology};
 use holdclear::config::SecretUrl;
+use holdclear::domain::DeadLetterMessage;
 use holdclear::store::Store;
 use lapin::options::{
-    BasicPublishOptions, ExchangeDeleteOptions, QueueDeclareOptions, QueueDeleteOptions,
+    BasicGetOptions, BasicPublishOptions, ExchangeDeleteOptions, QueueDeclareOptions,
+    QueueDeleteOptions,
 };
 use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
 use lapin::{BasicProperties, Channel, Connection};
@@ -22,6 +24,7 @@ const DEADLINE: std::time::Duration = std::time::Duration::from_secs(20);
 
 struct Fixture {
     prefix: String,
+    delivery_limit: u32,
     database_url: String,
     conn: Connection,
     channel: Channel,
@@ -31,6 +34,11 @@ struct Fixture {
 
 impl Fixture {
     async fn new(pool: &PgPool) -> Self {
+        Self::with_delivery_limit(pool, 20).await
+    }
+
+    /// The test's topology, its held queue declared with `delivery_limit`.
+    async fn with_delivery_limit(pool: &PgPool, delivery_limit: u32) -> Self {
         let prefix = unique("dlq");
         let database_url = database_url(pool).await;
         let dir = tempfile::tempdir().unwrap();
@@ -40,13 +48,13 @@ impl Fixture {
             prefix.clone(),
         );
         let conn = broker.connect("test").await.unwrap();
-        let publisher = Publisher::open(&conn).await.unwrap();
-        declare_topology(publisher.channel(), &topology(&prefix), 20)
+        declare_topology(&broker, &conn, &topology(&prefix), delivery_limit)
             .await
             .unwrap();
         let channel = conn.create_channel().await.unwrap();
         Self {
             prefix,
+            delivery_limit,
             database_url,
             conn,
             channel,
@@ -207,7 +215,7 @@ impl Fixture {
                 self.prefix.clone(),
             ),
             topology(&self.prefix),
-            20,
+            self.delivery_limit,
             8,
         );
         let task = tokio::spawn(holdclear::intake::dead_letters::ingest(
@@ -219,43 +227,43 @@ impl Fixture {
     }
 
     fn dlq(&self, args: &[&str]) -> (i32, String, String) {
-        let out = bin()
-            .arg("--config")
-            .arg(&self.config)
-            .arg("dlq")
-            .args(args)
-            .env("HOLDCLEAR_AMQP_URL", amqp_url())
-            .env("HOLDCLEAR_DATABASE_URL", &self.database_url)
-            .env("USER", "tester")
-            .output()
-            .unwrap();
-        (
-            out.status.code().unwrap_or(-1),
-            String::from_utf8_lossy(&out.stdout).into_owned(),
-            String::from_utf8_lossy(&out.stderr).into_owned(),
-        )
+        dlq_command(&self.config, &amqp_url(), &self.database_url, args)
     }
 
     async fn cleanup(self) {
         let t = topology(&self.prefix);
-        for q in [&t.held_queue, &t.dead_letter_queue] {
-            self.channel
-                .queue_delete(q.as_str().into(), QueueDeleteOptions::default())
-                .await
-                .unwrap();
-        }
-        for e in [
-            &t.orders_exchange,
-            &t.dead_letter_exchange,
-            &t.events_exchange,
-        ] {
-            self.channel
-                .exchange_delete(e.as_str().into(), ExchangeDeleteOptions::default())
-                .await
-                .unwrap();
-        }
+        holdclear::broker::delete_topology(&self.conn, &t)
+            .await
+            .unwrap();
         self.conn.close(200, "done".into()).await.ok();
     }
+}
+
+/// Runs `holdclear --config CONFIG dlq ARGS` against the broker at `url`
+/// and the database at `database_url`, without `RUST_LOG`, as user
+/// `tester`: (exit code, stdout, stderr).
+pub(crate) fn dlq_command(
+    config: &std::path::Path,
+    url: &str,
+    database_url: &str,
+    args: &[&str],
+) -> (i32, String, String) {
+    let out = bin()
+        .arg("--config")
+        .arg(config)
+        .arg("dlq")
+        .args(args)
+        .env("HOLDCLEAR_AMQP_URL", url)
+        .env("HOLDCLEAR_DATABASE_URL", database_url)
+        .env("USER", "tester")
+        .env_remove("RUST_LOG")
+        .output()
+        .unwrap();
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
 }
 
 fn held_body(order: &str) -> Vec<u8> {
@@ -515,7 +523,9 @@ async fn dlq_cli_lists_shows_groups_claims_notes_archives_and_purges(pool: PgPoo
     assert_eq!(f.list(&[]).len(), 3);
 
     // Purge: needs a choice; a dry run deletes nothing.
-    assert_eq!(f.dlq(&["purge"]).0, 64);
+    let (code, _, err) = f.dlq(&["purge"]);
+    assert_eq!(code, 64);
+    assert!(err.contains("--all"), "{err}");
     let (_, out, _) = f.dlq(&["purge", "--archived-before", "1h"]);
     assert!(out.contains("0 dead letter(s) purged"), "{out}");
     let soon = (chrono::Utc::now() + chrono::Duration::minutes(1)).to_rfc3339();
@@ -545,9 +555,34 @@ async fn dlq_replay_refuses_unchanged_causes_and_is_resumable(pool: PgPool) {
     }
     f.dead_letter("bad", "MALFORMED_JSON", &now, b"{not json")
         .await;
-    f.broker_dead_letter_from("elsewhere", "other.exchange", "k", &held_body("3000"))
+    // One from another exchange (bound to the held queue), one from an
+    // exchange that does not exist.
+    let other = format!("{}.other", f.prefix);
+    f.channel
+        .exchange_declare(
+            other.as_str().into(),
+            lapin::ExchangeKind::Topic,
+            lapin::options::ExchangeDeclareOptions::default(),
+            FieldTable::default(),
+        )
+        .await
+        .unwrap();
+    f.channel
+        .queue_bind(
+            t.held_queue.as_str().into(),
+            other.as_str().into(),
+            t.held_routing_key.as_str().into(),
+            lapin::options::QueueBindOptions::default(),
+            FieldTable::default(),
+        )
+        .await
+        .unwrap();
+    f.broker_dead_letter_from("elsewhere", &other, &t.held_routing_key, &held_body("3000"))
         .await;
-    ingest_all(&f, &pool, 7).await;
+    let missing = format!("{}.missing", f.prefix);
+    f.broker_dead_letter_from("nowhere", &missing, &t.held_routing_key, &held_body("3001"))
+        .await;
+    ingest_all(&f, &pool, 8).await;
 
     // Needs a choice; a malformed body is refused unless forced.
     assert_eq!(f.dlq(&["replay"]).0, 64);
@@ -559,7 +594,7 @@ async fn dlq_replay_refuses_unchanged_causes_and_is_resumable(pool: PgPool) {
     );
     let (code, out, _) = f.dlq(&["replay", "--code", "DELIVERY_LIMIT", "--dry-run"]);
     assert_eq!(code, 0);
-    assert!(out.contains("6 dead letter(s) would be replayed"), "{out}");
+    assert!(out.contains("7 dead letter(s) would be replayed"), "{out}");
     assert!(out.contains("2000") && out.contains("2004"), "{out}");
     f.wait_depth(&t.held_queue, 0).await;
 
@@ -624,29 +659,53 @@ async fn dlq_replay_refuses_unchanged_causes_and_is_resumable(pool: PgPool) {
     assert_eq!(report["operation"]["status"], "done");
     assert_eq!(report["operation"]["operator"], "tester");
     assert_eq!(report["summary"]["sent"], 5);
-    assert_eq!(report["summary"]["send_failed"], 1);
+    assert_eq!(report["summary"]["send_failed"], 2);
     let failed = report["items"]
         .as_array()
         .unwrap()
         .iter()
-        .find(|i| i["outcome"] == "send failed")
+        .find(|i| i["order"] == "3000")
         .unwrap();
     assert!(
-        failed["error"].as_str().unwrap().contains("--to-exchange"),
+        failed["error"]
+            .as_str()
+            .unwrap()
+            .contains(&format!("it came from exchange '{other}'")),
+        "{failed}"
+    );
+    assert!(
+        failed["error"]
+            .as_str()
+            .unwrap()
+            .contains(&format!("--to-exchange {other}")),
         "{failed}"
     );
     f.wait_depth(&t.held_queue, 5).await;
 
-    // A missing exchange fails that message with a clear reason.
+    // Named with --to-exchange, it goes back there; a missing exchange
+    // fails that message with a clear reason and the next one goes on.
     let elsewhere = f.id_of(&pool, "elsewhere").await;
-    let (code, out, _) = f.dlq(&[
-        "replay",
-        &elsewhere.to_string(),
-        "--to-exchange",
-        &format!("{}.missing", f.prefix),
-    ]);
+    let nowhere = f.id_of(&pool, "nowhere").await;
+    let (code, out, _) = f.dlq(&["replay", &nowhere.to_string(), "--to-exchange", &missing]);
     assert_eq!(code, 1, "{out}");
     assert!(out.contains("does not exist"), "{out}");
+    let (code, out, err) = f.dlq(&[
+        "replay",
+        &nowhere.to_string(),
+        &elsewhere.to_string(),
+        "--to-exchange",
+        &other,
+    ]);
+    assert_eq!(code, 1, "{out}{err}");
+    assert!(
+        out.contains("sent 1;") && out.contains("could not be sent 1"),
+        "{out}"
+    );
+    f.wait_depth(&t.held_queue, 6).await;
+    f.channel
+        .exchange_delete(other.as_str().into(), ExchangeDeleteOptions::default())
+        .await
+        .unwrap();
     let (code, out, _) = f.dlq(&["operations"]);
     assert_eq!(code, 0);
     assert!(out.contains("done") && out.contains("tester"), "{out}");
@@ -758,4 +817,246 @@ async fn dlq_operation_report_tells_cases_failures_and_pending(pool: PgPool) {
         .await
         .unwrap();
     f.cleanup().await;
+}
+
+/// A message RabbitMQ itself dead-letters when the held queue's delivery
+/// limit trips carries `x-death` headers and none of holdclear's: it is
+/// stored as DELIVERY_LIMIT with its origin, and replay takes it back
+/// there, without the broker's dead-letter headers.
+#[sqlx::test]
+async fn dlq_messages_over_the_delivery_limit_are_stored_and_replayed(pool: PgPool) {
+    use lapin::options::BasicRejectOptions;
+    let f = Fixture::with_delivery_limit(&pool, 1).await;
+    let t = topology(&f.prefix);
+    let props = BasicProperties::default()
+        .with_message_id(ShortString::from("dl-1"))
+        .with_delivery_mode(2);
+    f.channel
+        .basic_publish(
+            t.orders_exchange.as_str().into(),
+            t.held_routing_key.as_str().into(),
+            BasicPublishOptions::default(),
+            &held_body("4001"),
+            props,
+        )
+        .await
+        .unwrap()
+        .await
+        .unwrap();
+    // Two deliveries handed back: the second is over the limit of one.
+    for _ in 0..2 {
+        let msg = wait_for(DEADLINE, "the held message", || async {
+            f.channel
+                .basic_get(
+                    t.held_queue.as_str().into(),
+                    BasicGetOptions { no_ack: false },
+                )
+                .await
+                .unwrap()
+        })
+        .await;
+        f.channel
+            .basic_reject(
+                msg.delivery.delivery_tag,
+                BasicRejectOptions { requeue: true },
+            )
+            .await
+            .unwrap();
+    }
+    f.wait_depth(&t.dead_letter_queue, 1).await;
+    f.wait_depth(&t.held_queue, 0).await;
+    ingest_all(&f, &pool, 1).await;
+
+    let list = f.list(&[]);
+    assert_eq!(list.len(), 1, "{list:?}");
+    assert_eq!(list[0]["message_id"], "dl-1");
+    assert_eq!(list[0]["code"], "DELIVERY_LIMIT");
+    assert_eq!(list[0]["origin_exchange"], t.orders_exchange.as_str());
+    assert_eq!(list[0]["origin_routing_key"], t.held_routing_key.as_str());
+    assert_eq!(list[0]["sales_order_number"], "4001");
+
+    let (code, out, err) = f.dlq(&["replay", "--code", "DELIVERY_LIMIT"]);
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(out.contains("sent 1;"), "{out}");
+    f.wait_depth(&t.held_queue, 1).await;
+    let got = f
+        .channel
+        .basic_get(
+            t.held_queue.as_str().into(),
+            BasicGetOptions { no_ack: true },
+        )
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(got.delivery.data, held_body("4001"));
+    let headers = got
+        .delivery
+        .properties
+        .headers()
+        .clone()
+        .unwrap_or_default();
+    let names: Vec<&str> = headers.inner().keys().map(|k| k.as_str()).collect();
+    assert!(
+        names.iter().all(|n| !n.starts_with("x-death")
+            && !n.starts_with("x-first-death")
+            && !n.starts_with("x-last-death")),
+        "the broker's dead-letter headers are removed: {names:?}"
+    );
+    assert_eq!(
+        headers.inner().get("x-holdclear-replayed"),
+        Some(&AMQPValue::LongLongInt(1))
+    );
+    f.cleanup().await;
+}
+
+// ---- errors a person can read ------------------------------------------------
+
+/// stderr of a failed command: exactly one line, `error: …`, no log lines.
+fn one_error_line(stderr: &str) -> &str {
+    let lines: Vec<&str> = stderr.lines().collect();
+    assert_eq!(lines.len(), 1, "one line on stderr, got:\n{stderr}");
+    assert!(lines[0].starts_with("error: "), "{stderr}");
+    assert!(!lines[0].contains('{'), "no JSON log line: {stderr}");
+    lines[0]
+}
+
+/// One stored dead letter from `topology`'s orders exchange (a replay
+/// then has something to send).
+async fn one_stored(pool: &PgPool, prefix: &str) {
+    let t = topology(prefix);
+    Store::from_pool(pool.clone())
+        .record_dead_letter(&DeadLetterMessage {
+            body: b"{}".to_vec(),
+            message_id: Some("one".into()),
+            properties: serde_json::json!({}),
+            headers: serde_json::json!({}),
+            raw_properties: serde_json::to_value(BasicProperties::default()).unwrap(),
+            code: "DELIVERY_LIMIT".into(),
+            detail: String::new(),
+            origin_exchange: Some(t.orders_exchange.clone()),
+            origin_routing_key: Some(t.held_routing_key.clone()),
+            failed_at: None,
+        })
+        .await
+        .unwrap();
+}
+
+#[sqlx::test]
+async fn dlq_an_unreachable_broker_is_named_with_what_to_check(pool: PgPool) {
+    let dir = tempfile::tempdir().unwrap();
+    let prefix = unique("dlq-unreachable");
+    let config = config_file(dir.path(), &prefix);
+    one_stored(&pool, &prefix).await;
+    let (code, _, err) = dlq_command(
+        &config,
+        "amqp://guest:guest@127.0.0.1:1/%2f",
+        &database_url(&pool).await,
+        &["replay", "--all"],
+    );
+    assert_eq!(code, 1);
+    let line = one_error_line(&err);
+    assert!(
+        line.contains("Cannot connect to RabbitMQ at 127.0.0.1:1")
+            && line.contains("is it running")
+            && line.contains("HOLDCLEAR_AMQP_URL"),
+        "{line}"
+    );
+}
+
+#[sqlx::test]
+async fn dlq_refused_credentials_name_the_user_not_the_password(pool: PgPool) {
+    let dir = tempfile::tempdir().unwrap();
+    let prefix = unique("dlq-login");
+    let config = config_file(dir.path(), &prefix);
+    one_stored(&pool, &prefix).await;
+    let mut url = url::Url::parse(&amqp_url()).unwrap();
+    url.set_password(Some("not-the-password-42")).unwrap();
+    let (code, _, err) = dlq_command(
+        &config,
+        url.as_str(),
+        &database_url(&pool).await,
+        &["replay", "--all"],
+    );
+    assert_eq!(code, 1);
+    let line = one_error_line(&err);
+    assert!(
+        line.contains(&format!("refused the login of user '{}'", url.username()))
+            && line.contains("HOLDCLEAR_AMQP_URL"),
+        "{line}"
+    );
+    assert!(!line.contains("not-the-password-42"), "{line}");
+}
+
+/// A user who may not publish upstream: replay stops with one line naming
+/// the user, the permission, the exchange and where to look; the operation
+/// is interrupted, not lost.
+#[sqlx::test]
+async fn dlq_a_refused_replay_names_user_permission_and_exchange(pool: PgPool) {
+    let mut scratch = crate::deploy::Scratch::new();
+    let prefix = unique("dlq-refused");
+    let t = topology(&prefix);
+    let dir = tempfile::tempdir().unwrap();
+    let config = config_file(dir.path(), &prefix);
+    let admin = scratch.admin().await;
+    let admin_broker = Broker::new(
+        SecretUrl::parse("amqp", &scratch.admin_url()).unwrap(),
+        prefix.clone(),
+    );
+    declare_topology(&admin_broker, &admin, &t, 20)
+        .await
+        .unwrap();
+    let _ = Publisher::open(&admin).await.unwrap();
+    one_stored(&pool, &prefix).await;
+    let user = scratch.user("hc-dlq-reader");
+    let password = unique("pw");
+    crate::deploy::rabbitmqctl(&["add_user", &user, &password]);
+    let dlq_only = format!("^{}$", regex_escape(&t.dead_letter_queue));
+    crate::deploy::rabbitmqctl(&[
+        "set_permissions",
+        "-p",
+        &scratch.vhost,
+        &user,
+        "^$",
+        "^$",
+        &dlq_only,
+    ]);
+
+    let (code, _, err) = dlq_command(
+        &config,
+        &scratch.url(&user, &password),
+        &database_url(&pool).await,
+        &["replay", "--all"],
+    );
+    assert_eq!(code, 1, "{err}");
+    let line = one_error_line(&err);
+    assert!(
+        line.contains(&format!(
+            "RabbitMQ refused user '{user}' write access to exchange '{}'",
+            t.orders_exchange
+        )) && line.contains("docs/deployment.md"),
+        "{line}"
+    );
+    assert_eq!(
+        line.matches("ACCESS").count(),
+        0,
+        "no raw reply repeated: {line}"
+    );
+    let status: String = sqlx::query_scalar("SELECT status FROM operations")
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+    assert_eq!(status, "interrupted");
+    holdclear::broker::close(&admin).await;
+}
+
+fn regex_escape(s: &str) -> String {
+    s.chars()
+        .flat_map(|c| {
+            if c.is_ascii_alphanumeric() || c == '_' || c == '-' {
+                vec![c]
+            } else {
+                vec!['\\', c]
+            }
+        })
+        .collect()
 }

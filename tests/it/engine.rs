@@ -17,15 +17,16 @@ use chrono::Utc;
 use holdclear::broker::Broker;
 use holdclear::commerce::CommerceApi;
 use holdclear::config::{EngineSettings, EscalationThreshold, RetrySettings, SecretUrl, Topology};
+use holdclear::domain::Decision;
+use holdclear::domain::HistoryEntry;
+use holdclear::domain::OutboundEvent;
 use holdclear::domain::{
     AccountSelector, AccountType, CaseState, Domain, EscalationLevel, EscalationReason, HeldOrder,
     HeldOrderEvent, Target, VirtualAccountChoice,
 };
-use holdclear::engine::machine::HistoryEntry;
 use holdclear::engine::{DecisionSource, Engine};
 use holdclear::ops::identity::WorkerIdentity;
-use holdclear::outbox::{OutboundEvent, Relay, RelaySettings};
-use holdclear::rules::Decision;
+use holdclear::outbox::{Relay, RelaySettings};
 use holdclear::store::{CaseRecord, Recorded, StepCommit, Store};
 use lapin::options::{ExchangeDeleteOptions, QueueBindOptions, QueueDeclareOptions};
 use lapin::types::FieldTable;
@@ -347,11 +348,8 @@ async fn an_expired_lease_is_claimed_again_and_a_renewed_one_is_not(pool: PgPool
 
 /// `case` after a step that escalates it `NO_RULE_MATCHED`, and its event.
 fn escalated_no_rule(
-    case: &holdclear::engine::machine::Case,
-) -> (
-    holdclear::engine::machine::Case,
-    holdclear::outbox::Envelope,
-) {
+    case: &holdclear::domain::Case,
+) -> (holdclear::domain::Case, holdclear::domain::Envelope) {
     let mut next = case.clone();
     next.state = CaseState::Escalated;
     next.escalation_reason = Some(EscalationReason::NoRuleMatched);

@@ -401,12 +401,10 @@ mod own_servers {
         // and a queue that reads every event the worker will emit.)
         let topology = holdclear::config::Topology::default();
         let events = "holdclear-tls-events";
-        let observer = Broker::from_settings(&s.amqp, "holdclear tls test")
-            .connect("observer")
-            .await
-            .unwrap();
+        let observer_broker = Broker::from_settings(&s.amqp, "holdclear tls test");
+        let observer = observer_broker.connect("observer").await.unwrap();
         let observing = observer.create_channel().await.unwrap();
-        declare_topology(&observing, &topology, DELIVERY_LIMIT)
+        declare_topology(&observer_broker, &observer, &topology, DELIVERY_LIMIT)
             .await
             .unwrap();
         observing

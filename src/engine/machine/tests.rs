@@ -7,8 +7,8 @@ use super::*;
 use crate::commerce::Hold;
 use crate::config::{EscalationThreshold, RetrySettings};
 use crate::domain::{
-    Email, EndCustomer, EventId, HeldOrder, OrderType, PendingSmartAccount, VirtualAccountChoice,
-    WebOrderId,
+    Email, EndCustomer, EventId, HeldOrder, HeldOrderEvent, OrderType, PendingSmartAccount,
+    VirtualAccountChoice, WebOrderId,
 };
 
 fn t0() -> DateTime<Utc> {

@@ -92,10 +92,10 @@ impl Rabbit {
             format!("test {prefix}"),
         );
         let conn = broker.connect("test").await.unwrap();
-        let channel = conn.create_channel().await.unwrap();
-        declare_topology(&channel, &topology, DELIVERY_LIMIT)
+        declare_topology(&broker, &conn, &topology, DELIVERY_LIMIT)
             .await
             .unwrap();
+        let channel = conn.create_channel().await.unwrap();
         let publisher = Publisher::open(&conn).await.unwrap();
         Self {
             topology,
