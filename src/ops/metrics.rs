@@ -106,6 +106,19 @@ fn describe() {
         "Age of the oldest hold still being worked."
     );
     describe_gauge!(
+        "holdclear_dead_letters",
+        "Dead letters kept in PostgreSQL and not archived, by code."
+    );
+    describe_gauge!(
+        "holdclear_dead_letter_oldest_unhandled_seconds",
+        Unit::Seconds,
+        "Age of the oldest dead letter nobody archived, claimed or replayed."
+    );
+    describe_counter!(
+        "holdclear_dead_letters_ingested_total",
+        "Messages of the dead-letter queue stored (new or seen again), by code."
+    );
+    describe_gauge!(
         "holdclear_ready",
         "1 when the database and the broker are reachable."
     );
@@ -126,6 +139,11 @@ pub async fn render(handle: &PrometheusHandle, store: &Store) -> String {
             gauge!("holdclear_outbox_backlog").set(s.outbox_backlog as f64);
             gauge!("holdclear_outbox_oldest_unsent_seconds").set(s.outbox_oldest_seconds);
             gauge!("holdclear_oldest_open_hold_seconds").set(s.oldest_open_hold_seconds);
+            for (code, n) in &s.dead_letters_by_code {
+                gauge!("holdclear_dead_letters", "code" => code.clone()).set(*n as f64);
+            }
+            gauge!("holdclear_dead_letter_oldest_unhandled_seconds")
+                .set(s.oldest_unhandled_dead_letter_seconds);
         }
         Err(e) => tracing::warn!(error = %e, "Cannot read the store for /metrics."),
     }

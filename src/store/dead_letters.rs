@@ -588,8 +588,11 @@ impl Store {
     /// Count of dead letters not archived per code, and the age in seconds
     /// of the oldest one not archived, claimed or replayed.
     pub async fn dead_letter_gauges(&self) -> Result<(Vec<(String, i64)>, f64), StoreError> {
+        // Every code ever stored, so that a code whose dead letters were
+        // archived reads 0 rather than its last value.
         let rows = sqlx::query(
-            "SELECT code, count(*) AS n FROM dead_letters WHERE archived_at IS NULL GROUP BY code",
+            "SELECT code, count(*) FILTER (WHERE archived_at IS NULL) AS n
+             FROM dead_letters GROUP BY code",
         )
         .fetch_all(self.pool())
         .await?;

@@ -13,6 +13,11 @@ pub struct OpsSnapshot {
     pub outbox_oldest_seconds: f64,
     /// Age of the oldest hold still being worked, in seconds (0 when none).
     pub oldest_open_hold_seconds: f64,
+    /// Dead letters not archived, per code.
+    pub dead_letters_by_code: Vec<(String, i64)>,
+    /// Age of the oldest dead letter nobody handled (not archived,
+    /// claimed or replayed since it was last seen), in seconds (0 when none).
+    pub oldest_unhandled_dead_letter_seconds: f64,
 }
 
 impl Store {
@@ -35,11 +40,15 @@ impl Store {
         ))
         .fetch_one(self.pool())
         .await?;
+        let (dead_letters_by_code, oldest_unhandled_dead_letter_seconds) =
+            self.dead_letter_gauges().await?;
         Ok(OpsSnapshot {
             cases_by_state,
             outbox_backlog,
             outbox_oldest_seconds,
             oldest_open_hold_seconds,
+            dead_letters_by_code,
+            oldest_unhandled_dead_letter_seconds,
         })
     }
 }

@@ -811,6 +811,22 @@ async fn dlq_operation_report_tells_cases_failures_and_pending(pool: PgPool) {
         .await
         .unwrap();
     assert_eq!(seen, 2);
+
+    // /metrics: dead letters by code, and the oldest one nobody handled.
+    let (status, body) = crate::support::worker::http_get(worker.http_addr, "/metrics").await;
+    assert_eq!(status, 200);
+    assert!(
+        body.contains("holdclear_dead_letters{code=\"MALFORMED_JSON\"} 1"),
+        "{body}"
+    );
+    assert!(
+        body.contains("holdclear_dead_letters{code=\"DELIVERY_LIMIT\"} 2"),
+        "{body}"
+    );
+    assert!(
+        body.contains("holdclear_dead_letter_oldest_unhandled_seconds"),
+        "{body}"
+    );
     worker.shutdown().await.unwrap();
     f.channel
         .queue_delete(parked.as_str().into(), QueueDeleteOptions::default())
