@@ -184,6 +184,7 @@ pub async fn execute(base: Settings, args: Args) -> anyhow::Result<ExitCode> {
     settings.engine.retry.max_interval = Duration::from_secs(1);
     settings.engine.retry.max_elapsed = Duration::from_secs(10);
     settings.engine.idle_poll = Duration::from_millis(200);
+    settings.amqp.dead_letter_ingest = true;
 
     let mut err = std::io::stderr();
     writeln!(
@@ -328,17 +329,7 @@ async fn drive(
     bar.finish_and_clear();
     let complete = done(&outcomes) == orders.len();
 
-    let letters = crate::broker::dlq::browse(&conn, &topology.dead_letter_queue, 100).await?;
-    let dead_letters = match letters.first() {
-        None => "Dead-letter queue: empty (the malformed message was not refused?)".to_owned(),
-        Some(l) => format!(
-            "Dead-letter queue: {} message(s); e.g. {} {}: {}",
-            letters.len(),
-            l.message_id.as_deref().unwrap_or("(no id)"),
-            l.error_code.as_deref().unwrap_or("?"),
-            l.error_detail.as_deref().unwrap_or("")
-        ),
-    };
+    let dead_letters = dead_letters_story(settings).await?;
     broker::close(&conn).await;
 
     // Escalation events carry no rule; the case does.
@@ -383,4 +374,80 @@ async fn drive(
         ]);
     }
     Ok((table, dead_letters, complete))
+}
+
+/// The dead letters as an operator meets them: the groups, then a replay
+/// operation (forced: the malformed message is sent back as it is, and so
+/// fails again) and its report.
+async fn dead_letters_story(settings: &Settings) -> anyhow::Result<String> {
+    let store =
+        crate::store::Store::connect(&settings.database_url, settings.database_tls_ca.as_ref(), 2)
+            .await?;
+    let all = crate::store::DeadLetterFilter::default();
+    let started = Instant::now();
+    let mut ids = Vec::new();
+    while ids.is_empty() && started.elapsed() < Duration::from_secs(10) {
+        ids = store.dead_letter_ids(&all).await?;
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let mut text = Vec::new();
+    writeln!(text, "Dead letters (holdclear dlq groups):")?;
+    super::dlq::print_groups(&mut text, &store).await?;
+    if ids.is_empty() {
+        writeln!(text, "(the malformed message was not refused?)")?;
+        store.pool().close().await;
+        return Ok(String::from_utf8_lossy(&text).into_owned());
+    }
+    let operation = store
+        .create_operation(
+            "replay",
+            "holdclear demo",
+            &serde_json::json!({"demo": true, "force": true}),
+            &ids,
+        )
+        .await?;
+    let broker = Broker::from_settings(&settings.amqp, "holdclear demo replay");
+    let mut replayer =
+        crate::broker::replay::Replayer::open(&broker, settings.amqp.confirm_timeout).await?;
+    for &id in &ids {
+        let Some(l) = store.dead_letter(id).await? else {
+            continue;
+        };
+        let sent = replayer
+            .send(
+                l.summary
+                    .origin_exchange
+                    .as_deref()
+                    .unwrap_or(&settings.amqp.topology.orders_exchange),
+                l.summary
+                    .origin_routing_key
+                    .as_deref()
+                    .unwrap_or(&settings.amqp.topology.held_routing_key),
+                &l.body,
+                &l.raw_properties,
+            )
+            .await;
+        let error = sent.err().map(|e| e.to_string());
+        store
+            .settle_operation_item(operation, id, error.as_deref())
+            .await?;
+    }
+    replayer.close().await;
+    store.set_operation_status(operation, "done").await?;
+    // Wait (briefly) until every sent message has an outcome.
+    let started = Instant::now();
+    while started.elapsed() < Duration::from_secs(10) {
+        let items = store.operation_items(operation).await?;
+        if items.iter().all(|i| i.outcome() != "pending") {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    writeln!(
+        text,
+        "A replay (holdclear dlq replay --all --force; the body is unchanged, so it fails again):"
+    )?;
+    super::dlq::report_to(&mut text, &store, operation, false).await?;
+    store.pool().close().await;
+    Ok(String::from_utf8_lossy(&text).into_owned())
 }

@@ -778,12 +778,21 @@ async fn replay(settings: &Settings, store: &Store, args: ReplayArgs) -> anyhow:
 
 /// Prints an operation's report; returns how many items could not be sent.
 pub async fn report(store: &Store, id: Uuid, json: bool) -> anyhow::Result<usize> {
+    report_to(&mut std::io::stdout().lock(), store, id, json).await
+}
+
+/// Writes an operation's report to `out`; returns how many items could not be sent.
+pub async fn report_to(
+    out: &mut impl Write,
+    store: &Store,
+    id: Uuid,
+    json: bool,
+) -> anyhow::Result<usize> {
     let Some(op) = store.operation(id).await? else {
         return Err(UsageError(format!("no operation {id}")).into());
     };
     let items = store.operation_items(id).await?;
     let count = |what: &str| items.iter().filter(|i| i.outcome() == what).count();
-    let mut out = std::io::stdout().lock();
     let summary = json!({
         "sent": items.iter().filter(|i| i.sent_at.is_some()).count(),
         "became_cases": count("became a case"),
@@ -794,7 +803,7 @@ pub async fn report(store: &Store, id: Uuid, json: bool) -> anyhow::Result<usize
     });
     if json {
         let v = json!({"operation": op, "summary": summary, "items": items.iter().map(item_json).collect::<Vec<_>>()});
-        serde_json::to_writer_pretty(&mut out, &v)?;
+        serde_json::to_writer_pretty(&mut *out, &v)?;
         writeln!(out)?;
     } else {
         writeln!(

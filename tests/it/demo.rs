@@ -52,8 +52,15 @@ async fn the_demo_ends_with_every_order_accounted_for() {
             && !umbrella.contains("umbrella.com"),
         "{umbrella}"
     );
+    // It ends with the dead-letter groups and a replay operation's report:
+    // the malformed message, replayed as it is, failed again.
     assert!(
-        stdout.contains("Dead-letter queue: 1 message(s)") && stdout.contains("MALFORMED_JSON"),
+        stdout.contains("Dead letters (holdclear dlq groups)") && stdout.contains("MALFORMED_JSON"),
+        "{stdout}"
+    );
+    assert!(
+        stdout.contains("failed again")
+            && stdout.contains("sent 1; became cases 0; failed again 1"),
         "{stdout}"
     );
     // It cleaned up after itself: its database is gone.
