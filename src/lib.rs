@@ -4,11 +4,11 @@
 //! - [`config`]: settings from file and environment, validated; secrets redacted.
 //! - [`domain`]: validated values (event, order numbers, domains), case states, escalation reasons.
 //! - [`broker`]: RabbitMQ (the only module that knows lapin): connection, topology, consumer, publisher, dead letters.
-//! - [`intake`]: a delivery becomes a validated event and a case, or a dead letter.
+//! - [`intake`]: a delivery becomes a validated event and a case, or a dead letter; dead letters are kept in PostgreSQL.
 //! - [`rules`]: the operator's default Smart Account rules: file, compile, match, explain.
 //! - [`engine`]: the case state machine and the scheduler that steps due cases.
 //! - [`commerce`]: the commerce API client (token, rate limit, error classes).
-//! - [`store`]: PostgreSQL (the only module that writes SQL): inbox, cases, history, outbox.
+//! - [`store`]: PostgreSQL (the only module that writes SQL): inbox, cases, history, outbox, dead letters, operations.
 //! - [`outbox`]: the relay that publishes committed events with confirms.
 //! - [`retry`]: delay policies (the one module that uses `backoff`).
 //! - [`ops`]: logs, health, readiness and metrics.

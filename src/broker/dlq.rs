@@ -333,6 +333,15 @@ async fn get(
         })
 }
 
+/// How many messages wait in `queue` (a passive declaration: no permission
+/// needed); a missing queue is an error that says so.
+pub async fn depth(conn: &Connection, queue: &str) -> Result<usize, BrokerError> {
+    let channel = conn.create_channel().await?;
+    let depth = queue_depth(&channel, queue).await?;
+    close_channel(&channel, "looked").await;
+    Ok(depth)
+}
+
 async fn queue_depth(channel: &Channel, queue: &str) -> Result<usize, BrokerError> {
     let q = declare_passive(channel, queue).await.map_err(|e| {
         e.during(Operation::Inspect {

@@ -40,6 +40,9 @@ pub enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// The dead-letter queue itself: how many messages wait there, not yet
+    /// stored by a worker (needs only RabbitMQ).
+    Queue,
     /// One dead letter: headers, properties, body, detail, sightings, notes.
     Show {
         /// Its id.
@@ -235,6 +238,22 @@ fn operator(given: Option<String>) -> String {
 /// Runs `holdclear dlq …`.
 pub async fn execute(settings: Settings, cmd: Command) -> anyhow::Result<ExitCode> {
     super::quiet_logs();
+    if let Command::Queue = cmd {
+        let queue = &settings.amqp.topology.dead_letter_queue;
+        let broker = Broker::from_settings(&settings.amqp, "holdclear-dlq");
+        let conn = broker.connect("dlq").await?;
+        let depth = crate::broker::dlq::depth(&conn, queue).await;
+        crate::broker::close(&conn).await;
+        let mut out = std::io::stdout().lock();
+        match depth? {
+            0 => writeln!(out, "{queue} is empty.")?,
+            n => writeln!(
+                out,
+                "{n} message(s) wait in {queue}; `holdclear run` stores them (HOLDCLEAR_DLQ_INGEST)."
+            )?,
+        }
+        return Ok(ExitCode::SUCCESS);
+    }
     let store = Store::open(
         &settings.database_url,
         settings.database_tls_ca.as_ref(),
@@ -390,6 +409,7 @@ pub async fn execute(settings: Settings, cmd: Command) -> anyhow::Result<ExitCod
             }
             writeln!(out, "Note added to dead letter {id}.")?;
         }
+        Command::Queue => unreachable!("answered above"),
         Command::Replay(args) => {
             drop(out);
             return replay(&settings, &store, args).await;

@@ -129,7 +129,7 @@ fn a_broker_failure_is_one_line_without_library_logs() {
         "amqp://guest:wrong-pw-not-shown@127.0.0.1:5672/%2f",
         "amqp://guest:guest@127.0.0.1:5673/%2f",
     ] {
-        let (code, lines) = failing(&["dlq", "list"], &[("HOLDCLEAR_AMQP_URL", url)]);
+        let (code, lines) = failing(&["dlq", "queue"], &[("HOLDCLEAR_AMQP_URL", url)]);
         assert_eq!(code, Some(1), "{lines:?}");
         let line = one_clear_line(&lines);
         assert!(!line.contains("wrong-pw-not-shown"), "{line}");

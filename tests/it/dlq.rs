@@ -407,6 +407,9 @@ async fn dlq_ingest_holds_messages_while_the_database_is_down(pool: PgPool) {
     task.await.unwrap();
     f.wait_depth(&t.dead_letter_queue, 1).await;
     assert_eq!(count(&pool, "SELECT count(*) FROM dead_letters").await, 0);
+    let (code, out, _) = f.dlq(&["queue"]);
+    assert_eq!(code, 0);
+    assert!(out.contains("1 message(s) wait in"), "{out}");
 
     // With the database back, it is stored and only then leaves the queue.
     let (stop, task) = f.ingester(Store::from_pool(pool.clone()));
@@ -1075,4 +1078,25 @@ fn regex_escape(s: &str) -> String {
             }
         })
         .collect()
+}
+
+#[test]
+fn dlq_a_missing_queue_asks_whether_the_topology_was_declared() {
+    let dir = tempfile::tempdir().unwrap();
+    let prefix = unique("dlq-missing");
+    let config = config_file(dir.path(), &prefix);
+    let (code, _, err) = dlq_command(
+        &config,
+        &amqp_url(),
+        "postgres://postgres@127.0.0.1:1/unused",
+        &["queue"],
+    );
+    assert_eq!(code, 1);
+    let line = one_error_line(&err);
+    let queue = topology(&prefix).dead_letter_queue;
+    assert!(
+        line.contains(&format!("Cannot find queue '{queue}': it does not exist"))
+            && line.contains("has `holdclear run` declared the topology?"),
+        "{line}"
+    );
 }

@@ -194,7 +194,7 @@ fn bad_tls_settings_exit_64_naming_the_setting() {
         ),
     ];
     for (setting, value) in cases {
-        for args in [&["migrate"][..], &["dlq", "list"], &["cases", "list"]] {
+        for args in [&["migrate"][..], &["dlq", "queue"], &["cases", "list"]] {
             let (out, text) = cli(&[(setting, value)], args);
             assert_eq!(out.status.code(), Some(64), "{setting} {args:?}: {text}");
             assert!(text.contains(setting), "{setting} {args:?}: {text}");
@@ -397,7 +397,7 @@ mod own_servers {
             assert!(!text.contains("guest:guest"), "{what}: {text}");
         }
 
-        // The CLI: `dlq list` with the CA, and without. (The topology first,
+        // The CLI: `dlq queue` with the CA, and without. (The topology first,
         // and a queue that reads every event the worker will emit.)
         let topology = holdclear::config::Topology::default();
         let events = "holdclear-tls-events";
@@ -430,15 +430,15 @@ mod own_servers {
                 ("HOLDCLEAR_AMQP_URL", &amqps),
                 ("HOLDCLEAR_TLS_CA_FILE", ca),
             ],
-            &["dlq", "list"],
+            &["dlq", "queue"],
         );
-        assert!(out.status.success(), "dlq list with the CA: {text}");
+        assert!(out.status.success(), "dlq queue with the CA: {text}");
         assert!(text.contains("is empty"), "{text}");
-        let (out, text) = cli(&[("HOLDCLEAR_AMQP_URL", &amqps)], &["dlq", "list"]);
+        let (out, text) = cli(&[("HOLDCLEAR_AMQP_URL", &amqps)], &["dlq", "queue"]);
         assert_eq!(
             out.status.code(),
             Some(1),
-            "dlq list without the CA: {text}"
+            "dlq queue without the CA: {text}"
         );
         assert!(text.contains("TLS") && says_certificate(&text), "{text}");
 
