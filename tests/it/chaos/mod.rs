@@ -14,6 +14,7 @@
 //! runs alone (`.config/nextest.toml`).
 
 mod checker;
+mod crash_loop;
 mod disruptive;
 mod panics;
 mod poison;
