@@ -54,7 +54,7 @@ async fn crash_once(queue: &str, expect: usize) {
 
 #[sqlx::test]
 async fn crash_loop_dead_letters_replayed(pool: PgPool) {
-    let stage = Stage::new("loop", pool, demo()).await;
+    let mut stage = Stage::new("loop", pool, demo()).await;
     let orders = orders("loop", 88_000_000, 120);
     let held = stage.rabbit.topology.held_queue.clone();
     let dlq = stage.rabbit.topology.dead_letter_queue.clone();
@@ -74,12 +74,37 @@ async fn crash_loop_dead_letters_replayed(pool: PgPool) {
     .await;
     assert_eq!(stage.rabbit.depth(&held).await, 0);
 
-    // A sound worker, then the operator's replay of what the broker moved.
+    // A sound worker, which keeps the dead letters in PostgreSQL, then the
+    // operator's replay of what the broker moved.
+    stage
+        .env
+        .insert("HOLDCLEAR_DLQ_INGEST".into(), "true".into());
     let mut worker = stage.worker().await;
+    wait_for(
+        Duration::from_secs(60),
+        "every dead letter stored",
+        || async {
+            let n: i64 = sqlx::query_scalar(
+                "SELECT count(*) FROM dead_letters WHERE code = 'DELIVERY_LIMIT'",
+            )
+            .fetch_one(&stage.pool)
+            .await
+            .ok()?;
+            (n as usize == orders.len()).then_some(())
+        },
+    )
+    .await;
     let mut cmd = bin();
-    cmd.args(["dlq", "replay", "--code", "DELIVERY_LIMIT"])
-        .env_clear()
-        .envs(&stage.env);
+    cmd.args([
+        "dlq",
+        "replay",
+        "--code",
+        "DELIVERY_LIMIT",
+        "--rate",
+        "1000",
+    ])
+    .env_clear()
+    .envs(&stage.env);
     if let Ok(path) = std::env::var("PATH") {
         cmd.env("PATH", path);
     }

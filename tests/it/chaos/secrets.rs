@@ -108,6 +108,7 @@ async fn secrets_never_shown(pool: PgPool) {
         vec!["cases", "show", released],
         vec!["cases", "show", escalated],
         vec!["dlq", "list"],
+        vec!["dlq", "queue"],
         vec!["rules", "check", &rules],
     ] {
         let (out, text) = cli(env, &args);
@@ -149,7 +150,7 @@ async fn secrets_never_shown(pool: PgPool) {
                 "HOLDCLEAR_AMQP_URL",
                 &format!("amqp://guest:{SECRET}@127.0.0.1:5672/%2f"),
             ),
-            vec!["dlq", "list"],
+            vec!["dlq", "queue"],
             1,
         ),
     ];
