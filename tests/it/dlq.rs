@@ -1100,3 +1100,66 @@ fn dlq_a_missing_queue_asks_whether_the_topology_was_declared() {
         "{line}"
     );
 }
+
+/// Retention: archived dead letters, and replayed ones not seen since, are
+/// pruned in bounded slices once past it; unhandled ones never are.
+#[sqlx::test]
+async fn dlq_retention_prunes_archived_and_replayed_dead_letters_in_slices(pool: PgPool) {
+    let store = Store::from_pool(pool.clone());
+    let mut ids = Vec::new();
+    for i in 0..5 {
+        let msg = DeadLetterMessage {
+            body: format!("{{\"n\":{i}}}").into_bytes(),
+            message_id: Some(format!("r{i}")),
+            properties: serde_json::json!({}),
+            headers: serde_json::json!({}),
+            raw_properties: serde_json::json!({}),
+            code: "INVALID_EVENT".into(),
+            detail: "x".into(),
+            origin_exchange: None,
+            origin_routing_key: None,
+            failed_at: None,
+        };
+        ids.push(store.record_dead_letter(&msg).await.unwrap().id);
+    }
+    // 0..3 archived long ago, 3 replayed long ago, 4 unhandled and old.
+    sqlx::query(
+        "UPDATE dead_letters SET first_seen = now() - interval '60 days',
+             last_seen = now() - interval '60 days'",
+    )
+    .execute(&pool)
+    .await
+    .unwrap();
+    sqlx::query(
+        "UPDATE dead_letters SET archived_at = now() - interval '40 days' WHERE id = ANY($1)",
+    )
+    .bind(&ids[0..3])
+    .execute(&pool)
+    .await
+    .unwrap();
+    sqlx::query(
+        "UPDATE dead_letters SET last_replayed_at = now() - interval '40 days' WHERE id = $1",
+    )
+    .bind(ids[3])
+    .execute(&pool)
+    .await
+    .unwrap();
+    let before = chrono::Utc::now() - chrono::Duration::days(30);
+    assert_eq!(
+        store.prune_dead_letters(before, before, 2).await.unwrap(),
+        2
+    );
+    assert_eq!(
+        store.prune_dead_letters(before, before, 2).await.unwrap(),
+        2
+    );
+    assert_eq!(
+        store.prune_dead_letters(before, before, 2).await.unwrap(),
+        0
+    );
+    let left: Vec<i64> = sqlx::query_scalar("SELECT id FROM dead_letters")
+        .fetch_all(&pool)
+        .await
+        .unwrap();
+    assert_eq!(left, vec![ids[4]], "the unhandled one stays");
+}
