@@ -36,6 +36,9 @@ pub enum Command {
         /// Skip this many.
         #[arg(long, default_value_t = 0)]
         offset: i64,
+        /// Archived ones too.
+        #[arg(long)]
+        archived: bool,
         /// Machine-readable output, one JSON array.
         #[arg(long)]
         json: bool,
@@ -273,10 +276,13 @@ pub async fn execute(settings: Settings, cmd: Command) -> anyhow::Result<ExitCod
             filter,
             limit,
             offset,
+            archived,
             json,
         } => {
+            let mut filter = filter.filter(Vec::new())?;
+            filter.include_archived = archived;
             let rows = store
-                .list_dead_letters(&filter.filter(Vec::new())?, limit.max(0), offset.max(0))
+                .list_dead_letters(&filter, limit.max(0), offset.max(0))
                 .await?;
             if json {
                 serde_json::to_writer_pretty(&mut out, &rows)?;

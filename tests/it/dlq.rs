@@ -524,6 +524,9 @@ async fn dlq_cli_lists_shows_groups_claims_notes_archives_and_purges(pool: PgPoo
     assert_eq!(code, 0);
     assert!(out.contains("1 dead letter(s) archived"), "{out}");
     assert_eq!(f.list(&[]).len(), 3);
+    let all = f.list(&["--archived"]);
+    assert_eq!(all.len(), 4);
+    assert!(all.iter().any(|l| l["archived_at"].is_string()), "{all:?}");
 
     // Purge: needs a choice; a dry run deletes nothing.
     let (code, _, err) = f.dlq(&["purge"]);
