@@ -88,6 +88,23 @@ async fn secrets_never_shown(pool: PgPool) {
         (stage.rabbit.depth(&dlq).await == 1).then_some(())
     })
     .await;
+    // A second worker that keeps dead letters in PostgreSQL (the stage's
+    // workers leave the queue to the checker) stores it for `dlq list`.
+    let mut ingesting = stage.env.clone();
+    ingesting.insert("HOLDCLEAR_DLQ_INGEST".into(), "true".into());
+    let _ingester = super::WorkerProcess::start(ingesting, stage.dir.path());
+    wait_for(
+        Duration::from_secs(30),
+        "the dead letter stored",
+        || async {
+            let n: i64 = sqlx::query_scalar("SELECT count(*) FROM dead_letters")
+                .fetch_one(&stage.pool)
+                .await
+                .ok()?;
+            (n == 1).then_some(())
+        },
+    )
+    .await;
 
     let mut shown: Vec<(String, String)> = Vec::new();
     let addr = http_addr(&worker.logs()).expect("the worker logs its HTTP address");
