@@ -18,7 +18,8 @@ mod values;
 
 pub use account::{AccountSelector, AccountType, Assignment, Target, VirtualAccountChoice};
 pub use case::{
-    Case, CaseState, Decision, EscalationLevel, EscalationReason, HistoryEntry, ResolvedTarget,
+    Accepted, Case, CaseState, Decision, EscalationLevel, EscalationReason, HistoryEntry, Progress,
+    ResolvedTarget, Stage,
 };
 pub use event::{
     DeadLetterCode, DecodeError, EndCustomer, HELD_EVENT_TYPE, HeldOrder, HeldOrderEvent,

@@ -448,7 +448,7 @@ async fn steps(
     let mut carried: Vec<HistoryEntry> = Vec::new();
     let mut uncommitted: Vec<(CaseState, Outcome, Transition)> = Vec::new();
     for n in 1..=MAX_STEPS_PER_CLAIM {
-        let before = case.state;
+        let before = case.state();
         let mut replies = Vec::new();
         let mut history = Vec::new();
         // The call in flight, for a panic's history line.
@@ -498,7 +498,7 @@ async fn steps(
                             took_ms = took.as_millis() as u64,
                             "Call answered."
                         );
-                        let mut entry = machine::call_entry(case.state, &call, &reply, at, took);
+                        let mut entry = machine::call_entry(case.state(), &call, &reply, at, took);
                         entry.detail["worker"] = json!(owner);
                         history.push(entry);
                         let reply = match identify(inner, owner, &case, reply).await {
@@ -567,7 +567,7 @@ async fn steps(
         carried.extend(envelopes.iter().map(|e| HistoryEntry {
             at: now,
             kind: "event",
-            state: transition.case.state,
+            state: transition.case.state(),
             detail: json!({"routingKey": e.routing_key, "envelopeId": e.id}),
         }));
         let go_on = !cancel.is_cancelled()
@@ -612,7 +612,7 @@ fn panicked(case: &Case, call: &'static str, panic: &(dyn std::any::Any + Send))
     let detail = format!("{call} panicked: {}", panic_message(panic));
     tracing::error!(
         order = %case.subject(),
-        state = %case.state,
+        state = %case.state(),
         call,
         detail = %detail,
         "A step panicked; it counts as a transient failure of its case."
@@ -840,15 +840,15 @@ fn report(before: CaseState, outcome: &Outcome, t: &Transition) {
             tracing::info!(order = %order, rule = %d.rule, "Rule decided.");
         }
         Outcome::Resolved(_) => {
-            let account = case
-                .target
+            let target = case.stage.progress().target;
+            let account = target
                 .as_ref()
                 .map_or("-", |t| t.smart_account_domain.as_str());
-            tracing::info!(order = %order, rule = %rule, account = %account, state = %case.state, "Smart Account resolved.");
+            tracing::info!(order = %order, rule = %rule, account = %account, state = %case.state(), "Smart Account resolved.");
         }
         Outcome::Assigned(r) => {
-            let account = case
-                .target
+            let target = case.stage.progress().target;
+            let account = target
                 .as_ref()
                 .map_or("-", |t| t.smart_account_domain.as_str());
             tracing::info!(order = %order, rule = %rule, account = %account, assignment = %r.assignment_id, "Smart Account assigned.");
@@ -865,7 +865,7 @@ fn report(before: CaseState, outcome: &Outcome, t: &Transition) {
             tracing::info!(order = %order, rule = %rule, "Hold released.");
         }
         Outcome::Escalate { .. } => escalated(&order, rule, t),
-        Outcome::Transient { .. } if case.state == CaseState::Escalated => {
+        Outcome::Transient { .. } if case.state() == CaseState::Escalated => {
             escalated(&order, rule, t);
         }
         Outcome::Transient { call, detail, .. } => {
@@ -877,9 +877,6 @@ fn report(before: CaseState, outcome: &Outcome, t: &Transition) {
                 detail = %detail,
                 "Transient failure; the step is retried later."
             );
-        }
-        Outcome::Redecide { detail } => {
-            tracing::warn!(order = %order, detail = %detail, "Case lacked what its state needs; deciding again.");
         }
     }
 }
