@@ -36,6 +36,7 @@
 //!   the case keeps being watched, at the longest poll interval once a
 //!   threshold has passed.
 
+use std::ops::ControlFlow;
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
@@ -519,41 +520,71 @@ impl Unusable {
     }
 }
 
+/// Resolve: the first usable account of the rule's target and fallback,
+/// its Virtual Account, and the sales order number if still unknown. Each
+/// part `Break`s with the next call or the step's end.
 fn plan_resolve(case: &Case, decision: &Decision, replies: &[Reply]) -> Next {
-    let pending = match case.event.data.hold_reason {
-        HoldReason::PendingSmartAccount => case
-            .event
-            .data
-            .smart_account
-            .as_ref()
-            .and_then(|s| s.domain.as_ref()),
-        HoldReason::NoSmartAccount => None,
-    };
     let mut replies = replies.iter();
-    let candidates: Vec<(&Target, bool)> = std::iter::once((&decision.target, false))
-        .chain(decision.fallback.iter().map(|f| (f, true)))
-        .collect();
+    match resolve(case, decision, &mut replies) {
+        ControlFlow::Continue(next) | ControlFlow::Break(next) => next,
+    }
+}
 
+type Replies<'r> = std::slice::Iter<'r, Reply>;
+
+/// A part of a step: its result, or `Break` with the next call or the step's end.
+type Part<T> = ControlFlow<Next, T>;
+
+fn resolve(case: &Case, decision: &Decision, replies: &mut Replies<'_>) -> Part<Next> {
+    let (target, account, via_fallback) = match choose_account(case, decision, replies)? {
+        Chosen::Assign(target, account, via_fallback) => (target, account, via_fallback),
+        Chosen::AlreadyActive(done) => return ControlFlow::Continue(done),
+    };
+    let va = virtual_account(target, &account, replies)?;
+    let sales_order_number = sales_order_number(case, replies)?;
+    ControlFlow::Continue(Next::Done(Outcome::Resolved(Resolution::Assign {
+        sales_order_number,
+        assignment: Assignment {
+            smart_account_domain: account.domain,
+            account_type: target.account_type,
+            virtual_account_name: va,
+        },
+        via_fallback,
+    })))
+}
+
+/// The pending account of a `PENDING_SMART_ACCOUNT` hold, if any.
+fn pending_account(case: &Case) -> Option<&Domain> {
+    match case.event.data.hold_reason {
+        HoldReason::PendingSmartAccount => {
+            (case.event.data.smart_account.as_ref()).and_then(|s| s.domain.as_ref())
+        }
+        HoldReason::NoSmartAccount => None,
+    }
+}
+
+/// What [`choose_account`] found.
+enum Chosen<'d> {
+    /// Assign this target's account (the rule's fallback if `true`).
+    Assign(&'d Target, SmartAccount, bool),
+    /// The hold's pending account is ACTIVE now: the step is done.
+    AlreadyActive(Next),
+}
+
+/// The rule's target, else its fallback: the first whose account exists and
+/// is ACTIVE; when none is, the escalation naming what happened to each.
+fn choose_account<'d>(
+    case: &Case,
+    decision: &'d Decision,
+    replies: &mut Replies<'_>,
+) -> Part<Chosen<'d>> {
+    let pending = pending_account(case);
+    let candidates = std::iter::once((&decision.target, false))
+        .chain(decision.fallback.iter().map(|f| (f, true)));
     let mut unusable: Vec<Unusable> = Vec::new();
-    let mut chosen: Option<(&Target, SmartAccount, bool)> = None;
     for (target, via_fallback) in candidates {
         let which = if via_fallback { "fallback" } else { "rule's" };
-        let found = match replies.next() {
-            None => {
-                return Next::Call(Call::FindAccount {
-                    selector: target.account.clone(),
-                    account_type: target.account_type,
-                });
-            }
-            Some(Reply::Account(Ok(found))) => found.clone(),
-            Some(Reply::Account(Err(CommerceError::Permanent {
-                code: ErrorCode::SmartAccountNotFound,
-                ..
-            }))) => None,
-            Some(Reply::Account(Err(e))) => return failed("find_account", e),
-            Some(other) => return mismatch("find_account", other),
-        };
-        let Some(account) = found else {
+        let Some(account) = find_account(target, replies)? else {
             unusable.push(Unusable::NotFound(format!(
                 "the {which} Smart Account ({}, {}) does not exist",
                 target.account, target.account_type
@@ -575,79 +606,92 @@ fn plan_resolve(case: &Case, decision: &Decision, replies: &[Reply]) -> Next {
             continue;
         }
         if is_pending {
-            return Next::Done(Outcome::Resolved(Resolution::AlreadyActive {
-                smart_account_domain: account.domain,
-                account_type: target.account_type,
-                via_fallback,
-            }));
+            return ControlFlow::Continue(Chosen::AlreadyActive(Next::Done(Outcome::Resolved(
+                Resolution::AlreadyActive {
+                    smart_account_domain: account.domain,
+                    account_type: target.account_type,
+                    via_fallback,
+                },
+            ))));
         }
-        chosen = Some((target, account, via_fallback));
-        break;
+        return ControlFlow::Continue(Chosen::Assign(target, account, via_fallback));
     }
-    let Some((target, account, via_fallback)) = chosen else {
-        // Every candidate (there is at least the rule's target) was unusable.
-        let reason = unusable
-            .first()
-            .map_or(EscalationReason::SmartAccountNotFound, Unusable::reason);
-        let detail = unusable
-            .iter()
-            .map(Unusable::detail)
-            .collect::<Vec<_>>()
-            .join("; ");
-        return escalate(reason, detail);
-    };
+    // Every candidate (there is at least the rule's target) was unusable.
+    let reason = unusable
+        .first()
+        .map_or(EscalationReason::SmartAccountNotFound, Unusable::reason);
+    let detail = unusable
+        .iter()
+        .map(Unusable::detail)
+        .collect::<Vec<_>>()
+        .join("; ");
+    ControlFlow::Break(escalate(reason, detail))
+}
 
+/// The account search for `target`: `None` when it does not exist.
+fn find_account(target: &Target, replies: &mut Replies<'_>) -> Part<Option<SmartAccount>> {
+    match replies.next() {
+        None => ControlFlow::Break(Next::Call(Call::FindAccount {
+            selector: target.account.clone(),
+            account_type: target.account_type,
+        })),
+        Some(Reply::Account(Ok(found))) => ControlFlow::Continue(found.clone()),
+        Some(Reply::Account(Err(CommerceError::Permanent {
+            code: ErrorCode::SmartAccountNotFound,
+            ..
+        }))) => ControlFlow::Continue(None),
+        Some(Reply::Account(Err(e))) => ControlFlow::Break(failed("find_account", e)),
+        Some(other) => ControlFlow::Break(mismatch("find_account", other)),
+    }
+}
+
+/// The PUBLIC Virtual Account of `account` the target names.
+fn virtual_account(
+    target: &Target,
+    account: &SmartAccount,
+    replies: &mut Replies<'_>,
+) -> Part<String> {
     let domain = match Domain::parse(&account.domain) {
         Ok(d) => d,
         Err(e) => {
-            return escalate(
+            return ControlFlow::Break(escalate(
                 EscalationReason::SmartAccountNotFound,
                 format!("the account search returned an unusable domain: {e}"),
-            );
+            ));
         }
     };
-    let va = match replies.next() {
-        None => return Next::Call(Call::VirtualAccounts { domain }),
+    match replies.next() {
+        None => ControlFlow::Break(Next::Call(Call::VirtualAccounts { domain })),
         Some(Reply::VirtualAccounts(Ok(vas))) => {
             match choose_virtual_account(vas, &target.virtual_account) {
-                Some(va) => va.name.clone(),
-                None => {
-                    return escalate(
-                        EscalationReason::VirtualAccountNotFound,
-                        format!(
-                            "Smart Account {} has no PUBLIC virtual account {}",
-                            account.domain, target.virtual_account
-                        ),
-                    );
-                }
+                Some(va) => ControlFlow::Continue(va.name.clone()),
+                None => ControlFlow::Break(escalate(
+                    EscalationReason::VirtualAccountNotFound,
+                    format!(
+                        "Smart Account {} has no PUBLIC virtual account {}",
+                        account.domain, target.virtual_account
+                    ),
+                )),
             }
         }
-        Some(Reply::VirtualAccounts(Err(e))) => return failed("virtual_accounts", e),
-        Some(other) => return mismatch("virtual_accounts", other),
-    };
+        Some(Reply::VirtualAccounts(Err(e))) => ControlFlow::Break(failed("virtual_accounts", e)),
+        Some(other) => ControlFlow::Break(mismatch("virtual_accounts", other)),
+    }
+}
 
-    let sales_order_number = match &case.order.sales_order_number {
-        Some(so) => so.clone(),
-        None => match replies.next() {
-            None => {
-                return Next::Call(Call::ReadOrder {
-                    order: case.order.clone(),
-                });
-            }
-            Some(Reply::Order(Ok(order))) => order.sales_order_number.clone(),
-            Some(Reply::Order(Err(e))) => return failed("read_order", e),
-            Some(other) => return mismatch("read_order", other),
-        },
-    };
-    Next::Done(Outcome::Resolved(Resolution::Assign {
-        sales_order_number,
-        assignment: Assignment {
-            smart_account_domain: account.domain,
-            account_type: target.account_type,
-            virtual_account_name: va,
-        },
-        via_fallback,
-    }))
+/// The case's sales order number, read from the order if still unknown.
+fn sales_order_number(case: &Case, replies: &mut Replies<'_>) -> Part<SalesOrderNumber> {
+    if let Some(so) = &case.order.sales_order_number {
+        return ControlFlow::Continue(so.clone());
+    }
+    match replies.next() {
+        None => ControlFlow::Break(Next::Call(Call::ReadOrder {
+            order: case.order.clone(),
+        })),
+        Some(Reply::Order(Ok(order))) => ControlFlow::Continue(order.sales_order_number.clone()),
+        Some(Reply::Order(Err(e))) => ControlFlow::Break(failed("read_order", e)),
+        Some(other) => ControlFlow::Break(mismatch("read_order", other)),
+    }
 }
 
 fn plan_assign(
