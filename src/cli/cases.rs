@@ -225,11 +225,38 @@ async fn show(store: &Store, order: &str, as_json: bool) -> anyhow::Result<()> {
         println!("{}", serde_json::to_string_pretty(&out)?);
         return Ok(());
     }
-    let c = &record.case;
+    println!("{}", case_table(&record, last));
+
+    let mut h = table(&["AT", "KIND", "STATE", "DETAIL"]);
+    for line in &history {
+        h.add_row(vec![
+            line.at.format("%H:%M:%S%.3f").to_string(),
+            line.kind.clone(),
+            line.state.clone(),
+            summary(line),
+        ]);
+    }
+    println!("History ({} entries, times in UTC):\n{h}", history.len());
+    if !events.is_empty() {
+        println!("Events:\n{}", events_table(&events));
+    }
+    Ok(())
+}
+
+/// The table of `cases show`: the case, then its work.
+fn case_table(record: &CaseRecord, last: Option<(&str, DateTime<Utc>)>) -> Table {
     let mut t = table(&["", ""]);
     let mut row = |k: &str, v: String| {
         t.add_row(vec![k.to_owned(), v]);
     };
+    case_rows(record, &mut row);
+    work_rows(record, last, &mut row);
+    t
+}
+
+/// What the case is: its ids, state, hold and decision.
+fn case_rows(record: &CaseRecord, row: &mut impl FnMut(&str, String)) {
+    let c = &record.case;
     row("Case", c.id.to_string());
     row("Order", record.order_key.clone());
     if let Some(web) = &c.order.web_order_id {
@@ -239,7 +266,6 @@ async fn show(store: &Store, order: &str, as_json: bool) -> anyhow::Result<()> {
         Some(reason) => format!("{} ({reason})", c.state()),
         None => c.state().to_string(),
     };
-    let p = c.stage.progress();
     row("State", state);
     if let Some(into) = record.merged_into {
         row(
@@ -258,6 +284,16 @@ async fn show(store: &Store, order: &str, as_json: bool) -> anyhow::Result<()> {
             row("Fallback", f.to_string());
         }
     }
+}
+
+/// What was done: target, key, assignment, release, retries, lease.
+fn work_rows(
+    record: &CaseRecord,
+    last: Option<(&str, DateTime<Utc>)>,
+    row: &mut impl FnMut(&str, String),
+) {
+    let c = &record.case;
+    let p = c.stage.progress();
     if let Some(target) = &p.target {
         row(
             "Target",
@@ -324,22 +360,6 @@ async fn show(store: &Store, order: &str, as_json: bool) -> anyhow::Result<()> {
         "Opened / updated",
         format!("{} / {}", when(record.created_at), when(record.updated_at)),
     );
-    println!("{t}");
-
-    let mut h = table(&["AT", "KIND", "STATE", "DETAIL"]);
-    for line in &history {
-        h.add_row(vec![
-            line.at.format("%H:%M:%S%.3f").to_string(),
-            line.kind.clone(),
-            line.state.clone(),
-            summary(line),
-        ]);
-    }
-    println!("History ({} entries, times in UTC):\n{h}", history.len());
-    if !events.is_empty() {
-        println!("Events:\n{}", events_table(&events));
-    }
-    Ok(())
 }
 
 fn events_table(events: &[OutboxRow]) -> Table {
