@@ -229,13 +229,7 @@ async fn step_cases(
         "Case engine started."
     );
     loop {
-        while let Some(done) = tasks.try_join_next() {
-            if let Err(e) = done
-                && e.is_panic()
-            {
-                tracing::error!(error = %e, "A case step task panicked outside its step; its case resumes when its lease runs out.");
-            }
-        }
+        reap(&mut tasks);
         if cancel.is_cancelled() {
             break;
         }
@@ -279,27 +273,72 @@ async fn step_cases(
             }
         };
         let full = claimed.len() >= free;
-        for claim in claimed {
-            let Ok(permit) = permits.clone().try_acquire_owned() else {
-                // Cannot happen (only this loop acquires); give the case back.
-                let _ = inner
-                    .store
-                    .release_case(claim.id, &owner, Duration::ZERO)
-                    .await;
-                continue;
-            };
-            let inner = inner.clone();
-            let owner = owner.clone();
-            let cancel = cancel.clone();
-            tasks.spawn(async move {
-                drive(inner, owner, claim, cancel).await;
-                drop(permit);
-            });
-        }
+        spawn_steps(&inner, &owner, claimed, &permits, &mut tasks, &cancel).await;
         if !full {
             inner.idle(&cancel).await;
         }
     }
+    drain(
+        &inner,
+        tasks,
+        drain_timeout,
+        abort,
+        stop_committing,
+        committer_done,
+    )
+    .await;
+}
+
+/// Logs the step tasks that ended with a panic outside their step.
+fn reap(tasks: &mut JoinSet<()>) {
+    while let Some(done) = tasks.try_join_next() {
+        if let Err(e) = done
+            && e.is_panic()
+        {
+            tracing::error!(error = %e, "A case step task panicked outside its step; its case resumes when its lease runs out.");
+        }
+    }
+}
+
+/// Steps each claimed case on a task of its own, each holding a permit.
+async fn spawn_steps(
+    inner: &Arc<Inner>,
+    owner: &str,
+    claimed: Vec<Claimed>,
+    permits: &Arc<Semaphore>,
+    tasks: &mut JoinSet<()>,
+    cancel: &CancellationToken,
+) {
+    for claim in claimed {
+        let Ok(permit) = permits.clone().try_acquire_owned() else {
+            // Cannot happen (only the claim loop acquires); give the case back.
+            let _ = inner
+                .store
+                .release_case(claim.id, owner, Duration::ZERO)
+                .await;
+            continue;
+        };
+        let inner = inner.clone();
+        let owner = owner.to_owned();
+        let cancel = cancel.clone();
+        tasks.spawn(async move {
+            drive(inner, owner, claim, cancel).await;
+            drop(permit);
+        });
+    }
+}
+
+/// After the claim loop: waits for the steps in flight within
+/// `drain_timeout` (or until `abort`), then stops the committer and waits
+/// for it (bounded).
+async fn drain(
+    inner: &Inner,
+    mut tasks: JoinSet<()>,
+    drain_timeout: Duration,
+    abort: CancellationToken,
+    stop_committing: CancellationToken,
+    committer_done: CancellationToken,
+) {
     let drained = tokio::select! {
         () = async { while tasks.join_next().await.is_some() {} } => true,
         () = tokio::time::sleep(drain_timeout) => false,
