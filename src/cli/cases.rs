@@ -148,28 +148,29 @@ async fn list(store: &Store, args: ListArgs) -> anyhow::Result<()> {
 
 fn case_json(r: &CaseRecord) -> Value {
     let c = &r.case;
+    let p = c.stage.progress();
     json!({
         "id": c.id,
         "order": r.order_key,
         "salesOrderNumber": c.order.sales_order_number.as_ref().map(|s| s.as_str()),
         "webOrderId": c.order.web_order_id.as_ref().map(|s| s.as_str()),
-        "state": c.state.as_str(),
+        "state": c.state().as_str(),
         "heldAt": c.held_at,
         "holdReason": c.event.data.hold_reason.as_str(),
         "eventId": c.event.id.as_str(),
-        "decision": c.decision,
-        "target": c.target,
-        "idempotencyKey": c.idempotency_key,
-        "assignmentId": c.assignment_id,
-        "assignedAt": c.assigned_at,
-        "watchingSince": c.watching_since,
+        "decision": c.stage.decision(),
+        "target": p.target,
+        "idempotencyKey": p.idempotency_key,
+        "assignmentId": p.assignment.as_ref().map(|a| a.id.as_str()),
+        "assignedAt": p.assignment.as_ref().map(|a| a.at),
+        "watchingSince": p.watching_since,
         "attempt": c.attempt,
         "retrySince": c.retry_since,
         "polls": c.polls,
-        "escalationReason": c.escalation_reason.map(|e| e.as_str()),
+        "escalationReason": c.stage.escalation_reason().map(|e| e.as_str()),
         "escalationLevel": c.escalation_level,
-        "releasedAt": c.released_at,
-        "closedAt": c.closed_at,
+        "releasedAt": c.stage.released_at(),
+        "closedAt": c.stage.closed_at(),
         "generation": c.generation,
         "nextActionAt": c.next_action_at,
         "mergedInto": r.merged_into,
@@ -224,19 +225,46 @@ async fn show(store: &Store, order: &str, as_json: bool) -> anyhow::Result<()> {
         println!("{}", serde_json::to_string_pretty(&out)?);
         return Ok(());
     }
-    let c = &record.case;
+    println!("{}", case_table(&record, last));
+
+    let mut h = table(&["AT", "KIND", "STATE", "DETAIL"]);
+    for line in &history {
+        h.add_row(vec![
+            line.at.format("%H:%M:%S%.3f").to_string(),
+            line.kind.clone(),
+            line.state.clone(),
+            summary(line),
+        ]);
+    }
+    println!("History ({} entries, times in UTC):\n{h}", history.len());
+    if !events.is_empty() {
+        println!("Events:\n{}", events_table(&events));
+    }
+    Ok(())
+}
+
+/// The table of `cases show`: the case, then its work.
+fn case_table(record: &CaseRecord, last: Option<(&str, DateTime<Utc>)>) -> Table {
     let mut t = table(&["", ""]);
     let mut row = |k: &str, v: String| {
         t.add_row(vec![k.to_owned(), v]);
     };
+    case_rows(record, &mut row);
+    work_rows(record, last, &mut row);
+    t
+}
+
+/// What the case is: its ids, state, hold and decision.
+fn case_rows(record: &CaseRecord, row: &mut impl FnMut(&str, String)) {
+    let c = &record.case;
     row("Case", c.id.to_string());
     row("Order", record.order_key.clone());
     if let Some(web) = &c.order.web_order_id {
         row("Web order id", web.to_string());
     }
-    let state = match c.escalation_reason {
-        Some(reason) => format!("{} ({reason})", c.state),
-        None => c.state.to_string(),
+    let state = match c.stage.escalation_reason() {
+        Some(reason) => format!("{} ({reason})", c.state()),
+        None => c.state().to_string(),
     };
     row("State", state);
     if let Some(into) = record.merged_into {
@@ -249,14 +277,24 @@ async fn show(store: &Store, order: &str, as_json: bool) -> anyhow::Result<()> {
         "Hold",
         format!("{} since {}", c.event.data.hold_reason, when(c.held_at)),
     );
-    if let Some(d) = &c.decision {
+    if let Some(d) = c.stage.decision() {
         row("Rule", format!("{} (rules file {})", d.rule, d.rules_hash));
         row("Decision", d.target.to_string());
         if let Some(f) = &d.fallback {
             row("Fallback", f.to_string());
         }
     }
-    if let Some(target) = &c.target {
+}
+
+/// What was done: target, key, assignment, release, retries, lease.
+fn work_rows(
+    record: &CaseRecord,
+    last: Option<(&str, DateTime<Utc>)>,
+    row: &mut impl FnMut(&str, String),
+) {
+    let c = &record.case;
+    let p = c.stage.progress();
+    if let Some(target) = &p.target {
         row(
             "Target",
             format!(
@@ -275,16 +313,13 @@ async fn show(store: &Store, order: &str, as_json: bool) -> anyhow::Result<()> {
             ),
         );
     }
-    if let Some(key) = &c.idempotency_key {
+    if let Some(key) = &p.idempotency_key {
         row("Idempotency-Key", key.clone());
     }
-    if let Some(id) = &c.assignment_id {
-        row(
-            "Assignment",
-            format!("{id} at {}", c.assigned_at.map_or_else(|| "?".into(), when)),
-        );
+    if let Some(a) = &p.assignment {
+        row("Assignment", format!("{} at {}", a.id, when(a.at)));
     }
-    if let Some(at) = c.released_at {
+    if let Some(at) = c.stage.released_at() {
         row("Released", when(at));
     }
     if c.attempt > 0 {
@@ -325,22 +360,6 @@ async fn show(store: &Store, order: &str, as_json: bool) -> anyhow::Result<()> {
         "Opened / updated",
         format!("{} / {}", when(record.created_at), when(record.updated_at)),
     );
-    println!("{t}");
-
-    let mut h = table(&["AT", "KIND", "STATE", "DETAIL"]);
-    for line in &history {
-        h.add_row(vec![
-            line.at.format("%H:%M:%S%.3f").to_string(),
-            line.kind.clone(),
-            line.state.clone(),
-            summary(line),
-        ]);
-    }
-    println!("History ({} entries, times in UTC):\n{h}", history.len());
-    if !events.is_empty() {
-        println!("Events:\n{}", events_table(&events));
-    }
-    Ok(())
 }
 
 fn events_table(events: &[OutboxRow]) -> Table {
@@ -366,7 +385,9 @@ async fn retry(store: &Store, order: &str) -> anyhow::Result<()> {
         Ok(case) => {
             println!(
                 "Case {} of order {order} re-opened: it resumes at {} (generation {}).",
-                case.id, case.state, case.generation
+                case.id,
+                case.state(),
+                case.generation
             );
             Ok(())
         }

@@ -10,7 +10,7 @@ use uuid::Uuid;
 
 use super::account::{AccountType, Assignment, Target};
 use super::event::HeldOrderEvent;
-use super::values::OrderId;
+use super::values::{OrderId, SalesOrderNumber};
 
 /// Where a case stands. `Released`, `Escalated` and `Merged` are terminal; a
 /// case that escalated with `HOLD_PERSISTS` stays `Watching`.
@@ -254,6 +254,193 @@ impl ResolvedTarget {
     }
 }
 
+/// An accepted assignment.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Accepted {
+    /// The assignment's id.
+    pub id: String,
+    /// When it was accepted.
+    pub at: DateTime<Utc>,
+}
+
+/// What a case had reached when it ended (kept for the operator, and for
+/// `holdclear cases retry` to resume from).
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Progress {
+    /// What the rules decided.
+    pub decision: Option<Decision>,
+    /// The resolved account, type and Virtual Account.
+    pub target: Option<ResolvedTarget>,
+    /// Idempotency-Key of the assignment.
+    pub idempotency_key: Option<String>,
+    /// The accepted assignment.
+    pub assignment: Option<Accepted>,
+    /// When the last watch began.
+    pub watching_since: Option<DateTime<Utc>>,
+}
+
+/// Where a case stands, with what that stage needs ([`Stage::state`] is
+/// the plain [`CaseState`]).
+#[derive(Clone, Debug, PartialEq)]
+pub enum Stage {
+    /// Apply the rules.
+    Deciding,
+    /// Find the Smart Account and the Virtual Account.
+    Resolving {
+        /// What the rules decided.
+        decision: Decision,
+    },
+    /// Send the assignment.
+    Assigning {
+        /// What the rules decided.
+        decision: Decision,
+        /// The order (known by its sales order number by now).
+        order: SalesOrderNumber,
+        /// What to assign.
+        assignment: Assignment,
+        /// The rule's fallback target is used.
+        via_fallback: bool,
+        /// Idempotency-Key of the assignment.
+        key: String,
+    },
+    /// Read the order until the Smart Account hold is released.
+    Watching {
+        /// What the rules decided.
+        decision: Option<Decision>,
+        /// What is assigned.
+        target: ResolvedTarget,
+        /// Idempotency-Key of the assignment, if one was sent.
+        key: Option<String>,
+        /// The accepted assignment, if one was needed.
+        assignment: Option<Accepted>,
+        /// When the watch began.
+        since: DateTime<Utc>,
+    },
+    /// The hold was released (terminal).
+    Released {
+        /// What the case had reached.
+        progress: Progress,
+        /// When the hold was released.
+        released_at: DateTime<Utc>,
+        /// When the case closed.
+        closed_at: DateTime<Utc>,
+    },
+    /// A person must act (terminal).
+    Escalated {
+        /// Why.
+        reason: EscalationReason,
+        /// What the case had reached.
+        progress: Progress,
+        /// When the case closed.
+        closed_at: DateTime<Utc>,
+    },
+    /// Joined into another case of the same order (terminal).
+    Merged {
+        /// What the case had reached.
+        progress: Progress,
+        /// When the case closed.
+        closed_at: Option<DateTime<Utc>>,
+    },
+}
+
+impl Stage {
+    /// The plain state (the stored `state` column).
+    pub fn state(&self) -> CaseState {
+        match self {
+            Self::Deciding => CaseState::Deciding,
+            Self::Resolving { .. } => CaseState::Resolving,
+            Self::Assigning { .. } => CaseState::Assigning,
+            Self::Watching { .. } => CaseState::Watching,
+            Self::Released { .. } => CaseState::Released,
+            Self::Escalated { .. } => CaseState::Escalated,
+            Self::Merged { .. } => CaseState::Merged,
+        }
+    }
+
+    /// What the case has reached so far, whatever its stage.
+    pub fn progress(&self) -> Progress {
+        match self {
+            Self::Deciding => Progress::default(),
+            Self::Resolving { decision } => Progress {
+                decision: Some(decision.clone()),
+                ..Progress::default()
+            },
+            Self::Assigning {
+                decision,
+                assignment,
+                via_fallback,
+                key,
+                ..
+            } => Progress {
+                decision: Some(decision.clone()),
+                target: Some(ResolvedTarget {
+                    smart_account_domain: assignment.smart_account_domain.clone(),
+                    account_type: assignment.account_type,
+                    virtual_account_name: Some(assignment.virtual_account_name.clone()),
+                    via_fallback: *via_fallback,
+                }),
+                idempotency_key: Some(key.clone()),
+                ..Progress::default()
+            },
+            Self::Watching {
+                decision,
+                target,
+                key,
+                assignment,
+                since,
+            } => Progress {
+                decision: decision.clone(),
+                target: Some(target.clone()),
+                idempotency_key: key.clone(),
+                assignment: assignment.clone(),
+                watching_since: Some(*since),
+            },
+            Self::Released { progress, .. }
+            | Self::Escalated { progress, .. }
+            | Self::Merged { progress, .. } => progress.clone(),
+        }
+    }
+
+    /// What the rules decided, if they did (and it is still current).
+    pub fn decision(&self) -> Option<&Decision> {
+        match self {
+            Self::Deciding => None,
+            Self::Resolving { decision } | Self::Assigning { decision, .. } => Some(decision),
+            Self::Watching { decision, .. } => decision.as_ref(),
+            Self::Released { progress, .. }
+            | Self::Escalated { progress, .. }
+            | Self::Merged { progress, .. } => progress.decision.as_ref(),
+        }
+    }
+
+    /// Why the case escalated (terminal), if it did.
+    pub fn escalation_reason(&self) -> Option<EscalationReason> {
+        match self {
+            Self::Escalated { reason, .. } => Some(*reason),
+            _ => None,
+        }
+    }
+
+    /// When the hold was released, if it was.
+    pub fn released_at(&self) -> Option<DateTime<Utc>> {
+        match self {
+            Self::Released { released_at, .. } => Some(*released_at),
+            _ => None,
+        }
+    }
+
+    /// When the case reached a terminal state.
+    pub fn closed_at(&self) -> Option<DateTime<Utc>> {
+        match self {
+            Self::Released { closed_at, .. } | Self::Escalated { closed_at, .. } => {
+                Some(*closed_at)
+            }
+            Self::Merged { closed_at, .. } => *closed_at,
+            _ => None,
+        }
+    }
+}
+
 /// One case as the engine sees it (a row of `cases`).
 #[derive(Clone, Debug, PartialEq)]
 pub struct Case {
@@ -263,36 +450,18 @@ pub struct Case {
     pub order: OrderId,
     /// The event that opened the case.
     pub event: HeldOrderEvent,
-    /// Where the case stands.
-    pub state: CaseState,
+    /// Where the case stands, with what that stage needs.
+    pub stage: Stage,
     /// When the hold was applied (the event's `heldAt`, else its arrival).
     pub held_at: DateTime<Utc>,
-    /// What the rules decided.
-    pub decision: Option<Decision>,
-    /// The resolved account, type and Virtual Account.
-    pub target: Option<ResolvedTarget>,
-    /// Idempotency-Key of the assignment.
-    pub idempotency_key: Option<String>,
-    /// The accepted assignment's id.
-    pub assignment_id: Option<String>,
-    /// When the assignment was accepted.
-    pub assigned_at: Option<DateTime<Utc>>,
-    /// When the current watch began.
-    pub watching_since: Option<DateTime<Utc>>,
     /// Transient failures in the current streak.
     pub attempt: u32,
     /// First transient failure of the current streak.
     pub retry_since: Option<DateTime<Utc>>,
     /// Looks at the order since the watch began.
     pub polls: u32,
-    /// Why the case escalated (terminal), if it did.
-    pub escalation_reason: Option<EscalationReason>,
     /// `HOLD_PERSISTS` thresholds already emitted.
     pub escalation_level: u32,
-    /// When the hold was released.
-    pub released_at: Option<DateTime<Utc>>,
-    /// When the case reached a terminal state.
-    pub closed_at: Option<DateTime<Utc>>,
     /// Re-runs by `holdclear cases retry`.
     pub generation: u32,
     /// When the case is next due; `None` exactly when it is terminal.
@@ -310,9 +479,14 @@ impl Case {
         }
     }
 
+    /// Where the case stands (the plain state).
+    pub fn state(&self) -> CaseState {
+        self.stage.state()
+    }
+
     /// The rule that decided the case, if any.
     pub fn rule(&self) -> Option<&str> {
-        self.decision.as_ref().map(|d| d.rule.as_str())
+        self.stage.decision().map(|d| d.rule.as_str())
     }
 
     /// Seconds from the hold to `at` (never negative).
@@ -327,7 +501,8 @@ pub struct HistoryEntry {
     /// When it happened.
     pub at: DateTime<Utc>,
     /// `call`, `decided`, `resolved`, `assigned`, `still_held`, `released`,
-    /// `escalated`, `retry_scheduled`, `redecide`, `event`.
+    /// `escalated`, `retry_scheduled`, `retry`, `event` (rows written before
+    /// the stage carried its data may also hold `redecide`).
     pub kind: &'static str,
     /// The case's state after this entry.
     pub state: CaseState,

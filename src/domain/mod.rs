@@ -19,7 +19,8 @@ mod values;
 
 pub use account::{AccountSelector, AccountType, Assignment, Target, VirtualAccountChoice};
 pub use case::{
-    Case, CaseState, Decision, EscalationLevel, EscalationReason, HistoryEntry, ResolvedTarget,
+    Accepted, Case, CaseState, Decision, EscalationLevel, EscalationReason, HistoryEntry, Progress,
+    ResolvedTarget, Stage,
 };
 pub use dead_letter::{DeadLetterMessage, OrderIds};
 pub use event::{

@@ -36,6 +36,7 @@
 //!   the case keeps being watched, at the longest poll interval once a
 //!   threshold has passed.
 
+use std::ops::ControlFlow;
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
@@ -48,9 +49,9 @@ use crate::commerce::{
 };
 use crate::config::EngineSettings;
 use crate::domain::{
-    AccountSelector, AccountType, Assignment, Case, CaseState, Decision, Domain, EscalationLevel,
-    EscalationReason, HistoryEntry, HoldReason, OrderId, OutboundEvent, ResolvedTarget,
-    SalesOrderNumber, Target,
+    Accepted, AccountSelector, AccountType, Assignment, Case, CaseState, Decision, Domain,
+    EscalationLevel, EscalationReason, HistoryEntry, HoldReason, OrderId, OutboundEvent,
+    ResolvedTarget, SalesOrderNumber, Stage, Target,
 };
 use crate::retry;
 
@@ -290,11 +291,6 @@ pub enum Outcome {
         /// What happened, one line.
         detail: String,
     },
-    /// The case lacks what its state needs (a decision, a target): decide again.
-    Redecide {
-        /// What was missing.
-        detail: String,
-    },
 }
 
 impl Outcome {
@@ -309,7 +305,6 @@ impl Outcome {
             Self::Released { .. } => "released",
             Self::Escalate { .. } => "escalated",
             Self::Transient { .. } => "transient",
-            Self::Redecide { .. } => "redecide",
         }
     }
 }
@@ -448,12 +443,17 @@ pub fn plan(case: &Case, replies: &[Reply]) -> Next {
             detail: format!("internal error: more than {MAX_CALLS_PER_STEP} calls in one step"),
         });
     }
-    match case.state {
-        CaseState::Deciding => plan_decide(case, replies),
-        CaseState::Resolving => plan_resolve(case, replies),
-        CaseState::Assigning => plan_assign(case, replies),
-        CaseState::Watching => plan_watch(case, replies),
-        CaseState::Released | CaseState::Escalated | CaseState::Merged => Next::Stop,
+    match &case.stage {
+        Stage::Deciding => plan_decide(case, replies),
+        Stage::Resolving { decision } => plan_resolve(case, decision, replies),
+        Stage::Assigning {
+            order,
+            assignment,
+            key,
+            ..
+        } => plan_assign(order, assignment, key, replies),
+        Stage::Watching { .. } => plan_watch(case, replies),
+        Stage::Released { .. } | Stage::Escalated { .. } | Stage::Merged { .. } => Next::Stop,
     }
 }
 
@@ -520,46 +520,71 @@ impl Unusable {
     }
 }
 
-fn plan_resolve(case: &Case, replies: &[Reply]) -> Next {
-    let Some(decision) = &case.decision else {
-        return Next::Done(Outcome::Redecide {
-            detail: "resolving without a decision".into(),
-        });
-    };
-    let pending = match case.event.data.hold_reason {
-        HoldReason::PendingSmartAccount => case
-            .event
-            .data
-            .smart_account
-            .as_ref()
-            .and_then(|s| s.domain.as_ref()),
-        HoldReason::NoSmartAccount => None,
-    };
+/// Resolve: the first usable account of the rule's target and fallback,
+/// its Virtual Account, and the sales order number if still unknown. Each
+/// part `Break`s with the next call or the step's end.
+fn plan_resolve(case: &Case, decision: &Decision, replies: &[Reply]) -> Next {
     let mut replies = replies.iter();
-    let candidates: Vec<(&Target, bool)> = std::iter::once((&decision.target, false))
-        .chain(decision.fallback.iter().map(|f| (f, true)))
-        .collect();
+    match resolve(case, decision, &mut replies) {
+        ControlFlow::Continue(next) | ControlFlow::Break(next) => next,
+    }
+}
 
+type Replies<'r> = std::slice::Iter<'r, Reply>;
+
+/// A part of a step: its result, or `Break` with the next call or the step's end.
+type Part<T> = ControlFlow<Next, T>;
+
+fn resolve(case: &Case, decision: &Decision, replies: &mut Replies<'_>) -> Part<Next> {
+    let (target, account, via_fallback) = match choose_account(case, decision, replies)? {
+        Chosen::Assign(target, account, via_fallback) => (target, account, via_fallback),
+        Chosen::AlreadyActive(done) => return ControlFlow::Continue(done),
+    };
+    let va = virtual_account(target, &account, replies)?;
+    let sales_order_number = sales_order_number(case, replies)?;
+    ControlFlow::Continue(Next::Done(Outcome::Resolved(Resolution::Assign {
+        sales_order_number,
+        assignment: Assignment {
+            smart_account_domain: account.domain,
+            account_type: target.account_type,
+            virtual_account_name: va,
+        },
+        via_fallback,
+    })))
+}
+
+/// The pending account of a `PENDING_SMART_ACCOUNT` hold, if any.
+fn pending_account(case: &Case) -> Option<&Domain> {
+    match case.event.data.hold_reason {
+        HoldReason::PendingSmartAccount => {
+            (case.event.data.smart_account.as_ref()).and_then(|s| s.domain.as_ref())
+        }
+        HoldReason::NoSmartAccount => None,
+    }
+}
+
+/// What [`choose_account`] found.
+enum Chosen<'d> {
+    /// Assign this target's account (the rule's fallback if `true`).
+    Assign(&'d Target, SmartAccount, bool),
+    /// The hold's pending account is ACTIVE now: the step is done.
+    AlreadyActive(Next),
+}
+
+/// The rule's target, else its fallback: the first whose account exists and
+/// is ACTIVE; when none is, the escalation naming what happened to each.
+fn choose_account<'d>(
+    case: &Case,
+    decision: &'d Decision,
+    replies: &mut Replies<'_>,
+) -> Part<Chosen<'d>> {
+    let pending = pending_account(case);
+    let candidates = std::iter::once((&decision.target, false))
+        .chain(decision.fallback.iter().map(|f| (f, true)));
     let mut unusable: Vec<Unusable> = Vec::new();
-    let mut chosen: Option<(&Target, SmartAccount, bool)> = None;
     for (target, via_fallback) in candidates {
         let which = if via_fallback { "fallback" } else { "rule's" };
-        let found = match replies.next() {
-            None => {
-                return Next::Call(Call::FindAccount {
-                    selector: target.account.clone(),
-                    account_type: target.account_type,
-                });
-            }
-            Some(Reply::Account(Ok(found))) => found.clone(),
-            Some(Reply::Account(Err(CommerceError::Permanent {
-                code: ErrorCode::SmartAccountNotFound,
-                ..
-            }))) => None,
-            Some(Reply::Account(Err(e))) => return failed("find_account", e),
-            Some(other) => return mismatch("find_account", other),
-        };
-        let Some(account) = found else {
+        let Some(account) = find_account(target, replies)? else {
             unusable.push(Unusable::NotFound(format!(
                 "the {which} Smart Account ({}, {}) does not exist",
                 target.account, target.account_type
@@ -581,98 +606,105 @@ fn plan_resolve(case: &Case, replies: &[Reply]) -> Next {
             continue;
         }
         if is_pending {
-            return Next::Done(Outcome::Resolved(Resolution::AlreadyActive {
-                smart_account_domain: account.domain,
-                account_type: target.account_type,
-                via_fallback,
-            }));
+            return ControlFlow::Continue(Chosen::AlreadyActive(Next::Done(Outcome::Resolved(
+                Resolution::AlreadyActive {
+                    smart_account_domain: account.domain,
+                    account_type: target.account_type,
+                    via_fallback,
+                },
+            ))));
         }
-        chosen = Some((target, account, via_fallback));
-        break;
+        return ControlFlow::Continue(Chosen::Assign(target, account, via_fallback));
     }
-    let Some((target, account, via_fallback)) = chosen else {
-        let Some(first) = unusable.first() else {
-            return Next::Done(Outcome::Redecide {
-                detail: "the decision has no target".into(),
-            });
-        };
-        let detail = unusable
-            .iter()
-            .map(Unusable::detail)
-            .collect::<Vec<_>>()
-            .join("; ");
-        return escalate(first.reason(), detail);
-    };
+    // Every candidate (there is at least the rule's target) was unusable.
+    let reason = unusable
+        .first()
+        .map_or(EscalationReason::SmartAccountNotFound, Unusable::reason);
+    let detail = unusable
+        .iter()
+        .map(Unusable::detail)
+        .collect::<Vec<_>>()
+        .join("; ");
+    ControlFlow::Break(escalate(reason, detail))
+}
 
+/// The account search for `target`: `None` when it does not exist.
+fn find_account(target: &Target, replies: &mut Replies<'_>) -> Part<Option<SmartAccount>> {
+    match replies.next() {
+        None => ControlFlow::Break(Next::Call(Call::FindAccount {
+            selector: target.account.clone(),
+            account_type: target.account_type,
+        })),
+        Some(Reply::Account(Ok(found))) => ControlFlow::Continue(found.clone()),
+        Some(Reply::Account(Err(CommerceError::Permanent {
+            code: ErrorCode::SmartAccountNotFound,
+            ..
+        }))) => ControlFlow::Continue(None),
+        Some(Reply::Account(Err(e))) => ControlFlow::Break(failed("find_account", e)),
+        Some(other) => ControlFlow::Break(mismatch("find_account", other)),
+    }
+}
+
+/// The PUBLIC Virtual Account of `account` the target names.
+fn virtual_account(
+    target: &Target,
+    account: &SmartAccount,
+    replies: &mut Replies<'_>,
+) -> Part<String> {
     let domain = match Domain::parse(&account.domain) {
         Ok(d) => d,
         Err(e) => {
-            return escalate(
+            return ControlFlow::Break(escalate(
                 EscalationReason::SmartAccountNotFound,
                 format!("the account search returned an unusable domain: {e}"),
-            );
+            ));
         }
     };
-    let va = match replies.next() {
-        None => return Next::Call(Call::VirtualAccounts { domain }),
+    match replies.next() {
+        None => ControlFlow::Break(Next::Call(Call::VirtualAccounts { domain })),
         Some(Reply::VirtualAccounts(Ok(vas))) => {
             match choose_virtual_account(vas, &target.virtual_account) {
-                Some(va) => va.name.clone(),
-                None => {
-                    return escalate(
-                        EscalationReason::VirtualAccountNotFound,
-                        format!(
-                            "Smart Account {} has no PUBLIC virtual account {}",
-                            account.domain, target.virtual_account
-                        ),
-                    );
-                }
+                Some(va) => ControlFlow::Continue(va.name.clone()),
+                None => ControlFlow::Break(escalate(
+                    EscalationReason::VirtualAccountNotFound,
+                    format!(
+                        "Smart Account {} has no PUBLIC virtual account {}",
+                        account.domain, target.virtual_account
+                    ),
+                )),
             }
         }
-        Some(Reply::VirtualAccounts(Err(e))) => return failed("virtual_accounts", e),
-        Some(other) => return mismatch("virtual_accounts", other),
-    };
-
-    let sales_order_number = match &case.order.sales_order_number {
-        Some(so) => so.clone(),
-        None => match replies.next() {
-            None => {
-                return Next::Call(Call::ReadOrder {
-                    order: case.order.clone(),
-                });
-            }
-            Some(Reply::Order(Ok(order))) => order.sales_order_number.clone(),
-            Some(Reply::Order(Err(e))) => return failed("read_order", e),
-            Some(other) => return mismatch("read_order", other),
-        },
-    };
-    Next::Done(Outcome::Resolved(Resolution::Assign {
-        sales_order_number,
-        assignment: Assignment {
-            smart_account_domain: account.domain,
-            account_type: target.account_type,
-            virtual_account_name: va,
-        },
-        via_fallback,
-    }))
+        Some(Reply::VirtualAccounts(Err(e))) => ControlFlow::Break(failed("virtual_accounts", e)),
+        Some(other) => ControlFlow::Break(mismatch("virtual_accounts", other)),
+    }
 }
 
-fn plan_assign(case: &Case, replies: &[Reply]) -> Next {
-    let assignment = case.target.as_ref().and_then(ResolvedTarget::assignment);
-    let (Some(assignment), Some(key), Some(so)) = (
-        assignment,
-        &case.idempotency_key,
-        &case.order.sales_order_number,
-    ) else {
-        return Next::Done(Outcome::Redecide {
-            detail: "assigning without a target, a key or a sales order number".into(),
-        });
-    };
+/// The case's sales order number, read from the order if still unknown.
+fn sales_order_number(case: &Case, replies: &mut Replies<'_>) -> Part<SalesOrderNumber> {
+    if let Some(so) = &case.order.sales_order_number {
+        return ControlFlow::Continue(so.clone());
+    }
+    match replies.next() {
+        None => ControlFlow::Break(Next::Call(Call::ReadOrder {
+            order: case.order.clone(),
+        })),
+        Some(Reply::Order(Ok(order))) => ControlFlow::Continue(order.sales_order_number.clone()),
+        Some(Reply::Order(Err(e))) => ControlFlow::Break(failed("read_order", e)),
+        Some(other) => ControlFlow::Break(mismatch("read_order", other)),
+    }
+}
+
+fn plan_assign(
+    order: &SalesOrderNumber,
+    assignment: &Assignment,
+    key: &str,
+    replies: &[Reply],
+) -> Next {
     match replies.first() {
         None => Next::Call(Call::Assign {
-            order: so.clone(),
-            assignment,
-            idempotency_key: key.clone(),
+            order: order.clone(),
+            assignment: assignment.clone(),
+            idempotency_key: key.to_owned(),
         }),
         Some(Reply::Assigned(Ok(receipt))) => Next::Done(Outcome::Assigned(receipt.clone())),
         Some(Reply::Assigned(Err(e))) => failed("assign", e),
@@ -724,7 +756,7 @@ pub fn apply(
     settings: &EngineSettings,
 ) -> Result<Transition, MachineError> {
     let mut step = Step::new(case, &outcome, now);
-    if case.state.is_terminal() {
+    if case.state().is_terminal() {
         return Err(step.unexpected());
     }
     match outcome {
@@ -752,7 +784,6 @@ pub fn apply(
             retry_after,
             detail,
         } => step.transient(call, retry_after, detail, settings),
-        Outcome::Redecide { detail } => step.redecide(detail)?,
     }
     Ok(step.done())
 }
@@ -788,14 +819,14 @@ impl<'a> Step<'a> {
 
     fn unexpected(&self) -> MachineError {
         MachineError::Unexpected {
-            state: self.case.state,
+            state: self.case.state(),
             outcome: self.outcome,
         }
     }
 
     /// `Ok` when the case is in `state`, else the outcome does not apply.
     fn expect(&self, state: CaseState) -> Result<(), MachineError> {
-        if self.case.state == state {
+        if self.case.state() == state {
             Ok(())
         } else {
             Err(self.unexpected())
@@ -807,7 +838,7 @@ impl<'a> Step<'a> {
         self.history.push(HistoryEntry {
             at: self.now,
             kind,
-            state: self.next.state,
+            state: self.next.state(),
             detail,
         });
     }
@@ -832,7 +863,9 @@ impl<'a> Step<'a> {
 
     fn decided(&mut self, decision: Decision) -> Result<(), MachineError> {
         self.expect(CaseState::Deciding)?;
-        self.next.state = CaseState::Resolving;
+        self.next.stage = Stage::Resolving {
+            decision: decision.clone(),
+        };
         self.next.next_action_at = Some(self.now);
         self.entry(
             "decided",
@@ -843,7 +876,6 @@ impl<'a> Step<'a> {
                 "fallback": decision.fallback.as_ref().map(ToString::to_string),
             }),
         );
-        self.next.decision = Some(decision);
         Ok(())
     }
 
@@ -853,10 +885,11 @@ impl<'a> Step<'a> {
         assignment: Assignment,
         via_fallback: bool,
     ) -> Result<(), MachineError> {
-        self.expect(CaseState::Resolving)?;
+        let Stage::Resolving { decision } = &self.case.stage else {
+            return Err(self.unexpected());
+        };
         let key = idempotency_key(self.case.id, self.case.generation, &assignment);
-        self.next.state = CaseState::Assigning;
-        self.next.order.sales_order_number = Some(sales_order_number);
+        self.next.order.sales_order_number = Some(sales_order_number.clone());
         self.entry(
             "resolved",
             json!({
@@ -867,13 +900,13 @@ impl<'a> Step<'a> {
                 "idempotencyKey": key,
             }),
         );
-        self.next.idempotency_key = Some(key);
-        self.next.target = Some(ResolvedTarget {
-            smart_account_domain: assignment.smart_account_domain,
-            account_type: assignment.account_type,
-            virtual_account_name: Some(assignment.virtual_account_name),
+        self.next.stage = Stage::Assigning {
+            decision: decision.clone(),
+            order: sales_order_number,
+            assignment,
             via_fallback,
-        });
+            key,
+        };
         self.next.next_action_at = Some(self.now);
         Ok(())
     }
@@ -884,8 +917,16 @@ impl<'a> Step<'a> {
         account_type: AccountType,
         via_fallback: bool,
     ) -> Result<(), MachineError> {
-        self.expect(CaseState::Resolving)?;
-        self.start_watch();
+        let Stage::Resolving { decision } = &self.case.stage else {
+            return Err(self.unexpected());
+        };
+        let target = ResolvedTarget {
+            smart_account_domain: smart_account_domain.clone(),
+            account_type,
+            virtual_account_name: None,
+            via_fallback,
+        };
+        self.start_watch(Some(decision.clone()), target, None, None);
         self.entry(
             "resolved",
             json!({
@@ -895,20 +936,25 @@ impl<'a> Step<'a> {
                 "nothingToAssign": "the pending Smart Account of the hold is ACTIVE now",
             }),
         );
-        self.next.target = Some(ResolvedTarget {
-            smart_account_domain,
-            account_type,
-            virtual_account_name: None,
-            via_fallback,
-        });
         // The hold may already be gone: look at once.
         self.next.next_action_at = Some(self.now);
         Ok(())
     }
 
-    fn start_watch(&mut self) {
-        self.next.state = CaseState::Watching;
-        self.next.watching_since = Some(self.now);
+    fn start_watch(
+        &mut self,
+        decision: Option<Decision>,
+        target: ResolvedTarget,
+        key: Option<String>,
+        assignment: Option<Accepted>,
+    ) {
+        self.next.stage = Stage::Watching {
+            decision,
+            target,
+            key,
+            assignment,
+            since: self.now,
+        };
         self.next.polls = 0;
         self.next.escalation_level = 0;
     }
@@ -919,15 +965,33 @@ impl<'a> Step<'a> {
         settings: &EngineSettings,
     ) -> Result<(), MachineError> {
         let case = self.case;
-        let target = case.target.as_ref().and_then(ResolvedTarget::assignment);
-        let (CaseState::Assigning, None, Some(assignment)) =
-            (case.state, &case.assignment_id, target)
+        let Stage::Assigning {
+            decision,
+            assignment,
+            via_fallback,
+            key,
+            ..
+        } = &case.stage
         else {
             return Err(self.unexpected());
         };
-        self.start_watch();
-        self.next.assignment_id = Some(receipt.assignment_id.clone());
-        self.next.assigned_at = Some(self.now);
+        let assignment = assignment.clone();
+        let target = ResolvedTarget {
+            smart_account_domain: assignment.smart_account_domain.clone(),
+            account_type: assignment.account_type,
+            virtual_account_name: Some(assignment.virtual_account_name.clone()),
+            via_fallback: *via_fallback,
+        };
+        let accepted = Accepted {
+            id: receipt.assignment_id.clone(),
+            at: self.now,
+        };
+        self.start_watch(
+            Some(decision.clone()),
+            target,
+            Some(key.clone()),
+            Some(accepted),
+        );
         self.next.next_action_at = Some(after(self.now, settings.poll_interval));
         self.entry(
             "assigned",
@@ -949,12 +1013,17 @@ impl<'a> Step<'a> {
         other_holds: Vec<String>,
         settings: &EngineSettings,
     ) -> Result<(), MachineError> {
-        self.expect(CaseState::Watching)?;
         let (case, now) = (self.case, self.now);
+        let Stage::Watching {
+            since, assignment, ..
+        } = &case.stage
+        else {
+            return Err(self.unexpected());
+        };
+        let since = *since;
+        let assignment_id = assignment.as_ref().map(|a| a.id.as_str());
         self.next.polls = case.polls.saturating_add(1);
-        let since = case.watching_since.or(case.assigned_at).unwrap_or(now);
-        self.next.watching_since = Some(since);
-        self.hold_persists(since, settings);
+        self.hold_persists(since, assignment_id, settings);
         let delay = if self.next.escalation_level > 0 {
             settings.poll_max_interval
         } else {
@@ -979,7 +1048,12 @@ impl<'a> Step<'a> {
 
     /// Every `HOLD_PERSISTS` threshold passed since the watch began and not
     /// yet emitted: a history line and an event each.
-    fn hold_persists(&mut self, since: DateTime<Utc>, settings: &EngineSettings) {
+    fn hold_persists(
+        &mut self,
+        since: DateTime<Utc>,
+        assignment_id: Option<&str>,
+        settings: &EngineSettings,
+    ) {
         let watched = (self.now - since).to_std().unwrap_or_default();
         while let Some(threshold) = settings.escalation.get(self.next.escalation_level as usize) {
             if watched < threshold.after {
@@ -988,7 +1062,7 @@ impl<'a> Step<'a> {
             let detail = format!(
                 "the Smart Account hold is still on {} after the watch began{}",
                 humantime::format_duration(Duration::from_secs(watched.as_secs())),
-                match &self.case.assignment_id {
+                match assignment_id {
                     Some(id) => format!(" (assignment {id})"),
                     None => String::new(),
                 }
@@ -1020,9 +1094,14 @@ impl<'a> Step<'a> {
         self.expect(CaseState::Watching)?;
         let case = self.case;
         let released_at = released_at.unwrap_or(self.now);
-        self.next.state = CaseState::Released;
-        self.next.released_at = Some(released_at);
-        self.next.closed_at = Some(self.now);
+        let progress = case.stage.progress();
+        let smart_account_domain =
+            (progress.target.as_ref()).map(|t| t.smart_account_domain.clone());
+        self.next.stage = Stage::Released {
+            progress,
+            released_at,
+            closed_at: self.now,
+        };
         self.next.next_action_at = None;
         self.entry(
             "released",
@@ -1031,7 +1110,7 @@ impl<'a> Step<'a> {
         self.events.push(OutboundEvent::HoldReleased {
             released_at,
             held_seconds: case.held_seconds(released_at),
-            smart_account_domain: case.target.as_ref().map(|t| t.smart_account_domain.clone()),
+            smart_account_domain,
             rule: case.rule().map(str::to_owned),
             other_holds,
         });
@@ -1040,9 +1119,11 @@ impl<'a> Step<'a> {
 
     /// A terminal escalation (level `critical`).
     fn escalate(&mut self, reason: EscalationReason, detail: String) {
-        self.next.state = CaseState::Escalated;
-        self.next.escalation_reason = Some(reason);
-        self.next.closed_at = Some(self.now);
+        self.next.stage = Stage::Escalated {
+            reason,
+            progress: self.case.stage.progress(),
+            closed_at: self.now,
+        };
         self.next.next_action_at = None;
         self.entry(
             "escalated",
@@ -1096,19 +1177,6 @@ impl<'a> Step<'a> {
             }),
         );
     }
-
-    fn redecide(&mut self, detail: String) -> Result<(), MachineError> {
-        if !matches!(self.case.state, CaseState::Resolving | CaseState::Assigning) {
-            return Err(self.unexpected());
-        }
-        self.next.state = CaseState::Deciding;
-        self.next.decision = None;
-        self.next.target = None;
-        self.next.idempotency_key = None;
-        self.next.next_action_at = Some(self.now);
-        self.entry("redecide", json!({"detail": detail}));
-        Ok(())
-    }
 }
 
 /// Re-opens an escalated case (`holdclear cases retry`), as a new
@@ -1119,49 +1187,31 @@ impl<'a> Step<'a> {
 ///   what makes the repeat harmless;
 /// - otherwise → `deciding`, from scratch (rules, account, status).
 pub fn retry(case: &Case, now: DateTime<Utc>) -> Result<Transition, MachineError> {
-    if case.state != CaseState::Escalated {
+    let Stage::Escalated {
+        reason, progress, ..
+    } = &case.stage
+    else {
         return Err(MachineError::Unexpected {
-            state: case.state,
+            state: case.state(),
             outcome: "retry",
         });
-    }
-    let mut next = case.clone();
-    next.state = if case.assignment_id.is_some() {
-        CaseState::Watching
-    } else if case.idempotency_key.is_some()
-        && case.target.is_some()
-        && case.escalation_reason == Some(EscalationReason::RetriesExhausted)
-    {
-        CaseState::Assigning
-    } else {
-        CaseState::Deciding
     };
+    let mut next = case.clone();
+    next.stage = reopened(*reason, progress.clone(), &case.order, now);
     next.generation = case.generation.saturating_add(1);
-    next.escalation_reason = None;
     next.escalation_level = 0;
-    next.closed_at = None;
     next.attempt = 0;
     next.retry_since = None;
     next.polls = 0;
     next.next_action_at = Some(now);
-    match next.state {
-        CaseState::Deciding => {
-            next.decision = None;
-            next.target = None;
-            next.idempotency_key = None;
-            next.watching_since = None;
-        }
-        CaseState::Watching => next.watching_since = Some(now),
-        _ => {}
-    }
     let history = vec![HistoryEntry {
         at: now,
         kind: "retry",
-        state: next.state,
+        state: next.state(),
         detail: json!({
-            "from": case.escalation_reason.map(|r| r.as_str()),
+            "from": reason.as_str(),
             "generation": next.generation,
-            "resumesAt": next.state.as_str(),
+            "resumesAt": next.state().as_str(),
         }),
     }];
     Ok(Transition {
@@ -1169,6 +1219,46 @@ pub fn retry(case: &Case, now: DateTime<Utc>) -> Result<Transition, MachineError
         history,
         events: Vec::new(),
     })
+}
+
+/// Where [`retry`] resumes an escalated case from what it had reached.
+fn reopened(
+    reason: EscalationReason,
+    p: crate::domain::Progress,
+    order: &OrderId,
+    now: DateTime<Utc>,
+) -> Stage {
+    let target = p.target;
+    match (p.assignment, target) {
+        (Some(accepted), Some(target)) => {
+            return Stage::Watching {
+                decision: p.decision,
+                target,
+                key: p.idempotency_key,
+                assignment: Some(accepted),
+                since: now,
+            };
+        }
+        (None, Some(target)) if reason == EscalationReason::RetriesExhausted => {
+            let assignment = target.assignment();
+            if let (Some(decision), Some(order), Some(assignment), Some(key)) = (
+                p.decision,
+                order.sales_order_number.clone(),
+                assignment,
+                p.idempotency_key,
+            ) {
+                return Stage::Assigning {
+                    decision,
+                    order,
+                    assignment,
+                    via_fallback: target.via_fallback,
+                    key,
+                };
+            }
+        }
+        _ => {}
+    }
+    Stage::Deciding
 }
 
 #[cfg(test)]

@@ -101,7 +101,7 @@ pub async fn retry_case(store: &crate::store::Store, order: &str) -> Result<Case
     let transition = machine::retry(&record.case, chrono::Utc::now()).map_err(|_| {
         EngineError::NotEscalated {
             order: order.to_owned(),
-            state: record.case.state,
+            state: record.case.state(),
         }
     })?;
     match store
@@ -112,7 +112,7 @@ pub async fn retry_case(store: &crate::store::Store, order: &str) -> Result<Case
             tracing::info!(
                 order = %order,
                 case = %transition.case.id,
-                state = %transition.case.state,
+                state = %transition.case.state(),
                 generation = transition.case.generation,
                 "Case re-opened."
             );

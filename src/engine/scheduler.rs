@@ -24,7 +24,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use chrono::Utc;
+use chrono::{DateTime, Utc};
 use futures_util::future::BoxFuture;
 use futures_util::stream::FuturesUnordered;
 use futures_util::{FutureExt, StreamExt};
@@ -34,7 +34,7 @@ use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
 use super::DecisionSource;
-use super::machine::{self, Call, MAX_CALLS_PER_STEP, Next, Outcome, Reply, Transition};
+use super::machine::{self, Call, Next, Outcome, Reply, Transition};
 use crate::commerce::{CommerceApi, CommerceError, ErrorCode};
 use crate::config::EngineSettings;
 use crate::domain::{Case, CaseState, Envelope, HistoryEntry, OutboundEvent};
@@ -229,13 +229,7 @@ async fn step_cases(
         "Case engine started."
     );
     loop {
-        while let Some(done) = tasks.try_join_next() {
-            if let Err(e) = done
-                && e.is_panic()
-            {
-                tracing::error!(error = %e, "A case step task panicked outside its step; its case resumes when its lease runs out.");
-            }
-        }
+        reap(&mut tasks);
         if cancel.is_cancelled() {
             break;
         }
@@ -279,27 +273,72 @@ async fn step_cases(
             }
         };
         let full = claimed.len() >= free;
-        for claim in claimed {
-            let Ok(permit) = permits.clone().try_acquire_owned() else {
-                // Cannot happen (only this loop acquires); give the case back.
-                let _ = inner
-                    .store
-                    .release_case(claim.id, &owner, Duration::ZERO)
-                    .await;
-                continue;
-            };
-            let inner = inner.clone();
-            let owner = owner.clone();
-            let cancel = cancel.clone();
-            tasks.spawn(async move {
-                drive(inner, owner, claim, cancel).await;
-                drop(permit);
-            });
-        }
+        spawn_steps(&inner, &owner, claimed, &permits, &mut tasks, &cancel).await;
         if !full {
             inner.idle(&cancel).await;
         }
     }
+    drain(
+        &inner,
+        tasks,
+        drain_timeout,
+        abort,
+        stop_committing,
+        committer_done,
+    )
+    .await;
+}
+
+/// Logs the step tasks that ended with a panic outside their step.
+fn reap(tasks: &mut JoinSet<()>) {
+    while let Some(done) = tasks.try_join_next() {
+        if let Err(e) = done
+            && e.is_panic()
+        {
+            tracing::error!(error = %e, "A case step task panicked outside its step; its case resumes when its lease runs out.");
+        }
+    }
+}
+
+/// Steps each claimed case on a task of its own, each holding a permit.
+async fn spawn_steps(
+    inner: &Arc<Inner>,
+    owner: &str,
+    claimed: Vec<Claimed>,
+    permits: &Arc<Semaphore>,
+    tasks: &mut JoinSet<()>,
+    cancel: &CancellationToken,
+) {
+    for claim in claimed {
+        let Ok(permit) = permits.clone().try_acquire_owned() else {
+            // Cannot happen (only the claim loop acquires); give the case back.
+            let _ = inner
+                .store
+                .release_case(claim.id, owner, Duration::ZERO)
+                .await;
+            continue;
+        };
+        let inner = inner.clone();
+        let owner = owner.to_owned();
+        let cancel = cancel.clone();
+        tasks.spawn(async move {
+            drive(inner, owner, claim, cancel).await;
+            drop(permit);
+        });
+    }
+}
+
+/// After the claim loop: waits for the steps in flight within
+/// `drain_timeout` (or until `abort`), then stops the committer and waits
+/// for it (bounded).
+async fn drain(
+    inner: &Inner,
+    mut tasks: JoinSet<()>,
+    drain_timeout: Duration,
+    abort: CancellationToken,
+    stop_committing: CancellationToken,
+    committer_done: CancellationToken,
+) {
     let drained = tokio::select! {
         () = async { while tasks.join_next().await.is_some() {} } => true,
         () = tokio::time::sleep(drain_timeout) => false,
@@ -448,128 +487,38 @@ async fn steps(
     let mut carried: Vec<HistoryEntry> = Vec::new();
     let mut uncommitted: Vec<(CaseState, Outcome, Transition)> = Vec::new();
     for n in 1..=MAX_STEPS_PER_CLAIM {
-        let before = case.state;
-        let mut replies = Vec::new();
-        let mut history = Vec::new();
-        // The call in flight, for a panic's history line.
-        let mut calling = "step";
+        let before = case.state();
+        let mut calls = Calls {
+            replies: Vec::new(),
+            history: Vec::new(),
+            calling: "step",
+        };
         // A panic anywhere in the step (the plan, a call, the decision
         // source) is the case's transient failure: retried with backoff and
         // counted against its budget like any other, never a dead step
         // task whose case comes back at every lease expiry.
-        let planned = AssertUnwindSafe(async {
-            loop {
-                match machine::plan(&case, &replies) {
-                    Next::Stop => {
-                        let _ = inner.store.release_case(case.id, owner, SET_ASIDE).await;
-                        return None;
-                    }
-                    Next::Done(outcome) => return Some(outcome),
-                    Next::Call(call) => {
-                        if matches!(call, Call::Assign { .. })
-                            && !uncommitted.is_empty()
-                            && !commit(
-                                inner,
-                                owner,
-                                &case,
-                                &mut carried,
-                                &[],
-                                Some(inner.settings.lease),
-                                &mut uncommitted,
-                            )
-                            .await
-                        {
-                            return None;
-                        }
-                        calling = call.name();
-                        let at = Utc::now();
-                        let started = Instant::now();
-                        let reply = tokio::select! {
-                            reply = inner.call(&case, &call) => reply,
-                            () = lost.cancelled() => {
-                                tracing::warn!(lease_owner = %owner, call = call.name(), "Lease lost while stepping; the step is abandoned.");
-                                return None;
-                            }
-                        };
-                        let took = started.elapsed();
-                        tracing::debug!(
-                            call = call.name(),
-                            class = reply.class(),
-                            took_ms = took.as_millis() as u64,
-                            "Call answered."
-                        );
-                        let mut entry = machine::call_entry(case.state, &call, &reply, at, took);
-                        entry.detail["worker"] = json!(owner);
-                        history.push(entry);
-                        let reply = match identify(inner, owner, &case, reply).await {
-                            Some(reply) => reply,
-                            None => return None,
-                        };
-                        replies.push(reply);
-                        calling = "step";
-                        if replies.len() > MAX_CALLS_PER_STEP {
-                            // plan() ends the step on the next round.
-                            continue;
-                        }
-                    }
-                }
-            }
-        })
+        let planned = AssertUnwindSafe(plan_calls(
+            inner,
+            owner,
+            &case,
+            lost,
+            &mut calls,
+            &mut carried,
+            &mut uncommitted,
+        ))
         .catch_unwind()
         .await;
         let outcome = match planned {
             Ok(Some(outcome)) => outcome,
             Ok(None) => return,
-            Err(panic) => panicked(&case, calling, &*panic),
+            Err(panic) => panicked(&case, calls.calling, &*panic),
         };
         let now = Utc::now();
-        let applied = |outcome: Outcome| {
-            std::panic::catch_unwind(AssertUnwindSafe(|| {
-                machine::apply(&case, outcome, now, &inner.settings)
-            }))
+        let Some((outcome, transition)) = apply_outcome(inner, owner, &case, outcome, now).await
+        else {
+            return;
         };
-        let (outcome, transition) = match applied(outcome.clone()) {
-            Ok(Ok(t)) => (outcome, t),
-            Ok(Err(e)) => {
-                tracing::error!(error = %e, "The case's step has no valid transition; it is set aside.");
-                let _ = inner.store.release_case(case.id, owner, SET_ASIDE).await;
-                return;
-            }
-            Err(panic) => {
-                let transient = panicked(&case, "apply", &*panic);
-                match applied(transient.clone()) {
-                    Ok(Ok(t)) => (transient, t),
-                    _ => {
-                        tracing::error!(
-                            set_aside_s = SET_ASIDE.as_secs(),
-                            "The case's step panicked and so did recording it; it is set aside."
-                        );
-                        let _ = inner.store.release_case(case.id, owner, SET_ASIDE).await;
-                        return;
-                    }
-                }
-            }
-        };
-        let envelopes: Vec<Envelope> = transition
-            .events
-            .iter()
-            .map(|e| {
-                e.envelope(
-                    transition.case.id,
-                    transition.case.generation,
-                    &transition.case.order,
-                    now,
-                )
-            })
-            .collect();
-        carried.extend(history);
-        carried.extend(transition.history.iter().cloned());
-        carried.extend(envelopes.iter().map(|e| HistoryEntry {
-            at: now,
-            kind: "event",
-            state: transition.case.state,
-            detail: json!({"routingKey": e.routing_key, "envelopeId": e.id}),
-        }));
+        let envelopes = carry(&mut carried, calls.history, &transition, now);
         let go_on = !cancel.is_cancelled()
             && n < MAX_STEPS_PER_CLAIM
             && transition.case.next_action_at.is_some_and(|t| t <= now);
@@ -606,13 +555,144 @@ async fn steps(
     }
 }
 
+/// The calls of one step so far: their replies, their history lines, and
+/// the call in flight (for a panic's history line).
+struct Calls {
+    replies: Vec<Reply>,
+    history: Vec<HistoryEntry>,
+    calling: &'static str,
+}
+
+/// Plans and makes the calls of one step of `case` until the step's
+/// outcome; `None` when the step is over without one (the case is
+/// terminal, the lease was lost, or committing the carried steps before an
+/// assignment failed).
+async fn plan_calls(
+    inner: &Inner,
+    owner: &str,
+    case: &Case,
+    lost: &CancellationToken,
+    calls: &mut Calls,
+    carried: &mut Vec<HistoryEntry>,
+    uncommitted: &mut Vec<(CaseState, Outcome, Transition)>,
+) -> Option<Outcome> {
+    loop {
+        let call = match machine::plan(case, &calls.replies) {
+            Next::Stop => {
+                let _ = inner.store.release_case(case.id, owner, SET_ASIDE).await;
+                return None;
+            }
+            Next::Done(outcome) => return Some(outcome),
+            Next::Call(call) => call,
+        };
+        // Never an assignment call with earlier steps uncommitted.
+        if matches!(call, Call::Assign { .. })
+            && !uncommitted.is_empty()
+            && !commit(
+                inner,
+                owner,
+                case,
+                carried,
+                &[],
+                Some(inner.settings.lease),
+                uncommitted,
+            )
+            .await
+        {
+            return None;
+        }
+        calls.calling = call.name();
+        let at = Utc::now();
+        let started = Instant::now();
+        let reply = tokio::select! {
+            reply = inner.call(case, &call) => reply,
+            () = lost.cancelled() => {
+                tracing::warn!(lease_owner = %owner, call = call.name(), "Lease lost while stepping; the step is abandoned.");
+                return None;
+            }
+        };
+        let took = started.elapsed();
+        tracing::debug!(
+            call = call.name(),
+            class = reply.class(),
+            took_ms = took.as_millis() as u64,
+            "Call answered."
+        );
+        let mut entry = machine::call_entry(case.state(), &call, &reply, at, took);
+        entry.detail["worker"] = json!(owner);
+        calls.history.push(entry);
+        let reply = identify(inner, owner, case, reply).await?;
+        calls.replies.push(reply);
+        calls.calling = "step";
+        // Past `MAX_CALLS_PER_STEP` calls, plan() ends the step on the next round.
+    }
+}
+
+/// Applies `outcome` to `case`; a panic in `apply` is recorded as the
+/// case's transient failure. `None` (the case set aside) when no
+/// transition can be made.
+async fn apply_outcome(
+    inner: &Inner,
+    owner: &str,
+    case: &Case,
+    outcome: Outcome,
+    now: DateTime<Utc>,
+) -> Option<(Outcome, Transition)> {
+    let applied = |outcome: Outcome| {
+        std::panic::catch_unwind(AssertUnwindSafe(|| {
+            machine::apply(case, outcome, now, &inner.settings)
+        }))
+    };
+    match applied(outcome.clone()) {
+        Ok(Ok(t)) => return Some((outcome, t)),
+        Ok(Err(e)) => {
+            tracing::error!(error = %e, "The case's step has no valid transition; it is set aside.");
+        }
+        Err(panic) => {
+            let transient = panicked(case, "apply", &*panic);
+            if let Ok(Ok(t)) = applied(transient.clone()) {
+                return Some((transient, t));
+            }
+            tracing::error!(
+                set_aside_s = SET_ASIDE.as_secs(),
+                "The case's step panicked and so did recording it; it is set aside."
+            );
+        }
+    }
+    let _ = inner.store.release_case(case.id, owner, SET_ASIDE).await;
+    None
+}
+
+/// Adds one applied step to the history carried to the next commit (its
+/// calls, its entries, a line per event) and returns its events' envelopes.
+fn carry(
+    carried: &mut Vec<HistoryEntry>,
+    calls: Vec<HistoryEntry>,
+    transition: &Transition,
+    now: DateTime<Utc>,
+) -> Vec<Envelope> {
+    let case = &transition.case;
+    let envelopes: Vec<Envelope> = (transition.events.iter())
+        .map(|e| e.envelope(case.id, case.generation, &case.order, now))
+        .collect();
+    carried.extend(calls);
+    carried.extend(transition.history.iter().cloned());
+    carried.extend(envelopes.iter().map(|e| HistoryEntry {
+        at: now,
+        kind: "event",
+        state: case.state(),
+        detail: json!({"routingKey": e.routing_key, "envelopeId": e.id}),
+    }));
+    envelopes
+}
+
 /// The transient failure that a panic in `case`'s step (during `call`)
 /// stands for, logged.
 fn panicked(case: &Case, call: &'static str, panic: &(dyn std::any::Any + Send)) -> Outcome {
     let detail = format!("{call} panicked: {}", panic_message(panic));
     tracing::error!(
         order = %case.subject(),
-        state = %case.state,
+        state = %case.state(),
         call,
         detail = %detail,
         "A step panicked; it counts as a transient failure of its case."
@@ -840,15 +920,15 @@ fn report(before: CaseState, outcome: &Outcome, t: &Transition) {
             tracing::info!(order = %order, rule = %d.rule, "Rule decided.");
         }
         Outcome::Resolved(_) => {
-            let account = case
-                .target
+            let target = case.stage.progress().target;
+            let account = target
                 .as_ref()
                 .map_or("-", |t| t.smart_account_domain.as_str());
-            tracing::info!(order = %order, rule = %rule, account = %account, state = %case.state, "Smart Account resolved.");
+            tracing::info!(order = %order, rule = %rule, account = %account, state = %case.state(), "Smart Account resolved.");
         }
         Outcome::Assigned(r) => {
-            let account = case
-                .target
+            let target = case.stage.progress().target;
+            let account = target
                 .as_ref()
                 .map_or("-", |t| t.smart_account_domain.as_str());
             tracing::info!(order = %order, rule = %rule, account = %account, assignment = %r.assignment_id, "Smart Account assigned.");
@@ -865,7 +945,7 @@ fn report(before: CaseState, outcome: &Outcome, t: &Transition) {
             tracing::info!(order = %order, rule = %rule, "Hold released.");
         }
         Outcome::Escalate { .. } => escalated(&order, rule, t),
-        Outcome::Transient { .. } if case.state == CaseState::Escalated => {
+        Outcome::Transient { .. } if case.state() == CaseState::Escalated => {
             escalated(&order, rule, t);
         }
         Outcome::Transient { call, detail, .. } => {
@@ -877,9 +957,6 @@ fn report(before: CaseState, outcome: &Outcome, t: &Transition) {
                 detail = %detail,
                 "Transient failure; the step is retried later."
             );
-        }
-        Outcome::Redecide { detail } => {
-            tracing::warn!(order = %order, detail = %detail, "Case lacked what its state needs; deciding again.");
         }
     }
 }

@@ -16,8 +16,8 @@ use uuid::Uuid;
 use super::StoreError;
 use super::cases::CaseRecord;
 use crate::domain::{
-    Case, CaseState, Decision, EscalationReason, HeldOrderEvent, OrderId, ResolvedTarget,
-    SalesOrderNumber, WebOrderId,
+    Accepted, Assignment, Case, CaseState, Decision, EscalationReason, HeldOrderEvent, OrderId,
+    Progress, ResolvedTarget, SalesOrderNumber, Stage, WebOrderId,
 };
 
 /// The columns a [`CaseRow`] is read from, in every `SELECT`/`RETURNING`.
@@ -153,26 +153,38 @@ impl CaseRow {
                     .ok_or_else(|| bad(format!("unknown escalation reason {r:?}")))
             })
             .transpose()?;
+        let assignment = match (self.assignment_id, self.assigned_at) {
+            (Some(id), Some(at)) => Some(Accepted { id, at }),
+            (None, None) => None,
+            _ => return Err(bad("assignment_id and assigned_at disagree".into())),
+        };
+        let progress = Progress {
+            decision: self.decision.map(|j| j.0),
+            target: self.target.map(|j| j.0),
+            idempotency_key: self.idempotency_key,
+            assignment,
+            watching_since: self.watching_since,
+        };
+        let stage = stage(
+            state,
+            progress,
+            order.sales_order_number.clone(),
+            escalation_reason,
+            self.released_at,
+            self.closed_at,
+        )
+        .map_err(|what| bad(format!("{state}: {what}")))?;
         let case = Case {
             id,
             order,
             held_at: self.held_at,
-            decision: self.decision.map(|j| j.0),
-            target: self.target.map(|j| j.0),
-            idempotency_key: self.idempotency_key,
-            assignment_id: self.assignment_id,
-            assigned_at: self.assigned_at,
-            watching_since: self.watching_since,
+            stage,
             attempt: count(self.attempt, "attempt")?,
             retry_since: self.retry_since,
             polls: count(self.polls, "polls")?,
-            escalation_reason,
             escalation_level: count(self.escalation_level.into(), "escalation_level")?,
-            released_at: self.released_at,
-            closed_at: self.closed_at,
             generation: count(self.generation, "generation")?,
             next_action_at: (!state.is_terminal()).then_some(self.next_action_at),
-            state,
             event,
         };
         Ok(CaseRecord {
@@ -187,6 +199,62 @@ impl CaseRow {
     }
 }
 
+/// The stage a row's columns describe; `Err` names what its state lacks.
+fn stage(
+    state: CaseState,
+    p: Progress,
+    sales_order_number: Option<SalesOrderNumber>,
+    reason: Option<EscalationReason>,
+    released_at: Option<DateTime<Utc>>,
+    closed_at: Option<DateTime<Utc>>,
+) -> Result<Stage, &'static str> {
+    let closed = closed_at.ok_or("closed_at is null");
+    Ok(match state {
+        CaseState::Deciding => Stage::Deciding,
+        CaseState::Resolving => Stage::Resolving {
+            decision: p.decision.ok_or("decision is null")?,
+        },
+        CaseState::Assigning => {
+            let target = p.target.ok_or("target is null")?;
+            Stage::Assigning {
+                decision: p.decision.ok_or("decision is null")?,
+                order: sales_order_number.ok_or("sales_order_number is null")?,
+                assignment: Assignment {
+                    smart_account_domain: target.smart_account_domain,
+                    account_type: target.account_type,
+                    virtual_account_name: (target.virtual_account_name)
+                        .ok_or("the target has no virtual account")?,
+                },
+                via_fallback: target.via_fallback,
+                key: p.idempotency_key.ok_or("idempotency_key is null")?,
+            }
+        }
+        CaseState::Watching => Stage::Watching {
+            since: (p.watching_since)
+                .or(p.assignment.as_ref().map(|a| a.at))
+                .ok_or("watching_since is null")?,
+            decision: p.decision,
+            target: p.target.ok_or("target is null")?,
+            key: p.idempotency_key,
+            assignment: p.assignment,
+        },
+        CaseState::Released => Stage::Released {
+            progress: p,
+            released_at: released_at.ok_or("released_at is null")?,
+            closed_at: closed?,
+        },
+        CaseState::Escalated => Stage::Escalated {
+            reason: reason.ok_or("escalation_reason is null")?,
+            progress: p,
+            closed_at: closed?,
+        },
+        CaseState::Merged => Stage::Merged {
+            progress: p,
+            closed_at,
+        },
+    })
+}
+
 /// The written columns of several cases as arrays, one element per case,
 /// in [`case_input!`]'s order.
 #[derive(Default)]
@@ -199,8 +267,8 @@ pub(super) struct CaseColumns<'a> {
     rules_hash: Vec<Option<&'a str>>,
     decision: Vec<Option<Value>>,
     target: Vec<Option<Value>>,
-    idempotency_key: Vec<Option<&'a str>>,
-    assignment_id: Vec<Option<&'a str>>,
+    idempotency_key: Vec<Option<String>>,
+    assignment_id: Vec<Option<String>>,
     assigned_at: Vec<Option<DateTime<Utc>>>,
     watching_since: Vec<Option<DateTime<Utc>>>,
     attempt: Vec<i32>,
@@ -239,29 +307,30 @@ impl<'a> CaseColumns<'a> {
     ) -> Result<(), StoreError> {
         self.id.push(c.id);
         self.lease_owner.push(lease_owner);
-        self.state.push(c.state.as_str());
+        self.state.push(c.state().as_str());
         (self.sales_order_number).push(c.order.sales_order_number.as_ref().map(|s| s.to_string()));
-        self.rule_name
-            .push(c.decision.as_ref().map(|d| d.rule.as_str()));
+        let p = c.stage.progress();
+        let decision = c.stage.decision();
+        self.rule_name.push(decision.map(|d| d.rule.as_str()));
         self.rules_hash
-            .push(c.decision.as_ref().map(|d| d.rules_hash.as_str()));
-        self.decision
-            .push(c.decision.as_ref().map(to_json).transpose()?);
+            .push(decision.map(|d| d.rules_hash.as_str()));
+        self.decision.push(decision.map(to_json).transpose()?);
         self.target
-            .push(c.target.as_ref().map(to_json).transpose()?);
-        self.idempotency_key.push(c.idempotency_key.as_deref());
-        self.assignment_id.push(c.assignment_id.as_deref());
-        self.assigned_at.push(c.assigned_at);
-        self.watching_since.push(c.watching_since);
+            .push(p.target.as_ref().map(to_json).transpose()?);
+        self.idempotency_key.push(p.idempotency_key);
+        self.assignment_id
+            .push(p.assignment.as_ref().map(|a| a.id.clone()));
+        self.assigned_at.push(p.assignment.map(|a| a.at));
+        self.watching_since.push(p.watching_since);
         self.attempt.push(int(c.attempt, "attempt")?);
         self.retry_since.push(c.retry_since);
         self.polls.push(int(c.polls, "polls")?);
         self.escalation_reason
-            .push(c.escalation_reason.map(|r| r.as_str()));
+            .push(c.stage.escalation_reason().map(|r| r.as_str()));
         self.escalation_level
             .push(int(c.escalation_level, "escalation_level")?);
-        self.released_at.push(c.released_at);
-        self.closed_at.push(c.closed_at);
+        self.released_at.push(c.stage.released_at());
+        self.closed_at.push(c.stage.closed_at());
         self.generation.push(int(c.generation, "generation")?);
         self.next_action_at.push(c.next_action_at);
         self.hold.push(hold.map(|d| d.as_secs_f64()));
@@ -298,5 +367,81 @@ impl<'a> CaseColumns<'a> {
             .bind(self.generation)
             .bind(self.next_action_at)
             .bind(self.hold)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::domain::{AccountSelector, AccountType, Target, VirtualAccountChoice};
+
+    fn decision() -> Decision {
+        Decision {
+            rule: "r".into(),
+            rules_hash: "h".into(),
+            target: Target {
+                account: AccountSelector::Domain(crate::domain::Domain::parse("acme.com").unwrap()),
+                account_type: AccountType::Customer,
+                virtual_account: VirtualAccountChoice::AccountDefault,
+            },
+            fallback: None,
+        }
+    }
+
+    /// A state whose data is missing is a corrupt row (it used to be decided
+    /// again at its next step).
+    #[test]
+    fn a_state_lacking_its_data_is_unreadable() {
+        let so = SalesOrderNumber::parse("1").ok();
+        let st = |state, p: Progress| stage(state, p, so.clone(), None, None, None);
+        assert_eq!(
+            st(CaseState::Resolving, Progress::default()),
+            Err("decision is null")
+        );
+        let decided = Progress {
+            decision: Some(decision()),
+            ..Progress::default()
+        };
+        assert_eq!(
+            st(CaseState::Resolving, decided.clone()),
+            Ok(Stage::Resolving {
+                decision: decision()
+            })
+        );
+        assert_eq!(
+            st(CaseState::Assigning, decided.clone()),
+            Err("target is null")
+        );
+        let target = ResolvedTarget {
+            smart_account_domain: "acme.com".into(),
+            account_type: AccountType::Customer,
+            virtual_account_name: None,
+            via_fallback: false,
+        };
+        let resolved = Progress {
+            target: Some(target),
+            idempotency_key: Some("k".into()),
+            ..decided
+        };
+        assert_eq!(
+            st(CaseState::Assigning, resolved.clone()),
+            Err("the target has no virtual account")
+        );
+        assert_eq!(
+            st(CaseState::Watching, resolved.clone()),
+            Err("watching_since is null")
+        );
+        assert_eq!(
+            st(CaseState::Escalated, resolved.clone()),
+            Err("escalation_reason is null")
+        );
+        assert_eq!(
+            st(CaseState::Released, resolved),
+            Err("released_at is null")
+        );
+        assert_eq!(
+            st(CaseState::Deciding, Progress::default()),
+            Ok(Stage::Deciding)
+        );
     }
 }

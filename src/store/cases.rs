@@ -211,6 +211,113 @@ pub enum RetryCommit {
     OtherOpen,
 }
 
+/// The order's case: the open one, else one that closed after this
+/// case opened (it was working the same hold), else one that ended
+/// after this case's hold was applied (released or escalated: that
+/// hold is another case's).
+async fn order_case(
+    tx: &mut Transaction<'static, Postgres>,
+    so: &str,
+    id: Uuid,
+    created_at: DateTime<Utc>,
+    held_at: DateTime<Utc>,
+) -> Result<Option<Uuid>, StoreError> {
+    sqlx::query_scalar(concat!(
+        "SELECT id FROM cases \
+         WHERE order_key = $1 AND id <> $2 \
+           AND (",
+        open_case!(),
+        " \
+                OR (state <> 'merged' AND closed_at >= $3) \
+                OR (state IN ('released', 'escalated') \
+                    AND coalesce(released_at, closed_at) >= $4)) \
+         ORDER BY (",
+        open_case!(),
+        ") DESC, created_at DESC \
+         LIMIT 1 FOR UPDATE"
+    ))
+    .bind(so)
+    .bind(id)
+    .bind(created_at)
+    .bind(held_at)
+    .fetch_optional(&mut **tx)
+    .await
+    .map_err(Into::into)
+}
+
+/// Case `id` learns its sales order number (no other case works the order).
+async fn record_identified(
+    tx: &mut Transaction<'static, Postgres>,
+    id: Uuid,
+    so: &str,
+    state: &str,
+) -> Result<(), StoreError> {
+    sqlx::query(
+        "UPDATE cases SET sales_order_number = $2, order_key = $2, updated_at = now() \
+         WHERE id = $1",
+    )
+    .bind(id)
+    .bind(so)
+    .execute(&mut **tx)
+    .await?;
+    sqlx::query(
+        "INSERT INTO case_history (case_id, kind, state, detail) \
+         VALUES ($1, 'identified', $2, jsonb_build_object('salesOrderNumber', $3::text))",
+    )
+    .bind(id)
+    .bind(state)
+    .bind(so)
+    .execute(&mut **tx)
+    .await?;
+    Ok(())
+}
+
+/// Case `id` is merged into `into`, the order's case, which learns its web
+/// order id; a history line on both.
+async fn merge(
+    tx: &mut Transaction<'static, Postgres>,
+    id: Uuid,
+    into: Uuid,
+    so: &str,
+    web: Option<&str>,
+) -> Result<(), StoreError> {
+    sqlx::query(
+        "UPDATE cases SET state = 'merged', merged_into = $2, closed_at = now(), \
+            lease_owner = NULL, lease_expires_at = NULL, updated_at = now() \
+         WHERE id = $1",
+    )
+    .bind(id)
+    .bind(into)
+    .execute(&mut **tx)
+    .await?;
+    // Its web order id is free now: the order's case learns it, unless it
+    // knows one already or another open case has it.
+    let into_state: String = sqlx::query_scalar(
+        "UPDATE cases o SET web_order_id = coalesce(o.web_order_id, $2), updated_at = now() \
+         WHERE o.id = $1 \
+         RETURNING o.state",
+    )
+    .bind(into)
+    .bind(web)
+    .fetch_one(&mut **tx)
+    .await?;
+    sqlx::query(
+        "INSERT INTO case_history (case_id, kind, state, detail) \
+         VALUES ($1, 'merged', 'merged', jsonb_strip_nulls(jsonb_build_object( \
+                    'into', $3::uuid, 'salesOrderNumber', $4::text, 'webOrderId', $5::text))), \
+                ($3, 'joined', $2, jsonb_strip_nulls(jsonb_build_object( \
+                    'case', $1::uuid, 'salesOrderNumber', $4::text, 'webOrderId', $5::text)))",
+    )
+    .bind(id)
+    .bind(&into_state)
+    .bind(into)
+    .bind(so)
+    .bind(web)
+    .execute(&mut **tx)
+    .await?;
+    Ok(())
+}
+
 /// Binds a history as the arrays `at`, `kind`, `state`, `detail`.
 fn bind_history<'q>(
     q: sqlx::query::Query<'q, Postgres, sqlx::postgres::PgArguments>,
@@ -491,85 +598,13 @@ impl Store {
             Some(k) => return Ok(Identity::Conflicting { known: k }),
             None => {}
         }
-        // The order's case: the open one, else one that closed after this
-        // case opened (it was working the same hold), else one that ended
-        // after this case's hold was applied (released or escalated: that
-        // hold is another case's).
-        let other: Option<Uuid> = sqlx::query_scalar(concat!(
-            "SELECT id FROM cases \
-             WHERE order_key = $1 AND id <> $2 \
-               AND (",
-            open_case!(),
-            " \
-                    OR (state <> 'merged' AND closed_at >= $3) \
-                    OR (state IN ('released', 'escalated') \
-                        AND coalesce(released_at, closed_at) >= $4)) \
-             ORDER BY (",
-            open_case!(),
-            ") DESC, created_at DESC \
-             LIMIT 1 FOR UPDATE"
-        ))
-        .bind(so)
-        .bind(id)
-        .bind(created_at)
-        .bind(held_at)
-        .fetch_optional(&mut *tx)
-        .await?;
+        let other = order_case(&mut tx, so, id, created_at, held_at).await?;
         let Some(into) = other else {
-            sqlx::query(
-                "UPDATE cases SET sales_order_number = $2, order_key = $2, updated_at = now() \
-                 WHERE id = $1",
-            )
-            .bind(id)
-            .bind(so)
-            .execute(&mut *tx)
-            .await?;
-            sqlx::query(
-                "INSERT INTO case_history (case_id, kind, state, detail) \
-                 VALUES ($1, 'identified', $2, jsonb_build_object('salesOrderNumber', $3::text))",
-            )
-            .bind(id)
-            .bind(&state)
-            .bind(so)
-            .execute(&mut *tx)
-            .await?;
+            record_identified(&mut tx, id, so, &state).await?;
             tx.commit().await?;
             return Ok(Identity::Recorded);
         };
-        sqlx::query(
-            "UPDATE cases SET state = 'merged', merged_into = $2, closed_at = now(), \
-                lease_owner = NULL, lease_expires_at = NULL, updated_at = now() \
-             WHERE id = $1",
-        )
-        .bind(id)
-        .bind(into)
-        .execute(&mut *tx)
-        .await?;
-        // Its web order id is free now: the order's case learns it, unless it
-        // knows one already or another open case has it.
-        let into_state: String = sqlx::query_scalar(
-            "UPDATE cases o SET web_order_id = coalesce(o.web_order_id, $2), updated_at = now() \
-             WHERE o.id = $1 \
-             RETURNING o.state",
-        )
-        .bind(into)
-        .bind(web.as_deref())
-        .fetch_one(&mut *tx)
-        .await?;
-        sqlx::query(
-            "INSERT INTO case_history (case_id, kind, state, detail) \
-             VALUES ($1, 'merged', 'merged', jsonb_strip_nulls(jsonb_build_object( \
-                        'into', $3::uuid, 'salesOrderNumber', $4::text, 'webOrderId', $5::text))), \
-                    ($3, 'joined', $2, jsonb_strip_nulls(jsonb_build_object( \
-                        'case', $1::uuid, 'salesOrderNumber', $4::text, 'webOrderId', $5::text)))",
-        )
-        .bind(id)
-        .bind(&into_state)
-        .bind(into)
-        .bind(so)
-        .bind(web.as_deref())
-        .execute(&mut *tx)
-        .await?;
+        merge(&mut tx, id, into, so, web.as_deref()).await?;
         tx.commit().await?;
         Ok(Identity::Merged { into })
     }

@@ -106,7 +106,7 @@ async fn outbox_row(store: &holdclear::store::Store, order: &str) -> uuid::Uuid 
 /// real step commit.
 async fn outbox_rows(store: &holdclear::store::Store, order: &str, n: u32) -> uuid::Uuid {
     use holdclear::domain::OutboundEvent;
-    use holdclear::domain::{CaseState, EscalationLevel, EscalationReason, HeldOrderEvent};
+    use holdclear::domain::{EscalationLevel, EscalationReason, HeldOrderEvent};
     use holdclear::store::Recorded;
     let body = serde_json::json!({
         "specversion": "1.0", "type": "commerce.order.held.v1", "source": "/t",
@@ -133,8 +133,11 @@ async fn outbox_rows(store: &holdclear::store::Store, order: &str, n: u32) -> uu
         .case
         .unwrap();
     let mut next = case.clone();
-    next.state = CaseState::Escalated;
-    next.escalation_reason = Some(EscalationReason::NoRuleMatched);
+    next.stage = holdclear::domain::Stage::Escalated {
+        reason: EscalationReason::NoRuleMatched,
+        progress: case.stage.progress(),
+        closed_at: chrono::Utc::now(),
+    };
     next.next_action_at = None;
     let envelopes: Vec<_> = (0..n)
         .map(|i| {

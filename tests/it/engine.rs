@@ -233,7 +233,7 @@ impl World {
     async fn wait_state(&self, id: Uuid, state: CaseState) -> CaseRecord {
         wait_for(DEADLINE, &format!("case {id} to be {state}"), || async {
             let r = self.case(id).await;
-            (r.case.state == state).then_some(r)
+            (r.case.state() == state).then_some(r)
         })
         .await
     }
@@ -351,8 +351,11 @@ fn escalated_no_rule(
     case: &holdclear::domain::Case,
 ) -> (holdclear::domain::Case, holdclear::domain::Envelope) {
     let mut next = case.clone();
-    next.state = CaseState::Escalated;
-    next.escalation_reason = Some(EscalationReason::NoRuleMatched);
+    next.stage = holdclear::domain::Stage::Escalated {
+        reason: EscalationReason::NoRuleMatched,
+        progress: case.stage.progress(),
+        closed_at: chrono::Utc::now(),
+    };
     next.next_action_at = None;
     let envelope = OutboundEvent::HoldEscalated {
         reason: EscalationReason::NoRuleMatched,
@@ -404,7 +407,7 @@ async fn a_commit_after_the_lease_was_lost_changes_nothing(pool: PgPool) {
         .unwrap();
     assert!(!committed, "fenced out");
     let after = store.case_by_id(id).await.unwrap().unwrap();
-    assert_eq!(after.case.state, CaseState::Deciding);
+    assert_eq!(after.case.state(), CaseState::Deciding);
     assert_eq!(after.lease_owner.as_deref(), Some("fast#1"));
     assert!(store.outbox_of_case(id).await.unwrap().is_empty());
     assert_eq!(
@@ -426,7 +429,7 @@ async fn a_commit_after_the_lease_was_lost_changes_nothing(pool: PgPool) {
             .unwrap()
     );
     let after = store.case_by_id(id).await.unwrap().unwrap();
-    assert_eq!(after.case.state, CaseState::Escalated);
+    assert_eq!(after.case.state(), CaseState::Escalated);
     assert_eq!(after.lease_owner, None);
     let outbox = store.outbox_of_case(id).await.unwrap();
     assert_eq!(outbox.len(), 1);
@@ -525,12 +528,12 @@ async fn steps_of_several_cases_commit_together_each_fenced_by_its_lease(pool: P
         let history = kinds(&rows);
         let outbox = store.outbox_of_case(c.id).await.unwrap();
         if c.id == stolen {
-            assert_eq!(after.case.state, CaseState::Deciding);
+            assert_eq!(after.case.state(), CaseState::Deciding);
             assert_eq!(after.lease_owner.as_deref(), Some("other#1"));
             assert_eq!(history, vec!["opened"]);
             assert!(outbox.is_empty());
         } else {
-            assert_eq!(after.case.state, CaseState::Escalated);
+            assert_eq!(after.case.state(), CaseState::Escalated);
             assert_eq!(after.lease_owner, None);
             assert_eq!(history, vec!["opened", "rules.decide", "escalated"]);
             assert_eq!(outbox.len(), 1);
@@ -553,8 +556,11 @@ async fn case_with_event(store: &Store, pool: &PgPool, so: &str) -> (Uuid, Uuid)
         .case
         .unwrap();
     let mut next = case.clone();
-    next.state = CaseState::Escalated;
-    next.escalation_reason = Some(EscalationReason::NoRuleMatched);
+    next.stage = holdclear::domain::Stage::Escalated {
+        reason: EscalationReason::NoRuleMatched,
+        progress: case.stage.progress(),
+        closed_at: chrono::Utc::now(),
+    };
     next.next_action_at = None;
     let env = OutboundEvent::HoldEscalated {
         reason: EscalationReason::NoRuleMatched,

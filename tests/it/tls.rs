@@ -487,7 +487,7 @@ mod own_servers {
             "the held order released",
             || async {
                 let case = store.latest_case(&order).await.ok()??;
-                (case.case.state == CaseState::Released).then_some(())
+                (case.case.state() == CaseState::Released).then_some(())
             },
         )
         .await;

@@ -115,61 +115,69 @@ fn event(e: &Ev) -> HeldOrderEvent {
     }
 }
 
-fn case_with(e: &Ev, state: CaseState) -> Case {
+fn case_with(e: &Ev, stage: Stage) -> Case {
     let ev = event(e);
     Case {
         id: Uuid::from_u128(42),
         order: ev.data.order.clone(),
         event: ev,
-        state,
+        stage,
         held_at: t0(),
-        decision: None,
-        target: None,
-        idempotency_key: None,
-        assignment_id: None,
-        assigned_at: None,
-        watching_since: None,
         attempt: 0,
         retry_since: None,
         polls: 0,
-        escalation_reason: None,
         escalation_level: 0,
-        released_at: None,
-        closed_at: None,
         generation: 0,
         next_action_at: Some(t0()),
     }
 }
 
 fn deciding() -> Case {
-    case_with(&STANDARD, CaseState::Deciding)
+    case_with(&STANDARD, Stage::Deciding)
 }
 
 fn resolving(e: &Ev, fallback: bool) -> Case {
-    let mut c = case_with(e, CaseState::Resolving);
-    c.decision = Some(decision(fallback));
-    c
+    case_with(
+        e,
+        Stage::Resolving {
+            decision: decision(fallback),
+        },
+    )
 }
 
 fn assigning() -> Case {
     let mut c = resolving(&STANDARD, false);
-    c.state = CaseState::Assigning;
-    c.target = Some(ResolvedTarget {
-        smart_account_domain: "acme.com".into(),
-        account_type: AccountType::Customer,
-        virtual_account_name: Some("DEFAULT".into()),
+    c.stage = Stage::Assigning {
+        decision: decision(false),
+        order: c.order.sales_order_number.clone().unwrap(),
+        assignment: Assignment {
+            smart_account_domain: "acme.com".into(),
+            account_type: AccountType::Customer,
+            virtual_account_name: "DEFAULT".into(),
+        },
         via_fallback: false,
-    });
-    c.idempotency_key = Some("key-1".into());
+        key: "key-1".into(),
+    };
     c
 }
 
 fn watching() -> Case {
     let mut c = assigning();
-    c.state = CaseState::Watching;
-    c.assignment_id = Some("ASG-1".into());
-    c.assigned_at = Some(t0());
-    c.watching_since = Some(t0());
+    c.stage = Stage::Watching {
+        decision: Some(decision(false)),
+        target: ResolvedTarget {
+            smart_account_domain: "acme.com".into(),
+            account_type: AccountType::Customer,
+            virtual_account_name: Some("DEFAULT".into()),
+            via_fallback: false,
+        },
+        key: Some("key-1".into()),
+        assignment: Some(Accepted {
+            id: "ASG-1".into(),
+            at: t0(),
+        }),
+        since: t0(),
+    };
     c
 }
 
@@ -311,7 +319,7 @@ fn every_transition() {
                     order_type: Some("STOCKING"),
                     ..STANDARD
                 },
-                S::Deciding,
+                Stage::Deciding,
             ),
             vec![],
             vec![],
@@ -324,7 +332,7 @@ fn every_transition() {
                     order_type: Some("ea"),
                     ..STANDARD
                 },
-                S::Deciding,
+                Stage::Deciding,
             ),
             vec![],
             vec![],
@@ -620,12 +628,12 @@ fn every_transition() {
         let c = &t.case;
         match expect {
             Expect::State(state) => {
-                assert_eq!(c.state, state, "{name}");
+                assert_eq!(c.state(), state, "{name}");
                 assert_eq!(c.attempt, 0, "{name}: a success ends the streak");
             }
             Expect::Escalated(reason) => {
-                assert_eq!(c.state, CaseState::Escalated, "{name}");
-                assert_eq!(c.escalation_reason, Some(reason), "{name}");
+                assert_eq!(c.state(), CaseState::Escalated, "{name}");
+                assert_eq!(c.stage.escalation_reason(), Some(reason), "{name}");
                 assert_eq!(c.next_action_at, None, "{name}");
                 let [
                     OutboundEvent::HoldEscalated {
@@ -638,14 +646,14 @@ fn every_transition() {
                 assert_eq!((*r, *level), (reason, EscalationLevel::Critical), "{name}");
             }
             Expect::Retried => {
-                assert_eq!(c.state, case.state, "{name}");
+                assert_eq!(c.state(), case.state(), "{name}");
                 assert_eq!(c.attempt, 1, "{name}");
                 assert_eq!(c.retry_since, Some(now), "{name}");
                 assert_eq!(c.next_action_at, Some(now + secs(1)), "{name}");
                 assert!(t.events.is_empty(), "{name}");
             }
         }
-        if !c.state.is_terminal() {
+        if !c.state().is_terminal() {
             assert!(
                 c.next_action_at.is_some_and(|at| at >= now),
                 "{name}: due again"
@@ -658,7 +666,7 @@ fn every_transition() {
 fn deciding_records_the_decision() {
     let (_, outcome) = run_step(&deciding(), &[Reply::Decision(Some(decision(true)))]);
     let t = apply(&deciding(), outcome, t0(), &settings()).unwrap();
-    assert_eq!(t.case.decision, Some(decision(true)));
+    assert_eq!(t.case.stage.decision().cloned(), Some(decision(true)));
     assert_eq!(t.case.rule(), Some("acme-direct"));
     assert_eq!(t.case.next_action_at, Some(t0()), "resolve runs at once");
     assert_eq!(t.history[0].kind, "decided");
@@ -679,7 +687,7 @@ fn resolving_stores_target_key_and_sales_order_number() {
     ];
     let (_, outcome) = run_step(&case, &replies);
     let t = apply(&case, outcome.clone(), t0(), &settings()).unwrap();
-    let target = t.case.target.clone().unwrap();
+    let target = t.case.stage.progress().target.unwrap();
     assert_eq!(target.smart_account_domain, "globex-holding.com");
     assert_eq!(target.account_type, AccountType::Holding);
     assert_eq!(target.virtual_account_name.as_deref(), Some("Holding"));
@@ -690,21 +698,26 @@ fn resolving_stores_target_key_and_sales_order_number() {
     );
     // The same case and target give the same key, whenever and however often.
     let again = apply(&case, outcome, t0() + secs(3600), &settings()).unwrap();
-    assert_eq!(t.case.idempotency_key, again.case.idempotency_key);
-    let key = t.case.idempotency_key.clone().unwrap();
+    assert_eq!(
+        t.case.stage.progress().idempotency_key,
+        again.case.stage.progress().idempotency_key
+    );
+    let key = t.case.stage.progress().idempotency_key.unwrap();
     assert!(Uuid::parse_str(&key).is_ok(), "{key}");
     // Another generation (a re-run) gets another key.
     let mut rerun = case.clone();
     rerun.generation = 1;
     let (_, outcome) = run_step(&rerun, &replies);
     let other = apply(&rerun, outcome, t0(), &settings()).unwrap();
-    assert_ne!(other.case.idempotency_key, Some(key));
+    assert_ne!(other.case.stage.progress().idempotency_key, Some(key));
 }
 
 #[test]
 fn the_account_default_virtual_account_is_used_when_the_rule_names_none() {
+    let mut d = decision(false);
+    d.target.virtual_account = VirtualAccountChoice::AccountDefault;
     let mut case = resolving(&STANDARD, false);
-    case.decision.as_mut().unwrap().target.virtual_account = VirtualAccountChoice::AccountDefault;
+    case.stage = Stage::Resolving { decision: d };
     let (_, outcome) = run_step(
         &case,
         &[
@@ -725,8 +738,11 @@ fn an_accepted_assignment_emits_its_event_and_waits_a_poll_interval() {
     case.retry_since = Some(t0());
     let now = t0() + secs(10);
     let t = apply(&case, Outcome::Assigned(receipt()), now, &settings()).unwrap();
-    assert_eq!(t.case.assignment_id.as_deref(), Some("ASG-5521"));
-    assert_eq!(t.case.assigned_at, Some(now));
+    assert_eq!(
+        t.case.stage.progress().assignment.map(|a| a.id).as_deref(),
+        Some("ASG-5521")
+    );
+    assert_eq!(t.case.stage.progress().assignment.map(|a| a.at), Some(now));
     assert_eq!(t.case.next_action_at, Some(now + secs(30)));
     assert_eq!((t.case.attempt, t.case.retry_since), (0, None));
     assert_eq!(
@@ -779,7 +795,7 @@ fn watching_backs_off_and_escalates_each_level_once() {
         }
         waits.push((t.case.next_action_at.unwrap() - now).num_seconds());
         assert_eq!(
-            t.case.state,
+            t.case.state(),
             CaseState::Watching,
             "HOLD_PERSISTS keeps watching"
         );
@@ -824,7 +840,7 @@ fn watching_backs_off_and_escalates_each_level_once() {
         &s,
     )
     .unwrap();
-    assert_eq!(t.case.state, CaseState::Released);
+    assert_eq!(t.case.state(), CaseState::Released);
     let [
         OutboundEvent::HoldReleased {
             held_seconds,
@@ -874,9 +890,9 @@ fn transient_failures_back_off_until_the_budget_is_spent() {
     };
     loop {
         let t = apply(&case, fail(None), now, &s).unwrap();
-        if t.case.state == CaseState::Escalated {
+        if t.case.state() == CaseState::Escalated {
             assert_eq!(
-                t.case.escalation_reason,
+                t.case.stage.escalation_reason(),
                 Some(EscalationReason::RetriesExhausted)
             );
             assert!(now - t0() >= secs(3600));
@@ -911,9 +927,25 @@ fn transient_failures_back_off_until_the_budget_is_spent() {
 
 #[test]
 fn terminal_cases_stay_terminal() {
-    for state in [CaseState::Released, CaseState::Escalated] {
+    let progress = watching().stage.progress();
+    for stage in [
+        Stage::Released {
+            progress: progress.clone(),
+            released_at: t0(),
+            closed_at: t0(),
+        },
+        Stage::Escalated {
+            reason: EscalationReason::NoRuleMatched,
+            progress: progress.clone(),
+            closed_at: t0(),
+        },
+        Stage::Merged {
+            progress: progress.clone(),
+            closed_at: Some(t0()),
+        },
+    ] {
         let mut case = watching();
-        case.state = state;
+        case.stage = stage;
         case.next_action_at = None;
         assert_eq!(plan(&case, &[]), Next::Stop);
         for outcome in [
@@ -929,22 +961,6 @@ fn terminal_cases_stay_terminal() {
             assert!(apply(&case, outcome, t0(), &settings()).is_err());
         }
     }
-}
-
-#[test]
-fn a_case_missing_its_decision_decides_again() {
-    let mut case = resolving(&STANDARD, false);
-    case.decision = None;
-    let (calls, outcome) = run_step(&case, &[]);
-    assert!(calls.is_empty());
-    let t = apply(&case, outcome, t0(), &settings()).unwrap();
-    assert_eq!(t.case.state, CaseState::Deciding);
-    let mut case = assigning();
-    case.idempotency_key = None;
-    let (_, outcome) = run_step(&case, &[]);
-    assert!(matches!(outcome, Outcome::Redecide { .. }));
-    // Never from watching: an assignment exists.
-    assert!(apply(&watching(), outcome, t0(), &settings()).is_err());
 }
 
 #[test]
@@ -986,20 +1002,32 @@ fn retry_resumes_where_it_is_safe() {
     let later = t0() + secs(86_400);
     for (case, resumes) in cases {
         let t = retry(&case, later).unwrap();
-        assert_eq!(t.case.state, resumes, "{:?}", case.escalation_reason);
+        assert_eq!(
+            t.case.state(),
+            resumes,
+            "{:?}",
+            case.stage.escalation_reason()
+        );
         assert_eq!(t.case.generation, 1);
-        assert_eq!(t.case.escalation_reason, None);
-        assert_eq!(t.case.closed_at, None);
+        assert_eq!(t.case.stage.escalation_reason(), None);
+        assert_eq!(t.case.stage.closed_at(), None);
         assert_eq!(t.case.next_action_at, Some(later));
         match resumes {
             CaseState::Deciding => assert_eq!(
-                (t.case.decision.clone(), t.case.idempotency_key.clone()),
+                (
+                    t.case.stage.decision().cloned(),
+                    t.case.stage.progress().idempotency_key
+                ),
                 (None, None)
             ),
             CaseState::Assigning => {
-                assert_eq!(t.case.idempotency_key, case.idempotency_key, "the same key")
+                assert_eq!(
+                    t.case.stage.progress().idempotency_key,
+                    case.stage.progress().idempotency_key,
+                    "the same key"
+                )
             }
-            _ => assert_eq!(t.case.watching_since, Some(later)),
+            _ => assert_eq!(t.case.stage.progress().watching_since, Some(later)),
         }
     }
     assert!(retry(&watching(), later).is_err(), "only escalated cases");
@@ -1052,7 +1080,7 @@ fn reply_for(case: &Case, call: &Call, die: u8) -> Reply {
         ]),
         Call::VirtualAccounts { .. } => Reply::VirtualAccounts(Err(err(die / 4))),
         Call::ReadOrder { .. } if ok => {
-            let released = case.state == CaseState::Watching && die.is_multiple_of(3);
+            let released = case.state() == CaseState::Watching && die.is_multiple_of(3);
             Reply::Order(Ok(order(released, &[])))
         }
         Call::ReadOrder { .. } => Reply::Order(Err(err(die / 4))),
@@ -1063,17 +1091,18 @@ fn reply_for(case: &Case, call: &Call, die: u8) -> Reply {
 
 fn check_invariants(before: &Case, t: &Transition, now: DateTime<Utc>) {
     let c = &t.case;
-    if c.state.is_terminal() {
+    if c.state().is_terminal() {
         assert_eq!(c.next_action_at, None);
     } else {
         assert!(c.next_action_at.is_some_and(|at| at >= now), "{c:?}");
     }
-    if before.assignment_id.is_some() {
+    if before.stage.progress().assignment.map(|a| a.id).is_some() {
         assert_eq!(
-            c.assignment_id, before.assignment_id,
+            c.stage.progress().assignment.map(|a| a.id),
+            before.stage.progress().assignment.map(|a| a.id),
             "an accepted assignment stays"
         );
-        assert_ne!(c.state, CaseState::Assigning);
+        assert_ne!(c.state(), CaseState::Assigning);
     }
 }
 
@@ -1094,7 +1123,7 @@ proptest! {
             ..STANDARD
         };
         let s = settings();
-        let mut case = case_with(&ev, CaseState::Deciding);
+        let mut case = case_with(&ev, Stage::Deciding);
         let mut now = t0();
         let mut accepted = 0;
         let mut transitions = HashSet::new();
@@ -1105,14 +1134,14 @@ proptest! {
             let outcome = loop {
                 match plan(&case, &replies) {
                     Next::Stop => {
-                        prop_assert!(case.state.is_terminal());
+                        prop_assert!(case.state().is_terminal());
                         break 'steps;
                     }
                     Next::Done(o) => break o,
                     Next::Call(call) => {
                         if let Call::Assign { .. } = call {
-                            prop_assert_eq!(case.state, CaseState::Assigning);
-                            prop_assert!(case.assignment_id.is_none());
+                            prop_assert_eq!(case.state(), CaseState::Assigning);
+                            prop_assert!(case.stage.progress().assignment.map(|a| a.id).is_none());
                             prop_assert_eq!(accepted, 0);
                         }
                         let reply = reply_for(&case, &call, die);
@@ -1132,7 +1161,7 @@ proptest! {
             case = t.case;
         }
         prop_assert!(accepted <= 1);
-        if case.state.is_terminal() {
+        if case.state().is_terminal() {
             prop_assert_eq!(plan(&case, &[]), Next::Stop);
         }
     }
@@ -1147,7 +1176,7 @@ proptest! {
         let s = settings();
         let mut case = [deciding(), resolving(&STANDARD, true), assigning(), watching()][start].clone();
         let mut now = t0();
-        let mut accepted = u32::from(case.assignment_id.is_some());
+        let mut accepted = u32::from(case.stage.progress().assignment.map(|a| a.id).is_some());
         let mut terminal = false;
         for (kind, die, wait) in steps {
             now += secs(wait);
@@ -1174,25 +1203,27 @@ proptest! {
                     retry_after: (die % 2 == 0).then(|| Duration::from_secs(u64::from(die))),
                     detail: String::new(),
                 },
-                7 => Outcome::Redecide { detail: String::new() },
+                7 => Outcome::Identified {
+                    sales_order_number: SalesOrderNumber::parse("1").unwrap(),
+                },
                 _ => Outcome::Resolved(Resolution::AlreadyActive {
                     smart_account_domain: "acme.com".into(),
                     account_type: AccountType::Customer,
                     via_fallback: false,
                 }),
             };
-            let was_assigning = case.state == CaseState::Assigning;
+            let was_assigning = case.state() == CaseState::Assigning;
             match apply(&case, outcome, now, &s) {
                 Ok(t) => {
                     prop_assert!(!terminal, "a terminal case accepted a transition");
                     check_invariants(&case, &t, now);
-                    if was_assigning && t.case.assignment_id.is_some() {
+                    if was_assigning && t.case.stage.progress().assignment.map(|a| a.id).is_some() {
                         accepted += 1;
                     }
                     case = t.case;
-                    terminal = case.state.is_terminal();
+                    terminal = case.state().is_terminal();
                 }
-                Err(_) => prop_assert!(terminal || !case.state.is_terminal()),
+                Err(_) => prop_assert!(terminal || !case.state().is_terminal()),
             }
             prop_assert!(accepted <= 1, "two accepted assignments");
         }

@@ -55,7 +55,7 @@ async fn escalates(
     let so = ev.data.order.key();
     let id = w.open(&ev).await;
     let r = w.wait_state(id, CaseState::Escalated).await;
-    assert_eq!(r.case.escalation_reason, Some(reason), "order {so}");
+    assert_eq!(r.case.stage.escalation_reason(), Some(reason), "order {so}");
     let seen = w
         .events
         .until(DEADLINE, "the escalation event", |s| {
@@ -188,7 +188,7 @@ async fn two_orders_with_the_events_web_order_id_are_ambiguous(pool: PgPool) {
     );
     let r = w.case(id).await;
     assert_eq!(
-        r.case.escalation_reason.map(|r| r.as_str()),
+        r.case.stage.escalation_reason().map(|r| r.as_str()),
         Some("AMBIGUOUS_MATCH")
     );
     let stats = stats_over_http(&sim).await;
@@ -283,8 +283,8 @@ async fn an_order_answer_without_holds_is_never_a_release(pool: PgPool) {
         let detail = e.data("detail").as_str().unwrap_or_default();
         assert!(detail.contains("holds"), "order {so}: {detail}");
         let r = w.case(id).await;
-        assert_eq!(r.case.state, CaseState::Escalated, "order {so}");
-        assert_eq!(r.case.released_at, None, "order {so}");
+        assert_eq!(r.case.state(), CaseState::Escalated, "order {so}");
+        assert_eq!(r.case.stage.released_at(), None, "order {so}");
         let stats = stats_over_http(&sim).await;
         assert_eq!(stats.assignments_of(so), 1, "order {so}: {stats:?}");
     }
@@ -344,7 +344,12 @@ async fn a_held_order_is_assigned_then_released(pool: PgPool) {
     let stats = sim.stats();
     assert_eq!(stats.assignments_of("104233871"), 1);
     assert_eq!(
-        done.case.assignment_id.as_deref(),
+        done.case
+            .stage
+            .progress()
+            .assignment
+            .map(|a| a.id)
+            .as_deref(),
         assigned.data("assignmentId").as_str()
     );
     let history = w.store.case_history(id, 100).await.unwrap();
@@ -378,7 +383,7 @@ async fn a_pending_account_falls_back_to_the_holding_account(pool: PgPool) {
     });
     let id = w.open(&ev).await;
     let done = w.wait_state(id, CaseState::Released).await;
-    let target = done.case.target.unwrap();
+    let target = done.case.stage.progress().target.unwrap();
     assert_eq!(
         (
             target.smart_account_domain.as_str(),
@@ -600,7 +605,7 @@ async fn hold_persists(pool: PgPool) {
     assert_ne!(persists[0].message_id, persists[1].message_id);
     assert_eq!(seen[0].routing_key, "order.smart_account_assigned");
     let r = w.case(id).await;
-    assert_eq!(r.case.state, CaseState::Watching, "still watched");
+    assert_eq!(r.case.state(), CaseState::Watching, "still watched");
     assert_eq!(r.case.escalation_level, 2);
     // No further escalation: each level once.
     w.events.assert_quiet(Duration::from_millis(600)).await;
@@ -632,8 +637,8 @@ async fn transient_faults_end_in_one_assignment_per_order(pool: PgPool) {
     for id in &ids {
         wait_for(Duration::from_secs(60), "every case released", || async {
             let r = w.case(*id).await;
-            assert_ne!(r.case.state, CaseState::Escalated, "{r:?}");
-            (r.case.state == CaseState::Released).then_some(())
+            assert_ne!(r.case.state(), CaseState::Escalated, "{r:?}");
+            (r.case.state() == CaseState::Released).then_some(())
         })
         .await;
     }
@@ -953,7 +958,7 @@ async fn through_rabbitmq_intake_and_the_shipped_rules(pool: PgPool) {
     assert_eq!(stats.assignments_of("104233872"), 1);
     let case = w.store.latest_case("104233871").await.unwrap().unwrap();
     assert_eq!(
-        case.case.decision.map(|d| d.rules_hash),
+        case.case.stage.decision().cloned().map(|d| d.rules_hash),
         Some(hash),
         "the case records the rules file it was decided with"
     );
@@ -1025,10 +1030,11 @@ impl CommerceApi for WatchesAssignments {
             .unwrap();
         let row = self.store.case_by_id(rows[0].id).await.unwrap().unwrap();
         self.seen.lock().unwrap().push(AtAssignment {
-            state: row.case.state.as_str().to_owned(),
-            key: row.case.idempotency_key.clone(),
-            same_key: row.case.idempotency_key.as_deref() == Some(idempotency_key),
-            decided: row.case.decision.is_some() && row.case.target.is_some(),
+            state: row.case.state().as_str().to_owned(),
+            key: row.case.stage.progress().idempotency_key,
+            same_key: row.case.stage.progress().idempotency_key.as_deref() == Some(idempotency_key),
+            decided: row.case.stage.decision().cloned().is_some()
+                && row.case.stage.progress().target.is_some(),
         });
         self.inner.assign(order, assignment, idempotency_key).await
     }

@@ -365,7 +365,7 @@ async fn every_escalation_reason_with_a_scripted_api(pool: PgPool) {
     for ((so, _, reason), (_, id)) in table.iter().zip(&ids) {
         let r = w.wait_state(*id, CaseState::Escalated).await;
         assert_eq!(
-            r.case.escalation_reason.map(|r| r.as_str()),
+            r.case.stage.escalation_reason().map(|r| r.as_str()),
             Some(*reason),
             "order {so}"
         );
@@ -388,7 +388,7 @@ async fn every_escalation_reason_with_a_scripted_api(pool: PgPool) {
         .map(|e| e.data("level"))
         .collect();
     assert_eq!(levels, [&json!("warning"), &json!("critical")]);
-    assert_eq!(w.case(persists).await.case.state, CaseState::Watching);
+    assert_eq!(w.case(persists).await.case.state(), CaseState::Watching);
     fake.release("7011");
     w.wait_state(persists, CaseState::Released).await;
 
@@ -471,12 +471,12 @@ async fn pending_accounts_fall_back_or_are_watched_without_an_assignment(pool: P
         .await;
     let a = w.wait_state(fallback, CaseState::Released).await;
     let b = w.wait_state(activated, CaseState::Released).await;
-    let target = a.case.target.unwrap();
+    let target = a.case.stage.progress().target.unwrap();
     assert_eq!(target.smart_account_domain, HOLDING);
     assert_eq!(target.account_type, AccountType::Holding);
     assert!(target.via_fallback);
     assert_eq!(fake.assignments("8001"), 1);
-    assert_eq!(b.case.assignment_id, None);
+    assert_eq!(b.case.stage.progress().assignment.map(|a| a.id), None);
     assert_eq!(
         fake.assignments("8002"),
         0,
@@ -605,7 +605,7 @@ async fn shutdown_finishes_the_step_in_flight_and_gives_the_case_back(pool: PgPo
     );
     let r = store.case_by_id(id).await.unwrap().unwrap();
     assert_eq!(
-        r.case.state,
+        r.case.state(),
         CaseState::Watching,
         "the accepted assignment was committed"
     );

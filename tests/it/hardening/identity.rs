@@ -106,7 +106,7 @@ async fn a_replica_that_wakes_after_its_lease_is_fenced_out(pool: PgPool) {
 
     let released = wait_for(DEADLINE, "the case to end", || async {
         let r = store.case_by_id(case).await.unwrap().unwrap();
-        r.case.state.is_terminal().then_some(r)
+        r.case.state().is_terminal().then_some(r)
     })
     .await;
     stop_a.cancel();
@@ -123,7 +123,7 @@ async fn a_replica_that_wakes_after_its_lease_is_fenced_out(pool: PgPool) {
         (1, 1, 1),
         "one replica's steps only: {kinds:?}"
     );
-    assert_eq!(released.case.state.as_str(), "released", "{kinds:?}");
+    assert_eq!(released.case.state().as_str(), "released", "{kinds:?}");
     // The claim A made before it froze wrote nothing; later claims of
     // either replica may have watched the order.
     let history = store.case_history(case, 1000).await.unwrap();

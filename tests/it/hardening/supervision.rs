@@ -49,18 +49,18 @@ async fn a_panicking_step_counts_against_its_case_retry_budget(pool: PgPool) {
     );
     let escalated = wait_for(DEADLINE, "the case to escalate", || async {
         let r = store.case_by_id(doomed).await.unwrap().unwrap();
-        (r.case.state == CaseState::Escalated).then_some(r)
+        (r.case.state() == CaseState::Escalated).then_some(r)
     })
     .await;
     let released = wait_for(DEADLINE, "the other case to be released", || async {
         let r = store.case_by_id(fine).await.unwrap().unwrap();
-        (r.case.state == CaseState::Released).then_some(())
+        (r.case.state() == CaseState::Released).then_some(())
     });
     released.await;
     stop.cancel();
     engine.await.unwrap();
     assert_eq!(
-        escalated.case.escalation_reason,
+        escalated.case.stage.escalation_reason(),
         Some(EscalationReason::RetriesExhausted)
     );
     let history = store.case_history(doomed, 1000).await.unwrap();
