@@ -37,6 +37,7 @@ macro_rules! terminal_states {
 pub mod bench;
 mod case_row;
 mod cases;
+mod decisions;
 mod intake;
 mod ops;
 mod outbox;
@@ -44,6 +45,7 @@ mod outbox;
 pub use cases::{
     CaseFilter, CaseRecord, CaseSummary, Claimed, HistoryRow, Identity, RetryCommit, StepCommit,
 };
+pub use decisions::{DecisionStats, RuleHits, StoredEvent, UnmatchedGroup};
 pub use intake::Recorded;
 pub use ops::OpsSnapshot;
 pub use outbox::{OutboxBatch, OutboxFailure, OutboxRow};
