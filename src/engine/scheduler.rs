@@ -918,6 +918,8 @@ fn report(before: CaseState, outcome: &Outcome, t: &Transition) {
         }
         Outcome::Decided(d) => {
             tracing::info!(order = %order, rule = %d.rule, "Rule decided.");
+            metrics::counter!("holdclear_rule_decisions_total", "rule" => d.rule.clone())
+                .increment(1);
         }
         Outcome::Resolved(_) => {
             let target = case.stage.progress().target;

@@ -79,6 +79,10 @@ fn describe() {
         "Case steps committed, by state and outcome."
     );
     describe_counter!(
+        "holdclear_rule_decisions_total",
+        "Cases a rule decided, by rule name (`holdclear rules stats` for a window)."
+    );
+    describe_counter!(
         "holdclear_events_published_total",
         "Events confirmed by the broker, by routing key."
     );

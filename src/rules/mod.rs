@@ -48,6 +48,7 @@ use std::path::{Path, PathBuf};
 use crate::domain::HeldOrder;
 
 mod compile;
+mod diff;
 mod explain;
 mod file;
 mod index;
@@ -57,6 +58,7 @@ mod reload;
 #[cfg(test)]
 mod tests;
 
+pub use diff::{Change, ChangeCount, ChangeKind, Choice, Unreplayable, WhatIf, WhatIfReport};
 pub use explain::{Explanation, Failure, OrderFacts, Outcome, RuleExplanation};
 pub use reload::RulesHandle;
 

@@ -38,6 +38,7 @@ pub mod bench;
 mod case_row;
 mod cases;
 mod dead_letters;
+mod decisions;
 mod intake;
 mod ops;
 mod outbox;
@@ -49,6 +50,7 @@ pub use dead_letters::{
     DeadLetterFilter, DeadLetterGroup, DeadLetterRecord, DeadLetterSummary, Note, Operation,
     OperationItem, RecordedDeadLetter, Sighting,
 };
+pub use decisions::{DecisionStats, RuleHits, StoredEvent, UnmatchedGroup};
 pub use intake::Recorded;
 pub use ops::OpsSnapshot;
 pub use outbox::{OutboxBatch, OutboxFailure, OutboxRow};
