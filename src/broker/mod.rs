@@ -7,7 +7,7 @@
 //!   so that no RabbitMQ version drops a message on its own; older ones kept and reported.
 //! - [`server`]: which RabbitMQ the broker is (its `connection.start` properties).
 //! - [`dlq_ingest`]: consuming the dead-letter queue into the store, ack after commit.
-//! - [`dlq`]: operators' view of the dead-letter queue: browse, replay, purge.
+//! - [`dlq`]: the dead-letter headers and the queue's depth.
 //! - [`replay`]: sending stored dead letters back, one confirmed message at a time.
 //! - [`publisher`]: publishing with confirms and `mandatory`, one message or a window of them.
 //! - [`subscription`]: a private queue on an exchange, to watch events as fulfilment would.
