@@ -29,6 +29,9 @@ pub fn cause_is_in_message(code: &str) -> bool {
     UNCHANGED_CAUSE_CODES.contains(&code)
 }
 
+/// Headers the broker sets anew on every delivery of the same message.
+const PER_DELIVERY_HEADERS: [&str; 2] = ["x-delivery-count", "x-acquired-count"];
+
 /// One message taken from the dead-letter queue.
 #[derive(Clone, Debug, PartialEq)]
 pub struct DeadLetterMessage {
@@ -74,6 +77,21 @@ impl DeadLetterMessage {
         h.update([0]);
         h.update(&self.body);
         h.finalize().to_vec()
+    }
+
+    /// sha256 of the headers without the ones the broker adds on each
+    /// redelivery (`x-delivery-count`; `x-acquired-count` on RabbitMQ 4.x):
+    /// a message stored but not acked before a crash comes back as the same
+    /// sighting, while a message dead-lettered again (new `x-death` counts,
+    /// new failure headers) is a new one.
+    pub fn sighting_key(&self) -> Vec<u8> {
+        let mut headers = self.headers.clone();
+        if let Some(map) = headers.as_object_mut() {
+            for name in PER_DELIVERY_HEADERS {
+                map.remove(name);
+            }
+        }
+        Sha256::digest(headers.to_string().as_bytes()).to_vec()
     }
 
     /// The order's ids, when the body is JSON that carries them (strings
@@ -158,6 +176,30 @@ fn is_uuid_at(s: &[char]) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_redelivery_is_the_same_sighting_a_new_death_is_not() {
+        let message = |headers: Value| DeadLetterMessage {
+            body: b"{}".to_vec(),
+            message_id: Some("m-1".into()),
+            properties: Value::Null,
+            headers,
+            raw_properties: Value::Null,
+            code: UNKNOWN.into(),
+            detail: String::new(),
+            origin_exchange: None,
+            origin_routing_key: None,
+            failed_at: None,
+        };
+        let first = message(serde_json::json!({"x-death": [{"count": 1}]}));
+        let redelivered = message(serde_json::json!({
+            "x-death": [{"count": 1}], "x-delivery-count": 3, "x-acquired-count": 4
+        }));
+        let died_again = message(serde_json::json!({"x-death": [{"count": 2}]}));
+        assert_eq!(first.sighting_key(), redelivered.sighting_key());
+        assert_ne!(first.sighting_key(), died_again.sighting_key());
+        assert_eq!(first.dedupe_key(), died_again.dedupe_key());
+    }
 
     #[test]
     fn signatures_mask_what_varies() {

@@ -4,7 +4,6 @@
 use chrono::{DateTime, Utc};
 use serde::Serialize;
 use serde_json::Value;
-use sha2::{Digest, Sha256};
 use sqlx::{QueryBuilder, Row};
 use uuid::Uuid;
 
@@ -291,7 +290,7 @@ impl Store {
         let ids = msg.order_ids();
         let sig = signature(&msg.detail);
         let group = msg.group();
-        let sighting_key = Sha256::digest(msg.headers.to_string().as_bytes()).to_vec();
+        let sighting_key = msg.sighting_key();
         let mut tx = self.pool().begin().await?;
         let inserted: Option<i64> = sqlx::query_scalar(
             "INSERT INTO dead_letters (dedupe_key, message_id, body, properties, headers,

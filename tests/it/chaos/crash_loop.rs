@@ -14,7 +14,7 @@ use lapin::{Connection, ConnectionProperties};
 use sqlx::PgPool;
 
 use super::scenarios::{SETTLE, demo, feed};
-use super::{Stage, check, orders};
+use super::{Order, Stage, check, orders};
 use crate::support::{amqp_url, bin, wait_for};
 
 /// Takes every ready message of `queue` and closes the connection without
@@ -52,14 +52,12 @@ async fn crash_once(queue: &str, expect: usize) {
     let _ = conn.close(320, "crashed".into()).await;
 }
 
-#[sqlx::test]
-async fn crash_loop_dead_letters_replayed(pool: PgPool) {
-    let mut stage = Stage::new("loop", pool, demo()).await;
-    let orders = orders("loop", 88_000_000, 120);
+/// Publishes `orders` and crash-loops on the held queue until the broker
+/// has dead-lettered every one of them on its own (`DELIVERY_LIMIT`).
+pub(super) async fn crash_until_dead_lettered(stage: &Stage, orders: &[Order]) {
     let held = stage.rabbit.topology.held_queue.clone();
     let dlq = stage.rabbit.topology.dead_letter_queue.clone();
-    feed(&stage, &orders, 0, 1).await;
-    // Crash until the broker has dead-lettered every message on its own.
+    feed(stage, orders, 0, 1).await;
     wait_for(
         Duration::from_secs(120),
         "the broker to dead-letter every message past its delivery limit",
@@ -73,6 +71,13 @@ async fn crash_loop_dead_letters_replayed(pool: PgPool) {
     )
     .await;
     assert_eq!(stage.rabbit.depth(&held).await, 0);
+}
+
+#[sqlx::test]
+async fn crash_loop_dead_letters_replayed(pool: PgPool) {
+    let mut stage = Stage::new("loop", pool, demo()).await;
+    let orders = orders("loop", 88_000_000, 120);
+    crash_until_dead_lettered(&stage, &orders).await;
 
     // A sound worker, which keeps the dead letters in PostgreSQL, then the
     // operator's replay of what the broker moved.

@@ -15,6 +15,7 @@
 
 mod checker;
 mod crash_loop;
+mod dead_letters;
 mod disruptive;
 mod panics;
 mod poison;

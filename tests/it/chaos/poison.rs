@@ -103,6 +103,13 @@ fn malformed(i: usize) -> (Vec<u8>, &'static str) {
     }
 }
 
+/// Malformed message `i`, published with message id `id`, and the code it
+/// must be dead-lettered with.
+pub(super) fn malformed_message(i: usize, id: &str) -> (OutgoingMessage, &'static str) {
+    let (body, code) = malformed(i);
+    (raw(id, body), code)
+}
+
 fn raw(id: &str, body: Vec<u8>) -> OutgoingMessage {
     let mut m = message(&json!({ "id": id }));
     m.body = body;
