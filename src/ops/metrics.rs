@@ -5,7 +5,8 @@
 //! outbox backlog and age, oldest open hold) are read from PostgreSQL when
 //! `/metrics` is scraped, so every replica reports the same truth.
 
-use std::sync::OnceLock;
+use std::collections::BTreeSet;
+use std::sync::{Mutex, OnceLock, PoisonError};
 
 use metrics::{Unit, describe_counter, describe_gauge, describe_histogram, gauge};
 use metrics_exporter_prometheus::{BuildError, Matcher, PrometheusBuilder, PrometheusHandle};
@@ -114,6 +115,10 @@ fn describe() {
         "Dead letters kept in PostgreSQL and not archived, by code."
     );
     describe_gauge!(
+        "holdclear_dead_letter_group",
+        "Dead letters not archived in each of the 20 largest groups (code, group key); a group that left them reads 0."
+    );
+    describe_gauge!(
         "holdclear_dead_letter_oldest_unhandled_seconds",
         Unit::Seconds,
         "Age of the oldest dead letter nobody archived, claimed or replayed."
@@ -126,6 +131,26 @@ fn describe() {
         "holdclear_ready",
         "1 when the database and the broker are reachable."
     );
+}
+
+/// Sets the per-group gauge for `groups`, and 0 for every group reported
+/// before that is no longer among them (a gauge keeps its last value).
+fn report_groups(groups: &[(String, String, i64)]) {
+    static REPORTED: Mutex<BTreeSet<(String, String)>> = Mutex::new(BTreeSet::new());
+    let mut reported = REPORTED.lock().unwrap_or_else(PoisonError::into_inner);
+    let now: BTreeSet<(String, String)> = groups
+        .iter()
+        .map(|(group, code, _)| (group.clone(), code.clone()))
+        .collect();
+    for (group, code) in reported.difference(&now) {
+        gauge!("holdclear_dead_letter_group", "code" => code.clone(), "group" => group.clone())
+            .set(0.0);
+    }
+    for (group, code, n) in groups {
+        gauge!("holdclear_dead_letter_group", "code" => code.clone(), "group" => group.clone())
+            .set(*n as f64);
+    }
+    reported.extend(now);
 }
 
 /// Refreshes the store gauges, then renders the Prometheus text.
@@ -148,6 +173,7 @@ pub async fn render(handle: &PrometheusHandle, store: &Store) -> String {
             }
             gauge!("holdclear_dead_letter_oldest_unhandled_seconds")
                 .set(s.oldest_unhandled_dead_letter_seconds);
+            report_groups(&s.dead_letter_groups);
         }
         Err(e) => tracing::warn!(error = %e, "Cannot read the store for /metrics."),
     }

@@ -609,6 +609,23 @@ impl Store {
         Ok((by_code, oldest.unwrap_or(0.0)))
     }
 
+    /// The `limit` largest groups of dead letters not archived: group key,
+    /// code and count, largest first (for the per-group gauge, whose
+    /// labels must stay few).
+    pub async fn largest_dead_letter_groups(
+        &self,
+        limit: i64,
+    ) -> Result<Vec<(String, String, i64)>, StoreError> {
+        Ok(sqlx::query_as(
+            "SELECT group_key, min(code), count(*) FROM dead_letters
+             WHERE archived_at IS NULL GROUP BY group_key
+             ORDER BY count(*) DESC, group_key LIMIT $1",
+        )
+        .bind(limit)
+        .fetch_all(self.pool())
+        .await?)
+    }
+
     /// Starts an operation over `ids` (in this order).
     pub async fn create_operation(
         &self,

@@ -18,7 +18,12 @@ pub struct OpsSnapshot {
     /// Age of the oldest dead letter nobody handled (not archived,
     /// claimed or replayed since it was last seen), in seconds (0 when none).
     pub oldest_unhandled_dead_letter_seconds: f64,
+    /// The largest groups of dead letters not archived: group key, code, count.
+    pub dead_letter_groups: Vec<(String, String, i64)>,
 }
+
+/// How many dead-letter groups `/metrics` reports one by one.
+pub const DEAD_LETTER_GROUPS_REPORTED: i64 = 20;
 
 impl Store {
     /// Counts and ages for the gauges of `/metrics`.
@@ -42,6 +47,9 @@ impl Store {
         .await?;
         let (dead_letters_by_code, oldest_unhandled_dead_letter_seconds) =
             self.dead_letter_gauges().await?;
+        let dead_letter_groups = self
+            .largest_dead_letter_groups(DEAD_LETTER_GROUPS_REPORTED)
+            .await?;
         Ok(OpsSnapshot {
             cases_by_state,
             outbox_backlog,
@@ -49,6 +57,7 @@ impl Store {
             oldest_open_hold_seconds,
             dead_letters_by_code,
             oldest_unhandled_dead_letter_seconds,
+            dead_letter_groups,
         })
     }
 }

@@ -833,6 +833,18 @@ async fn dlq_operation_report_tells_cases_failures_and_pending(pool: PgPool) {
         body.contains("holdclear_dead_letter_oldest_unhandled_seconds"),
         "{body}"
     );
+    // And by group: each group with its own count.
+    let groups: Vec<(String, String, i64)> = sqlx::query_as(
+        "SELECT group_key, min(code), count(*) FROM dead_letters GROUP BY group_key",
+    )
+    .fetch_all(&pool)
+    .await
+    .unwrap();
+    assert!(!groups.is_empty());
+    for (group, code, n) in groups {
+        let line = format!("holdclear_dead_letter_group{{code=\"{code}\",group=\"{group}\"}} {n}");
+        assert!(body.lines().any(|l| l == line), "{line} in:\n{body}");
+    }
     worker.shutdown().await.unwrap();
     f.channel
         .queue_delete(parked.as_str().into(), QueueDeleteOptions::default())
