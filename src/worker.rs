@@ -40,7 +40,7 @@ use crate::ops::http::{self, HttpError};
 use crate::ops::identity::WorkerIdentity;
 use crate::outbox::{Relay, RelaySettings};
 use crate::retry::Reconnect;
-use crate::rules::{Rules, RulesError, RulesHandle};
+use crate::rules::{RulesError, RulesHandle};
 use crate::store::{Store, StoreError};
 
 /// How often the database probe runs.
@@ -234,12 +234,13 @@ impl Worker {
         check: Option<HttpCommerce>,
     ) -> Result<WorkerHandle, WorkerError> {
         let identity = WorkerIdentity::new();
-        let rules = RulesHandle::new(Rules::load(&settings.rules_path)?);
+        let rules = RulesHandle::load(&settings.rules_path, settings.rules_shadow_path.as_deref())?;
         tracing::info!(
             worker = %identity,
             file = %settings.rules_path.display(),
             rules = rules.current().len(),
             hash = %rules.current().hash(),
+            shadow_hash = rules.shadow().map_or("-".into(), |s| s.hash().to_owned()),
             "Rules loaded."
         );
         let metrics =
@@ -463,6 +464,15 @@ async fn work(settings: &Settings, parts: Parts, health: &Arc<Health>) -> Result
     // The case engine: due cases are decided, resolved, assigned and
     // watched; its committer writes their steps.
     let relay_wake = Arc::new(Notify::new());
+    if let Some(watch) = settings.escalated_watch.clone() {
+        let watcher = crate::engine::HandWatcher::new(
+            store.clone(),
+            Arc::clone(&parts.commerce),
+            watch,
+            Arc::clone(&relay_wake),
+        );
+        supervisor.spawn("escalated watch", watcher.run(stop.clone()));
+    }
     let EngineTasks {
         stepping,
         committing,
