@@ -337,6 +337,29 @@ async fn check_credentials(client: &HttpCommerce, settings: &Settings) -> Result
     }
 }
 
+/// Starts the escalated watch (`HOLDCLEAR_ESCALATED_WATCH_INTERVAL`), if on:
+/// it shares the engine's commerce client (and its rate limit) and wakes
+/// the relay when a person's release wrote an event.
+fn spawn_escalated_watch(
+    settings: &Settings,
+    supervisor: &Supervisor,
+    store: &Store,
+    commerce: &Arc<dyn CommerceApi>,
+    relay_wake: &Arc<Notify>,
+    stop: &CancellationToken,
+) {
+    let Some(watch) = settings.escalated_watch.clone() else {
+        return;
+    };
+    let watcher = crate::engine::HandWatcher::new(
+        store.clone(),
+        Arc::clone(commerce),
+        watch,
+        Arc::clone(relay_wake),
+    );
+    supervisor.spawn("escalated watch", watcher.run(stop.clone()));
+}
+
 /// Runs the worker until `cancel`, then shuts it down gracefully.
 pub async fn run(settings: Settings, cancel: CancellationToken) -> Result<(), WorkerError> {
     Worker::start(settings, cancel).await?.wait().await
@@ -464,15 +487,14 @@ async fn work(settings: &Settings, parts: Parts, health: &Arc<Health>) -> Result
     // The case engine: due cases are decided, resolved, assigned and
     // watched; its committer writes their steps.
     let relay_wake = Arc::new(Notify::new());
-    if let Some(watch) = settings.escalated_watch.clone() {
-        let watcher = crate::engine::HandWatcher::new(
-            store.clone(),
-            Arc::clone(&parts.commerce),
-            watch,
-            Arc::clone(&relay_wake),
-        );
-        supervisor.spawn("escalated watch", watcher.run(stop.clone()));
-    }
+    spawn_escalated_watch(
+        settings,
+        supervisor,
+        &store,
+        &parts.commerce,
+        &relay_wake,
+        stop,
+    );
     let EngineTasks {
         stepping,
         committing,

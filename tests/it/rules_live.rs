@@ -233,7 +233,7 @@ async fn shadow_rules_are_recorded_never_acted_on_and_follow_a_reload(pool: PgPo
             )
         })
         .collect();
-    let mut want = vec![(sha256_of(SHADOW_HOLDING), 1), (sha256_of(SHADOW_JAPAN), 1)];
+    let mut want = [(sha256_of(SHADOW_HOLDING), 1), (sha256_of(SHADOW_JAPAN), 1)];
     want.sort();
     let want: Vec<(&str, i64)> = want.iter().map(|(h, n)| (h.as_str(), *n)).collect();
     assert_eq!(files, want, "{d:#}");
