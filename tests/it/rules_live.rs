@@ -450,3 +450,179 @@ async fn suggest_without_hand_fixes_says_so(pool: PgPool) {
         "{text}"
     );
 }
+
+/// The rules in force of the stats and diff test: `japan` never matches.
+const IN_FORCE: &str = r#"
+[[rule]]
+name = "acme"
+[rule.when]
+end_customer_domain = ["acme.com"]
+[rule.assign]
+smart_account = { domain = "acme.com" }
+account_type = "CUSTOMER"
+virtual_account = "DEFAULT"
+
+[[rule]]
+name = "partner-200"
+[rule.when]
+partner_id = ["P-200"]
+[rule.assign]
+smart_account = { from = "end_customer_domain" }
+account_type = "CUSTOMER"
+
+[[rule]]
+name = "japan"
+[rule.when]
+country = ["JP"]
+[rule.assign]
+smart_account = { domain = "jp.example" }
+account_type = "CUSTOMER"
+"#;
+
+/// The new rules: acme's Virtual Account changes (target), `germany` takes
+/// partner-200's German orders (rule), its other orders match nothing
+/// (newly unmatched), `france` takes an order that matched nothing (newly
+/// matched).
+const NEW: &str = r#"
+[[rule]]
+name = "acme"
+[rule.when]
+end_customer_domain = ["acme.com"]
+[rule.assign]
+smart_account = { domain = "acme.com" }
+account_type = "CUSTOMER"
+virtual_account = "Network"
+
+[[rule]]
+name = "germany"
+[rule.when]
+country = ["DE"]
+[rule.assign]
+smart_account = { domain = "de.example" }
+account_type = "HOLDING"
+
+[[rule]]
+name = "france"
+[rule.when]
+country = ["FR"]
+[rule.assign]
+smart_account = { domain = "fr.example" }
+account_type = "HOLDING"
+"#;
+
+/// Cases decided by a running engine: `rules stats` counts each rule's
+/// decisions, names the rule that never matched and groups the orders no
+/// rule matched; `/metrics` has the decisions per rule; `rules diff` shows
+/// each kind of change.
+#[sqlx::test]
+async fn stats_metrics_and_diff_of_cases_the_engine_decided(pool: PgPool) {
+    use crate::support::worker::{http_get, start};
+    let dir = tempfile::tempdir().unwrap();
+    let rules = write(dir.path(), "rules.toml", IN_FORCE);
+    let new = write(dir.path(), "new.toml", NEW);
+    let sim = sim::start(holdclear::sim::Scenario::demo().unwrap()).await;
+    let prefix = unique("rules-stats");
+    let rabbit = Rabbit::new(&prefix).await;
+    let mut events = EventQueue::bind(&topology(&prefix)).await;
+    let db = database_url(&pool).await;
+    let (base, token) = (sim.base_url(), sim.token_url());
+    let settings = crate::support::settings(
+        &db,
+        &prefix,
+        &[
+            ("HOLDCLEAR_RULES", &rules),
+            ("HOLDCLEAR_COMMERCE_BASE_URL", &base),
+            ("HOLDCLEAR_COMMERCE_TOKEN_URL", &token),
+            ("HOLDCLEAR_POLL_INTERVAL", "200ms"),
+            ("HOLDCLEAR_POLL_MAX_INTERVAL", "500ms"),
+        ],
+    );
+    let worker = start(settings).await;
+    let orders = [
+        ("720001", "P-100", "acme.com", "US", "order.hold_released"),
+        (
+            "720002",
+            "P-200",
+            "globex.example",
+            "DE",
+            "order.hold_escalated",
+        ),
+        (
+            "720003",
+            "P-200",
+            "initech.example",
+            "US",
+            "order.hold_escalated",
+        ),
+        (
+            "720004",
+            "P-300",
+            "nomatch.example",
+            "FR",
+            "order.hold_escalated",
+        ),
+    ];
+    let mut published = Vec::new();
+    for (so, partner, domain, country, _) in orders {
+        let mut ev = held_event(&unique("ev"), so);
+        order_of(partner, domain, country)(&mut ev);
+        published.push(ev);
+    }
+    rabbit.publish_events(&published).await;
+    events
+        .until(DEADLINE, "every order's outcome", |seen| {
+            orders.iter().all(|(so, .., key)| {
+                seen.iter()
+                    .any(|e| e.order() == *so && e.routing_key == *key)
+            })
+        })
+        .await;
+
+    let s = json_of(&["rules", "stats", "--rules", &rules, "--json"], &db);
+    assert_eq!(s["cases"], 4, "{s:#}");
+    let hits: Vec<(&str, i64)> = (s["hits"].as_array().unwrap().iter())
+        .map(|h| (h["rule"].as_str().unwrap(), h["decided"].as_i64().unwrap()))
+        .collect();
+    assert_eq!(hits, [("partner-200", 2), ("acme", 1)], "{s:#}");
+    assert_eq!(s["never_matched"], json!(["japan"]), "{s:#}");
+    assert_eq!(s["no_rule_matched"]["orders"], 1, "{s:#}");
+    let group = &s["no_rule_matched"]["groups"][0];
+    assert_eq!(
+        (
+            &group["partner_id"],
+            &group["end_customer_domain"],
+            &group["country"]
+        ),
+        (&json!("P-300"), &json!("nomatch.example"), &json!("FR")),
+        "{s:#}"
+    );
+
+    let (status, metrics) = http_get(worker.http_addr, "/metrics").await;
+    assert_eq!(status, 200);
+    for line in [
+        "holdclear_rule_decisions_total{rule=\"acme\"} 1",
+        "holdclear_rule_decisions_total{rule=\"partner-200\"} 2",
+    ] {
+        assert!(metrics.lines().any(|l| l == line), "{line}:\n{metrics}");
+    }
+    worker.shutdown().await.unwrap();
+
+    let d = json_of(&["rules", "diff", "--rules", &rules, "--json", &new], &db);
+    let kinds: Vec<(&str, &str)> = (d["report"]["changes"].as_array().unwrap().iter())
+        .map(|c| (c["order"].as_str().unwrap(), c["kind"].as_str().unwrap()))
+        .collect();
+    let mut kinds = kinds;
+    kinds.sort();
+    assert_eq!(
+        kinds,
+        [
+            ("720001", "target"),
+            ("720002", "rule"),
+            ("720003", "newly_unmatched"),
+            ("720004", "newly_matched"),
+        ],
+        "{d:#}"
+    );
+    assert_eq!(d["report"]["unchanged"], 0, "{d:#}");
+    assert_eq!(d["report"]["unreadable"], json!([]), "{d:#}");
+}
