@@ -460,6 +460,16 @@ pub struct EngineSettings {
     pub idle_poll: Duration,
 }
 
+/// Escalated cases watched slowly until a person releases the hold by
+/// hand (`HOLDCLEAR_ESCALATED_WATCH_INTERVAL`, `…_FOR`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct EscalatedWatch {
+    /// Between two looks at one order (at least 1s).
+    pub interval: Duration,
+    /// How long after its escalation a case is watched.
+    pub watch_for: Duration,
+}
+
 /// Everything `holdclear run` needs, validated.
 #[derive(Clone, Debug)]
 pub struct Settings {
@@ -478,8 +488,14 @@ pub struct Settings {
     pub commerce: CommerceSettings,
     /// Rules file.
     pub rules_path: PathBuf,
+    /// Shadow rules file: what it would decide is recorded for each case
+    /// decided, never acted on (`HOLDCLEAR_RULES_SHADOW_FILE`).
+    pub rules_shadow_path: Option<PathBuf>,
     /// Case engine.
     pub engine: EngineSettings,
+    /// Escalated cases watched until a person releases the hold; `None`
+    /// (the default): an escalated case is not looked at again.
+    pub escalated_watch: Option<EscalatedWatch>,
     /// Address of `/healthz`, `/readyz` and `/metrics`.
     pub http_addr: SocketAddr,
     /// Log format.
@@ -516,9 +532,12 @@ struct FileSettings {
     commerce_rate_limit: Option<f64>,
     commerce_timeout: Option<String>,
     rules: Option<PathBuf>,
+    rules_shadow_file: Option<PathBuf>,
     poll_interval: Option<String>,
     poll_max_interval: Option<String>,
     escalate_after: Option<String>,
+    escalated_watch_interval: Option<String>,
+    escalated_watch_for: Option<String>,
     escalation_levels: Option<Vec<FileEscalationLevel>>,
     retry_initial: Option<String>,
     retry_max_interval: Option<String>,
@@ -711,6 +730,11 @@ pub const SETTINGS: &[Setting] = &[
         "deploy/config/rules.toml",
         "the default Smart Account rules",
     ),
+    computed(
+        "HOLDCLEAR_RULES_SHADOW_FILE",
+        "none (no shadow)",
+        "a second rules file: for each case decided, what it would have decided is recorded (never acted on; `holdclear rules diff --shadow`); checked at start like the rules, reloaded with them on SIGHUP",
+    ),
     value(
         "HOLDCLEAR_POLL_INTERVAL",
         "30s",
@@ -725,6 +749,16 @@ pub const SETTINGS: &[Setting] = &[
         "HOLDCLEAR_ESCALATE_AFTER",
         "4h",
         "`HOLD_PERSISTS` (warning); more levels in the file",
+    ),
+    value(
+        "HOLDCLEAR_ESCALATED_WATCH_INTERVAL",
+        "off",
+        "between two looks at an escalated order, until a person releases its hold by hand (then `order.hold_released`, and the account they chose is recorded for `holdclear rules suggest`); `off`: an escalated case is not looked at again",
+    ),
+    value(
+        "HOLDCLEAR_ESCALATED_WATCH_FOR",
+        "7d",
+        "how long after its escalation a case is watched so",
     ),
     value(
         "HOLDCLEAR_RETRY_INITIAL",
@@ -971,8 +1005,12 @@ impl Settings {
             .map(Some)
             .unwrap_or(None);
         let rules_path = PathBuf::from(r.string("HOLDCLEAR_RULES", rules_path));
+        let rules_shadow_path = (r.env.var("HOLDCLEAR_RULES_SHADOW_FILE"))
+            .map(|v| PathBuf::from(v.trim()))
+            .or(f.rules_shadow_file.take());
 
         let engine = engine(&r, f)?;
+        let escalated_watch = escalated_watch(&r, f)?;
         let http_addr_raw = r.string("HOLDCLEAR_HTTP_ADDR", f.http_addr.take());
         let http_addr = http_addr_raw.trim().parse().map_err(|_| {
             ConfigError::invalid(
@@ -993,7 +1031,9 @@ impl Settings {
             amqp,
             commerce,
             rules_path,
+            rules_shadow_path,
             engine,
+            escalated_watch,
             http_addr,
             log_format,
             shutdown_timeout,
@@ -1233,6 +1273,36 @@ fn commerce(
         request_timeout,
         tls_ca,
     })
+}
+
+/// `HOLDCLEAR_ESCALATED_WATCH_INTERVAL` (`off`, or at least 1s) and
+/// `HOLDCLEAR_ESCALATED_WATCH_FOR` (not zero).
+fn escalated_watch(
+    r: &Reader<'_>,
+    f: &mut FileSettings,
+) -> Result<Option<EscalatedWatch>, ConfigError> {
+    const INTERVAL: &str = "HOLDCLEAR_ESCALATED_WATCH_INTERVAL";
+    let raw = r.string(INTERVAL, f.escalated_watch_interval.take());
+    let watch_for = r.duration(
+        "HOLDCLEAR_ESCALATED_WATCH_FOR",
+        f.escalated_watch_for.take(),
+    )?;
+    nonzero("HOLDCLEAR_ESCALATED_WATCH_FOR", watch_for)?;
+    if raw.trim().eq_ignore_ascii_case("off") {
+        return Ok(None);
+    }
+    let interval = parse_duration(&raw)
+        .map_err(|reason| ConfigError::invalid(INTERVAL, format!("{reason}, or off")))?;
+    if interval < Duration::from_secs(1) {
+        return Err(ConfigError::invalid(
+            INTERVAL,
+            format!("{raw:?} is shorter than 1s: each look is a call to the commerce API"),
+        ));
+    }
+    Ok(Some(EscalatedWatch {
+        interval,
+        watch_for,
+    }))
 }
 
 fn engine(r: &Reader<'_>, f: &mut FileSettings) -> Result<EngineSettings, ConfigError> {
@@ -1540,11 +1610,29 @@ mod tests {
             ("HOLDCLEAR_HTTP_ADDR", "localhost"),
             ("HOLDCLEAR_LOG_FORMAT", "xml"),
             ("HOLDCLEAR_RETRY_MULTIPLIER", "0.5"),
+            ("HOLDCLEAR_ESCALATED_WATCH_INTERVAL", "hourly"),
+            ("HOLDCLEAR_ESCALATED_WATCH_INTERVAL", "200ms"),
+            ("HOLDCLEAR_ESCALATED_WATCH_FOR", "0s"),
         ];
         for (name, value) in cases {
             let err = with(&[(name, value)]).unwrap_err().to_string();
             assert!(err.contains(name), "{name}={value}: {err}");
         }
+    }
+
+    #[test]
+    fn the_escalated_watch_is_off_by_default_and_bounded_when_on() {
+        assert_eq!(with(&[]).unwrap().escalated_watch, None);
+        let on = with(&[("HOLDCLEAR_ESCALATED_WATCH_INTERVAL", "1h")]).unwrap();
+        assert_eq!(
+            on.escalated_watch,
+            Some(EscalatedWatch {
+                interval: Duration::from_secs(3600),
+                watch_for: Duration::from_secs(7 * 86_400),
+            })
+        );
+        let off = with(&[("HOLDCLEAR_ESCALATED_WATCH_INTERVAL", "OFF")]).unwrap();
+        assert_eq!(off.escalated_watch, None);
     }
 
     #[test]

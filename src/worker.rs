@@ -40,7 +40,7 @@ use crate::ops::http::{self, HttpError};
 use crate::ops::identity::WorkerIdentity;
 use crate::outbox::{Relay, RelaySettings};
 use crate::retry::Reconnect;
-use crate::rules::{Rules, RulesError, RulesHandle};
+use crate::rules::{RulesError, RulesHandle};
 use crate::store::{Store, StoreError};
 
 /// How often the database probe runs.
@@ -234,12 +234,13 @@ impl Worker {
         check: Option<HttpCommerce>,
     ) -> Result<WorkerHandle, WorkerError> {
         let identity = WorkerIdentity::new();
-        let rules = RulesHandle::new(Rules::load(&settings.rules_path)?);
+        let rules = RulesHandle::load(&settings.rules_path, settings.rules_shadow_path.as_deref())?;
         tracing::info!(
             worker = %identity,
             file = %settings.rules_path.display(),
             rules = rules.current().len(),
             hash = %rules.current().hash(),
+            shadow_hash = rules.shadow().map_or("-".into(), |s| s.hash().to_owned()),
             "Rules loaded."
         );
         let metrics =
@@ -334,6 +335,29 @@ async fn check_credentials(client: &HttpCommerce, settings: &Settings) -> Result
             Ok(())
         }
     }
+}
+
+/// Starts the escalated watch (`HOLDCLEAR_ESCALATED_WATCH_INTERVAL`), if on:
+/// it shares the engine's commerce client (and its rate limit) and wakes
+/// the relay when a person's release wrote an event.
+fn spawn_escalated_watch(
+    settings: &Settings,
+    supervisor: &Supervisor,
+    store: &Store,
+    commerce: &Arc<dyn CommerceApi>,
+    relay_wake: &Arc<Notify>,
+    stop: &CancellationToken,
+) {
+    let Some(watch) = settings.escalated_watch.clone() else {
+        return;
+    };
+    let watcher = crate::engine::HandWatcher::new(
+        store.clone(),
+        Arc::clone(commerce),
+        watch,
+        Arc::clone(relay_wake),
+    );
+    supervisor.spawn("escalated watch", watcher.run(stop.clone()));
 }
 
 /// Runs the worker until `cancel`, then shuts it down gracefully.
@@ -463,6 +487,14 @@ async fn work(settings: &Settings, parts: Parts, health: &Arc<Health>) -> Result
     // The case engine: due cases are decided, resolved, assigned and
     // watched; its committer writes their steps.
     let relay_wake = Arc::new(Notify::new());
+    spawn_escalated_watch(
+        settings,
+        supervisor,
+        &store,
+        &parts.commerce,
+        &relay_wake,
+        stop,
+    );
     let EngineTasks {
         stepping,
         committing,

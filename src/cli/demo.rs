@@ -199,6 +199,9 @@ pub async fn execute(base: Settings, args: Args) -> anyhow::Result<ExitCode> {
     let result = drive(&settings, &topology, timeout).await;
 
     worker.shutdown().await.ok();
+    // Its last words: `holdclear rules stats` of the run, read before the
+    // database goes.
+    let stats = super::rules::StatsReport::of_run(&settings).await;
     sim.shutdown().await.ok();
     let broker = Broker::from_settings(&settings.amqp, format!("holdclear demo {run} cleanup"));
     if let Ok(conn) = broker.connect("cleanup").await {
@@ -214,6 +217,15 @@ pub async fn execute(base: Settings, args: Args) -> anyhow::Result<ExitCode> {
     let mut out = std::io::stdout().lock();
     writeln!(out, "{table}")?;
     writeln!(out, "{dead_letters}")?;
+    drop(out);
+    match &stats {
+        Ok((report, window)) => {
+            println!("Rules (holdclear rules stats --since 24h)");
+            report.print(window);
+        }
+        Err(e) => println!("Rules: cannot count the decisions: {e:#}"),
+    }
+    let mut out = std::io::stdout().lock();
     if complete {
         Ok(ExitCode::SUCCESS)
     } else {

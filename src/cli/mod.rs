@@ -16,6 +16,7 @@ pub mod demo;
 pub mod dlq;
 pub mod migrate;
 pub mod rules;
+mod rules_suggest;
 pub mod run;
 pub mod sim;
 

@@ -1,12 +1,15 @@
 //! `holdclear rules check [FILE]`, `rules explain [--rules FILE] [--json] EVENT.json`,
-//! `rules stats [--rules FILE] [--since 7d] [--json]` and
-//! `rules diff [--rules FILE] [--since 7d] [--json] NEW.toml`.
+//! `rules stats [--rules FILE] [--since 7d] [--json]`,
+//! `rules diff [--rules FILE] [--since 7d] [--json] NEW.toml` and
+//! `rules diff --shadow [--since 7d] [--json]` and
+//! `rules suggest [--rules FILE] [--since 30d] [--min 2] [--json]`.
 //!
 //! Without a file, they use the settings' rules path (`HOLDCLEAR_RULES`,
 //! default `deploy/config/rules.toml`). A bad rules file or a bad event
 //! exits 64 with the reason. `stats` and `diff` read the cases of the
 //! window and change nothing.
 
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::Duration;
@@ -18,7 +21,7 @@ use futures_util::TryStreamExt;
 use super::UsageError;
 use crate::config::{Settings, parse_duration};
 use crate::domain::HeldOrderEvent;
-use crate::rules::{Rules, WhatIf, WhatIfReport};
+use crate::rules::{Differences, Rules, WhatIf, WhatIfReport};
 use crate::store::{DecisionStats, Store};
 
 /// Largest event file `rules explain` reads, as the worker's default payload limit.
@@ -49,13 +52,32 @@ pub enum Command {
         #[command(flatten)]
         window: Window,
     },
-    /// Which past orders a new rules file would decide differently (read-only: replays the cases' stored events).
+    /// Which past orders a new rules file would decide differently (read-only: replays the cases' stored events); with --shadow, where the shadow rules disagreed with the rules in force, live.
     Diff {
         /// The rules in force and the window.
         #[command(flatten)]
         window: Window,
+        /// Report the decisions recorded live beside the shadow rules' (HOLDCLEAR_RULES_SHADOW_FILE) instead of replaying a new file.
+        #[arg(long, conflicts_with = "new")]
+        shadow: bool,
         /// The new rules file, compared with the rules in force.
-        new: PathBuf,
+        #[arg(required_unless_present = "shadow")]
+        new: Option<PathBuf>,
+    },
+    /// Rules learned from escalated orders a person released by hand (HOLDCLEAR_ESCALATED_WATCH_INTERVAL), as TOML ready to paste, each with its evidence and what it would change.
+    Suggest {
+        /// The rules in force [default: the settings' rules path, HOLDCLEAR_RULES].
+        #[arg(long, value_name = "FILE")]
+        rules: Option<PathBuf>,
+        /// The hand fixes of this long ago or later (`30d`, `7d`, `24h`); also the orders the diff replays.
+        #[arg(long, default_value = "30d", value_parser = parse_duration)]
+        since: Duration,
+        /// The fewest hand fixes, all to one account, behind a suggestion.
+        #[arg(long, default_value_t = 2, value_parser = clap::value_parser!(u64).range(1..))]
+        min: u64,
+        /// Print JSON instead of text.
+        #[arg(long)]
+        json: bool,
     },
 }
 
@@ -64,22 +86,22 @@ pub enum Command {
 pub struct Window {
     /// The rules in force [default: the settings' rules path, HOLDCLEAR_RULES].
     #[arg(long, value_name = "FILE")]
-    rules: Option<PathBuf>,
+    pub(super) rules: Option<PathBuf>,
     /// The cases opened this long ago or later (`7d`, `24h`, `30m`).
     #[arg(long, default_value = "7d", value_parser = parse_duration)]
-    since: Duration,
+    pub(super) since: Duration,
     /// Print JSON instead of text.
     #[arg(long)]
-    json: bool,
+    pub(super) json: bool,
 }
 
 impl Window {
-    fn start(&self) -> anyhow::Result<DateTime<Utc>> {
+    pub(super) fn start(&self) -> anyhow::Result<DateTime<Utc>> {
         let since = chrono::Duration::from_std(self.since).context("--since is too long")?;
         Ok(Utc::now() - since)
     }
 
-    fn label(&self) -> String {
+    pub(super) fn label(&self) -> String {
         humantime::format_duration(self.since).to_string()
     }
 }
@@ -118,16 +140,38 @@ pub async fn execute(config: Option<&Path>, cmd: Command) -> anyhow::Result<Exit
             }
         }
         Command::Stats { window } => stats(config, &window).await?,
-        Command::Diff { window, new } => diff(config, &window, &new).await?,
+        Command::Diff {
+            window,
+            new: Some(new),
+            shadow: false,
+        } => diff(config, &window, &new).await?,
+        Command::Diff { window, .. } => shadow_diff(config, &window).await?,
+        Command::Suggest {
+            rules,
+            since,
+            min,
+            json,
+        } => {
+            let window = Window { rules, since, json };
+            super::rules_suggest::suggest(config, &window, min).await?;
+        }
     }
     Ok(ExitCode::SUCCESS)
 }
 
 /// Settings, the rules in force and the store, for `stats` and `diff`.
-async fn in_force(config: Option<&Path>, window: &Window) -> anyhow::Result<(Rules, Store)> {
+pub(super) async fn in_force(
+    config: Option<&Path>,
+    window: &Window,
+) -> anyhow::Result<(Rules, Store)> {
     let settings: Settings = super::load(config)?;
     let path = window.rules.clone().unwrap_or(settings.rules_path.clone());
     let rules = load(&path)?;
+    Ok((rules, open_store(&settings).await?))
+}
+
+/// The store, read-only use, once it has the current schema.
+async fn open_store(settings: &Settings) -> anyhow::Result<Store> {
     let store = Store::open(
         &settings.database_url,
         settings.database_tls_ca.as_ref(),
@@ -141,24 +185,56 @@ async fn in_force(config: Option<&Path>, window: &Window) -> anyhow::Result<(Rul
             settings.database_url
         );
     }
-    Ok((rules, store))
+    Ok(store)
 }
 
 /// `rules stats`.
 async fn stats(config: Option<&Path>, window: &Window) -> anyhow::Result<()> {
     let (rules, store) = in_force(config, window).await?;
-    let from = window.start()?;
-    let stats = store.decision_stats(from).await?;
-    let never: Vec<&str> = rules
-        .names()
-        .filter(|n| !stats.hits.iter().any(|h| h.rule_name == *n))
-        .collect();
-    if window.json {
-        println!("{}", stats_json(&rules, window, from, &stats, &never));
-    } else {
-        print_stats(&rules, window, from, &stats, &never);
-    }
+    let report = StatsReport::read(rules, &store, window).await?;
+    report.print(window);
     Ok(())
+}
+
+/// What `rules stats` prints, read.
+pub(super) struct StatsReport {
+    rules: Rules,
+    from: DateTime<Utc>,
+    stats: DecisionStats,
+}
+
+impl StatsReport {
+    /// The decisions of `window` in `store`, against `rules`.
+    pub(super) async fn read(rules: Rules, store: &Store, window: &Window) -> anyhow::Result<Self> {
+        let from = window.start()?;
+        let stats = store.decision_stats(from).await?;
+        Ok(Self { rules, from, stats })
+    }
+
+    /// `rules stats` of the demo's run: the last 24 hours of `settings`' database.
+    pub(super) async fn of_run(settings: &Settings) -> anyhow::Result<(Self, Window)> {
+        let window = Window {
+            rules: None,
+            since: Duration::from_secs(86_400),
+            json: false,
+        };
+        let rules = load(&settings.rules_path)?;
+        let store = open_store(settings).await?;
+        Ok((Self::read(rules, &store, &window).await?, window))
+    }
+
+    /// Prints it, as text or JSON (`window.json`).
+    pub(super) fn print(&self, window: &Window) {
+        let never: Vec<&str> = (self.rules.names())
+            .filter(|n| !self.stats.hits.iter().any(|h| h.rule_name == *n))
+            .collect();
+        if window.json {
+            let json = stats_json(&self.rules, window, self.from, &self.stats, &never);
+            println!("{json}");
+        } else {
+            print_stats(&self.rules, window, self.from, &self.stats, &never);
+        }
+    }
 }
 
 fn stats_json(
@@ -312,6 +388,17 @@ fn print_diff(old: &Rules, new: &Rules, window: &Window, from: DateTime<Utc>, r:
         new.file().display(),
         new.hash()
     );
+    print_changes(
+        r,
+        "Stored events the current decoder cannot read, not replayed",
+    );
+}
+
+/// The body of `rules diff` (a new file or the shadow rules): counts per
+/// change, each order, the newly unmatched, the unreadable (`unreadable`
+/// says what they are).
+pub(super) fn print_changes(r: &WhatIfReport, unreadable_are: &str) {
+    let unreadable = r.unreadable.len();
     println!(
         "{} unchanged, {} would change.",
         r.unchanged,
@@ -344,11 +431,70 @@ fn print_diff(old: &Rules, new: &Rules, window: &Window, from: DateTime<Utc>, r:
     let newly: Vec<&str> = r.newly_unmatched().map(|c| c.order.as_str()).collect();
     println!("\nNewly unmatched ({}): {}", newly.len(), newly.join(", "));
     if unreadable > 0 {
-        println!("\nStored events the current decoder cannot read, not replayed ({unreadable}):");
+        println!("\n{unreadable_are} ({unreadable}):");
         for u in &r.unreadable {
             println!("  {} (case {}): {}", u.order, u.case_id, u.reason);
         }
     }
+}
+
+/// `rules diff --shadow`: the decisions of the window recorded while shadow
+/// rules were loaded, the live one against the shadow one.
+async fn shadow_diff(config: Option<&Path>, window: &Window) -> anyhow::Result<()> {
+    let settings: Settings = super::load(config)?;
+    let store = open_store(&settings).await?;
+    let from = window.start()?;
+    let mut tally = Differences::default();
+    let mut files: BTreeMap<(String, String), u64> = BTreeMap::new();
+    let mut records = std::pin::pin!(store.shadow_decisions(from));
+    while let Some(record) = records.try_next().await? {
+        match record.decisions {
+            Ok(pair) => {
+                *files
+                    .entry((pair.shadow_file, pair.shadow_hash))
+                    .or_default() += 1;
+                tally.record(&record.order_key, pair.live, pair.shadow);
+            }
+            Err(reason) => {
+                tally.unreadable(&record.order_key, &record.case_id.to_string(), &reason)
+            }
+        }
+    }
+    let report = tally.finish();
+    if window.json {
+        let shadow: Vec<_> = (files.iter())
+            .map(|((file, hash), n)| serde_json::json!({"file": file, "rules_hash": hash, "orders": n}))
+            .collect();
+        let json = serde_json::json!({
+            "since": window.label(), "from": from, "shadow": shadow, "report": report,
+        });
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&json).context("writing the diff as JSON")?
+        );
+        return Ok(());
+    }
+    let from = from.format("%Y-%m-%d %H:%M UTC");
+    let label = window.label();
+    if report.replayed == 0 && report.unreadable.is_empty() {
+        println!(
+            "No case was decided with shadow rules since {from} (--since {label}): nothing to compare \
+             (set HOLDCLEAR_RULES_SHADOW_FILE on the workers)."
+        );
+        return Ok(());
+    }
+    println!(
+        "Compared {} orders decided since {from} (--since {label}), the rules in force ⇒ the shadow rules",
+        report.replayed
+    );
+    for ((file, hash), n) in &files {
+        println!("  shadow: {file} (sha256 {hash}): {n} orders");
+    }
+    print_changes(
+        &report,
+        "Shadow lines the current version cannot read, not compared",
+    );
+    Ok(())
 }
 
 /// The file given, else the settings' rules path (settings are read only then).

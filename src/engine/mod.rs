@@ -9,13 +9,17 @@
 //! (account, status, Virtual Account) → `assigning` (one POST with a stable
 //! Idempotency-Key) → `watching` (read the order, backing off) →
 //! `released`, or `escalated` from any step when a person must act.
+//! - [`HandWatcher`]: escalated cases watched slowly until a person
+//!   releases the hold by hand (off by default).
 
+mod hand_watch;
 pub mod machine;
 mod scheduler;
 
 use crate::domain::{Case, Decision, HeldOrder};
 use crate::store::StoreError;
 
+pub use hand_watch::{HandWatcher, LOOKS_PER_ROUND};
 pub use machine::MachineError;
 pub use scheduler::{Engine, EngineTasks};
 
@@ -24,13 +28,39 @@ pub use scheduler::{Engine, EngineTasks};
 pub trait DecisionSource: Send + Sync + 'static {
     /// The decision for one held order; `None` when no rule matches.
     fn decide(&self, order: &HeldOrder) -> Option<Decision>;
+
+    /// What the shadow rules would decide for the order, when there are
+    /// shadow rules. Recorded in the case's history, never acted on.
+    fn shadow(&self, _order: &HeldOrder) -> Option<ShadowDecision> {
+        None
+    }
+}
+
+/// What the shadow rules (`HOLDCLEAR_RULES_SHADOW_FILE`) would have decided.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ShadowDecision {
+    /// The shadow rules file.
+    pub file: String,
+    /// SHA-256 of its content.
+    pub rules_hash: String,
+    /// Their decision; `None`: no shadow rule matches.
+    pub decision: Option<Decision>,
 }
 
 /// The rules in force at the moment of the decision (a reload never
-/// changes them under a decision in progress).
+/// changes them under a decision in progress), and their shadow.
 impl DecisionSource for crate::rules::RulesHandle {
     fn decide(&self, order: &HeldOrder) -> Option<Decision> {
         self.current().decide(order)
+    }
+
+    fn shadow(&self, order: &HeldOrder) -> Option<ShadowDecision> {
+        let shadow = crate::rules::RulesHandle::shadow(self)?;
+        Some(ShadowDecision {
+            file: shadow.file().display().to_string(),
+            rules_hash: shadow.hash().to_owned(),
+            decision: shadow.decide(order),
+        })
     }
 }
 

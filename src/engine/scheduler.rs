@@ -621,11 +621,39 @@ async fn plan_calls(
         let mut entry = machine::call_entry(case.state(), &call, &reply, at, took);
         entry.detail["worker"] = json!(owner);
         calls.history.push(entry);
+        if let Reply::Decision(live) = &reply {
+            calls
+                .history
+                .extend(shadow_entry(inner, case, live.as_ref(), at));
+        }
         let reply = identify(inner, owner, case, reply).await?;
         calls.replies.push(reply);
         calls.calling = "step";
         // Past `MAX_CALLS_PER_STEP` calls, plan() ends the step on the next round.
     }
+}
+
+/// The `shadow` history line of a decision: what the shadow rules would
+/// have decided beside what the rules in force did (`rules diff --shadow`
+/// reads it); `None` without shadow rules.
+fn shadow_entry(
+    inner: &Inner,
+    case: &Case,
+    live: Option<&crate::domain::Decision>,
+    at: DateTime<Utc>,
+) -> Option<HistoryEntry> {
+    let shadow = inner.rules.shadow(&case.event.data)?;
+    Some(HistoryEntry {
+        at,
+        kind: "shadow",
+        state: case.state(),
+        detail: json!({
+            "live": live,
+            "shadow": shadow.decision,
+            "shadowFile": shadow.file,
+            "shadowHash": shadow.rules_hash,
+        }),
+    })
 }
 
 /// Applies `outcome` to `case`; a panic in `apply` is recorded as the

@@ -84,6 +84,10 @@ fn describe() {
         "Cases a rule decided, by rule name (`holdclear rules stats` for a window)."
     );
     describe_counter!(
+        "holdclear_hand_fixes_total",
+        "Escalated orders whose hold a person released by hand (seen by the escalated watch)."
+    );
+    describe_counter!(
         "holdclear_events_published_total",
         "Events confirmed by the broker, by routing key."
     );

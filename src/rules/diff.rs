@@ -132,8 +132,7 @@ impl WhatIfReport {
 pub struct WhatIf<'a> {
     old: &'a Rules,
     new: &'a Rules,
-    report: WhatIfReport,
-    counts: BTreeMap<(ChangeKind, Option<String>, Option<String>), u64>,
+    tally: Differences,
 }
 
 impl<'a> WhatIf<'a> {
@@ -142,16 +141,42 @@ impl<'a> WhatIf<'a> {
         Self {
             old,
             new,
-            report: WhatIfReport::default(),
-            counts: BTreeMap::new(),
+            tally: Differences::default(),
         }
     }
 
     /// Replays one order; `key` names it in the report.
     pub fn replay(&mut self, key: &str, order: &HeldOrder) {
+        let old = self.old.decide(order);
+        let new = self.new.decide(order);
+        self.tally.record(key, old, new);
+    }
+
+    /// Records a stored order whose event cannot be read.
+    pub fn unreadable(&mut self, key: &str, case_id: &str, reason: &str) {
+        self.tally.unreadable(key, case_id, reason);
+    }
+
+    /// The report.
+    pub fn finish(self) -> WhatIfReport {
+        self.tally.finish()
+    }
+}
+
+/// Two decisions per order, made elsewhere (the rules in force and the
+/// shadow rules, recorded live), tallied into a [`WhatIfReport`].
+#[derive(Debug, Default)]
+pub struct Differences {
+    report: WhatIfReport,
+    counts: BTreeMap<(ChangeKind, Option<String>, Option<String>), u64>,
+}
+
+impl Differences {
+    /// Records one order's two decisions; `key` names it in the report.
+    pub fn record(&mut self, key: &str, old: Option<Decision>, new: Option<Decision>) {
         self.report.replayed += 1;
-        let old = self.old.decide(order).map(Choice::of);
-        let new = self.new.decide(order).map(Choice::of);
+        let old = old.map(Choice::of);
+        let new = new.map(Choice::of);
         let kind = match (&old, &new) {
             (None, None) => None,
             (Some(_), None) => Some(ChangeKind::NewlyUnmatched),
@@ -177,7 +202,7 @@ impl<'a> WhatIf<'a> {
         });
     }
 
-    /// Records a stored order whose event cannot be read.
+    /// Records an order whose decisions cannot be read.
     pub fn unreadable(&mut self, key: &str, case_id: &str, reason: &str) {
         self.report.unreadable.push(Unreplayable {
             order: key.to_owned(),

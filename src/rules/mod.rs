@@ -55,12 +55,16 @@ mod index;
 mod matcher;
 mod model;
 mod reload;
+mod suggest;
 #[cfg(test)]
 mod tests;
 
-pub use diff::{Change, ChangeCount, ChangeKind, Choice, Unreplayable, WhatIf, WhatIfReport};
+pub use diff::{
+    Change, ChangeCount, ChangeKind, Choice, Differences, Unreplayable, WhatIf, WhatIfReport,
+};
 pub use explain::{Explanation, Failure, OrderFacts, Outcome, RuleExplanation};
 pub use reload::RulesHandle;
+pub use suggest::{Chosen, Disagreement, FixGroup, Learned, Learner, Suggestion};
 
 pub use crate::domain::Decision;
 

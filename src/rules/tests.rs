@@ -1061,3 +1061,122 @@ mod props {
         }
     }
 }
+
+mod suggest {
+    use super::*;
+
+    fn chosen(domain: &str, va: Option<&str>) -> Chosen {
+        Chosen {
+            smart_account_domain: domain.into(),
+            virtual_account: va.map(str::to_owned),
+        }
+    }
+
+    /// Fixes (order key, order spec, account) → the suggestions' names,
+    /// the groups too few, the groups that disagree.
+    #[test]
+    fn fixes_become_rules_only_when_enough_of_them_agree() {
+        let mut learner = Learner::default();
+        let fixes = [
+            (
+                "1",
+                "partner=P-500 domain=umbrella.example country=DE",
+                "globex-holding.com",
+            ),
+            (
+                "2",
+                "partner=P-500 domain=umbrella.example country=DE",
+                "globex-holding.com",
+            ),
+            (
+                "3",
+                "partner=P-500 domain=umbrella.example country=DE",
+                "globex-holding.com",
+            ),
+            (
+                "4",
+                "partner=P-600 domain=x.example country=FR",
+                "x.example",
+            ),
+            (
+                "5",
+                "partner=P-700 domain=y.example country=US",
+                "a.example",
+            ),
+            (
+                "6",
+                "partner=P-700 domain=y.example country=US",
+                "b.example",
+            ),
+            ("7", "partner=- domain=- country=-", "a.example"),
+        ];
+        for (key, spec, account) in fixes {
+            learner.add(key, &order(spec), chosen(account, Some("DEFAULT")));
+        }
+        let learned = learner.finish(2, ["learned-p-500-umbrella-example-de"]);
+        assert_eq!(learned.fixes, 7);
+        let names: Vec<&str> = learned
+            .suggestions
+            .iter()
+            .map(|s| s.name.as_str())
+            .collect();
+        assert_eq!(
+            names,
+            ["learned-p-500-umbrella-example-de-2"],
+            "a name in force is not reused"
+        );
+        let s = &learned.suggestions[0];
+        assert_eq!(
+            (s.fixes, s.orders.clone()),
+            (3, vec!["1".into(), "2".into(), "3".into()])
+        );
+        assert_eq!(s.account_type, "HOLDING");
+        let too_few: Vec<(String, u64)> = (learned.too_few.iter())
+            .map(|(g, n)| (g.describe(), *n))
+            .collect();
+        assert_eq!(
+            too_few,
+            [(
+                "partner P-600, end customer domain x.example, country FR".to_owned(),
+                1
+            )]
+        );
+        let disagreeing: Vec<String> = (learned.disagreements.iter())
+            .map(|d| d.when.describe())
+            .collect();
+        assert_eq!(
+            disagreeing,
+            [
+                "",
+                "partner P-700, end customer domain y.example, country US"
+            ],
+            "an order with nothing to match, and fixes to two accounts"
+        );
+    }
+
+    /// The TOML of a suggestion is a valid rules file on its own, and it
+    /// decides the orders it learned from as the person did.
+    #[test]
+    fn a_suggestion_is_a_valid_rule_that_decides_like_the_person() {
+        let mut learner = Learner::default();
+        let spec = "partner=P-1\"x domain=acme.com country=CA";
+        for key in ["1", "2"] {
+            learner.add(key, &order(spec), chosen("acme.com", None));
+        }
+        let learned = learner.finish(2, []);
+        let s = &learned.suggestions[0];
+        assert_eq!(s.account_type, "CUSTOMER", "the end customer's own domain");
+        let rules = parse(&s.toml).unwrap_or_else(|e| panic!("{e}\n{}", s.toml));
+        let d = rules.decide(&order(spec)).expect("it matches");
+        assert_eq!(d.rule, s.name);
+        assert_eq!(
+            d.target.to_string(),
+            "domain acme.com (CUSTOMER, virtual account (account default))"
+        );
+        assert!(
+            rules
+                .decide(&order("partner=P-1\"x domain=acme.com country=US"))
+                .is_none()
+        );
+    }
+}

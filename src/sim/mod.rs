@@ -186,6 +186,23 @@ impl SimHandle {
         self.shared.lock().peek_order(sales_order_number)
     }
 
+    /// Plays the person: assigns the account `domain` and the Virtual
+    /// Account `va` to the order by hand and releases its Smart Account
+    /// hold (as `POST /_sim/orders/{n}/hand-assignment`). The order as it
+    /// now reads, or the error answer (unknown order or account).
+    pub fn assign_by_hand(
+        &self,
+        sales_order_number: &str,
+        domain: &str,
+        va: &str,
+    ) -> Result<serde_json::Value, serde_json::Value> {
+        let answer = (self.shared.lock()).assign_by_hand(sales_order_number, domain, va);
+        match answer.status {
+            200 => Ok(answer.body),
+            _ => Err(answer.body),
+        }
+    }
+
     /// Forces the outcomes of the next calls of `endpoint`, in order.
     pub fn script(&self, endpoint: SimEndpoint, steps: &[Forced]) {
         self.shared.lock().script(endpoint, steps);

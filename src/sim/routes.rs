@@ -1,6 +1,6 @@
 //! The HTTP face of the simulator: the contract's five endpoints and the
 //! simulator's own `/_sim/*` (statistics, reset, token revocation, a look at
-//! an order that does not count as a read).
+//! an order that does not count as a read, a person's assignment by hand).
 //!
 //! Every contract call goes the same way: counted, delayed by the
 //! endpoint's latency, authorised (API endpoints), held to the server-side
@@ -45,6 +45,10 @@ pub(crate) fn router(shared: Arc<Shared>) -> Router {
         .route("/_sim/reset", post(reset))
         .route("/_sim/revoke-tokens", post(revoke_tokens))
         .route("/_sim/orders/{number}", get(peek_order))
+        .route(
+            "/_sim/orders/{number}/hand-assignment",
+            post(hand_assignment),
+        )
         .fallback(fallback)
         .with_state(shared)
 }
@@ -155,6 +159,32 @@ async fn peek_order(State(shared): State<Arc<Shared>>, Path(number): Path<String
             None,
         ),
     }
+}
+
+/// The simulator plays the person who fixes an order in the portal: body
+/// `{"smartAccountDomain": "…", "virtualAccountName": "…"}`; the account
+/// and Virtual Account are set and the Smart Account hold is released.
+async fn hand_assignment(
+    State(shared): State<Arc<Shared>>,
+    Path(number): Path<String>,
+    body: Bytes,
+) -> Response {
+    #[derive(serde::Deserialize)]
+    #[serde(rename_all = "camelCase")]
+    struct HandAssignment {
+        smart_account_domain: String,
+        virtual_account_name: String,
+    }
+    let fix: HandAssignment = match serde_json::from_slice(&body) {
+        Ok(fix) => fix,
+        Err(e) => return reply(Reply::error(400, "INVALID_BODY", e.to_string()), None),
+    };
+    let answer = shared.lock().assign_by_hand(
+        &number,
+        &fix.smart_account_domain,
+        &fix.virtual_account_name,
+    );
+    reply(answer, None)
 }
 
 async fn fallback() -> Response {

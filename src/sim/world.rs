@@ -513,6 +513,35 @@ impl World {
             .then(|| self.order_json(number))
     }
 
+    /// The simulator playing the person (`POST /_sim/orders/{n}/hand-assignment`):
+    /// someone assigns `domain` (an account of the scenario, any status)
+    /// and the Virtual Account `va` to the order in the portal, by hand,
+    /// and the Smart Account hold is released. The order as it now reads,
+    /// or 404 for an unknown order or account.
+    pub(crate) fn assign_by_hand(&mut self, number: &str, domain: &str, va: &str) -> Reply {
+        let Some(account) = self.account(domain).map(|a| OrderAccount {
+            domain: a.domain.clone(),
+            name: a.name.clone(),
+            status: a.status.clone(),
+        }) else {
+            return Reply::error(
+                404,
+                "SMART_ACCOUNT_NOT_FOUND",
+                format!("no account {domain}"),
+            );
+        };
+        let Some(order) = self.orders.get_mut(number) else {
+            return not_found(number);
+        };
+        order.smart_account = Some(account);
+        order.virtual_account = Some(va.to_owned());
+        order.pending_release = None;
+        if release(order) {
+            self.stats.holds_released += 1;
+        }
+        Reply::ok(200, self.order_json(number))
+    }
+
     /// `POST /commerce/v1/orders/{n}/smart-account-assignment`.
     pub(crate) fn assign(
         &mut self,

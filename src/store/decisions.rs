@@ -1,13 +1,14 @@
 //! What `holdclear rules stats` and `rules diff` read of past decisions:
 //! the cases of a window, through the columns the engine writes
 //! (`rule_name`, `rules_hash`, `target`, `escalation_reason`) and the event
-//! each case was opened with. Read-only.
+//! each case was opened with; and for `rules diff --shadow`, the `shadow`
+//! lines of the cases' history. Read-only.
 
 use chrono::{DateTime, Utc};
 use futures_util::{Stream, StreamExt};
 
 use super::{Store, StoreError};
-use crate::domain::HeldOrderEvent;
+use crate::domain::{Decision, HeldOrderEvent};
 
 /// How many cases one rule of one rules file decided.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -58,7 +59,83 @@ pub struct StoredEvent {
     pub event: Result<HeldOrderEvent, String>,
 }
 
+/// One decision made while shadow rules were loaded: what the rules in
+/// force decided and what the shadow rules would have (`None`: no rule).
+#[derive(Clone, Debug)]
+pub struct ShadowRecord {
+    /// The case.
+    pub case_id: uuid::Uuid,
+    /// The order's key (sales order number, else web order id).
+    pub order_key: String,
+    /// When the decision was made.
+    pub at: DateTime<Utc>,
+    /// `(live, shadow)`, or why the stored line cannot be read.
+    pub decisions: Result<ShadowPair, String>,
+}
+
+/// Both sides of a [`ShadowRecord`].
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ShadowPair {
+    /// The rules in force decided (and acted on).
+    pub live: Option<Decision>,
+    /// The shadow rules would have decided.
+    pub shadow: Option<Decision>,
+    /// The shadow rules file.
+    pub shadow_file: String,
+    /// SHA-256 of its content at that moment.
+    pub shadow_hash: String,
+}
+
+impl ShadowPair {
+    fn read(detail: &str) -> Result<Self, String> {
+        #[derive(serde::Deserialize)]
+        #[serde(rename_all = "camelCase")]
+        struct Line {
+            live: Option<Decision>,
+            shadow: Option<Decision>,
+            shadow_file: String,
+            shadow_hash: String,
+        }
+        let line: Line = serde_json::from_str(detail)
+            .map_err(|e| format!("cannot read the stored shadow decision: {e}"))?;
+        Ok(Self {
+            live: line.live,
+            shadow: line.shadow,
+            shadow_file: line.shadow_file,
+            shadow_hash: line.shadow_hash,
+        })
+    }
+}
+
 impl Store {
+    /// The latest shadow line of each case decided since `since`, oldest
+    /// first, streamed. A line the current version cannot read is an
+    /// `Err` with the reason, never skipped.
+    pub fn shadow_decisions(
+        &self,
+        since: DateTime<Utc>,
+    ) -> impl Stream<Item = Result<ShadowRecord, StoreError>> + '_ {
+        sqlx::query_as::<_, (uuid::Uuid, String, DateTime<Utc>, String)>(
+            "SELECT case_id, order_key, at, detail FROM (
+                 SELECT DISTINCT ON (h.case_id) h.case_id, c.order_key, h.at, h.detail::text AS detail
+                 FROM case_history h JOIN cases c ON c.id = h.case_id
+                 WHERE h.kind = 'shadow' AND h.at >= $1
+                 ORDER BY h.case_id, h.id DESC
+             ) latest ORDER BY at, case_id",
+        )
+        .bind(since)
+        .fetch(self.pool())
+        .map(|row| {
+            let (case_id, order_key, at, detail) = row?;
+            Ok(ShadowRecord {
+                case_id,
+                order_key,
+                at,
+                decisions: ShadowPair::read(&detail),
+            })
+        })
+    }
+
     /// Rule hits and unmatched orders of the cases opened since `since`.
     pub async fn decision_stats(&self, since: DateTime<Utc>) -> Result<DecisionStats, StoreError> {
         let cases: i64 = sqlx::query_scalar("SELECT count(*) FROM cases WHERE created_at >= $1")

@@ -39,6 +39,7 @@ mod case_row;
 mod cases;
 mod dead_letters;
 mod decisions;
+mod hand_fixes;
 mod intake;
 mod ops;
 mod outbox;
@@ -50,7 +51,10 @@ pub use dead_letters::{
     DeadLetterFilter, DeadLetterGroup, DeadLetterRecord, DeadLetterSummary, Note, Operation,
     OperationItem, RecordedDeadLetter, Sighting,
 };
-pub use decisions::{DecisionStats, RuleHits, StoredEvent, UnmatchedGroup};
+pub use decisions::{
+    DecisionStats, RuleHits, ShadowPair, ShadowRecord, StoredEvent, UnmatchedGroup,
+};
+pub use hand_fixes::{HandFix, HandWatch, RecordedFix, WATCHED_CASE, WatchEnd};
 pub use intake::Recorded;
 pub use ops::OpsSnapshot;
 pub use outbox::{OutboxBatch, OutboxFailure, OutboxRow};

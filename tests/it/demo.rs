@@ -63,6 +63,19 @@ async fn the_demo_ends_with_every_order_accounted_for() {
             && stdout.contains("sent 1; became cases 0; failed again 1"),
         "{stdout}"
     );
+    // It ends with `rules stats` of its run: each rule's decisions, the
+    // rules that never matched, the orders no rule matched.
+    let stats = stdout
+        .split("Rules (holdclear rules stats --since 24h)")
+        .nth(1)
+        .unwrap_or_else(|| panic!("no rules stats at the end:\n{stdout}"));
+    assert!(
+        stats.contains("Decided per rule:")
+            && stats.contains("acme-direct")
+            && stats.contains("Never matched in the window")
+            && stats.contains("No rule matched (NO_RULE_MATCHED): 1 orders"),
+        "{stats}"
+    );
     // It cleaned up after itself: its database is gone.
     let admin = sqlx::PgPool::connect("postgres://postgres@127.0.0.1:5432/postgres")
         .await

@@ -15,5 +15,6 @@ mod hardening;
 mod intake;
 mod ops;
 mod rules;
+mod rules_live;
 mod support;
 mod tls;
