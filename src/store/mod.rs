@@ -42,6 +42,7 @@ mod decisions;
 mod intake;
 mod ops;
 mod outbox;
+mod prune;
 
 pub use cases::{
     CaseFilter, CaseRecord, CaseSummary, Claimed, HistoryRow, Identity, RetryCommit, StepCommit,
@@ -54,6 +55,7 @@ pub use decisions::{DecisionStats, RuleHits, StoredEvent, UnmatchedGroup};
 pub use intake::Recorded;
 pub use ops::OpsSnapshot;
 pub use outbox::{OutboxBatch, OutboxFailure, OutboxRow};
+pub use prune::{Cutoffs, PRUNE_LOCK, Prunable, PruneSession, PruneTable, SIZED_TABLES};
 
 /// The migrations in `migrations/`, embedded in the binary.
 pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");

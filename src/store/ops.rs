@@ -18,6 +18,10 @@ pub struct OpsSnapshot {
     /// Age of the oldest dead letter nobody handled (not archived,
     /// claimed or replayed since it was last seen), in seconds (0 when none).
     pub oldest_unhandled_dead_letter_seconds: f64,
+    /// Rows per table, estimated ([`Store::table_row_estimates`]).
+    pub table_rows: Vec<(String, i64)>,
+    /// When the pruner last finished a pass without an error.
+    pub last_prune_pass: Option<chrono::DateTime<chrono::Utc>>,
 }
 
 impl Store {
@@ -42,6 +46,8 @@ impl Store {
         .await?;
         let (dead_letters_by_code, oldest_unhandled_dead_letter_seconds) =
             self.dead_letter_gauges().await?;
+        let table_rows = self.table_row_estimates().await?;
+        let last_prune_pass = self.last_prune_pass().await?;
         Ok(OpsSnapshot {
             cases_by_state,
             outbox_backlog,
@@ -49,6 +55,8 @@ impl Store {
             oldest_open_hold_seconds,
             dead_letters_by_code,
             oldest_unhandled_dead_letter_seconds,
+            table_rows,
+            last_prune_pass,
         })
     }
 }
