@@ -426,7 +426,11 @@ mod tests {
             sections("1, 3,5").unwrap().into_iter().collect::<Vec<_>>(),
             vec![1, 3, 5]
         );
-        assert!(sections("7").is_err());
+        assert_eq!(
+            sections("7").unwrap().into_iter().collect::<Vec<_>>(),
+            vec![7]
+        );
+        assert!(sections("8").is_err());
         assert!(sections("").is_err());
         assert!(sections("x").is_err());
     }
