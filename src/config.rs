@@ -364,9 +364,6 @@ pub struct AmqpSettings {
     /// Whether `holdclear run` consumes the dead-letter queue into the
     /// `dead_letters` table (`HOLDCLEAR_DLQ_INGEST`).
     pub dead_letter_ingest: bool,
-    /// How long archived and replayed dead letters are kept before the
-    /// background prune deletes them (`HOLDCLEAR_DLQ_RETENTION`).
-    pub dead_letter_retention: Duration,
 }
 
 /// Deadlines on every wait for PostgreSQL; a wait that runs out fails
@@ -470,6 +467,50 @@ pub struct EscalatedWatch {
     pub watch_for: Duration,
 }
 
+/// The shortest inbox retention accepted (`HOLDCLEAR_INBOX_RETENTION`):
+/// an event id must outlive every way the same event can come back
+/// (docs/deployment.md, "Keeping the tables small").
+pub const INBOX_RETENTION_FLOOR: Duration = Duration::from_secs(7 * 24 * 3600);
+/// The shortest case retention accepted: a late announcement of an order
+/// looks for the order's cases closed since its own case opened.
+pub const CASE_RETENTION_FLOOR: Duration = Duration::from_secs(24 * 3600);
+/// The largest prune slice accepted (`HOLDCLEAR_PRUNE_SLICE`).
+pub const PRUNE_SLICE_MAX: u32 = 10_000;
+
+/// The pruner: how long each table keeps its rows (`None`: for ever) and
+/// how it deletes them.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PruneSettings {
+    /// Published outbox rows, after they were sent.
+    pub outbox: Option<Duration>,
+    /// Inbox event ids, after they were received; at least
+    /// [`INBOX_RETENTION_FLOOR`].
+    pub inbox: Option<Duration>,
+    /// Released and merged cases (history and events with them), after
+    /// they closed.
+    pub cases: Option<Duration>,
+    /// Escalated cases, after their last change.
+    pub escalated_cases: Option<Duration>,
+    /// Archived dead letters, and replayed ones not seen since
+    /// (`HOLDCLEAR_DLQ_RETENTION`).
+    pub dead_letters: Option<Duration>,
+    /// Time between two passes of `holdclear run`'s pruner.
+    pub interval: Duration,
+    /// Rows deleted per statement, at most.
+    pub slice: u32,
+    /// Pause between two slices.
+    pub pause: Duration,
+}
+
+impl Default for PruneSettings {
+    /// The defaults of [`SETTINGS`].
+    fn default() -> Self {
+        Settings::build(FileSettings::default(), &HashMap::<String, String>::new())
+            .expect("the defaults are valid")
+            .prune
+    }
+}
+
 /// Everything `holdclear run` needs, validated.
 #[derive(Clone, Debug)]
 pub struct Settings {
@@ -502,6 +543,8 @@ pub struct Settings {
     pub log_format: LogFormat,
     /// How long shutdown waits for in-flight work.
     pub shutdown_timeout: Duration,
+    /// Retention and the pruner.
+    pub prune: PruneSettings,
 }
 
 /// The settings file: every key optional, unknown keys rejected.
@@ -523,6 +566,13 @@ struct FileSettings {
     intake_linger: Option<String>,
     dlq_ingest: Option<bool>,
     dlq_retention: Option<String>,
+    outbox_retention: Option<String>,
+    inbox_retention: Option<String>,
+    case_retention: Option<String>,
+    escalated_case_retention: Option<String>,
+    prune_interval: Option<String>,
+    prune_slice: Option<u32>,
+    prune_pause: Option<String>,
     amqp_confirm_timeout: Option<String>,
     topology: Option<Topology>,
     commerce_base_url: Option<String>,
@@ -834,7 +884,42 @@ pub const SETTINGS: &[Setting] = &[
     value(
         "HOLDCLEAR_DLQ_RETENTION",
         "30d",
-        "archived and replayed dead letters are deleted after this, 500 at a time",
+        "archived dead letters, and replayed ones not seen since, are deleted this long after; `off` (or `0`) keeps them",
+    ),
+    value(
+        "HOLDCLEAR_OUTBOX_RETENTION",
+        "30d",
+        "published events' outbox rows are deleted this long after they were sent (unsent ones never); `off` keeps them",
+    ),
+    value(
+        "HOLDCLEAR_INBOX_RETENTION",
+        "90d",
+        "event ids are kept this long after they arrived, at least `7d` (docs/deployment.md); `off` keeps them",
+    ),
+    value(
+        "HOLDCLEAR_CASE_RETENTION",
+        "365d",
+        "released and merged cases, with their history and events, are deleted this long after they closed (at least `1d`); `off` keeps them",
+    ),
+    value(
+        "HOLDCLEAR_ESCALATED_CASE_RETENTION",
+        "730d",
+        "escalated cases are deleted this long after their last change (at least `1d`); `off` keeps them",
+    ),
+    value(
+        "HOLDCLEAR_PRUNE_INTERVAL",
+        "1h",
+        "time between two pruning passes (one worker at a time prunes)",
+    ),
+    value(
+        "HOLDCLEAR_PRUNE_SLICE",
+        "500",
+        "rows (cases: cases) deleted per statement, 1 to 10000",
+    ),
+    value(
+        "HOLDCLEAR_PRUNE_PAUSE",
+        "100ms",
+        "pause between two slices of a pass",
     ),
     value(
         "HOLDCLEAR_ENGINE_CONCURRENCY",
@@ -925,10 +1010,52 @@ impl Reader<'_> {
         }
     }
 
+    /// A retention: a duration, or `off` / `0` for "keep for ever"
+    /// (`None`); one set shorter than `floor` is refused.
+    fn retention(
+        &self,
+        env: &str,
+        file: Option<String>,
+        floor: Duration,
+    ) -> Result<Option<Duration>, ConfigError> {
+        let raw = self.string(env, file);
+        if matches!(raw.trim(), "off" | "0") {
+            return Ok(None);
+        }
+        let d = parse_duration(&raw).map_err(|reason| {
+            ConfigError::invalid(env, format!("{reason}, or off to keep rows for ever"))
+        })?;
+        if d.is_zero() || d < floor {
+            let floor = format_duration_short(floor.max(Duration::from_secs(1)));
+            return Err(ConfigError::invalid(
+                env,
+                format!(
+                    "{raw:?} is shorter than the floor of {floor} (docs/deployment.md); off keeps rows for ever"
+                ),
+            ));
+        }
+        Ok(Some(d))
+    }
+
     fn duration(&self, env: &str, file: Option<String>) -> Result<Duration, ConfigError> {
         let raw = self.string(env, file);
         parse_duration(&raw).map_err(|reason| ConfigError::invalid(env, reason))
     }
+}
+
+/// A duration as the settings spell it: `90d`, `12h`, `15m`, `30s` when
+/// whole, else humantime's spelling (`1h 30m`).
+pub fn format_duration_short(d: Duration) -> String {
+    let secs = d.as_secs();
+    if d.subsec_nanos() != 0 || secs == 0 {
+        return humantime::format_duration(d).to_string();
+    }
+    for (unit, size) in [("d", 86_400), ("h", 3_600), ("m", 60)] {
+        if secs.is_multiple_of(size) {
+            return format!("{}{unit}", secs / size);
+        }
+    }
+    format!("{secs}s")
 }
 
 /// Parses `500ms`, `30s`, `15m`, `4h` (and combinations such as `1h30m`).
@@ -1022,6 +1149,7 @@ impl Settings {
         let log_format = log_format(&r, f)?;
         let shutdown_timeout =
             r.duration("HOLDCLEAR_SHUTDOWN_TIMEOUT", f.shutdown_timeout.take())?;
+        let prune = prune(&r, f)?;
 
         Ok(Self {
             database_url,
@@ -1037,6 +1165,7 @@ impl Settings {
             http_addr,
             log_format,
             shutdown_timeout,
+            prune,
         })
     }
 }
@@ -1162,7 +1291,6 @@ fn amqp(
     positive("HOLDCLEAR_INTAKE_BATCH", intake_batch as f64)?;
     let intake_linger = r.duration("HOLDCLEAR_INTAKE_LINGER", f.intake_linger.take())?;
     let dead_letter_ingest = r.parsed("HOLDCLEAR_DLQ_INGEST", f.dlq_ingest.take())?;
-    let dead_letter_retention = r.duration("HOLDCLEAR_DLQ_RETENTION", f.dlq_retention.take())?;
     let confirm_timeout = r.duration(
         "HOLDCLEAR_AMQP_CONFIRM_TIMEOUT",
         f.amqp_confirm_timeout.take(),
@@ -1206,7 +1334,6 @@ fn amqp(
         confirm_timeout,
         tls_ca,
         dead_letter_ingest,
-        dead_letter_retention,
     })
 }
 
@@ -1303,6 +1430,45 @@ fn escalated_watch(
         interval,
         watch_for,
     }))
+}
+
+/// Retention per table and the pruner's pace.
+fn prune(r: &Reader<'_>, f: &mut FileSettings) -> Result<PruneSettings, ConfigError> {
+    let none = Duration::ZERO;
+    let prune = PruneSettings {
+        outbox: r.retention(
+            "HOLDCLEAR_OUTBOX_RETENTION",
+            f.outbox_retention.take(),
+            none,
+        )?,
+        inbox: r.retention(
+            "HOLDCLEAR_INBOX_RETENTION",
+            f.inbox_retention.take(),
+            INBOX_RETENTION_FLOOR,
+        )?,
+        cases: r.retention(
+            "HOLDCLEAR_CASE_RETENTION",
+            f.case_retention.take(),
+            CASE_RETENTION_FLOOR,
+        )?,
+        escalated_cases: r.retention(
+            "HOLDCLEAR_ESCALATED_CASE_RETENTION",
+            f.escalated_case_retention.take(),
+            CASE_RETENTION_FLOOR,
+        )?,
+        dead_letters: r.retention("HOLDCLEAR_DLQ_RETENTION", f.dlq_retention.take(), none)?,
+        interval: r.duration("HOLDCLEAR_PRUNE_INTERVAL", f.prune_interval.take())?,
+        slice: r.parsed("HOLDCLEAR_PRUNE_SLICE", f.prune_slice.take())?,
+        pause: r.duration("HOLDCLEAR_PRUNE_PAUSE", f.prune_pause.take())?,
+    };
+    nonzero("HOLDCLEAR_PRUNE_INTERVAL", prune.interval)?;
+    if !(1..=PRUNE_SLICE_MAX).contains(&prune.slice) {
+        return Err(ConfigError::invalid(
+            "HOLDCLEAR_PRUNE_SLICE",
+            format!("must be 1 to {PRUNE_SLICE_MAX}"),
+        ));
+    }
+    Ok(prune)
 }
 
 fn engine(r: &Reader<'_>, f: &mut FileSettings) -> Result<EngineSettings, ConfigError> {
@@ -1617,6 +1783,52 @@ mod tests {
         for (name, value) in cases {
             let err = with(&[(name, value)]).unwrap_err().to_string();
             assert!(err.contains(name), "{name}={value}: {err}");
+        }
+    }
+
+    /// Retention: a duration, `off` or `0` (keep for ever); below a
+    /// table's floor, or not a duration, is refused naming the setting.
+    #[test]
+    fn retentions_parse_off_and_refuse_values_under_their_floor() {
+        let day = Duration::from_secs(24 * 3600);
+        let d = with(&[]).unwrap().prune;
+        assert_eq!(d.outbox, Some(30 * day));
+        assert_eq!(d.inbox, Some(90 * day));
+        assert_eq!(d.cases, Some(365 * day));
+        assert_eq!(d.escalated_cases, Some(730 * day));
+        assert_eq!(d.dead_letters, Some(30 * day));
+        assert_eq!((d.slice, d.interval), (500, Duration::from_secs(3600)));
+        let p = with(&[
+            ("HOLDCLEAR_OUTBOX_RETENTION", "off"),
+            ("HOLDCLEAR_INBOX_RETENTION", "0"),
+            ("HOLDCLEAR_CASE_RETENTION", "1d"),
+            ("HOLDCLEAR_ESCALATED_CASE_RETENTION", " off "),
+            ("HOLDCLEAR_DLQ_RETENTION", "12h"),
+        ])
+        .unwrap()
+        .prune;
+        assert_eq!(p.outbox, None);
+        assert_eq!(p.inbox, None);
+        assert_eq!(p.cases, Some(day));
+        assert_eq!(p.escalated_cases, None);
+        assert_eq!(p.dead_letters, Some(day / 2));
+        for (name, value, says) in [
+            ("HOLDCLEAR_INBOX_RETENTION", "6d", "7d"),
+            ("HOLDCLEAR_INBOX_RETENTION", "forever", "off"),
+            ("HOLDCLEAR_CASE_RETENTION", "23h", "1d"),
+            ("HOLDCLEAR_ESCALATED_CASE_RETENTION", "1h", "1d"),
+            ("HOLDCLEAR_OUTBOX_RETENTION", "0s", "off"),
+            ("HOLDCLEAR_DLQ_RETENTION", "never", "off"),
+            ("HOLDCLEAR_PRUNE_SLICE", "0", "1 to 10000"),
+            ("HOLDCLEAR_PRUNE_SLICE", "20000", "1 to 10000"),
+            ("HOLDCLEAR_PRUNE_INTERVAL", "0s", "longer than 0s"),
+            ("HOLDCLEAR_PRUNE_PAUSE", "a while", "duration"),
+        ] {
+            let err = with(&[(name, value)]).unwrap_err().to_string();
+            assert!(
+                err.contains(name) && err.contains(says),
+                "{name}={value}: {err}"
+            );
         }
     }
 

@@ -10,6 +10,7 @@
 //! - [`commerce`]: the commerce API client (token, rate limit, error classes).
 //! - [`store`]: PostgreSQL (the only module that writes SQL): inbox, cases, history, outbox, dead letters, operations.
 //! - [`outbox`]: the relay that publishes committed events with confirms.
+//! - [`prune`]: built-in retention: closed cases, published events, old event ids and handled dead letters deleted in small slices, one worker at a time.
 //! - [`retry`]: delay policies (the one module that uses `backoff`).
 //! - [`ops`]: logs, health, readiness and metrics.
 //! - [`sim`]: the commerce-API simulator (`holdclear sim`).
@@ -29,6 +30,7 @@ pub mod engine;
 pub mod intake;
 pub mod ops;
 pub mod outbox;
+pub mod prune;
 pub mod retry;
 pub mod rules;
 pub mod sim;

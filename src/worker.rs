@@ -462,7 +462,7 @@ async fn work(settings: &Settings, parts: Parts, health: &Arc<Health>) -> Result
     let intaking = supervisor.spawn("intake", intake.run(inbox, abort.clone()));
 
     // Dead letters: the dead-letter queue into the `dead_letters` table
-    // (acked after commit), and the bounded prune of old ones.
+    // (acked after commit).
     let dead_letters = settings.amqp.dead_letter_ingest.then(|| {
         let ingest = crate::broker::dlq_ingest::DeadLetterIngest::new(
             Broker::from_settings(&settings.amqp, connection_name(settings, &parts.identity)),
@@ -475,13 +475,15 @@ async fn work(settings: &Settings, parts: Parts, health: &Arc<Health>) -> Result
             crate::intake::dead_letters::ingest(store.clone(), ingest, stop.clone()),
         )
     });
+    // Retention: one worker of the deployment at a time prunes every table.
     supervisor.spawn(
-        "dead-letter prune",
-        crate::intake::dead_letters::prune(
+        "pruner",
+        crate::prune::Pruner::new(
             store.clone(),
-            settings.amqp.dead_letter_retention,
-            stop.clone(),
-        ),
+            settings.prune.clone(),
+            parts.identity.to_string(),
+        )
+        .run(stop.clone()),
     );
 
     // The case engine: due cases are decided, resolved, assigned and

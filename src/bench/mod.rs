@@ -9,6 +9,8 @@
 //!   processes and an in-process simulator until the released events
 //!   arrive; throughput, latency and each worker's peak memory.
 //! - [`watching`]: section 4: claiming due cases among a million watched ones.
+//! - [`prune`]: section 7: intake and claims while the pruner works off
+//!   millions of closed cases, and how long it takes.
 //! - [`memory`]: peak resident memory from `/proc`.
 //!
 //! The run owns a database and exchange/queue names of its own; the caller
@@ -18,6 +20,7 @@ pub mod flow;
 pub mod intake;
 pub mod load;
 pub mod memory;
+pub mod prune;
 pub mod watching;
 
 use std::collections::BTreeSet;
@@ -104,9 +107,11 @@ pub struct BenchSettings {
     pub flow_orders: u64,
     /// Cases seeded in `watching` for section 4 (its large size).
     pub watching: u64,
+    /// Closed cases past their retention seeded for section 7.
+    pub closed: u64,
     /// Most worker processes of section 6 (runs with 1..=workers).
     pub workers: usize,
-    /// Sections to run (1 to 6).
+    /// Sections to run (1 to 7).
     pub sections: BTreeSet<u8>,
     /// The `holdclear` executable that runs the worker processes.
     pub worker_exe: PathBuf,
@@ -117,13 +122,14 @@ pub struct BenchSettings {
 }
 
 /// The sections and what each measures.
-pub const SECTIONS: [(u8, &str); 6] = [
+pub const SECTIONS: [(u8, &str); 7] = [
     (1, "intake vs the broker's limit"),
     (2, "intake vs the database's limit"),
     (3, "end to end"),
     (4, "watching at scale"),
     (5, "memory"),
     (6, "more workers"),
+    (7, "pruning a backlog of closed cases"),
 ];
 
 /// Everything a run measured; sections not run are `None`.
@@ -146,6 +152,8 @@ pub struct Report {
     pub memory: Option<memory::Memory>,
     /// Section 6: one run per number of worker processes.
     pub workers: Option<Vec<flow::Flow>>,
+    /// Section 7.
+    pub pruning: Option<prune::Pruning>,
 }
 
 /// Where the numbers come from.
@@ -273,6 +281,9 @@ impl Bench {
         }
         if s.contains(&5) {
             report.memory = Some(memory);
+        }
+        if s.contains(&7) {
+            report.pruning = Some(prune::run(self).await?);
         }
         let finish = |mut report: Report| {
             report.machine.load_average[1] = memory::load_average();

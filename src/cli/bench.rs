@@ -32,11 +32,16 @@ pub struct Args {
     /// Watched cases for section 4 (at least 10,000).
     #[arg(long, default_value_t = 1_000_000, value_parser = clap::value_parser!(u64).range(10_000..=10_000_000))]
     pub watching: u64,
+    /// Closed cases past their retention for section 7 (with their
+    /// history, events and inbox ids).
+    #[arg(long, default_value_t = 5_000_000, value_parser = clap::value_parser!(u64).range(1_000..=20_000_000))]
+    pub closed: u64,
     /// Most worker processes in section 6 (runs with 1, 2, … of them).
     #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u16).range(1..=16))]
     pub workers: u16,
     /// Sections to run, e.g. `1,3,5` (1 intake vs broker, 2 intake vs
-    /// database, 3 end to end, 4 watching at scale, 5 memory, 6 more workers).
+    /// database, 3 end to end, 4 watching at scale, 5 memory, 6 more
+    /// workers, 7 pruning a backlog: not run unless named).
     #[arg(long, default_value = "1,2,3,4,5,6")]
     pub sections: String,
     /// Print the report as JSON (for machines) instead of a table.
@@ -53,7 +58,7 @@ fn sections(raw: &str) -> Result<BTreeSet<u8>, super::UsageError> {
             }
             _ => {
                 return Err(super::UsageError(format!(
-                    "--sections: {part:?} is not a section (1 to 6)"
+                    "--sections: {part:?} is not a section (1 to 7)"
                 )));
             }
         }
@@ -89,6 +94,7 @@ pub async fn execute(base: Settings, args: Args) -> anyhow::Result<ExitCode> {
         orders: args.orders,
         flow_orders: args.flow_orders,
         watching: args.watching,
+        closed: args.closed,
         workers: usize::from(args.workers),
         sections,
         worker_exe: std::env::current_exe()?,
@@ -313,7 +319,58 @@ pub fn table(r: &Report) -> Table {
             flow_rows(&mut t, &sec, f, false);
         }
     }
+    if let Some(p) = &r.pruning {
+        pruning_rows(&mut t, p);
+    }
     t
+}
+
+/// Section 7's rows: latencies before → during the pass, and the pass.
+fn pruning_rows(t: &mut Table, p: &crate::bench::prune::Pruning) {
+    let sec = format!("7. pruning {} closed cases", p.closed);
+    let (b, d) = (&p.before, &p.during);
+    t.add_row([
+        sec.clone(),
+        format!("intake batch of {}: p50 / p99, idle → pruning", b.batch),
+        format!(
+            "{:.1} / {:.1} → {:.1} / {:.1} ms",
+            b.intake_batch_ms.p50,
+            b.intake_batch_ms.p99,
+            d.intake_batch_ms.p50,
+            d.intake_batch_ms.p99
+        ),
+        String::new(),
+    ]);
+    t.add_row([
+        sec.clone(),
+        format!(
+            "claim of 100 among {} open: p50 / p99, idle → pruning",
+            p.open
+        ),
+        format!(
+            "{:.2} / {:.2} → {:.2} / {:.2} ms",
+            b.claim_ms.p50, b.claim_ms.p99, d.claim_ms.p50, d.claim_ms.p99
+        ),
+        String::new(),
+    ]);
+    let deleted: Vec<String> = p.deleted.iter().map(|(t, n)| format!("{t} {n}")).collect();
+    t.add_row([
+        sec.clone(),
+        format!(
+            "one pass, slices of {}, {:.0} ms pause: {}",
+            p.slice,
+            p.pause_ms,
+            deleted.join(", ")
+        ),
+        format!("{:.0} s ({})", p.pass_seconds, per_sec(p.cases_per_sec)),
+        String::new(),
+    ]);
+    t.add_row([
+        sec,
+        "seeding (with history, events, inbox ids)".into(),
+        format!("{:.0} s", p.seed_seconds),
+        String::new(),
+    ]);
 }
 
 fn flow_rows(t: &mut Table, sec: &str, f: &crate::bench::flow::Flow, detailed: bool) {
@@ -369,7 +426,11 @@ mod tests {
             sections("1, 3,5").unwrap().into_iter().collect::<Vec<_>>(),
             vec![1, 3, 5]
         );
-        assert!(sections("7").is_err());
+        assert_eq!(
+            sections("7").unwrap().into_iter().collect::<Vec<_>>(),
+            vec![7]
+        );
+        assert!(sections("8").is_err());
         assert!(sections("").is_err());
         assert!(sections("x").is_err());
     }

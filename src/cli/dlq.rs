@@ -257,19 +257,7 @@ pub async fn execute(settings: Settings, cmd: Command) -> anyhow::Result<ExitCod
         }
         return Ok(ExitCode::SUCCESS);
     }
-    let store = Store::open(
-        &settings.database_url,
-        settings.database_tls_ca.as_ref(),
-        2,
-        &settings.database_timeouts,
-    )
-    .await?;
-    if !store.ready().await {
-        anyhow::bail!(
-            "the database {} has no (or an older) holdclear schema: run `holdclear migrate`",
-            settings.database_url
-        );
-    }
+    let store = super::open_store(&settings).await?;
     let mut out = std::io::stdout().lock();
     match cmd {
         Command::List {

@@ -15,6 +15,7 @@ pub mod cases;
 pub mod demo;
 pub mod dlq;
 pub mod migrate;
+pub mod prune;
 pub mod rules;
 mod rules_suggest;
 pub mod run;
@@ -57,6 +58,8 @@ pub enum Command {
     Demo(demo::Args),
     /// Measure throughput, latency and memory on this machine.
     Bench(bench::Args),
+    /// Delete rows past their retention now (one pass), or say what a pass would delete.
+    Prune(prune::Args),
 }
 
 /// An error that is the user's to fix: exits 64.
@@ -120,12 +123,33 @@ async fn execute(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Sim(args) => sim::execute(args).await,
         Command::Demo(args) => demo::execute(load(config)?, args).await,
         Command::Bench(args) => bench::execute(load(config)?, args).await,
+        Command::Prune(args) => prune::execute(load(config)?, args).await,
     }
 }
 
 /// Loads and validates the settings (exit 64 naming the setting on error).
 pub fn load(config: Option<&std::path::Path>) -> Result<Settings, ConfigError> {
     Settings::load(config)
+}
+
+/// The store of an operator's command: two connections, never creating
+/// the database (a missing one, or one without the schema, is named with
+/// what to do).
+pub async fn open_store(settings: &Settings) -> anyhow::Result<crate::store::Store> {
+    let store = crate::store::Store::open(
+        &settings.database_url,
+        settings.database_tls_ca.as_ref(),
+        2,
+        &settings.database_timeouts,
+    )
+    .await?;
+    if !store.ready().await {
+        anyhow::bail!(
+            "the database {} has no (or an older) holdclear schema: run `holdclear migrate`",
+            settings.database_url
+        );
+    }
+    Ok(store)
 }
 
 /// Log set-up for one-shot commands: holdclear's own warnings and errors

@@ -167,25 +167,8 @@ pub(super) async fn in_force(
     let settings: Settings = super::load(config)?;
     let path = window.rules.clone().unwrap_or(settings.rules_path.clone());
     let rules = load(&path)?;
-    Ok((rules, open_store(&settings).await?))
-}
-
-/// The store, read-only use, once it has the current schema.
-async fn open_store(settings: &Settings) -> anyhow::Result<Store> {
-    let store = Store::open(
-        &settings.database_url,
-        settings.database_tls_ca.as_ref(),
-        2,
-        &settings.database_timeouts,
-    )
-    .await?;
-    if !store.ready().await {
-        anyhow::bail!(
-            "the database {} has no (or an older) holdclear schema: run `holdclear migrate`",
-            settings.database_url
-        );
-    }
-    Ok(store)
+    let store = super::open_store(&settings).await?;
+    Ok((rules, store))
 }
 
 /// `rules stats`.
@@ -219,7 +202,7 @@ impl StatsReport {
             json: false,
         };
         let rules = load(&settings.rules_path)?;
-        let store = open_store(settings).await?;
+        let store = super::open_store(settings).await?;
         Ok((Self::read(rules, &store, &window).await?, window))
     }
 
@@ -442,7 +425,7 @@ pub(super) fn print_changes(r: &WhatIfReport, unreadable_are: &str) {
 /// rules were loaded, the live one against the shadow one.
 async fn shadow_diff(config: Option<&Path>, window: &Window) -> anyhow::Result<()> {
     let settings: Settings = super::load(config)?;
-    let store = open_store(&settings).await?;
+    let store = super::open_store(&settings).await?;
     let from = window.start()?;
     let mut tally = Differences::default();
     let mut files: BTreeMap<(String, String), u64> = BTreeMap::new();

@@ -131,6 +131,19 @@ fn describe() {
         "holdclear_dead_letters_ingested_total",
         "Messages of the dead-letter queue stored (new or seen again), by code."
     );
+    describe_counter!(
+        "holdclear_prune_deleted_total",
+        "Rows the pruner deleted past their retention, by table (rows that went with them not counted)."
+    );
+    describe_gauge!(
+        "holdclear_prune_last_success_timestamp_seconds",
+        Unit::Seconds,
+        "When a pruning pass (any worker's) last finished without an error, as a Unix time."
+    );
+    describe_gauge!(
+        "holdclear_table_rows",
+        "Rows per table, as PostgreSQL estimates them (pg_class.reltuples)."
+    );
     describe_gauge!(
         "holdclear_ready",
         "1 when the database and the broker are reachable."
@@ -178,6 +191,13 @@ pub async fn render(handle: &PrometheusHandle, store: &Store) -> String {
             gauge!("holdclear_dead_letter_oldest_unhandled_seconds")
                 .set(s.oldest_unhandled_dead_letter_seconds);
             report_groups(&s.dead_letter_groups);
+            for (table, n) in &s.table_rows {
+                gauge!("holdclear_table_rows", "table" => table.clone()).set(*n as f64);
+            }
+            if let Some(at) = s.last_prune_pass {
+                gauge!("holdclear_prune_last_success_timestamp_seconds")
+                    .set(at.timestamp_millis() as f64 / 1000.0);
+            }
         }
         Err(e) => tracing::warn!(error = %e, "Cannot read the store for /metrics."),
     }

@@ -48,6 +48,39 @@ SELECT gen_random_uuid(),
 FROM generate_series($1::bigint, $1::bigint + $2::bigint - 1) AS g
 "#;
 
+/// History lines of each seeded closed case (see [`SEED_CLOSED`]).
+pub const CLOSED_HISTORY_PER_CASE: u64 = 6;
+
+/// Seeds closed cases `from..from + n` (see [`BenchTables::seed_closed`]).
+const SEED_CLOSED: &str = r#"
+WITH c AS (
+    INSERT INTO cases (id, order_key, sales_order_number, state, event_id, event, hold_reason,
+                       held_at, next_action_at, assigned_at, polls, idempotency_key,
+                       assignment_id, created_at, updated_at, released_at, closed_at)
+    SELECT gen_random_uuid(), 'bench-c' || g, 'bench-c' || g, 'released',
+           'bench-closed-' || g, $3::jsonb, 'NO_SMART_ACCOUNT', t, t, t, 1,
+           'bench-key-c' || g, 'bench-assignment-c' || g,
+           t, t + interval '1 hour', t + interval '1 hour', t + interval '1 hour'
+    FROM generate_series($1::bigint, $1::bigint + $2::bigint - 1) AS g,
+         LATERAL (SELECT now() - interval '800 days' + make_interval(secs => g::float8) AS t) AS x
+    RETURNING id, event_id, closed_at
+),
+h AS (
+    INSERT INTO case_history (case_id, at, kind, state)
+    SELECT c.id, c.closed_at, k.kind, k.state
+    FROM c, (VALUES ('opened', 'deciding'), ('decided', 'resolving'), ('call', 'resolving'),
+                    ('assigned', 'watching'), ('call', 'watching'), ('released', 'released'))
+            AS k (kind, state)
+),
+o AS (
+    INSERT INTO outbox (envelope_id, case_id, routing_key, body, created_at, sent_at)
+    SELECT gen_random_uuid(), c.id, 'order.hold_released', $3::jsonb, c.closed_at, c.closed_at
+    FROM c
+)
+INSERT INTO inbox (event_id, case_id, received_at)
+SELECT c.event_id, c.id, c.closed_at - interval '1 hour' FROM c
+"#;
+
 /// The benchmark's own database, for the statements only the benchmark
 /// runs (`TRUNCATE` of every table among them).
 #[derive(Clone, Debug)]
@@ -98,6 +131,28 @@ impl BenchTables {
             .bind(start)
             .bind(offset.as_secs_f64())
             .bind(spread.as_secs_f64())
+            .execute(&self.pool)
+            .await?;
+        Ok(())
+    }
+
+    /// Inserts `n` released cases, numbered from `from`, closed more than
+    /// two years ago (past every default retention), each with
+    /// [`CLOSED_HISTORY_PER_CASE`] history lines, its published event
+    /// (`event` as the body) and its inbox id. One statement.
+    pub async fn seed_closed(&self, from: i64, n: i64, event: &Value) -> Result<(), StoreError> {
+        sqlx::query(SEED_CLOSED)
+            .bind(from)
+            .bind(n)
+            .bind(event)
+            .execute(&self.pool)
+            .await?;
+        Ok(())
+    }
+
+    /// `VACUUM ANALYZE` of every table intake, the engine and the pruner use.
+    pub async fn vacuum_all(&self) -> Result<(), StoreError> {
+        sqlx::query("VACUUM ANALYZE cases, case_history, outbox, inbox")
             .execute(&self.pool)
             .await?;
         Ok(())

@@ -526,30 +526,6 @@ impl Store {
         .await?)
     }
 
-    /// Deletes at most `limit` dead letters archived before `archived_before`
-    /// or replayed before `replayed_before` and not seen since; one small
-    /// statement, for the background prune. Returns how many.
-    pub async fn prune_dead_letters(
-        &self,
-        archived_before: DateTime<Utc>,
-        replayed_before: DateTime<Utc>,
-        limit: i64,
-    ) -> Result<u64, StoreError> {
-        Ok(sqlx::query(
-            "DELETE FROM dead_letters WHERE id IN (
-                 SELECT id FROM dead_letters
-                 WHERE archived_at < $1
-                    OR (last_replayed_at < $2 AND last_seen < last_replayed_at)
-                 LIMIT $3 FOR UPDATE SKIP LOCKED)",
-        )
-        .bind(archived_before)
-        .bind(replayed_before)
-        .bind(limit)
-        .execute(self.pool())
-        .await?
-        .rows_affected())
-    }
-
     /// Marks dead letters as taken by an operator; returns how many.
     pub async fn claim_dead_letters(&self, ids: &[i64], operator: &str) -> Result<u64, StoreError> {
         Ok(sqlx::query(

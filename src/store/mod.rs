@@ -43,6 +43,7 @@ mod hand_fixes;
 mod intake;
 mod ops;
 mod outbox;
+mod prune;
 
 pub use cases::{
     CaseFilter, CaseRecord, CaseSummary, Claimed, HistoryRow, Identity, RetryCommit, StepCommit,
@@ -58,6 +59,7 @@ pub use hand_fixes::{HandFix, HandWatch, RecordedFix, WATCHED_CASE, WatchEnd};
 pub use intake::Recorded;
 pub use ops::OpsSnapshot;
 pub use outbox::{OutboxBatch, OutboxFailure, OutboxRow};
+pub use prune::{Cutoffs, PRUNE_LOCK, Prunable, PruneSession, PruneTable, SIZED_TABLES};
 
 /// The migrations in `migrations/`, embedded in the binary.
 pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");

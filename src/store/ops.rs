@@ -20,6 +20,10 @@ pub struct OpsSnapshot {
     pub oldest_unhandled_dead_letter_seconds: f64,
     /// The largest groups of dead letters not archived: group key, code, count.
     pub dead_letter_groups: Vec<(String, String, i64)>,
+    /// Rows per table, estimated ([`Store::table_row_estimates`]).
+    pub table_rows: Vec<(String, i64)>,
+    /// When the pruner last finished a pass without an error.
+    pub last_prune_pass: Option<chrono::DateTime<chrono::Utc>>,
 }
 
 /// How many dead-letter groups `/metrics` reports one by one.
@@ -50,6 +54,8 @@ impl Store {
         let dead_letter_groups = self
             .largest_dead_letter_groups(DEAD_LETTER_GROUPS_REPORTED)
             .await?;
+        let table_rows = self.table_row_estimates().await?;
+        let last_prune_pass = self.last_prune_pass().await?;
         Ok(OpsSnapshot {
             cases_by_state,
             outbox_backlog,
@@ -58,6 +64,8 @@ impl Store {
             dead_letters_by_code,
             oldest_unhandled_dead_letter_seconds,
             dead_letter_groups,
+            table_rows,
+            last_prune_pass,
         })
     }
 }

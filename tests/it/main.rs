@@ -14,6 +14,7 @@ mod engine;
 mod hardening;
 mod intake;
 mod ops;
+mod prune;
 mod rules;
 mod rules_live;
 mod support;
