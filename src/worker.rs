@@ -25,6 +25,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use futures_util::FutureExt;
+use tokio::signal::unix::Signal;
 use tokio::sync::{Notify, mpsc};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
@@ -40,7 +41,7 @@ use crate::ops::http::{self, HttpError};
 use crate::ops::identity::WorkerIdentity;
 use crate::outbox::{Relay, RelaySettings};
 use crate::retry::Reconnect;
-use crate::rules::{Rules, RulesError, RulesHandle};
+use crate::rules::{Rules, RulesError, RulesHandle, listen_for_hangups};
 use crate::store::{Store, StoreError};
 
 /// How often the database probe runs.
@@ -81,6 +82,9 @@ pub enum WorkerError {
         /// What it said (the client id, the HTTP status; never the secret).
         detail: String,
     },
+    /// The worker cannot listen for SIGHUP (which reloads the rules).
+    #[error("cannot listen for SIGHUP: {0}")]
+    Signals(#[source] std::io::Error),
     /// The metrics recorder could not be installed.
     #[error("cannot set up /metrics: {0}")]
     Metrics(String),
@@ -207,13 +211,32 @@ impl Worker {
     /// retried in the background (`/readyz` says which). `cancel` stops the
     /// worker. Refused commerce credentials stop it at once
     /// ([`WorkerError::Credentials`]); an unreachable token endpoint does
-    /// not (each call retries).
+    /// not (each call retries). SIGHUP reloads the rules from this call on.
     pub async fn start(
         settings: Settings,
         cancel: CancellationToken,
     ) -> Result<WorkerHandle, WorkerError> {
+        let hangups = listen_for_hangups().map_err(WorkerError::Signals)?;
+        Self::start_hearing(settings, cancel, hangups).await
+    }
+
+    /// [`Worker::start`] reloading the rules on the SIGHUPs of `hangups`,
+    /// which listens since before this call (`holdclear run` listens from
+    /// its first line): a SIGHUP that came in between is a reload too.
+    pub async fn start_hearing(
+        settings: Settings,
+        cancel: CancellationToken,
+        hangups: Signal,
+    ) -> Result<WorkerHandle, WorkerError> {
         let client = HttpCommerce::new(&settings.commerce)?;
-        Self::launch(settings, cancel, Arc::new(client.clone()), Some(client)).await
+        Self::launch(
+            settings,
+            cancel,
+            Arc::new(client.clone()),
+            Some(client),
+            hangups,
+        )
+        .await
     }
 
     /// [`Worker::start`] with another commerce API than the one the
@@ -224,14 +247,18 @@ impl Worker {
         cancel: CancellationToken,
         commerce: Arc<dyn CommerceApi>,
     ) -> Result<WorkerHandle, WorkerError> {
-        Self::launch(settings, cancel, commerce, None).await
+        let hangups = listen_for_hangups().map_err(WorkerError::Signals)?;
+        Self::launch(settings, cancel, commerce, None, hangups).await
     }
 
+    /// `hangups` listens since before the rules are read here, so that no
+    /// SIGHUP falls between the read and the reload task's first wait.
     async fn launch(
         settings: Settings,
         cancel: CancellationToken,
         commerce: Arc<dyn CommerceApi>,
         check: Option<HttpCommerce>,
+        hangups: Signal,
     ) -> Result<WorkerHandle, WorkerError> {
         let identity = WorkerIdentity::new();
         let rules = RulesHandle::new(Rules::load(&settings.rules_path)?);
@@ -259,13 +286,15 @@ impl Worker {
             }
         };
 
-        // SIGHUP reloads the rules from here on; a bad file keeps the rules
-        // in force. (`holdclear run` ignores SIGHUP from its first line.)
+        // Every SIGHUP since `hangups` listened reloads the rules; a bad
+        // file keeps the rules in force.
         supervisor.spawn(
             "rules reload",
-            rules
-                .clone()
-                .reload_on_sighup(settings.rules_path.clone(), background.clone()),
+            rules.clone().reload_on_sighup(
+                settings.rules_path.clone(),
+                hangups,
+                background.clone(),
+            ),
         );
 
         let store_slot = Arc::new(std::sync::OnceLock::new());
@@ -336,9 +365,17 @@ async fn check_credentials(client: &HttpCommerce, settings: &Settings) -> Result
     }
 }
 
-/// Runs the worker until `cancel`, then shuts it down gracefully.
-pub async fn run(settings: Settings, cancel: CancellationToken) -> Result<(), WorkerError> {
-    Worker::start(settings, cancel).await?.wait().await
+/// Runs the worker until `cancel`, then shuts it down gracefully; the
+/// SIGHUPs of `hangups` reload the rules (see [`Worker::start_hearing`]).
+pub async fn run(
+    settings: Settings,
+    cancel: CancellationToken,
+    hangups: Signal,
+) -> Result<(), WorkerError> {
+    Worker::start_hearing(settings, cancel, hangups)
+        .await?
+        .wait()
+        .await
 }
 
 /// The name the worker's RabbitMQ connections carry (plus their role):

@@ -60,7 +60,7 @@ mod tests;
 
 pub use diff::{Change, ChangeCount, ChangeKind, Choice, Unreplayable, WhatIf, WhatIfReport};
 pub use explain::{Explanation, Failure, OrderFacts, Outcome, RuleExplanation};
-pub use reload::RulesHandle;
+pub use reload::{RulesHandle, listen_for_hangups};
 
 pub use crate::domain::Decision;
 

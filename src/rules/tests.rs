@@ -725,21 +725,20 @@ mod reload {
 
     #[tokio::test]
     async fn sighup_reloads_until_cancelled() {
-        use tokio::signal::unix::{SignalKind, signal};
-        // Our own listener installs the handler first, so a SIGHUP can never
-        // take the default action (terminate) in this test process.
-        let _guard = signal(SignalKind::hangup()).expect("listen for SIGHUP");
+        // Listening first installs the handler, so a SIGHUP can never take
+        // the default action (terminate) in this test process.
+        let hangups = super::super::listen_for_hangups().expect("listen for SIGHUP");
 
         let dir = tempfile::tempdir().expect("a temp dir");
         let path = dir.path().join("rules.toml");
         std::fs::write(&path, rule("one", "", ACME, None)).expect("write");
         let handle = RulesHandle::new(Rules::load(&path).expect("valid"));
         let cancel = CancellationToken::new();
-        let task = tokio::spawn(
-            handle
-                .clone()
-                .reload_on_sighup(path.clone(), cancel.clone()),
-        );
+        let task = tokio::spawn(handle.clone().reload_on_sighup(
+            path.clone(),
+            hangups,
+            cancel.clone(),
+        ));
 
         let hup_until = |want: &'static str| {
             let handle = handle.clone();
