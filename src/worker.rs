@@ -261,14 +261,7 @@ impl Worker {
         hangups: Signal,
     ) -> Result<WorkerHandle, WorkerError> {
         let identity = WorkerIdentity::new();
-        let rules = RulesHandle::new(Rules::load(&settings.rules_path)?);
-        tracing::info!(
-            worker = %identity,
-            file = %settings.rules_path.display(),
-            rules = rules.current().len(),
-            hash = %rules.current().hash(),
-            "Rules loaded."
-        );
+        let rules = load_rules(&settings, &identity)?;
         let metrics =
             crate::ops::metrics::install().map_err(|e| WorkerError::Metrics(e.to_string()))?;
         let health = Health::new();
@@ -337,6 +330,19 @@ impl Worker {
             main,
         })
     }
+}
+
+/// The rules in force at start: the worker does not start without them.
+fn load_rules(settings: &Settings, identity: &WorkerIdentity) -> Result<RulesHandle, WorkerError> {
+    let rules = RulesHandle::new(Rules::load(&settings.rules_path)?);
+    tracing::info!(
+        worker = %identity,
+        file = %settings.rules_path.display(),
+        rules = rules.current().len(),
+        hash = %rules.current().hash(),
+        "Rules loaded."
+    );
+    Ok(rules)
 }
 
 /// Asks the token endpoint for a token once (bounded by the commerce
@@ -418,9 +424,10 @@ async fn supervise(
     result
 }
 
+/// The worker's work once its store is ready: every task started, then,
+/// once `stop` fires, the graceful shutdown ([`drain`]).
 async fn work(settings: &Settings, parts: Parts, health: &Arc<Health>) -> Result<(), WorkerError> {
     let stop = &parts.stop;
-    let supervisor = &parts.supervisor;
     let Some(store) = prepare_store(settings, stop).await? else {
         return Ok(());
     };
@@ -438,8 +445,7 @@ async fn work(settings: &Settings, parts: Parts, health: &Arc<Health>) -> Result
 
     // The shutdown deadline: waits on dependencies end when it fires.
     let abort = CancellationToken::new();
-
-    supervisor.spawn(
+    parts.supervisor.spawn(
         "database probe",
         probe_database(
             store.clone(),
@@ -449,89 +455,23 @@ async fn work(settings: &Settings, parts: Parts, health: &Arc<Health>) -> Result
             parts.background.clone(),
         ),
     );
-
-    // Intake: held orders from RabbitMQ become cases.
     let cases_opened = Arc::new(Notify::new());
-    let (deliveries, inbox) = mpsc::channel(usize::from(settings.amqp.prefetch).max(1));
-    let consumer = Consumer::new(
-        Broker::from_settings(&settings.amqp, connection_name(settings, &parts.identity)),
-        ConsumerSettings {
-            topology: settings.amqp.topology.clone(),
-            prefetch: settings.amqp.prefetch,
-            delivery_limit: settings.amqp.delivery_limit,
-        },
-        Arc::clone(health),
-    );
-    let consuming = supervisor.spawn(
-        "consumer",
-        consumer.run(deliveries, stop.clone(), abort.clone()),
-    );
-    let intake = Intake::new(
-        store.clone(),
-        IntakeSettings::from(&settings.amqp),
-        Arc::clone(health),
-        Arc::clone(&cases_opened),
-    );
-    let intaking = supervisor.spawn("intake", intake.run(inbox, abort.clone()));
-
-    // Dead letters: the dead-letter queue into the `dead_letters` table
-    // (acked after commit), and the bounded prune of old ones.
-    let dead_letters = settings.amqp.dead_letter_ingest.then(|| {
-        let ingest = crate::broker::dlq_ingest::DeadLetterIngest::new(
-            Broker::from_settings(&settings.amqp, connection_name(settings, &parts.identity)),
-            settings.amqp.topology.clone(),
-            settings.amqp.delivery_limit,
-            DEAD_LETTER_PREFETCH,
-        );
-        supervisor.spawn(
-            "dead-letter ingest",
-            crate::intake::dead_letters::ingest(store.clone(), ingest, stop.clone()),
-        )
-    });
-    supervisor.spawn(
-        "dead-letter prune",
-        crate::intake::dead_letters::prune(
-            store.clone(),
-            settings.amqp.dead_letter_retention,
-            stop.clone(),
-        ),
-    );
-
-    // The case engine: due cases are decided, resolved, assigned and
-    // watched; its committer writes their steps.
+    let (consuming, intaking) =
+        spawn_intake(settings, &parts, health, &store, &abort, &cases_opened);
+    let dead_letters = spawn_dead_letters(settings, &parts, &store);
     let relay_wake = Arc::new(Notify::new());
-    let EngineTasks {
-        stepping,
-        committing,
-    } = Engine::new(
-        store.clone(),
-        parts.commerce,
-        Arc::new(parts.rules.clone()),
-        settings.engine.clone(),
-        parts.identity.clone(),
-        Arc::clone(&cases_opened),
-        Arc::clone(&relay_wake),
-    )
-    .with_drain_timeout(settings.shutdown_timeout.mul_f64(0.8))
-    .with_abort(abort.clone())
-    .tasks(stop.clone());
-    let committer = supervisor.spawn("committer", committing);
-    let engining = supervisor.spawn("engine", stepping);
-
-    // The outbox relay: committed events to the events exchange. It runs
-    // until the engine has drained, so that the last steps' events go out.
-    let relay_stop = CancellationToken::new();
-    let relay = Relay::new(
-        store.clone(),
-        Broker::from_settings(&settings.amqp, connection_name(settings, &parts.identity)),
-        settings.amqp.topology.clone(),
-        relay_wake,
-    )
-    .with_settings(RelaySettings {
-        confirm_timeout: settings.amqp.confirm_timeout,
-        ..RelaySettings::default()
-    });
-    let relaying = supervisor.spawn("relay", relay.run(relay_stop.clone()));
+    let (engining, committer) =
+        spawn_engine(settings, &parts, &store, &abort, cases_opened, &relay_wake);
+    let (relay_stop, relaying) = spawn_relay(settings, &parts, &store, relay_wake);
+    let started = Started {
+        consuming,
+        dead_letters,
+        intaking,
+        engining,
+        committer,
+        relay_stop,
+        relaying,
+    };
 
     // Run until asked to stop, or until a task failed (the supervisor
     // fires `stop` then).
@@ -547,22 +487,170 @@ async fn work(settings: &Settings, parts: Parts, health: &Arc<Health>) -> Result
             "Shutting down: finishing in-flight batches."
         ),
     }
+    drain(settings, &store, started, abort).await
+}
+
+/// The tasks [`work`] started that the shutdown waits for, in its order.
+struct Started {
+    consuming: JoinHandle<Option<Option<crate::broker::Closing>>>,
+    dead_letters: Option<JoinHandle<Option<()>>>,
+    intaking: JoinHandle<Option<()>>,
+    engining: JoinHandle<Option<()>>,
+    committer: JoinHandle<Option<()>>,
+    relay_stop: CancellationToken,
+    relaying: JoinHandle<Option<()>>,
+}
+
+/// Intake: held orders from RabbitMQ become cases (`cases_opened` wakes
+/// the engine). The consumer and the intake tasks.
+fn spawn_intake(
+    settings: &Settings,
+    parts: &Parts,
+    health: &Arc<Health>,
+    store: &Store,
+    abort: &CancellationToken,
+    cases_opened: &Arc<Notify>,
+) -> (
+    JoinHandle<Option<Option<crate::broker::Closing>>>,
+    JoinHandle<Option<()>>,
+) {
+    let (deliveries, inbox) = mpsc::channel(usize::from(settings.amqp.prefetch).max(1));
+    let consumer = Consumer::new(
+        Broker::from_settings(&settings.amqp, connection_name(settings, &parts.identity)),
+        ConsumerSettings {
+            topology: settings.amqp.topology.clone(),
+            prefetch: settings.amqp.prefetch,
+            delivery_limit: settings.amqp.delivery_limit,
+        },
+        Arc::clone(health),
+    );
+    let consuming = parts.supervisor.spawn(
+        "consumer",
+        consumer.run(deliveries, parts.stop.clone(), abort.clone()),
+    );
+    let intake = Intake::new(
+        store.clone(),
+        IntakeSettings::from(&settings.amqp),
+        Arc::clone(health),
+        Arc::clone(cases_opened),
+    );
+    let intaking = parts
+        .supervisor
+        .spawn("intake", intake.run(inbox, abort.clone()));
+    (consuming, intaking)
+}
+
+/// Dead letters: the dead-letter queue into the `dead_letters` table
+/// (acked after commit), when the settings ask for it; and the bounded
+/// prune of old ones. The ingest task, which the shutdown waits for.
+fn spawn_dead_letters(
+    settings: &Settings,
+    parts: &Parts,
+    store: &Store,
+) -> Option<JoinHandle<Option<()>>> {
+    let ingesting = settings.amqp.dead_letter_ingest.then(|| {
+        let ingest = crate::broker::dlq_ingest::DeadLetterIngest::new(
+            Broker::from_settings(&settings.amqp, connection_name(settings, &parts.identity)),
+            settings.amqp.topology.clone(),
+            settings.amqp.delivery_limit,
+            DEAD_LETTER_PREFETCH,
+        );
+        parts.supervisor.spawn(
+            "dead-letter ingest",
+            crate::intake::dead_letters::ingest(store.clone(), ingest, parts.stop.clone()),
+        )
+    });
+    parts.supervisor.spawn(
+        "dead-letter prune",
+        crate::intake::dead_letters::prune(
+            store.clone(),
+            settings.amqp.dead_letter_retention,
+            parts.stop.clone(),
+        ),
+    );
+    ingesting
+}
+
+/// The case engine: due cases are decided, resolved, assigned and watched;
+/// its committer writes their steps (and wakes the relay). The stepping
+/// and the committing tasks.
+fn spawn_engine(
+    settings: &Settings,
+    parts: &Parts,
+    store: &Store,
+    abort: &CancellationToken,
+    cases_opened: Arc<Notify>,
+    relay_wake: &Arc<Notify>,
+) -> (JoinHandle<Option<()>>, JoinHandle<Option<()>>) {
+    let EngineTasks {
+        stepping,
+        committing,
+    } = Engine::new(
+        store.clone(),
+        Arc::clone(&parts.commerce),
+        Arc::new(parts.rules.clone()),
+        settings.engine.clone(),
+        parts.identity.clone(),
+        cases_opened,
+        Arc::clone(relay_wake),
+    )
+    .with_drain_timeout(settings.shutdown_timeout.mul_f64(0.8))
+    .with_abort(abort.clone())
+    .tasks(parts.stop.clone());
+    let committer = parts.supervisor.spawn("committer", committing);
+    let engining = parts.supervisor.spawn("engine", stepping);
+    (engining, committer)
+}
+
+/// The outbox relay: committed events to the events exchange. It has a
+/// stop of its own, fired once the engine has drained, so that the last
+/// steps' events go out.
+fn spawn_relay(
+    settings: &Settings,
+    parts: &Parts,
+    store: &Store,
+    relay_wake: Arc<Notify>,
+) -> (CancellationToken, JoinHandle<Option<()>>) {
+    let relay_stop = CancellationToken::new();
+    let relay = Relay::new(
+        store.clone(),
+        Broker::from_settings(&settings.amqp, connection_name(settings, &parts.identity)),
+        settings.amqp.topology.clone(),
+        relay_wake,
+    )
+    .with_settings(RelaySettings {
+        confirm_timeout: settings.amqp.confirm_timeout,
+        ..RelaySettings::default()
+    });
+    let relaying = parts
+        .supervisor
+        .spawn("relay", relay.run(relay_stop.clone()));
+    (relay_stop, relaying)
+}
+
+/// The graceful shutdown, once `stop` fired: the consumer, the dead-letter
+/// ingest, intake, the engine and its committer end in that order; the
+/// relay gets a moment to publish what they committed; `abort` fires at
+/// 80 % of `shutdown_timeout` to end what still waits on a dependency.
+async fn drain(
+    settings: &Settings,
+    store: &Store,
+    started: Started,
+    abort: CancellationToken,
+) -> Result<(), WorkerError> {
     let deadline = settings.shutdown_timeout.mul_f64(0.8);
-    let timer = {
-        let abort = abort.clone();
-        tokio::spawn(async move {
-            tokio::time::sleep(deadline).await;
-            tracing::warn!("Shutdown deadline reached; abandoning unfinished work.");
-            abort.cancel();
-        })
-    };
-    let consumed = consuming.await;
-    if let Some(dead_letters) = dead_letters {
+    let timer = tokio::spawn(async move {
+        tokio::time::sleep(deadline).await;
+        tracing::warn!("Shutdown deadline reached; abandoning unfinished work.");
+        abort.cancel();
+    });
+    let consumed = started.consuming.await;
+    if let Some(dead_letters) = started.dead_letters {
         let _ = dead_letters.await;
     }
-    let taken = intaking.await;
-    let engined = engining.await;
-    let committed = committer.await;
+    let taken = started.intaking.await;
+    let engined = started.engining.await;
+    let committed = started.committer.await;
     // Give the relay a moment to publish what the drain committed; what it
     // cannot is published on the next start.
     let _ = tokio::time::timeout(Duration::from_millis(500), async {
@@ -571,8 +659,8 @@ async fn work(settings: &Settings, parts: Parts, health: &Arc<Health>) -> Result
         }
     })
     .await;
-    relay_stop.cancel();
-    let relayed = relaying.await;
+    started.relay_stop.cancel();
+    let relayed = started.relaying.await;
     timer.abort();
     taken?;
     engined?;
