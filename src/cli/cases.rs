@@ -69,20 +69,7 @@ fn parse_state(raw: &str) -> Result<CaseState, String> {
 /// Runs `holdclear cases …`.
 pub async fn execute(settings: Settings, cmd: Command) -> anyhow::Result<ExitCode> {
     super::quiet_logs();
-    // Never creates the database: a missing one is named, with what to do.
-    let store = Store::open(
-        &settings.database_url,
-        settings.database_tls_ca.as_ref(),
-        2,
-        &settings.database_timeouts,
-    )
-    .await?;
-    if !store.ready().await {
-        anyhow::bail!(
-            "the database {} has no (or an older) holdclear schema: run `holdclear migrate`",
-            settings.database_url
-        );
-    }
+    let store = super::open_store(&settings).await?;
     match cmd {
         Command::List(args) => list(&store, args).await?,
         Command::Show { order, json } => show(&store, &order, json).await?,

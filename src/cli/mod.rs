@@ -127,6 +127,26 @@ pub fn load(config: Option<&std::path::Path>) -> Result<Settings, ConfigError> {
     Settings::load(config)
 }
 
+/// The store of a one-shot command that reads or changes cases: never
+/// creates the database; a missing one, or one without the current schema,
+/// is named with what to do.
+pub(crate) async fn open_store(settings: &Settings) -> anyhow::Result<crate::store::Store> {
+    let store = crate::store::Store::open(
+        &settings.database_url,
+        settings.database_tls_ca.as_ref(),
+        2,
+        &settings.database_timeouts,
+    )
+    .await?;
+    if !store.ready().await {
+        anyhow::bail!(
+            "the database {} has no (or an older) holdclear schema: run `holdclear migrate`",
+            settings.database_url
+        );
+    }
+    Ok(store)
+}
+
 /// Log set-up for one-shot commands: holdclear's own warnings and errors
 /// only, unless `RUST_LOG` says more. Libraries (sqlx, lapin, …) stay out
 /// of a command's output: what failed is said once, by the command.

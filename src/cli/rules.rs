@@ -128,19 +128,7 @@ async fn in_force(config: Option<&Path>, window: &Window) -> anyhow::Result<(Rul
     let settings: Settings = super::load(config)?;
     let path = window.rules.clone().unwrap_or(settings.rules_path.clone());
     let rules = load(&path)?;
-    let store = Store::open(
-        &settings.database_url,
-        settings.database_tls_ca.as_ref(),
-        2,
-        &settings.database_timeouts,
-    )
-    .await?;
-    if !store.ready().await {
-        anyhow::bail!(
-            "the database {} has no (or an older) holdclear schema: run `holdclear migrate`",
-            settings.database_url
-        );
-    }
+    let store = super::open_store(&settings).await?;
     Ok((rules, store))
 }
 
