@@ -112,6 +112,18 @@ fn held(so: &str, domain: &str, tweak: impl FnOnce(&mut Value)) -> HeldOrderEven
     HeldOrderEvent::decode(&serde_json::to_vec(&v).unwrap(), 256 * 1024).expect("valid event")
 }
 
+/// [`held`] naming the order by web order id `web` alone (no sales order
+/// number).
+fn held_by_web_order_id(web: &str, domain: &str) -> HeldOrderEvent {
+    held("0", domain, |v| {
+        v["data"]
+            .as_object_mut()
+            .unwrap()
+            .remove("salesOrderNumber");
+        v["data"]["webOrderId"] = json!(web);
+    })
+}
+
 /// Opens a case in `deciding` with intake's own write.
 async fn open_case(pool: &PgPool, ev: &HeldOrderEvent) -> Uuid {
     let recorded = Store::from_pool(pool.clone())
@@ -556,21 +568,7 @@ async fn case_with_event(store: &Store, pool: &PgPool, so: &str) -> (Uuid, Uuid)
         .unwrap()
         .case
         .unwrap();
-    let mut next = case.clone();
-    next.stage = holdclear::domain::Stage::Escalated {
-        reason: EscalationReason::NoRuleMatched,
-        progress: case.stage.progress(),
-        closed_at: chrono::Utc::now(),
-    };
-    next.next_action_at = None;
-    let env = OutboundEvent::HoldEscalated {
-        reason: EscalationReason::NoRuleMatched,
-        level: EscalationLevel::Critical,
-        held_seconds: 30,
-        detail: "no default rule matches the order".into(),
-        threshold: None,
-    }
-    .envelope(id, 0, &case.order, Utc::now());
+    let (next, env) = escalated_no_rule(&case);
     assert!(
         store
             .commit_step("writer#1", &next, &[], std::slice::from_ref(&env), None)

@@ -22,14 +22,7 @@ fn named_by_web_order_id(
         web_order_id: Some(web.into()),
         ..order
     });
-    let ev = held(so, "acme.com", |v| {
-        v["data"]
-            .as_object_mut()
-            .unwrap()
-            .remove("salesOrderNumber");
-        v["data"]["webOrderId"] = json!(web);
-    });
-    (scenario, ev)
+    (scenario, held_by_web_order_id(web, "acme.com"))
 }
 
 /// A person assigned acme.com and released the hold by hand before

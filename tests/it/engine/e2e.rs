@@ -124,13 +124,7 @@ async fn a_web_order_id_found_only_inside_another_ones_is_not_found(pool: PgPool
     let mut scenario = demo();
     scenario.defaults.create_unknown = false;
     let (sim, mut w) = start(pool, scenario, 1, fast_settings()).await;
-    let ev = held("500050", "acme.com", |v| {
-        v["data"]
-            .as_object_mut()
-            .unwrap()
-            .remove("salesOrderNumber");
-        v["data"]["webOrderId"] = json!("8765432");
-    });
+    let ev = held_by_web_order_id("8765432", "acme.com");
     let id = w.open(&ev).await;
     let events = events_until_settled(&mut w, id).await;
     assert_eq!(
@@ -164,13 +158,7 @@ async fn two_orders_with_the_events_web_order_id_are_ambiguous(pool: PgPool) {
         ..OrderSpec::default()
     });
     let (sim, mut w) = start(pool, scenario, 1, fast_settings()).await;
-    let ev = held("500051", "acme.com", |v| {
-        v["data"]
-            .as_object_mut()
-            .unwrap()
-            .remove("salesOrderNumber");
-        v["data"]["webOrderId"] = json!("98765432");
-    });
+    let ev = held_by_web_order_id("98765432", "acme.com");
     let id = w.open(&ev).await;
     let events = events_until_settled(&mut w, id).await;
     assert_eq!(
