@@ -108,7 +108,7 @@ pub enum Call {
     },
     /// Assign the Smart Account.
     Assign {
-        /// The order.
+        /// The order, by the number the assignment endpoint takes.
         order: SalesOrderNumber,
         /// What to assign.
         assignment: Assignment,
@@ -158,13 +158,13 @@ impl Call {
 pub enum Reply {
     /// The rules' decision, `None` when no rule matched.
     Decision(Option<Decision>),
-    /// The account search.
+    /// To [`Call::FindAccount`]: the exact match, `None` when there is none.
     Account(Result<Option<SmartAccount>, CommerceError>),
-    /// The Virtual Accounts.
+    /// To [`Call::VirtualAccounts`]: every Virtual Account of the account.
     VirtualAccounts(Result<Vec<VirtualAccount>, CommerceError>),
-    /// The order.
+    /// To [`Call::ReadOrder`]: the order as the commerce API shows it.
     Order(Result<Order, CommerceError>),
-    /// The assignment.
+    /// To [`Call::Assign`]: the receipt of an accepted assignment.
     Assigned(Result<AssignmentReceipt, CommerceError>),
 }
 
