@@ -34,7 +34,7 @@ pub struct Cli {
     pub command: Command,
 }
 
-/// The subcommands.
+/// The subcommands, one file each under `cli/`.
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// The worker: consume held orders, drive cases, publish events, serve health and metrics.

@@ -105,7 +105,7 @@ pub struct HeldOrder {
     pub held_at: Option<DateTime<Utc>>,
     /// Order type (`STANDARD`, `STOCKING`, `EA`, …).
     pub order_type: Option<OrderType>,
-    /// The partner.
+    /// The partner who placed the order (rules match on its id).
     pub partner: Option<Partner>,
     /// The end customer.
     pub end_customer: Option<EndCustomer>,
