@@ -238,54 +238,59 @@ impl Relay {
                         "Event published."
                     );
                 }
-                other => {
-                    let error = match other {
-                        Some(Err(e)) => {
-                            lost |= e.is_channel_lost();
-                            e.to_string()
-                        }
-                        _ => format!(
-                            "no confirm within {}",
-                            humantime::format_duration(self.settings.confirm_timeout)
-                        ),
-                    };
-                    let attempts = row.attempts.saturating_add(1);
-                    let retry_in = retry::durable_delay(
-                        &self.settings.retry,
-                        u32::try_from(attempts).unwrap_or(u32::MAX),
+                Some(Err(e)) => {
+                    lost |= e.is_channel_lost();
+                    failed.push(self.not_published(row, e.to_string()));
+                }
+                None => {
+                    let error = format!(
+                        "no confirm within {}",
+                        humantime::format_duration(self.settings.confirm_timeout)
                     );
-                    metrics::counter!("holdclear_outbox_publish_failures_total").increment(1);
-                    if attempts == ERROR_AFTER_ATTEMPTS {
-                        tracing::error!(
-                            case = %row.case_id,
-                            envelope = %row.envelope_id,
-                            routing_key = %row.routing_key,
-                            exchange = %self.topology.events_exchange,
-                            attempts,
-                            error = %error,
-                            "Event cannot be published; check the events exchange, and bind a queue for this routing key or give the exchange its alternate exchange (policy holdclear-events, docs/deployment.md)."
-                        );
-                    } else {
-                        tracing::warn!(
-                            case = %row.case_id,
-                            envelope = %row.envelope_id,
-                            routing_key = %row.routing_key,
-                            attempts,
-                            retry_in_ms = retry_in.as_millis() as u64,
-                            error = %error,
-                            "Event not published; it stays in the outbox."
-                        );
-                    }
-                    failed.push(OutboxFailure {
-                        id: row.id,
-                        error,
-                        retry_in,
-                    });
+                    failed.push(self.not_published(row, error));
                 }
             }
         }
         batch.settle(&sent, &failed).await?;
         Ok(Round::Worked { lost })
+    }
+
+    /// A row that was not published: logged (ERROR once it has failed
+    /// [`ERROR_AFTER_ATTEMPTS`] times), counted, and due again after the
+    /// durable retry delay of its attempts.
+    fn not_published(&self, row: &OutboxRow, error: String) -> OutboxFailure {
+        let attempts = row.attempts.saturating_add(1);
+        let retry_in = retry::durable_delay(
+            &self.settings.retry,
+            u32::try_from(attempts).unwrap_or(u32::MAX),
+        );
+        metrics::counter!("holdclear_outbox_publish_failures_total").increment(1);
+        if attempts == ERROR_AFTER_ATTEMPTS {
+            tracing::error!(
+                case = %row.case_id,
+                envelope = %row.envelope_id,
+                routing_key = %row.routing_key,
+                exchange = %self.topology.events_exchange,
+                attempts,
+                error = %error,
+                "Event cannot be published; check the events exchange, and bind a queue for this routing key or give the exchange its alternate exchange (policy holdclear-events, docs/deployment.md)."
+            );
+        } else {
+            tracing::warn!(
+                case = %row.case_id,
+                envelope = %row.envelope_id,
+                routing_key = %row.routing_key,
+                attempts,
+                retry_in_ms = retry_in.as_millis() as u64,
+                error = %error,
+                "Event not published; it stays in the outbox."
+            );
+        }
+        OutboxFailure {
+            id: row.id,
+            error,
+            retry_in,
+        }
     }
 }
 

@@ -25,6 +25,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use futures_util::FutureExt;
+use tokio::signal::unix::Signal;
 use tokio::sync::{Notify, mpsc};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
@@ -40,7 +41,7 @@ use crate::ops::http::{self, HttpError};
 use crate::ops::identity::WorkerIdentity;
 use crate::outbox::{Relay, RelaySettings};
 use crate::retry::Reconnect;
-use crate::rules::{RulesError, RulesHandle};
+use crate::rules::{RulesError, RulesHandle, listen_for_hangups};
 use crate::store::{Store, StoreError};
 
 /// How often the database probe runs.
@@ -81,6 +82,9 @@ pub enum WorkerError {
         /// What it said (the client id, the HTTP status; never the secret).
         detail: String,
     },
+    /// The worker cannot listen for SIGHUP (which reloads the rules).
+    #[error("cannot listen for SIGHUP: {0}")]
+    Signals(#[source] std::io::Error),
     /// The metrics recorder could not be installed.
     #[error("cannot set up /metrics: {0}")]
     Metrics(String),
@@ -207,13 +211,32 @@ impl Worker {
     /// retried in the background (`/readyz` says which). `cancel` stops the
     /// worker. Refused commerce credentials stop it at once
     /// ([`WorkerError::Credentials`]); an unreachable token endpoint does
-    /// not (each call retries).
+    /// not (each call retries). SIGHUP reloads the rules from this call on.
     pub async fn start(
         settings: Settings,
         cancel: CancellationToken,
     ) -> Result<WorkerHandle, WorkerError> {
+        let hangups = listen_for_hangups().map_err(WorkerError::Signals)?;
+        Self::start_hearing(settings, cancel, hangups).await
+    }
+
+    /// [`Worker::start`] reloading the rules on the SIGHUPs of `hangups`,
+    /// which listens since before this call (`holdclear run` listens from
+    /// its first line): a SIGHUP that came in between is a reload too.
+    pub async fn start_hearing(
+        settings: Settings,
+        cancel: CancellationToken,
+        hangups: Signal,
+    ) -> Result<WorkerHandle, WorkerError> {
         let client = HttpCommerce::new(&settings.commerce)?;
-        Self::launch(settings, cancel, Arc::new(client.clone()), Some(client)).await
+        Self::launch(
+            settings,
+            cancel,
+            Arc::new(client.clone()),
+            Some(client),
+            hangups,
+        )
+        .await
     }
 
     /// [`Worker::start`] with another commerce API than the one the
@@ -224,25 +247,21 @@ impl Worker {
         cancel: CancellationToken,
         commerce: Arc<dyn CommerceApi>,
     ) -> Result<WorkerHandle, WorkerError> {
-        Self::launch(settings, cancel, commerce, None).await
+        let hangups = listen_for_hangups().map_err(WorkerError::Signals)?;
+        Self::launch(settings, cancel, commerce, None, hangups).await
     }
 
+    /// `hangups` listens since before the rules are read here, so that no
+    /// SIGHUP falls between the read and the reload task's first wait.
     async fn launch(
         settings: Settings,
         cancel: CancellationToken,
         commerce: Arc<dyn CommerceApi>,
         check: Option<HttpCommerce>,
+        hangups: Signal,
     ) -> Result<WorkerHandle, WorkerError> {
         let identity = WorkerIdentity::new();
-        let rules = RulesHandle::load(&settings.rules_path, settings.rules_shadow_path.as_deref())?;
-        tracing::info!(
-            worker = %identity,
-            file = %settings.rules_path.display(),
-            rules = rules.current().len(),
-            hash = %rules.current().hash(),
-            shadow_hash = rules.shadow().map_or("-".into(), |s| s.hash().to_owned()),
-            "Rules loaded."
-        );
+        let rules = load_rules(&settings, &identity)?;
         let metrics =
             crate::ops::metrics::install().map_err(|e| WorkerError::Metrics(e.to_string()))?;
         let health = Health::new();
@@ -260,13 +279,15 @@ impl Worker {
             }
         };
 
-        // SIGHUP reloads the rules from here on; a bad file keeps the rules
-        // in force. (`holdclear run` ignores SIGHUP from its first line.)
+        // Every SIGHUP since `hangups` listened reloads the rules; a bad
+        // file keeps the rules in force.
         supervisor.spawn(
             "rules reload",
-            rules
-                .clone()
-                .reload_on_sighup(settings.rules_path.clone(), background.clone()),
+            rules.clone().reload_on_sighup(
+                settings.rules_path.clone(),
+                hangups,
+                background.clone(),
+            ),
         );
 
         let store_slot = Arc::new(std::sync::OnceLock::new());
@@ -311,6 +332,20 @@ impl Worker {
     }
 }
 
+/// The rules in force at start: the worker does not start without them.
+fn load_rules(settings: &Settings, identity: &WorkerIdentity) -> Result<RulesHandle, WorkerError> {
+    let rules = RulesHandle::load(&settings.rules_path, settings.rules_shadow_path.as_deref())?;
+    tracing::info!(
+        worker = %identity,
+        file = %settings.rules_path.display(),
+        rules = rules.current().len(),
+        hash = %rules.current().hash(),
+        shadow_hash = rules.shadow().map_or("-".into(), |s| s.hash().to_owned()),
+        "Rules loaded."
+    );
+    Ok(rules)
+}
+
 /// Asks the token endpoint for a token once (bounded by the commerce
 /// timeout): a refusal of the credentials is an error; anything else
 /// (unreachable, slow, a 5xx) is logged and left to each call's retries.
@@ -337,32 +372,17 @@ async fn check_credentials(client: &HttpCommerce, settings: &Settings) -> Result
     }
 }
 
-/// Starts the escalated watch (`HOLDCLEAR_ESCALATED_WATCH_INTERVAL`), if on:
-/// it shares the engine's commerce client (and its rate limit) and wakes
-/// the relay when a person's release wrote an event.
-fn spawn_escalated_watch(
-    settings: &Settings,
-    supervisor: &Supervisor,
-    store: &Store,
-    commerce: &Arc<dyn CommerceApi>,
-    relay_wake: &Arc<Notify>,
-    stop: &CancellationToken,
-) {
-    let Some(watch) = settings.escalated_watch.clone() else {
-        return;
-    };
-    let watcher = crate::engine::HandWatcher::new(
-        store.clone(),
-        Arc::clone(commerce),
-        watch,
-        Arc::clone(relay_wake),
-    );
-    supervisor.spawn("escalated watch", watcher.run(stop.clone()));
-}
-
-/// Runs the worker until `cancel`, then shuts it down gracefully.
-pub async fn run(settings: Settings, cancel: CancellationToken) -> Result<(), WorkerError> {
-    Worker::start(settings, cancel).await?.wait().await
+/// Runs the worker until `cancel`, then shuts it down gracefully; the
+/// SIGHUPs of `hangups` reload the rules (see [`Worker::start_hearing`]).
+pub async fn run(
+    settings: Settings,
+    cancel: CancellationToken,
+    hangups: Signal,
+) -> Result<(), WorkerError> {
+    Worker::start_hearing(settings, cancel, hangups)
+        .await?
+        .wait()
+        .await
 }
 
 /// The name the worker's RabbitMQ connections carry (plus their role):
@@ -405,9 +425,10 @@ async fn supervise(
     result
 }
 
+/// The worker's work once its store is ready: every task started, then,
+/// once `stop` fires, the graceful shutdown ([`drain`]).
 async fn work(settings: &Settings, parts: Parts, health: &Arc<Health>) -> Result<(), WorkerError> {
     let stop = &parts.stop;
-    let supervisor = &parts.supervisor;
     let Some(store) = prepare_store(settings, stop).await? else {
         return Ok(());
     };
@@ -425,8 +446,7 @@ async fn work(settings: &Settings, parts: Parts, health: &Arc<Health>) -> Result
 
     // The shutdown deadline: waits on dependencies end when it fires.
     let abort = CancellationToken::new();
-
-    supervisor.spawn(
+    parts.supervisor.spawn(
         "database probe",
         probe_database(
             store.clone(),
@@ -436,99 +456,25 @@ async fn work(settings: &Settings, parts: Parts, health: &Arc<Health>) -> Result
             parts.background.clone(),
         ),
     );
-
-    // Intake: held orders from RabbitMQ become cases.
     let cases_opened = Arc::new(Notify::new());
-    let (deliveries, inbox) = mpsc::channel(usize::from(settings.amqp.prefetch).max(1));
-    let consumer = Consumer::new(
-        Broker::from_settings(&settings.amqp, connection_name(settings, &parts.identity)),
-        ConsumerSettings {
-            topology: settings.amqp.topology.clone(),
-            prefetch: settings.amqp.prefetch,
-            delivery_limit: settings.amqp.delivery_limit,
-        },
-        Arc::clone(health),
-    );
-    let consuming = supervisor.spawn(
-        "consumer",
-        consumer.run(deliveries, stop.clone(), abort.clone()),
-    );
-    let intake = Intake::new(
-        store.clone(),
-        IntakeSettings::from(&settings.amqp),
-        Arc::clone(health),
-        Arc::clone(&cases_opened),
-    );
-    let intaking = supervisor.spawn("intake", intake.run(inbox, abort.clone()));
-
-    // Dead letters: the dead-letter queue into the `dead_letters` table
-    // (acked after commit).
-    let dead_letters = settings.amqp.dead_letter_ingest.then(|| {
-        let ingest = crate::broker::dlq_ingest::DeadLetterIngest::new(
-            Broker::from_settings(&settings.amqp, connection_name(settings, &parts.identity)),
-            settings.amqp.topology.clone(),
-            settings.amqp.delivery_limit,
-            DEAD_LETTER_PREFETCH,
-        );
-        supervisor.spawn(
-            "dead-letter ingest",
-            crate::intake::dead_letters::ingest(store.clone(), ingest, stop.clone()),
-        )
-    });
-    // Retention: one worker of the deployment at a time prunes every table.
-    supervisor.spawn(
-        "pruner",
-        crate::prune::Pruner::new(
-            store.clone(),
-            settings.prune.clone(),
-            parts.identity.to_string(),
-        )
-        .run(stop.clone()),
-    );
-
-    // The case engine: due cases are decided, resolved, assigned and
-    // watched; its committer writes their steps.
+    let (consuming, intaking) =
+        spawn_intake(settings, &parts, health, &store, &abort, &cases_opened);
+    let dead_letters = spawn_dead_letters(settings, &parts, &store);
+    spawn_pruner(settings, &parts, &store);
     let relay_wake = Arc::new(Notify::new());
-    spawn_escalated_watch(
-        settings,
-        supervisor,
-        &store,
-        &parts.commerce,
-        &relay_wake,
-        stop,
-    );
-    let EngineTasks {
-        stepping,
-        committing,
-    } = Engine::new(
-        store.clone(),
-        parts.commerce,
-        Arc::new(parts.rules.clone()),
-        settings.engine.clone(),
-        parts.identity.clone(),
-        Arc::clone(&cases_opened),
-        Arc::clone(&relay_wake),
-    )
-    .with_drain_timeout(settings.shutdown_timeout.mul_f64(0.8))
-    .with_abort(abort.clone())
-    .tasks(stop.clone());
-    let committer = supervisor.spawn("committer", committing);
-    let engining = supervisor.spawn("engine", stepping);
-
-    // The outbox relay: committed events to the events exchange. It runs
-    // until the engine has drained, so that the last steps' events go out.
-    let relay_stop = CancellationToken::new();
-    let relay = Relay::new(
-        store.clone(),
-        Broker::from_settings(&settings.amqp, connection_name(settings, &parts.identity)),
-        settings.amqp.topology.clone(),
-        relay_wake,
-    )
-    .with_settings(RelaySettings {
-        confirm_timeout: settings.amqp.confirm_timeout,
-        ..RelaySettings::default()
-    });
-    let relaying = supervisor.spawn("relay", relay.run(relay_stop.clone()));
+    spawn_escalated_watch(settings, &parts, &store, &relay_wake);
+    let (engining, committer) =
+        spawn_engine(settings, &parts, &store, &abort, cases_opened, &relay_wake);
+    let (relay_stop, relaying) = spawn_relay(settings, &parts, &store, relay_wake);
+    let started = Started {
+        consuming,
+        dead_letters,
+        intaking,
+        engining,
+        committer,
+        relay_stop,
+        relaying,
+    };
 
     // Run until asked to stop, or until a task failed (the supervisor
     // fires `stop` then).
@@ -544,22 +490,198 @@ async fn work(settings: &Settings, parts: Parts, health: &Arc<Health>) -> Result
             "Shutting down: finishing in-flight batches."
         ),
     }
-    let deadline = settings.shutdown_timeout.mul_f64(0.8);
-    let timer = {
-        let abort = abort.clone();
-        tokio::spawn(async move {
-            tokio::time::sleep(deadline).await;
-            tracing::warn!("Shutdown deadline reached; abandoning unfinished work.");
-            abort.cancel();
-        })
+    drain(settings, &store, started, abort).await
+}
+
+/// The tasks [`work`] started that the shutdown waits for, in its order.
+struct Started {
+    consuming: JoinHandle<Option<Option<crate::broker::Closing>>>,
+    dead_letters: Option<JoinHandle<Option<()>>>,
+    intaking: JoinHandle<Option<()>>,
+    engining: JoinHandle<Option<()>>,
+    committer: JoinHandle<Option<()>>,
+    relay_stop: CancellationToken,
+    relaying: JoinHandle<Option<()>>,
+}
+
+/// Intake: held orders from RabbitMQ become cases (`cases_opened` wakes
+/// the engine). The consumer and the intake tasks.
+fn spawn_intake(
+    settings: &Settings,
+    parts: &Parts,
+    health: &Arc<Health>,
+    store: &Store,
+    abort: &CancellationToken,
+    cases_opened: &Arc<Notify>,
+) -> (
+    JoinHandle<Option<Option<crate::broker::Closing>>>,
+    JoinHandle<Option<()>>,
+) {
+    let (deliveries, inbox) = mpsc::channel(usize::from(settings.amqp.prefetch).max(1));
+    let consumer = Consumer::new(
+        Broker::from_settings(&settings.amqp, connection_name(settings, &parts.identity)),
+        ConsumerSettings {
+            topology: settings.amqp.topology.clone(),
+            prefetch: settings.amqp.prefetch,
+            delivery_limit: settings.amqp.delivery_limit,
+        },
+        Arc::clone(health),
+    );
+    let consuming = parts.supervisor.spawn(
+        "consumer",
+        consumer.run(deliveries, parts.stop.clone(), abort.clone()),
+    );
+    let intake = Intake::new(
+        store.clone(),
+        IntakeSettings::from(&settings.amqp),
+        Arc::clone(health),
+        Arc::clone(cases_opened),
+    );
+    let intaking = parts
+        .supervisor
+        .spawn("intake", intake.run(inbox, abort.clone()));
+    (consuming, intaking)
+}
+
+/// Dead letters: the dead-letter queue into the `dead_letters` table
+/// (acked after commit), when the settings ask for it. The ingest task,
+/// which the shutdown waits for.
+fn spawn_dead_letters(
+    settings: &Settings,
+    parts: &Parts,
+    store: &Store,
+) -> Option<JoinHandle<Option<()>>> {
+    let ingesting = settings.amqp.dead_letter_ingest.then(|| {
+        let ingest = crate::broker::dlq_ingest::DeadLetterIngest::new(
+            Broker::from_settings(&settings.amqp, connection_name(settings, &parts.identity)),
+            settings.amqp.topology.clone(),
+            settings.amqp.delivery_limit,
+            DEAD_LETTER_PREFETCH,
+        );
+        parts.supervisor.spawn(
+            "dead-letter ingest",
+            crate::intake::dead_letters::ingest(store.clone(), ingest, parts.stop.clone()),
+        )
+    });
+    ingesting
+}
+
+/// Retention: one worker of the deployment at a time prunes every table.
+fn spawn_pruner(settings: &Settings, parts: &Parts, store: &Store) {
+    parts.supervisor.spawn(
+        "pruner",
+        crate::prune::Pruner::new(
+            store.clone(),
+            settings.prune.clone(),
+            parts.identity.to_string(),
+        )
+        .run(parts.stop.clone()),
+    );
+}
+
+/// Starts the escalated watch (`HOLDCLEAR_ESCALATED_WATCH_INTERVAL`), if on:
+/// it shares the engine's commerce client (and its rate limit) and wakes
+/// the relay when a person's release wrote an event.
+fn spawn_escalated_watch(
+    settings: &Settings,
+    parts: &Parts,
+    store: &Store,
+    relay_wake: &Arc<Notify>,
+) {
+    let Some(watch) = settings.escalated_watch.clone() else {
+        return;
     };
-    let consumed = consuming.await;
-    if let Some(dead_letters) = dead_letters {
+    let watcher = crate::engine::HandWatcher::new(
+        store.clone(),
+        Arc::clone(&parts.commerce),
+        watch,
+        Arc::clone(relay_wake),
+    );
+    parts
+        .supervisor
+        .spawn("escalated watch", watcher.run(parts.stop.clone()));
+}
+
+/// The case engine: due cases are decided, resolved, assigned and watched;
+/// its committer writes their steps (and wakes the relay). The stepping
+/// and the committing tasks.
+fn spawn_engine(
+    settings: &Settings,
+    parts: &Parts,
+    store: &Store,
+    abort: &CancellationToken,
+    cases_opened: Arc<Notify>,
+    relay_wake: &Arc<Notify>,
+) -> (JoinHandle<Option<()>>, JoinHandle<Option<()>>) {
+    let EngineTasks {
+        stepping,
+        committing,
+    } = Engine::new(
+        store.clone(),
+        Arc::clone(&parts.commerce),
+        Arc::new(parts.rules.clone()),
+        settings.engine.clone(),
+        parts.identity.clone(),
+        cases_opened,
+        Arc::clone(relay_wake),
+    )
+    .with_drain_timeout(settings.shutdown_timeout.mul_f64(0.8))
+    .with_abort(abort.clone())
+    .tasks(parts.stop.clone());
+    let committer = parts.supervisor.spawn("committer", committing);
+    let engining = parts.supervisor.spawn("engine", stepping);
+    (engining, committer)
+}
+
+/// The outbox relay: committed events to the events exchange. It has a
+/// stop of its own, fired once the engine has drained, so that the last
+/// steps' events go out.
+fn spawn_relay(
+    settings: &Settings,
+    parts: &Parts,
+    store: &Store,
+    relay_wake: Arc<Notify>,
+) -> (CancellationToken, JoinHandle<Option<()>>) {
+    let relay_stop = CancellationToken::new();
+    let relay = Relay::new(
+        store.clone(),
+        Broker::from_settings(&settings.amqp, connection_name(settings, &parts.identity)),
+        settings.amqp.topology.clone(),
+        relay_wake,
+    )
+    .with_settings(RelaySettings {
+        confirm_timeout: settings.amqp.confirm_timeout,
+        ..RelaySettings::default()
+    });
+    let relaying = parts
+        .supervisor
+        .spawn("relay", relay.run(relay_stop.clone()));
+    (relay_stop, relaying)
+}
+
+/// The graceful shutdown, once `stop` fired: the consumer, the dead-letter
+/// ingest, intake, the engine and its committer end in that order; the
+/// relay gets a moment to publish what they committed; `abort` fires at
+/// 80 % of `shutdown_timeout` to end what still waits on a dependency.
+async fn drain(
+    settings: &Settings,
+    store: &Store,
+    started: Started,
+    abort: CancellationToken,
+) -> Result<(), WorkerError> {
+    let deadline = settings.shutdown_timeout.mul_f64(0.8);
+    let timer = tokio::spawn(async move {
+        tokio::time::sleep(deadline).await;
+        tracing::warn!("Shutdown deadline reached; abandoning unfinished work.");
+        abort.cancel();
+    });
+    let consumed = started.consuming.await;
+    if let Some(dead_letters) = started.dead_letters {
         let _ = dead_letters.await;
     }
-    let taken = intaking.await;
-    let engined = engining.await;
-    let committed = committer.await;
+    let taken = started.intaking.await;
+    let engined = started.engining.await;
+    let committed = started.committer.await;
     // Give the relay a moment to publish what the drain committed; what it
     // cannot is published on the next start.
     let _ = tokio::time::timeout(Duration::from_millis(500), async {
@@ -568,8 +690,8 @@ async fn work(settings: &Settings, parts: Parts, health: &Arc<Health>) -> Result
         }
     })
     .await;
-    relay_stop.cancel();
-    let relayed = relaying.await;
+    started.relay_stop.cancel();
+    let relayed = started.relaying.await;
     timer.abort();
     taken?;
     engined?;

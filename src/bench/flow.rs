@@ -138,45 +138,8 @@ pub async fn run(b: &Bench, workers: usize, slot: u64) -> Result<Flow, BenchErro
     let first = 3_000_000_000 + slot * 100_000_000;
     let topology = &b.settings.amqp.topology;
     let (conn, publisher) = b.fresh_start("flow").await?;
-    // One task per subscription, so that no wait below can drop a message
-    // half-received.
-    let (events_tx, events) = mpsc::channel(4096);
-    let mut forwarders = Vec::new();
-    for (binding, is_release) in [
-        ("order.hold_released", true),
-        ("order.hold_escalated", false),
-    ] {
-        let mut sub = Subscription::open(&conn, &topology.events_exchange, binding).await?;
-        let tx = events_tx.clone();
-        forwarders.push(tokio::spawn(async move {
-            while let Some(m) = sub.next().await {
-                if tx.send((is_release, m)).await.is_err() {
-                    return;
-                }
-            }
-        }));
-    }
-    drop(events_tx);
-    // Every event the worker emits has a queue, as in a deployment: the relay
-    // publishes with `mandatory`, and an unroutable event stays in the
-    // outbox to be tried again (which would load the run, not measure it).
-    let mut assigned = Subscription::open(
-        &conn,
-        &topology.events_exchange,
-        "order.smart_account_assigned",
-    )
-    .await?;
-    forwarders.push(tokio::spawn(async move {
-        while assigned.next().await.is_some() {}
-    }));
-
-    let mut scenario = Scenario::demo()?;
-    scenario.rate_limit = None;
-    scenario.defaults.release_after_reads = 1;
-    scenario.defaults.release_after = Duration::ZERO;
-    scenario.defaults.max_orders = usize::try_from(n + 1_000).unwrap_or(usize::MAX);
-    scenario.faults = Default::default();
-    let sim = SimServer::start(([127, 0, 0, 1], 0).into(), scenario).await?;
+    let (events, forwarders) = subscribe(&conn, &topology.events_exchange).await?;
+    let sim = SimServer::start(([127, 0, 0, 1], 0).into(), scenario(n)?).await?;
 
     let config = write_config(b, &sim.base_url(), &sim.token_url(), workers)?;
     let mut procs = Workers {
@@ -186,23 +149,7 @@ pub async fn run(b: &Bench, workers: usize, slot: u64) -> Result<Flow, BenchErro
         procs.children.push(spawn_worker(b, &config, i)?);
     }
     let result = async {
-        let waiting = Instant::now();
-        loop {
-            procs.check()?;
-            let counts = broker::bench::queue_counts(&conn, &topology.held_queue).await?;
-            if counts.consumers as usize >= workers {
-                break;
-            }
-            if waiting.elapsed() > START {
-                return Err(BenchError::Stalled {
-                    what: "worker processes consuming",
-                    done: u64::from(counts.consumers),
-                    expected: workers as u64,
-                    waited: START,
-                });
-            }
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
+        wait_consuming(&conn, &topology.held_queue, &mut procs, workers).await?;
         let label = format!(
             "{}. {workers} worker(s): held → released",
             if workers == 1 { 3 } else { 6 }
@@ -243,6 +190,77 @@ pub async fn run(b: &Bench, workers: usize, slot: u64) -> Result<Flow, BenchErro
     })
 }
 
+/// The released (`true`) and escalated events, one forwarding task per
+/// subscription so that no wait of the reader can drop a message
+/// half-received; and a queue that drains the assigned events.
+async fn subscribe(
+    conn: &broker::Connection,
+    exchange: &str,
+) -> Result<(Events, Vec<tokio::task::JoinHandle<()>>), BenchError> {
+    let (events_tx, events) = mpsc::channel(4096);
+    let mut forwarders = Vec::new();
+    for (binding, is_release) in [
+        ("order.hold_released", true),
+        ("order.hold_escalated", false),
+    ] {
+        let mut sub = Subscription::open(conn, exchange, binding).await?;
+        let tx = events_tx.clone();
+        forwarders.push(tokio::spawn(async move {
+            while let Some(m) = sub.next().await {
+                if tx.send((is_release, m)).await.is_err() {
+                    return;
+                }
+            }
+        }));
+    }
+    // Every event the worker emits has a queue, as in a deployment: the relay
+    // publishes with `mandatory`, and an unroutable event stays in the
+    // outbox to be tried again (which would load the run, not measure it).
+    let mut assigned = Subscription::open(conn, exchange, "order.smart_account_assigned").await?;
+    forwarders.push(tokio::spawn(async move {
+        while assigned.next().await.is_some() {}
+    }));
+    Ok((events, forwarders))
+}
+
+/// The demo's accounts, no faults, no rate limit, room for `n` orders
+/// released on the first read after their assignment.
+fn scenario(n: u64) -> Result<Scenario, BenchError> {
+    let mut scenario = Scenario::demo()?;
+    scenario.rate_limit = None;
+    scenario.defaults.release_after_reads = 1;
+    scenario.defaults.release_after = Duration::ZERO;
+    scenario.defaults.max_orders = usize::try_from(n + 1_000).unwrap_or(usize::MAX);
+    scenario.faults = Default::default();
+    Ok(scenario)
+}
+
+/// Waits (up to [`START`]) until `workers` processes consume `queue`.
+async fn wait_consuming(
+    conn: &broker::Connection,
+    queue: &str,
+    procs: &mut Workers,
+    workers: usize,
+) -> Result<(), BenchError> {
+    let waiting = Instant::now();
+    loop {
+        procs.check()?;
+        let counts = broker::bench::queue_counts(conn, queue).await?;
+        if counts.consumers as usize >= workers {
+            return Ok(());
+        }
+        if waiting.elapsed() > START {
+            return Err(BenchError::Stalled {
+                what: "worker processes consuming",
+                done: u64::from(counts.consumers),
+                expected: workers as u64,
+                waited: START,
+            });
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
 fn api_calls(stats: &SimStats) -> u64 {
     stats
         .calls
@@ -254,57 +272,123 @@ fn api_calls(stats: &SimStats) -> u64 {
 
 type Arrivals = (u64, u64, Duration, Vec<f64>);
 
+/// The released (`true`) and escalated events of the run.
+type Events = mpsc::Receiver<(bool, Result<Received, BrokerError>)>;
+
+/// What the publisher and the reader share: the orders that arrived, and
+/// when each window of [`CHUNK`] orders was published.
+#[derive(Default)]
+struct Pace {
+    arrived: AtomicU64,
+    sent_at: Mutex<Vec<Instant>>,
+}
+
+impl Pace {
+    /// When the window of order `i` was published.
+    fn sent(&self, i: usize) -> Option<Instant> {
+        let sent_at = self.sent_at.lock().unwrap_or_else(|p| p.into_inner());
+        sent_at.get(i / CHUNK as usize).copied()
+    }
+}
+
+/// What arrived so far: each order once, released or escalated, and the
+/// latency of each.
+struct Tally {
+    seen: Vec<bool>,
+    released: u64,
+    escalated: u64,
+    latencies: Vec<f64>,
+    last: Instant,
+}
+
+impl Tally {
+    fn new(n: u64, started: Instant) -> Self {
+        let seen = vec![false; usize::try_from(n).unwrap_or(0)];
+        Self {
+            latencies: Vec::with_capacity(seen.len()),
+            seen,
+            released: 0,
+            escalated: 0,
+            last: started,
+        }
+    }
+
+    fn done(&self) -> u64 {
+        self.released + self.escalated
+    }
+
+    /// Counts the first event of order `i`; `false` for a repeat.
+    fn count(&mut self, i: usize, is_release: bool, sent: Option<Instant>, now: Instant) -> bool {
+        if std::mem::replace(&mut self.seen[i], true) {
+            return false;
+        }
+        if let Some(sent) = sent {
+            self.latencies
+                .push(now.duration_since(sent).as_secs_f64() * 1e3);
+        }
+        if is_release {
+            self.released += 1;
+        } else {
+            self.escalated += 1;
+        }
+        self.last = now;
+        true
+    }
+}
+
+/// Publishes the run's `n` orders from `first` on, closed loop: never more
+/// than [`IN_FLIGHT`] ahead of the arrivals.
+async fn publish(
+    publisher: Publisher,
+    topology: crate::config::Topology,
+    first: u64,
+    n: u64,
+    pace: Arc<Pace>,
+) -> Result<(), BenchError> {
+    let run = format!("flow{first}");
+    let mut published = 0u64;
+    while published < n {
+        while published.saturating_sub(pace.arrived.load(Ordering::Acquire)) >= IN_FLIGHT {
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+        let take = (n - published).min(CHUNK);
+        let now = Utc::now();
+        let msgs: Vec<OutgoingMessage> = (published..published + take)
+            .map(|i| {
+                let number = first + i;
+                load::message(&topology, &run, number, load::held_body(&run, number, now))
+            })
+            .collect();
+        (pace.sent_at.lock().unwrap_or_else(|p| p.into_inner())).push(Instant::now());
+        load::publish_windowed(&publisher, &topology.orders_exchange, &msgs).await?;
+        published += take;
+    }
+    Ok(())
+}
+
 /// Publishes (closed loop) and collects the outcomes.
 async fn drive(
     b: &Bench,
     publisher: &Publisher,
-    mut events: mpsc::Receiver<(bool, Result<Received, BrokerError>)>,
+    mut events: Events,
     first: u64,
     procs: &mut Workers,
     progress: &dyn Fn(u64),
 ) -> Result<Arrivals, BenchError> {
     let n = b.bench.flow_orders;
-    let topology = b.settings.amqp.topology.clone();
-    let run = format!("flow{first}");
-    let arrived = Arc::new(AtomicU64::new(0));
-    let sent_at: Arc<Mutex<Vec<Instant>>> = Arc::new(Mutex::new(Vec::new()));
+    let pace = Arc::new(Pace::default());
     let started = Instant::now();
-    let publishing = {
-        let publisher = publisher.clone();
-        let arrived = Arc::clone(&arrived);
-        let sent_at = Arc::clone(&sent_at);
-        tokio::spawn(async move {
-            let mut published = 0u64;
-            while published < n {
-                while published.saturating_sub(arrived.load(Ordering::Acquire)) >= IN_FLIGHT {
-                    tokio::time::sleep(Duration::from_millis(1)).await;
-                }
-                let take = (n - published).min(CHUNK);
-                let now = Utc::now();
-                let msgs: Vec<OutgoingMessage> = (published..published + take)
-                    .map(|i| {
-                        let number = first + i;
-                        load::message(&topology, &run, number, load::held_body(&run, number, now))
-                    })
-                    .collect();
-                sent_at
-                    .lock()
-                    .unwrap_or_else(|p| p.into_inner())
-                    .push(Instant::now());
-                load::publish_windowed(&publisher, &topology.orders_exchange, &msgs).await?;
-                published += take;
-            }
-            Ok::<(), BenchError>(())
-        })
-    };
-
-    let mut seen = vec![false; usize::try_from(n).unwrap_or(0)];
-    let (mut released, mut escalated) = (0u64, 0u64);
-    let mut latencies = Vec::with_capacity(seen.len());
-    let mut last = started;
+    let publishing = tokio::spawn(publish(
+        publisher.clone(),
+        b.settings.amqp.topology.clone(),
+        first,
+        n,
+        Arc::clone(&pace),
+    ));
+    let mut tally = Tally::new(n, started);
     let mut check = tokio::time::interval(Duration::from_secs(1));
     let outcome = loop {
-        if released + escalated >= n {
+        if tally.done() >= n {
             break Ok(());
         }
         let (is_release, msg) = tokio::select! {
@@ -316,10 +400,10 @@ async fn drive(
                 if let Err(e) = procs.check() {
                     break Err(e);
                 }
-                if publishing.is_finished() && last.elapsed() > STALL {
+                if publishing.is_finished() && tally.last.elapsed() > STALL {
                     break Err(BenchError::Stalled {
                         what: "released events",
-                        done: released + escalated,
+                        done: tally.done(),
                         expected: n,
                         waited: STALL,
                     });
@@ -335,26 +419,12 @@ async fn drive(
         let Some(i) = order_index(&msg.body, first, n) else {
             continue;
         };
-        if std::mem::replace(&mut seen[i], true) {
+        if !tally.count(i, is_release, pace.sent(i), now) {
             continue;
         }
-        let sent = sent_at
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .get(i / CHUNK as usize)
-            .copied();
-        if let Some(sent) = sent {
-            latencies.push(now.duration_since(sent).as_secs_f64() * 1e3);
-        }
-        if is_release {
-            released += 1;
-        } else {
-            escalated += 1;
-        }
-        last = now;
-        arrived.store(released + escalated, Ordering::Release);
-        if (released + escalated) % 50 == 0 || released + escalated == n {
-            progress(released + escalated);
+        pace.arrived.store(tally.done(), Ordering::Release);
+        if tally.done().is_multiple_of(50) || tally.done() == n {
+            progress(tally.done());
         }
     };
     publishing.abort();
@@ -363,7 +433,8 @@ async fn drive(
     if let Ok(Err(e)) = published {
         return Err(e);
     }
-    Ok((released, escalated, last.duration_since(started), latencies))
+    let elapsed = tally.last.duration_since(started);
+    Ok((tally.released, tally.escalated, elapsed, tally.latencies))
 }
 
 /// The position of the order an event is about, if it is one of this run's.

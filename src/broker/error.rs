@@ -167,28 +167,18 @@ fn percent_decode(s: &str) -> String {
 }
 
 /// What holdclear was doing with a queue or an exchange.
+/// Each variant names the queue or the exchange it acted on.
+#[allow(missing_docs)] // the fields are the names the variants say
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Operation {
     /// Taking messages from a queue (`basic.get`, `basic.consume`): read on it.
-    Read {
-        /// The queue.
-        queue: String,
-    },
+    Read { queue: String },
     /// Settling messages taken from a queue (ack): no permission.
-    Settle {
-        /// The queue.
-        queue: String,
-    },
+    Settle { queue: String },
     /// Looking a queue up (passive declare): no permission.
-    Inspect {
-        /// The queue.
-        queue: String,
-    },
+    Inspect { queue: String },
     /// Publishing to an exchange: write on it.
-    Publish {
-        /// The exchange.
-        exchange: String,
-    },
+    Publish { exchange: String },
     /// Declaring a queue or an exchange: configure on it.
     Declare {
         /// `queue` or `exchange`.
@@ -197,12 +187,7 @@ pub enum Operation {
         name: String,
     },
     /// Binding a queue to an exchange: write on the queue, read on the exchange.
-    Bind {
-        /// The queue.
-        queue: String,
-        /// The exchange.
-        exchange: String,
-    },
+    Bind { queue: String, exchange: String },
 }
 
 impl Operation {

@@ -192,6 +192,31 @@ pub async fn declare_topology_for(
         .await?;
     d.exchange(&unrouted, ExchangeKind::Fanout).await?;
     d.exchange(&t.events_exchange, ExchangeKind::Topic).await?;
+    declare_held_queue(&mut d, t, delivery_limit).await?;
+    declare_keeping_queues(&mut d, t, server).await?;
+    close_channel(&d.channel, "topology declared").await;
+    for o in &d.outdated {
+        tracing::warn!(
+            kind = o.kind,
+            name = %o.name,
+            lacks = o.lacks,
+            fix = %o.fix,
+            "Kept as an older holdclear declared it; it works, but it lacks something (docs/deployment.md, Existing brokers)."
+        );
+    }
+    Ok(Declared {
+        server: Some(server.clone()),
+        outdated: d.outdated,
+    })
+}
+
+/// The held queue (kept as a pre-0.2 holdclear declared it, if so) and its
+/// binding to the orders exchange.
+async fn declare_held_queue(
+    d: &mut Declarer<'_>,
+    t: &Topology,
+    delivery_limit: u32,
+) -> Result<(), BrokerError> {
     d.queue(
         &t.held_queue,
         held_queue_arguments(t, delivery_limit),
@@ -207,7 +232,18 @@ pub async fn declare_topology_for(
     )
     .await?;
     d.bind(&t.held_queue, &t.orders_exchange, &t.held_routing_key)
-        .await?;
+        .await
+}
+
+/// The queues that keep what lands in them (the dead-letter queue, the
+/// unrouted events' queue; on RabbitMQ 4.x without a delivery limit, or
+/// kept as an older holdclear declared them) and their bindings.
+async fn declare_keeping_queues(
+    d: &mut Declarer<'_>,
+    t: &Topology,
+    server: &ServerVersion,
+) -> Result<(), BrokerError> {
+    let unrouted = t.unrouted_exchange();
     let keeping_before = table(&[("x-queue-type", text("quorum"))]);
     let unlimited_fix = |name: &str| {
         format!(
@@ -251,21 +287,7 @@ pub async fn declare_topology_for(
         }),
     )
     .await?;
-    d.bind(&unrouted, &unrouted, "").await?;
-    close_channel(&d.channel, "topology declared").await;
-    for o in &d.outdated {
-        tracing::warn!(
-            kind = o.kind,
-            name = %o.name,
-            lacks = o.lacks,
-            fix = %o.fix,
-            "Kept as an older holdclear declared it; it works, but it lacks something (docs/deployment.md, Existing brokers)."
-        );
-    }
-    Ok(Declared {
-        server: Some(server.clone()),
-        outdated: d.outdated,
-    })
+    d.bind(&unrouted, &unrouted, "").await
 }
 
 /// Declares on one channel, and on a new one after a refusal (which closes it).

@@ -73,12 +73,8 @@ fn sections(raw: &str) -> Result<BTreeSet<u8>, super::UsageError> {
 pub async fn execute(base: Settings, args: Args) -> anyhow::Result<ExitCode> {
     crate::ops::logs::init(crate::config::LogFormat::Pretty, "off,holdclear=error");
     let sections = sections(&args.sections)?;
-    let super::ScratchRun {
-        run,
-        database_url,
-        topology,
-    } = super::ScratchRun::new(&base, "bench")?;
-    let work_dir = std::env::temp_dir().join(format!("holdclear-bench-{run}"));
+    let scratch = super::ScratchRun::new(&base, "bench")?;
+    let work_dir = std::env::temp_dir().join(format!("holdclear-bench-{}", scratch.run));
     {
         use std::os::unix::fs::DirBuilderExt;
         std::fs::DirBuilder::new().mode(0o700).create(&work_dir)?;
@@ -87,8 +83,8 @@ pub async fn execute(base: Settings, args: Args) -> anyhow::Result<ExitCode> {
     std::fs::write(&rules_path, BENCH_RULES)?;
 
     let mut settings = base.clone();
-    settings.database_url = database_url.clone();
-    settings.amqp.topology = topology.clone();
+    settings.database_url = scratch.database_url.clone();
+    settings.amqp.topology = scratch.topology.clone();
     settings.rules_path = rules_path;
     let bench = BenchSettings {
         orders: args.orders,
@@ -104,63 +100,19 @@ pub async fn execute(base: Settings, args: Args) -> anyhow::Result<ExitCode> {
     let mut err = std::io::stderr();
     writeln!(
         err,
-        "holdclear bench: database {database_url}, exchanges and queues prefixed holdclear-bench-{run}."
+        "holdclear bench: database {}, exchanges and queues prefixed holdclear-bench-{}.",
+        scratch.database_url, scratch.run
     )?;
 
-    let result = async {
-        // Seeding a million cases, VACUUM ANALYZE and CHECKPOINT may rightly
-        // take longer than a worker's statement may.
-        let timeouts = crate::config::DatabaseTimeouts {
-            statement: std::time::Duration::from_secs(3600),
-            ..settings.database_timeouts.clone()
-        };
-        let store = Store::connect_with(
-            &database_url,
-            settings.database_tls_ca.as_ref(),
-            8,
-            &timeouts,
-        )
-        .await?;
-        store.migrate().await?;
-        let b = Bench {
-            settings: settings.clone(),
-            bench,
-            store: store.clone(),
-        };
-        // Ctrl-C or SIGTERM ends the run (worker processes are killed as
-        // the run is dropped) and still cleans up below.
-        let report = tokio::select! {
-            r = b.run() => r.map_err(anyhow::Error::from),
-            () = interrupted() => Err(anyhow::anyhow!("interrupted")),
-        };
-        store.pool().close().await;
-        report
-    }
-    .await;
-
-    // Clean up whatever happened.
-    let broker = Broker::from_settings(&settings.amqp, format!("holdclear bench {run} cleanup"));
-    if let Ok(conn) = broker.connect("cleanup").await {
-        broker::delete_topology(&conn, &topology).await.ok();
-        broker::close(&conn).await;
-    }
-    crate::store::drop_database(&database_url, settings.database_tls_ca.as_ref())
-        .await
-        .ok();
+    let result = measure(&settings, bench).await;
+    clean_up(&settings, &scratch).await;
     let report = match result {
         Ok(report) => {
             std::fs::remove_dir_all(&work_dir).ok();
             report
         }
         Err(e) => {
-            // Keep the worker logs for the reader; the settings files hold URLs.
-            if let Ok(entries) = std::fs::read_dir(&work_dir) {
-                for entry in entries.flatten() {
-                    if entry.path().extension().is_some_and(|x| x == "toml") {
-                        std::fs::remove_file(entry.path()).ok();
-                    }
-                }
-            }
+            keep_worker_logs(&work_dir);
             writeln!(err, "Worker logs, if any: {}", work_dir.display())?;
             return Err(e);
         }
@@ -173,6 +125,64 @@ pub async fn execute(base: Settings, args: Args) -> anyhow::Result<ExitCode> {
         writeln!(out, "{}", table(&report))?;
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// Runs the sections on the scratch database of `settings`, until done or
+/// interrupted (ctrl-c, SIGTERM: worker processes are killed as the run is
+/// dropped).
+async fn measure(settings: &Settings, bench: BenchSettings) -> anyhow::Result<Report> {
+    // Seeding a million cases, VACUUM ANALYZE and CHECKPOINT may rightly
+    // take longer than a worker's statement may.
+    let timeouts = crate::config::DatabaseTimeouts {
+        statement: std::time::Duration::from_secs(3600),
+        ..settings.database_timeouts.clone()
+    };
+    let store = Store::connect_with(
+        &settings.database_url,
+        settings.database_tls_ca.as_ref(),
+        8,
+        &timeouts,
+    )
+    .await?;
+    store.migrate().await?;
+    let b = Bench {
+        settings: settings.clone(),
+        bench,
+        store: store.clone(),
+    };
+    let report = tokio::select! {
+        r = b.run() => r.map_err(anyhow::Error::from),
+        () = interrupted() => Err(anyhow::anyhow!("interrupted")),
+    };
+    store.pool().close().await;
+    report
+}
+
+/// Removes the run's exchanges, queues and database, whatever happened.
+async fn clean_up(settings: &Settings, scratch: &super::ScratchRun) {
+    let broker = Broker::from_settings(
+        &settings.amqp,
+        format!("holdclear bench {} cleanup", scratch.run),
+    );
+    if let Ok(conn) = broker.connect("cleanup").await {
+        broker::delete_topology(&conn, &scratch.topology).await.ok();
+        broker::close(&conn).await;
+    }
+    crate::store::drop_database(&scratch.database_url, settings.database_tls_ca.as_ref())
+        .await
+        .ok();
+}
+
+/// Keeps the worker logs of a failed run for the reader, and removes the
+/// settings files beside them (they hold URLs).
+fn keep_worker_logs(work_dir: &std::path::Path) {
+    if let Ok(entries) = std::fs::read_dir(work_dir) {
+        for entry in entries.flatten() {
+            if entry.path().extension().is_some_and(|x| x == "toml") {
+                std::fs::remove_file(entry.path()).ok();
+            }
+        }
+    }
 }
 
 /// Resolves on ctrl-c or SIGTERM.
@@ -197,6 +207,42 @@ pub fn table(r: &Report) -> Table {
     let mut t = Table::new();
     t.load_preset(UTF8_FULL_CONDENSED)
         .set_header(["section", "measure", "value", "bar"]);
+    machine_rows(&mut t, r);
+    intake_rows(&mut t, r);
+    if let Some(f) = &r.end_to_end {
+        let sec = format!("3. end to end ({} orders, 1 worker)", f.orders);
+        flow_rows(&mut t, &sec, f, true);
+    }
+    if let Some(w) = &r.watching {
+        watching_rows(&mut t, w);
+    }
+    if let Some(mem) = &r.memory {
+        let fmt = |x: Option<f64>| x.map_or("not measured".into(), |m| format!("{m:.1} MiB"));
+        t.add_row([
+            "5. memory".to_owned(),
+            "peak RSS, intake (section 1, in-process)".to_owned(),
+            fmt(mem.intake_peak_rss_mib),
+            format!("≤ {} MiB", mem.target_mib),
+        ]);
+        t.add_row([
+            "5. memory".to_owned(),
+            "peak RSS, worker process (section 3)".to_owned(),
+            fmt(mem.end_to_end_peak_rss_mib),
+            format!("≤ {} MiB", mem.target_mib),
+        ]);
+    }
+    for f in r.workers.iter().flatten() {
+        let sec = format!("6. {} worker(s), {} orders", f.workers, f.orders);
+        flow_rows(&mut t, &sec, f, false);
+    }
+    if let Some(p) = &r.pruning {
+        pruning_rows(&mut t, p);
+    }
+    t
+}
+
+/// The machine the run measured: cores, memory, versions, load.
+fn machine_rows(t: &mut Table, r: &Report) {
     let m = &r.machine;
     t.add_row([
         "machine".to_owned(),
@@ -217,35 +263,36 @@ pub fn table(r: &Report) -> Table {
         format!("{}, {}", load(m.load_average[0]), load(m.load_average[1])),
         format!("≤ {} (else others shared the CPU)", m.cores),
     ]);
+}
+
+/// Sections 1 and 2: intake next to the broker's and the database's limits.
+fn intake_rows(t: &mut Table, r: &Report) {
     if let Some(s) = &r.intake_vs_broker {
         let sec = format!("1. intake vs broker ({} orders)", s.orders);
-        t.add_row([
-            sec.clone(),
-            "preload, windows of confirms".into(),
-            per_sec(s.publish_per_sec),
-            String::new(),
-        ]);
-        t.add_row([
-            sec.clone(),
-            format!(
-                "broker: ack-only consumer, prefetch {}",
-                r.settings.prefetch
+        let prefetch = format!(
+            "broker: ack-only consumer, prefetch {}",
+            r.settings.prefetch
+        );
+        for (measure, value, bar) in [
+            (
+                "preload, windows of confirms".to_owned(),
+                per_sec(s.publish_per_sec),
+                String::new(),
             ),
-            per_sec(s.broker_per_sec),
-            String::new(),
-        ]);
-        t.add_row([
-            sec.clone(),
-            "worker: consumer + intake".into(),
-            per_sec(s.intake_per_sec),
-            String::new(),
-        ]);
-        t.add_row([
-            sec,
-            "intake / broker".into(),
-            pct(s.ratio),
-            format!("≥ {}", pct(s.target_ratio)),
-        ]);
+            (prefetch, per_sec(s.broker_per_sec), String::new()),
+            (
+                "worker: consumer + intake".to_owned(),
+                per_sec(s.intake_per_sec),
+                String::new(),
+            ),
+            (
+                "intake / broker".to_owned(),
+                pct(s.ratio),
+                format!("≥ {}", pct(s.target_ratio)),
+            ),
+        ] {
+            t.add_row([sec.clone(), measure, value, bar]);
+        }
     }
     if let Some(s) = &r.intake_vs_database {
         let sec = format!("2. intake vs database ({} orders)", s.orders);
@@ -262,67 +309,40 @@ pub fn table(r: &Report) -> Table {
             t.add_row([sec, "intake / database".into(), pct(ratio), String::new()]);
         }
     }
-    if let Some(f) = &r.end_to_end {
-        let sec = format!("3. end to end ({} orders, 1 worker)", f.orders);
-        flow_rows(&mut t, &sec, f, true);
-    }
-    if let Some(w) = &r.watching {
-        for (c, label) in [(&w.small, "few"), (&w.large, "many")] {
-            t.add_row([
-                format!("4. watching ({label} waiting)"),
-                format!(
-                    "claim of {:.0} due among {} watched: p50 / p99",
-                    c.claimed_per_claim, c.waiting
-                ),
-                format!("{:.2} / {:.2} ms", c.claim_ms.p50, c.claim_ms.p99),
-                if label == "many" {
-                    format!("≤ {} ms", w.target_ms)
-                } else {
-                    String::new()
-                },
-            ]);
-        }
+}
+
+/// Section 4: claims among few and many watched cases.
+fn watching_rows(t: &mut Table, w: &crate::bench::watching::Watching) {
+    for (c, label) in [(&w.small, "few"), (&w.large, "many")] {
         t.add_row([
-            "4. watching".to_owned(),
-            "per claimed case: few → many waiting".to_owned(),
+            format!("4. watching ({label} waiting)"),
             format!(
-                "{:.1} → {:.1} µs (× {:.2})",
-                w.small.per_case_us, w.large.per_case_us, w.growth
+                "claim of {:.0} due among {} watched: p50 / p99",
+                c.claimed_per_claim, c.waiting
             ),
-            "no growth".to_owned(),
-        ]);
-        t.add_row([
-            "4. watching".to_owned(),
-            "claim plan uses the cases_due index".to_owned(),
-            if w.plan_uses_cases_due { "yes" } else { "NO" }.to_owned(),
-            "yes".to_owned(),
-        ]);
-    }
-    if let Some(mem) = &r.memory {
-        let fmt = |x: Option<f64>| x.map_or("not measured".into(), |m| format!("{m:.1} MiB"));
-        t.add_row([
-            "5. memory".to_owned(),
-            "peak RSS, intake (section 1, in-process)".to_owned(),
-            fmt(mem.intake_peak_rss_mib),
-            format!("≤ {} MiB", mem.target_mib),
-        ]);
-        t.add_row([
-            "5. memory".to_owned(),
-            "peak RSS, worker process (section 3)".to_owned(),
-            fmt(mem.end_to_end_peak_rss_mib),
-            format!("≤ {} MiB", mem.target_mib),
+            format!("{:.2} / {:.2} ms", c.claim_ms.p50, c.claim_ms.p99),
+            if label == "many" {
+                format!("≤ {} ms", w.target_ms)
+            } else {
+                String::new()
+            },
         ]);
     }
-    if let Some(runs) = &r.workers {
-        for f in runs {
-            let sec = format!("6. {} worker(s), {} orders", f.workers, f.orders);
-            flow_rows(&mut t, &sec, f, false);
-        }
-    }
-    if let Some(p) = &r.pruning {
-        pruning_rows(&mut t, p);
-    }
-    t
+    t.add_row([
+        "4. watching".to_owned(),
+        "per claimed case: few → many waiting".to_owned(),
+        format!(
+            "{:.1} → {:.1} µs (× {:.2})",
+            w.small.per_case_us, w.large.per_case_us, w.growth
+        ),
+        "no growth".to_owned(),
+    ]);
+    t.add_row([
+        "4. watching".to_owned(),
+        "claim plan uses the cases_due index".to_owned(),
+        if w.plan_uses_cases_due { "yes" } else { "NO" }.to_owned(),
+        "yes".to_owned(),
+    ]);
 }
 
 /// Section 7's rows: latencies before → during the pass, and the pass.

@@ -69,7 +69,6 @@ fn parse_state(raw: &str) -> Result<CaseState, String> {
 /// Runs `holdclear cases …`.
 pub async fn execute(settings: Settings, cmd: Command) -> anyhow::Result<ExitCode> {
     super::quiet_logs();
-    // Never creates the database: a missing one is named, with what to do.
     let store = super::open_store(&settings).await?;
     match cmd {
         Command::List(args) => list(&store, args).await?,

@@ -36,7 +36,7 @@ pub struct Cli {
     pub command: Command,
 }
 
-/// The subcommands.
+/// The subcommands, one file each under `cli/`.
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// The worker: consume held orders, drive cases, publish events, serve health and metrics.
@@ -132,10 +132,10 @@ pub fn load(config: Option<&std::path::Path>) -> Result<Settings, ConfigError> {
     Settings::load(config)
 }
 
-/// The store of an operator's command: two connections, never creating
-/// the database (a missing one, or one without the schema, is named with
-/// what to do).
-pub async fn open_store(settings: &Settings) -> anyhow::Result<crate::store::Store> {
+/// The store of a one-shot command that reads or changes cases: never
+/// creates the database; a missing one, or one without the current schema,
+/// is named with what to do.
+pub(crate) async fn open_store(settings: &Settings) -> anyhow::Result<crate::store::Store> {
     let store = crate::store::Store::open(
         &settings.database_url,
         settings.database_tls_ca.as_ref(),

@@ -14,11 +14,12 @@ use crate::worker::WorkerError;
 pub struct Args {}
 
 /// Runs the worker; SIGTERM and ctrl-c start a graceful shutdown, after
-/// which it exits 0. SIGHUP reloads the rules, and never kills it: its
-/// handler is installed before anything else, settings included (the
-/// default action of SIGHUP is to terminate).
+/// which it exits 0. SIGHUP reloads the rules, and never kills it: it is
+/// listened for before anything else, settings included (the default action
+/// of SIGHUP is to terminate), and one that comes while the worker starts
+/// waits for the reload task (the worker hears the same stream).
 pub async fn execute(config: Option<&Path>, _args: Args) -> anyhow::Result<ExitCode> {
-    let signals = Signals::install()?;
+    let (signals, hangups) = Signals::install()?;
     let settings = super::load(config)?;
     // sqlx reports PostgreSQL notices (e.g. "relation already exists,
     // skipping" from the migrator) at INFO; they are not the worker's lifecycle.
@@ -26,7 +27,7 @@ pub async fn execute(config: Option<&Path>, _args: Args) -> anyhow::Result<ExitC
     log_panics();
     let cancel = CancellationToken::new();
     tokio::spawn(signals.stop_on_signal(cancel.clone()));
-    match crate::worker::run(settings, cancel).await {
+    match crate::worker::run(settings, cancel, hangups).await {
         Ok(()) => Ok(ExitCode::SUCCESS),
         // A bad rules file, unusable commerce settings or refused commerce
         // credentials are the operator's to fix.
@@ -58,25 +59,25 @@ fn log_panics() {
     }));
 }
 
-/// The signals `holdclear run` handles, listened for from its first line.
+/// The signals that stop `holdclear run`, listened for from its first line.
 struct Signals {
     terminate: Signal,
     interrupt: Signal,
-    /// Only held: once tokio listens for SIGHUP, a SIGHUP no longer
-    /// terminates the process (the rules reload listens on its own).
-    _hangup: Signal,
 }
 
 impl Signals {
-    fn install() -> anyhow::Result<Self> {
+    /// Listens for SIGTERM, SIGINT and SIGHUP (the last one's stream is the
+    /// rules reload's).
+    fn install() -> anyhow::Result<(Self, Signal)> {
         let listen = |kind: SignalKind, name: &str| {
             signal(kind).with_context(|| format!("cannot listen for {name}"))
         };
-        Ok(Self {
+        let signals = Self {
             terminate: listen(SignalKind::terminate(), "SIGTERM")?,
             interrupt: listen(SignalKind::interrupt(), "SIGINT")?,
-            _hangup: listen(SignalKind::hangup(), "SIGHUP")?,
-        })
+        };
+        let hangups = crate::rules::listen_for_hangups().context("cannot listen for SIGHUP")?;
+        Ok((signals, hangups))
     }
 
     /// Cancels `cancel` on the first SIGTERM or ctrl-c (SIGINT).

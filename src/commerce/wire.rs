@@ -203,7 +203,8 @@ pub(crate) struct OrderList {
     pub(crate) orders: Option<Vec<WireOrder>>,
 }
 
-/// An order.
+/// An order as the answer's JSON has it, every field optional: what the
+/// step needs is checked when it becomes an [`Order`](super::Order).
 #[derive(Debug, Default, Deserialize)]
 #[serde(rename_all = "camelCase", default)]
 pub(crate) struct WireOrder {

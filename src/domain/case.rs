@@ -327,7 +327,7 @@ pub enum Stage {
     },
     /// A person must act (terminal).
     Escalated {
-        /// Why.
+        /// The contract's reason code, as `order.hold_escalated` said it.
         reason: EscalationReason,
         /// What the case had reached.
         progress: Progress,
@@ -506,7 +506,8 @@ pub struct HistoryEntry {
     pub kind: &'static str,
     /// The case's state after this entry.
     pub state: CaseState,
-    /// The particulars.
+    /// What the entry says, by kind (the call and its reply, the rule and
+    /// its hash, the target and key, the reason …): what `cases show` prints.
     pub detail: Value,
 }
 

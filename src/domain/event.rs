@@ -105,7 +105,7 @@ pub struct HeldOrder {
     pub held_at: Option<DateTime<Utc>>,
     /// Order type (`STANDARD`, `STOCKING`, `EA`, …).
     pub order_type: Option<OrderType>,
-    /// The partner.
+    /// The partner who placed the order (rules match on its id).
     pub partner: Option<Partner>,
     /// The end customer.
     pub end_customer: Option<EndCustomer>,
@@ -271,6 +271,142 @@ impl<'a> Fields<'a> {
     }
 }
 
+/// The body as JSON: within `max_bytes`, UTF-8, JSON.
+fn parse_json(body: &[u8], max_bytes: usize) -> Result<Value, DecodeError> {
+    if body.len() > max_bytes {
+        return Err(DecodeError {
+            code: DeadLetterCode::PayloadTooLarge,
+            detail: format!("body is {} bytes; the limit is {max_bytes}", body.len()),
+        });
+    }
+    let text = std::str::from_utf8(body).map_err(|e| DecodeError {
+        code: DeadLetterCode::MalformedJson,
+        detail: format!(
+            "body is not UTF-8 (invalid byte at offset {})",
+            e.valid_up_to()
+        ),
+    })?;
+    serde_json::from_str(text).map_err(|e| DecodeError {
+        code: DeadLetterCode::MalformedJson,
+        detail: format!("body is not JSON: {e}"),
+    })
+}
+
+/// The envelope's `specversion` and `type` (this worker's), `id`, `source`
+/// and `time`.
+fn envelope<'a>(
+    env: &Fields<'a>,
+) -> Result<(EventId, &'a str, Option<DateTime<Utc>>), DecodeError> {
+    let specversion = env.req_str("specversion")?;
+    if specversion != "1.0" {
+        return Err(DecodeError {
+            code: DeadLetterCode::UnsupportedEventType,
+            detail: format!("specversion {specversion:?} is not supported; expected \"1.0\""),
+        });
+    }
+    let event_type = env.req_str("type")?;
+    if event_type != HELD_EVENT_TYPE {
+        return Err(DecodeError {
+            code: DeadLetterCode::UnsupportedEventType,
+            detail: format!(
+                "type {event_type:?} is not taken by this worker; expected {HELD_EVENT_TYPE:?}"
+            ),
+        });
+    }
+    let id = EventId::parse(env.req_str("id")?).map_err(|e| invalid(format!("id: {e}")))?;
+    let source = env.req_str("source")?;
+    if source.is_empty() {
+        return Err(invalid("source must not be empty"));
+    }
+    Ok((id, source, env.opt_time("time")?))
+}
+
+/// The event's `data`.
+fn held_order(data: &Fields<'_>) -> Result<HeldOrder, DecodeError> {
+    let sales = data.opt_parsed("salesOrderNumber", SalesOrderNumber::parse)?;
+    let web = data.opt_parsed("webOrderId", WebOrderId::parse)?;
+    let order = OrderId::new(sales, web)
+        .ok_or_else(|| invalid("data.salesOrderNumber or data.webOrderId is required"))?;
+    let reason_raw = data.req_str("holdReason")?;
+    let hold_reason = HoldReason::parse(reason_raw).ok_or_else(|| {
+        invalid(format!(
+            "data.holdReason {reason_raw:?} is not NO_SMART_ACCOUNT or PENDING_SMART_ACCOUNT"
+        ))
+    })?;
+    let partner = data
+        .opt_object("partner")?
+        .map(|p| -> Result<_, DecodeError> {
+            Ok(Partner {
+                id: p.opt_text("id")?,
+                name: p.opt_text("name")?,
+            })
+        })
+        .transpose()?;
+    let end_customer = data
+        .opt_object("endCustomer")?
+        .map(|c| -> Result<_, DecodeError> {
+            Ok(EndCustomer {
+                name: c.opt_text("name")?,
+                email: c.opt_parsed("email", Email::parse)?,
+                country: c.opt_parsed("country", CountryCode::parse)?,
+            })
+        })
+        .transpose()?;
+    let smart_account = data
+        .opt_object("smartAccount")?
+        .map(|s| -> Result<_, DecodeError> {
+            Ok(PendingSmartAccount {
+                domain: s.opt_parsed("domain", Domain::parse)?,
+                status: s.opt_text("status")?,
+            })
+        })
+        .transpose()?;
+    let lines = lines(data)?;
+    Ok(HeldOrder {
+        order,
+        purchase_order_number: data.opt_text("purchaseOrderNumber")?,
+        hold_reason,
+        held_at: data.opt_time("heldAt")?,
+        order_type: data.opt_parsed("orderType", OrderType::parse)?,
+        partner,
+        end_customer,
+        smart_account,
+        lines,
+    })
+}
+
+/// `data.lines`: absent is none.
+fn lines(data: &Fields<'_>) -> Result<Vec<Line>, DecodeError> {
+    match data.get("lines") {
+        None => Ok(Vec::new()),
+        Some(Value::Array(items)) => items
+            .iter()
+            .enumerate()
+            .map(|(i, item)| {
+                let Value::Object(map) = item else {
+                    return Err(invalid(format!(
+                        "data.lines[{i}] must be an object, not {}",
+                        kind(item)
+                    )));
+                };
+                let l = Fields {
+                    path: format!("data.lines[{i}]"),
+                    map,
+                };
+                Ok(Line {
+                    line_number: l.opt_text("lineNumber")?,
+                    sku: l.opt_text("sku")?,
+                    product_family: l.opt_text("productFamily")?,
+                })
+            })
+            .collect(),
+        Some(other) => Err(invalid(format!(
+            "data.lines must be an array, not {}",
+            kind(other)
+        ))),
+    }
+}
+
 fn kind(v: &Value) -> &'static str {
     match v {
         Value::Null => "null",
@@ -284,26 +420,12 @@ fn kind(v: &Value) -> &'static str {
 
 impl HeldOrderEvent {
     /// Turns a message body into a validated event, or says why it is not one.
+    /// The fields are checked in the contract's order (the envelope, then
+    /// `data`), and the first wrong one is the one named.
     ///
     /// `max_bytes` is the payload limit; the check comes before any parsing.
     pub fn decode(body: &[u8], max_bytes: usize) -> Result<Self, DecodeError> {
-        if body.len() > max_bytes {
-            return Err(DecodeError {
-                code: DeadLetterCode::PayloadTooLarge,
-                detail: format!("body is {} bytes; the limit is {max_bytes}", body.len()),
-            });
-        }
-        let text = std::str::from_utf8(body).map_err(|e| DecodeError {
-            code: DeadLetterCode::MalformedJson,
-            detail: format!(
-                "body is not UTF-8 (invalid byte at offset {})",
-                e.valid_up_to()
-            ),
-        })?;
-        let value: Value = serde_json::from_str(text).map_err(|e| DecodeError {
-            code: DeadLetterCode::MalformedJson,
-            detail: format!("body is not JSON: {e}"),
-        })?;
+        let value = parse_json(body, max_bytes)?;
         let Value::Object(map) = &value else {
             return Err(invalid(format!(
                 "the envelope must be a JSON object, not {}",
@@ -314,118 +436,15 @@ impl HeldOrderEvent {
             path: String::new(),
             map,
         };
-
-        let specversion = env.req_str("specversion")?;
-        if specversion != "1.0" {
-            return Err(DecodeError {
-                code: DeadLetterCode::UnsupportedEventType,
-                detail: format!("specversion {specversion:?} is not supported; expected \"1.0\""),
-            });
-        }
-        let event_type = env.req_str("type")?;
-        if event_type != HELD_EVENT_TYPE {
-            return Err(DecodeError {
-                code: DeadLetterCode::UnsupportedEventType,
-                detail: format!(
-                    "type {event_type:?} is not taken by this worker; expected {HELD_EVENT_TYPE:?}"
-                ),
-            });
-        }
-        let id = EventId::parse(env.req_str("id")?).map_err(|e| invalid(format!("id: {e}")))?;
-        let source = env.req_str("source")?;
-        if source.is_empty() {
-            return Err(invalid("source must not be empty"));
-        }
-        let time = env.opt_time("time")?;
+        let (id, source, time) = envelope(&env)?;
         let data = env
             .opt_object("data")?
             .ok_or_else(|| invalid("data is required"))?;
-
-        let sales = data.opt_parsed("salesOrderNumber", SalesOrderNumber::parse)?;
-        let web = data.opt_parsed("webOrderId", WebOrderId::parse)?;
-        let order = OrderId::new(sales, web)
-            .ok_or_else(|| invalid("data.salesOrderNumber or data.webOrderId is required"))?;
-        let reason_raw = data.req_str("holdReason")?;
-        let hold_reason = HoldReason::parse(reason_raw).ok_or_else(|| {
-            invalid(format!(
-                "data.holdReason {reason_raw:?} is not NO_SMART_ACCOUNT or PENDING_SMART_ACCOUNT"
-            ))
-        })?;
-
-        let partner = data
-            .opt_object("partner")?
-            .map(|p| -> Result<_, DecodeError> {
-                Ok(Partner {
-                    id: p.opt_text("id")?,
-                    name: p.opt_text("name")?,
-                })
-            })
-            .transpose()?;
-        let end_customer = data
-            .opt_object("endCustomer")?
-            .map(|c| -> Result<_, DecodeError> {
-                Ok(EndCustomer {
-                    name: c.opt_text("name")?,
-                    email: c.opt_parsed("email", Email::parse)?,
-                    country: c.opt_parsed("country", CountryCode::parse)?,
-                })
-            })
-            .transpose()?;
-        let smart_account = data
-            .opt_object("smartAccount")?
-            .map(|s| -> Result<_, DecodeError> {
-                Ok(PendingSmartAccount {
-                    domain: s.opt_parsed("domain", Domain::parse)?,
-                    status: s.opt_text("status")?,
-                })
-            })
-            .transpose()?;
-        let lines = match data.get("lines") {
-            None => Vec::new(),
-            Some(Value::Array(items)) => items
-                .iter()
-                .enumerate()
-                .map(|(i, item)| {
-                    let Value::Object(map) = item else {
-                        return Err(invalid(format!(
-                            "data.lines[{i}] must be an object, not {}",
-                            kind(item)
-                        )));
-                    };
-                    let l = Fields {
-                        path: format!("data.lines[{i}]"),
-                        map,
-                    };
-                    Ok(Line {
-                        line_number: l.opt_text("lineNumber")?,
-                        sku: l.opt_text("sku")?,
-                        product_family: l.opt_text("productFamily")?,
-                    })
-                })
-                .collect::<Result<_, _>>()?,
-            Some(other) => {
-                return Err(invalid(format!(
-                    "data.lines must be an array, not {}",
-                    kind(other)
-                )));
-            }
-        };
-
         Ok(Self {
             id,
             source: source.to_owned(),
             time,
-            data: HeldOrder {
-                order,
-                purchase_order_number: data.opt_text("purchaseOrderNumber")?,
-                hold_reason,
-                held_at: data.opt_time("heldAt")?,
-                order_type: data.opt_parsed("orderType", OrderType::parse)?,
-                partner,
-                end_customer,
-                smart_account,
-                lines,
-            },
+            data: held_order(&data)?,
         })
     }
 

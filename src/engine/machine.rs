@@ -35,6 +35,14 @@
 //!   once per case (per generation), measured from the start of the watch;
 //!   the case keeps being watched, at the longest poll interval once a
 //!   threshold has passed.
+//! - Every read of the order is looked at the same way ([`HoldSeen`]): the
+//!   first read of an order known by its web order id, and each look while
+//!   watching. A hold released (by the assignment, or by a person before
+//!   holdclear acted) ends the case `released`, with nothing assigned in
+//!   the second case. A hold still on an order whose status takes no
+//!   assignment any more (`SHIPPED`, `CLOSED`, `CANCELLED`) ends it
+//!   `ASSIGNMENT_LOCKED`, the commerce API's own answer to an assignment
+//!   there: no assignment call, no more watching.
 
 use std::ops::ControlFlow;
 use std::time::Duration;
@@ -100,7 +108,7 @@ pub enum Call {
     },
     /// Assign the Smart Account.
     Assign {
-        /// The order.
+        /// The order, by the number the assignment endpoint takes.
         order: SalesOrderNumber,
         /// What to assign.
         assignment: Assignment,
@@ -150,13 +158,13 @@ impl Call {
 pub enum Reply {
     /// The rules' decision, `None` when no rule matched.
     Decision(Option<Decision>),
-    /// The account search.
+    /// To [`Call::FindAccount`]: the exact match, `None` when there is none.
     Account(Result<Option<SmartAccount>, CommerceError>),
-    /// The Virtual Accounts.
+    /// To [`Call::VirtualAccounts`]: every Virtual Account of the account.
     VirtualAccounts(Result<Vec<VirtualAccount>, CommerceError>),
-    /// The order.
+    /// To [`Call::ReadOrder`]: the order as the commerce API shows it.
     Order(Result<Order, CommerceError>),
-    /// The assignment.
+    /// To [`Call::Assign`]: the receipt of an accepted assignment.
     Assigned(Result<AssignmentReceipt, CommerceError>),
 }
 
@@ -248,6 +256,63 @@ pub enum Resolution {
     },
 }
 
+/// The order statuses that still take a Smart Account assignment (the
+/// commerce API answers `ASSIGNMENT_LOCKED` past them).
+const ASSIGNABLE_STATUSES: [&str; 2] = ["ENTERED", "BOOKED"];
+
+/// What one read of the order says of the Smart Account hold.
+#[derive(Clone, Debug, PartialEq)]
+pub enum HoldSeen {
+    /// Still on: the work goes on.
+    On {
+        /// Other holds on the order.
+        other_holds: Vec<String>,
+    },
+    /// Released, by the assignment or by a person.
+    Released {
+        /// When, as the order says (else the time of the look).
+        released_at: Option<DateTime<Utc>>,
+        /// Other holds still on the order.
+        other_holds: Vec<String>,
+        /// The Smart Account on the order, if it shows one.
+        smart_account_domain: Option<String>,
+    },
+    /// Still on, but the order's status (`SHIPPED`, `CLOSED`, `CANCELLED`)
+    /// takes no assignment: no assignment of holdclear's can clear it.
+    Locked {
+        /// The order's status.
+        status: String,
+    },
+}
+
+impl HoldSeen {
+    /// What `order` shows.
+    pub fn of(order: &Order) -> Self {
+        if order.smart_account_hold_released() {
+            Self::Released {
+                released_at: order.smart_account_hold_released_at(),
+                other_holds: order.other_holds(),
+                smart_account_domain: order.smart_account_domain.clone(),
+            }
+        } else if ASSIGNABLE_STATUSES.contains(&order.status.as_str()) {
+            Self::On {
+                other_holds: order.other_holds(),
+            }
+        } else {
+            Self::Locked {
+                status: order.status.clone(),
+            }
+        }
+    }
+}
+
+/// The escalation detail of an order whose status takes no assignment.
+fn locked_detail(status: &str) -> String {
+    format!(
+        "the order is {status} with the Smart Account hold still on: it takes no Smart Account assignment any more, so holdclear stopped working it"
+    )
+}
+
 /// How one step ended.
 #[derive(Clone, Debug, PartialEq)]
 pub enum Outcome {
@@ -256,6 +321,8 @@ pub enum Outcome {
     Identified {
         /// The order's sales order number.
         sales_order_number: SalesOrderNumber,
+        /// What the read showed: the work goes on only while the hold is on.
+        seen: HoldSeen,
     },
     /// A rule matched.
     Decided(Decision),
@@ -467,6 +534,7 @@ fn plan_identify(case: &Case, replies: &[Reply]) -> Next {
         }),
         Some(Reply::Order(Ok(order))) => Next::Done(Outcome::Identified {
             sales_order_number: order.sales_order_number.clone(),
+            seen: HoldSeen::of(order),
         }),
         Some(Reply::Order(Err(e))) => failed("read_order", e),
         Some(other) => mismatch("read_order", other),
@@ -717,15 +785,20 @@ fn plan_watch(case: &Case, replies: &[Reply]) -> Next {
         None => Next::Call(Call::ReadOrder {
             order: case.order.clone(),
         }),
-        Some(Reply::Order(Ok(order))) => Next::Done(if order.smart_account_hold_released() {
-            Outcome::Released {
-                released_at: order.smart_account_hold_released_at(),
-                other_holds: order.other_holds(),
-            }
-        } else {
-            Outcome::StillHeld {
-                other_holds: order.other_holds(),
-            }
+        Some(Reply::Order(Ok(order))) => Next::Done(match HoldSeen::of(order) {
+            HoldSeen::On { other_holds } => Outcome::StillHeld { other_holds },
+            HoldSeen::Released {
+                released_at,
+                other_holds,
+                ..
+            } => Outcome::Released {
+                released_at,
+                other_holds,
+            },
+            HoldSeen::Locked { status } => Outcome::Escalate {
+                reason: EscalationReason::AssignmentLocked,
+                detail: locked_detail(&status),
+            },
         }),
         Some(Reply::Order(Err(e))) => failed("read_order", e),
         Some(other) => mismatch("read_order", other),
@@ -760,7 +833,10 @@ pub fn apply(
         return Err(step.unexpected());
     }
     match outcome {
-        Outcome::Identified { sales_order_number } => step.identified(sales_order_number)?,
+        Outcome::Identified {
+            sales_order_number,
+            seen,
+        } => step.identified(sales_order_number, seen)?,
         Outcome::Decided(decision) => step.decided(decision)?,
         Outcome::Resolved(Resolution::Assign {
             sales_order_number,
@@ -851,13 +927,29 @@ impl<'a> Step<'a> {
         }
     }
 
-    fn identified(&mut self, sales_order_number: SalesOrderNumber) -> Result<(), MachineError> {
+    /// The order's sales order number learnt; the rules decide next while
+    /// the hold is on, else the case ends as a watched one would.
+    fn identified(
+        &mut self,
+        sales_order_number: SalesOrderNumber,
+        seen: HoldSeen,
+    ) -> Result<(), MachineError> {
         self.expect(CaseState::Deciding)?;
         if self.case.order.sales_order_number.is_some() {
             return Err(self.unexpected());
         }
         self.next.order.sales_order_number = Some(sales_order_number);
-        self.next.next_action_at = Some(self.now);
+        match seen {
+            HoldSeen::On { .. } => self.next.next_action_at = Some(self.now),
+            HoldSeen::Released {
+                released_at,
+                other_holds,
+                smart_account_domain,
+            } => self.release(released_at, other_holds, smart_account_domain),
+            HoldSeen::Locked { status } => {
+                self.escalate(EscalationReason::AssignmentLocked, locked_detail(&status));
+            }
+        }
         Ok(())
     }
 
@@ -1092,11 +1184,26 @@ impl<'a> Step<'a> {
         other_holds: Vec<String>,
     ) -> Result<(), MachineError> {
         self.expect(CaseState::Watching)?;
+        self.release(released_at, other_holds, None);
+        Ok(())
+    }
+
+    /// The case ends `released`, with its history line and event; the
+    /// event names the case's target, else `on_order` (the account the
+    /// order shows when nothing was assigned here) and, with no rule
+    /// decided, no rule.
+    fn release(
+        &mut self,
+        released_at: Option<DateTime<Utc>>,
+        other_holds: Vec<String>,
+        on_order: Option<String>,
+    ) {
         let case = self.case;
         let released_at = released_at.unwrap_or(self.now);
         let progress = case.stage.progress();
-        let smart_account_domain =
-            (progress.target.as_ref()).map(|t| t.smart_account_domain.clone());
+        let smart_account_domain = (progress.target.as_ref())
+            .map(|t| t.smart_account_domain.clone())
+            .or(on_order);
         self.next.stage = Stage::Released {
             progress,
             released_at,
@@ -1114,7 +1221,6 @@ impl<'a> Step<'a> {
             rule: case.rule().map(str::to_owned),
             other_holds,
         });
-        Ok(())
     }
 
     /// A terminal escalation (level `critical`).

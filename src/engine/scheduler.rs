@@ -34,7 +34,7 @@ use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
 use super::DecisionSource;
-use super::machine::{self, Call, Next, Outcome, Reply, Transition};
+use super::machine::{self, Call, HoldSeen, Next, Outcome, Reply, Transition};
 use crate::commerce::{CommerceApi, CommerceError, ErrorCode};
 use crate::config::EngineSettings;
 use crate::domain::{Case, CaseState, Envelope, HistoryEntry, OutboundEvent};
@@ -919,9 +919,8 @@ async fn write_batch(store: &Store, batch: Vec<CommitRequest>) {
     }
 }
 
-/// Logs and counts one committed step.
-fn report(before: CaseState, outcome: &Outcome, t: &Transition) {
-    let case = &t.case;
+/// Counts one committed step and its escalations.
+fn count(before: CaseState, outcome: &Outcome, t: &Transition) {
     metrics::counter!(
         "holdclear_cases_stepped_total",
         "state" => before.as_str(),
@@ -938,11 +937,27 @@ fn report(before: CaseState, outcome: &Outcome, t: &Transition) {
             .increment(1);
         }
     }
+}
+
+/// Logs and counts one committed step.
+fn report(before: CaseState, outcome: &Outcome, t: &Transition) {
+    count(before, outcome, t);
+    let case = &t.case;
     let order = case.subject();
     let rule = case.rule().unwrap_or("-");
     match outcome {
-        Outcome::Identified { sales_order_number } => {
+        Outcome::Identified {
+            sales_order_number,
+            seen,
+        } => {
             tracing::info!(order = %order, sales_order_number = %sales_order_number, "Order identified by its web order id.");
+            match seen {
+                HoldSeen::On { .. } => {}
+                HoldSeen::Released { .. } => {
+                    tracing::info!(order = %order, "Hold released before anything was assigned.");
+                }
+                HoldSeen::Locked { .. } => escalated(&order, rule, t),
+            }
         }
         Outcome::Decided(d) => {
             tracing::info!(order = %order, rule = %d.rule, "Rule decided.");

@@ -97,7 +97,7 @@ pub struct ChangeCount {
 pub struct Unreplayable {
     /// The order (its key).
     pub order: String,
-    /// The case.
+    /// The id of the case whose stored event was replayed.
     pub case_id: String,
     /// Why its event cannot be read.
     pub reason: String,
@@ -211,7 +211,7 @@ impl Differences {
         });
     }
 
-    /// The report.
+    /// The report over every order replayed.
     pub fn finish(mut self) -> WhatIfReport {
         let mut counts: Vec<ChangeCount> = (self.counts.into_iter())
             .map(|((kind, old_rule, new_rule), orders)| ChangeCount {

@@ -63,7 +63,7 @@ pub use diff::{
     Change, ChangeCount, ChangeKind, Choice, Differences, Unreplayable, WhatIf, WhatIfReport,
 };
 pub use explain::{Explanation, Failure, OrderFacts, Outcome, RuleExplanation};
-pub use reload::RulesHandle;
+pub use reload::{RulesHandle, listen_for_hangups};
 pub use suggest::{Chosen, Disagreement, FixGroup, Learned, Learner, Suggestion};
 
 pub use crate::domain::Decision;

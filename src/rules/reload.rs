@@ -14,9 +14,18 @@
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, RwLock};
 
+use tokio::signal::unix::{Signal, SignalKind, signal};
 use tokio_util::sync::CancellationToken;
 
 use super::{Rules, RulesError};
+
+/// Listens for SIGHUP from now on: a SIGHUP no longer terminates the
+/// process, and each one that arrives (several before a read count as one)
+/// waits in the stream until [`RulesHandle::reload_on_sighup`] reads it.
+/// Must be called inside a tokio runtime.
+pub fn listen_for_hangups() -> std::io::Result<Signal> {
+    signal(SignalKind::hangup())
+}
 
 /// Cheaply clonable handle to the rules in force (and their shadow).
 #[derive(Clone, Debug)]
@@ -85,18 +94,19 @@ impl RulesHandle {
         Ok(())
     }
 
-    /// Reloads `path` on every SIGHUP until `cancel` fires: INFO with the
-    /// rule count and hash on success, ERROR with the reason on failure
-    /// (the rules in force stay).
-    pub async fn reload_on_sighup(self, path: PathBuf, cancel: CancellationToken) {
-        use tokio::signal::unix::{SignalKind, signal};
-        let mut hangups = match signal(SignalKind::hangup()) {
-            Ok(s) => s,
-            Err(e) => {
-                tracing::error!(error = %e, "Cannot listen for SIGHUP; the rules will not be reloaded.");
-                return;
-            }
-        };
+    /// Reloads `path` on every SIGHUP that `hangups` hears until `cancel`
+    /// fires: INFO with the rule count and hash on success, ERROR with the
+    /// reason on failure (the rules in force stay).
+    ///
+    /// `hangups` must listen from before the rules in force were read (see
+    /// [`listen_for_hangups`]): a SIGHUP that arrives before this task runs
+    /// then waits in it and is a reload, never lost.
+    pub async fn reload_on_sighup(
+        self,
+        path: PathBuf,
+        mut hangups: Signal,
+        cancel: CancellationToken,
+    ) {
         loop {
             tokio::select! {
                 () = cancel.cancelled() => return,

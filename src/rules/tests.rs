@@ -723,23 +723,52 @@ mod reload {
         );
     }
 
+    /// A SIGHUP that arrives after the stream listens but before the
+    /// reload task runs (a worker still starting) waits in the stream: the
+    /// task reloads as soon as it runs, without a second SIGHUP.
+    #[tokio::test]
+    async fn a_sighup_before_the_reload_task_runs_is_a_reload() {
+        let hangups = super::super::listen_for_hangups().expect("listen for SIGHUP");
+        let dir = tempfile::tempdir().expect("a temp dir");
+        let path = dir.path().join("rules.toml");
+        std::fs::write(&path, rule("one", "", ACME, None)).expect("write");
+        let handle = RulesHandle::new(Rules::load(&path).expect("valid"));
+        std::fs::write(&path, rule("two", "", ACME, None)).expect("write");
+        nix::sys::signal::raise(nix::sys::signal::Signal::SIGHUP).expect("raise SIGHUP");
+        let cancel = CancellationToken::new();
+        let task = tokio::spawn(handle.clone().reload_on_sighup(
+            path.clone(),
+            hangups,
+            cancel.clone(),
+        ));
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !handle.current().names().any(|n| n == "two") {
+            assert!(Instant::now() < deadline, "the early SIGHUP was lost");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        cancel.cancel();
+        tokio::time::timeout(Duration::from_secs(5), task)
+            .await
+            .expect("stops when cancelled")
+            .expect("no panic");
+    }
+
     #[tokio::test]
     async fn sighup_reloads_until_cancelled() {
-        use tokio::signal::unix::{SignalKind, signal};
-        // Our own listener installs the handler first, so a SIGHUP can never
-        // take the default action (terminate) in this test process.
-        let _guard = signal(SignalKind::hangup()).expect("listen for SIGHUP");
+        // Listening first installs the handler, so a SIGHUP can never take
+        // the default action (terminate) in this test process.
+        let hangups = super::super::listen_for_hangups().expect("listen for SIGHUP");
 
         let dir = tempfile::tempdir().expect("a temp dir");
         let path = dir.path().join("rules.toml");
         std::fs::write(&path, rule("one", "", ACME, None)).expect("write");
         let handle = RulesHandle::new(Rules::load(&path).expect("valid"));
         let cancel = CancellationToken::new();
-        let task = tokio::spawn(
-            handle
-                .clone()
-                .reload_on_sighup(path.clone(), cancel.clone()),
-        );
+        let task = tokio::spawn(handle.clone().reload_on_sighup(
+            path.clone(),
+            hangups,
+            cancel.clone(),
+        ));
 
         let hup_until = |want: &'static str| {
             let handle = handle.clone();

@@ -203,6 +203,19 @@ impl SimHandle {
         }
     }
 
+    /// What a person does in Cisco's portal: the order's `status` becomes
+    /// `status` (e.g. `CANCELLED`); `false` when the simulator has no such
+    /// order.
+    pub fn set_order_status(&self, sales_order_number: &str, status: &str) -> bool {
+        self.shared.lock().set_status(sales_order_number, status)
+    }
+
+    /// What a person does in Cisco's portal: the order's Smart Account hold
+    /// is released by hand; `false` when no such hold was on.
+    pub fn release_hold(&self, sales_order_number: &str) -> bool {
+        self.shared.lock().release_by_hand(sales_order_number)
+    }
+
     /// Forces the outcomes of the next calls of `endpoint`, in order.
     pub fn script(&self, endpoint: SimEndpoint, steps: &[Forced]) {
         self.shared.lock().script(endpoint, steps);

@@ -542,7 +542,29 @@ impl World {
         Reply::ok(200, self.order_json(number))
     }
 
-    /// `POST /commerce/v1/orders/{n}/smart-account-assignment`.
+    /// The order's status set by a person; `false` when there is no such order.
+    pub(crate) fn set_status(&mut self, number: &str, status: &str) -> bool {
+        let Some(order) = self.orders.get_mut(number) else {
+            return false;
+        };
+        status.clone_into(&mut order.status);
+        true
+    }
+
+    /// The order's Smart Account hold released by a person; `false` when
+    /// none was on.
+    pub(crate) fn release_by_hand(&mut self, number: &str) -> bool {
+        let released = self.orders.get_mut(number).is_some_and(release);
+        if released {
+            self.stats.holds_released += 1;
+        }
+        released
+    }
+
+    /// `POST /commerce/v1/orders/{n}/smart-account-assignment`: the same
+    /// key and body again is answered as the first time; otherwise the
+    /// order, the terms, the account and the Virtual Account are checked in
+    /// that order, and an accepted assignment may release the hold.
     pub(crate) fn assign(
         &mut self,
         number: &str,
@@ -575,27 +597,39 @@ impl World {
             self.stats.idempotent_replays += 1;
             return stored.reply.clone();
         }
-        if let Err(reply) = self.ensure_order(number) {
-            return reply;
-        }
-        if let Err(reply) = self.gate(number) {
-            return reply;
-        }
+        let (assigned, va_name) = match self.assignable(number, &request) {
+            Ok(accepted) => accepted,
+            Err(refused) => return refused,
+        };
+        let reply = self.accept(number, assigned, va_name);
+        self.remember(record, request, reply.clone());
+        reply
+    }
+
+    /// The account and Virtual Account an assignment of `request` to order
+    /// `number` sets, or the answer refusing it.
+    fn assignable(
+        &mut self,
+        number: &str,
+        request: &Value,
+    ) -> Result<(OrderAccount, String), Reply> {
+        self.ensure_order(number)?;
+        self.gate(number)?;
         let Some(order) = self.orders.get(number) else {
-            return not_found(number);
+            return Err(not_found(number));
         };
         if order.behaviour == Behaviour::Locked
             || matches!(order.order_type.as_str(), "STOCKING" | "EA")
             || !matches!(order.status.as_str(), "ENTERED" | "BOOKED")
         {
-            return Reply::error(
+            return Err(Reply::error(
                 409,
                 "ASSIGNMENT_LOCKED",
                 format!(
                     "order {number} ({} {}) no longer takes a Smart Account assignment",
                     order.status, order.order_type
                 ),
-            );
+            ));
         }
         let text = |k: &str| {
             request
@@ -610,58 +644,74 @@ impl World {
             text("virtualAccountName"),
         );
         if request.get("acceptTerms").and_then(Value::as_bool) != Some(true) {
-            return Reply::error(
+            return Err(Reply::error(
                 400,
                 "TNC_ERROR",
                 "the terms must be accepted (acceptTerms: true)",
-            );
+            ));
         }
         if domain.is_empty() || va_name.is_empty() {
-            return Reply::error(
+            return Err(Reply::error(
                 400,
                 "BIZ_RULE_FAIL_ERROR",
                 "smartAccountDomain and virtualAccountName are required",
-            );
+            ));
         }
-        let Some(account) = self.account(&domain) else {
-            return Reply::error(
+        self.usable_account(&domain, &account_type, &va_name)
+    }
+
+    /// The ACTIVE account of `domain` (of `account_type`, when given) and
+    /// its PUBLIC Virtual Account `va_name`, or the answer refusing them.
+    fn usable_account(
+        &self,
+        domain: &str,
+        account_type: &str,
+        va_name: &str,
+    ) -> Result<(OrderAccount, String), Reply> {
+        let Some(account) = self.account(domain) else {
+            return Err(Reply::error(
                 404,
                 "SMART_ACCOUNT_NOT_FOUND",
                 format!("no Smart Account with domain {domain}"),
-            );
+            ));
         };
-        if !account_type.is_empty() && !account.account_type.eq_ignore_ascii_case(&account_type) {
-            return Reply::error(
+        if !account_type.is_empty() && !account.account_type.eq_ignore_ascii_case(account_type) {
+            return Err(Reply::error(
                 400,
                 "BIZ_RULE_FAIL_ERROR",
                 format!(
                     "{domain} is a {} account, not {account_type}",
                     account.account_type
                 ),
-            );
+            ));
         }
         if account.status != "ACTIVE" {
-            return Reply::error(
+            return Err(Reply::error(
                 422,
                 "SMART_ACCOUNT_NOT_ACTIVE",
                 format!("Smart Account {domain} is {}", account.status),
-            );
+            ));
         }
         let Some(va) = account.virtual_accounts.iter().find(|va| {
-            va.name.eq_ignore_ascii_case(&va_name) && va.commerce_access_level == "PUBLIC"
+            va.name.eq_ignore_ascii_case(va_name) && va.commerce_access_level == "PUBLIC"
         }) else {
-            return Reply::error(
+            return Err(Reply::error(
                 422,
                 "VIRTUAL_ACCOUNT_NOT_FOUND",
                 format!("{domain} has no PUBLIC Virtual Account {va_name:?}"),
-            );
+            ));
         };
         let assigned = OrderAccount {
             domain: account.domain.clone(),
             name: account.name.clone(),
             status: account.status.clone(),
         };
-        let va_name = va.name.clone();
+        Ok((assigned, va.name.clone()))
+    }
+
+    /// Sets the accepted assignment on the order (202), which releases its
+    /// hold at once or after the release knobs.
+    fn accept(&mut self, number: &str, assigned: OrderAccount, va_name: String) -> Reply {
         self.next_assignment += 1;
         let reply = Reply::ok(
             202,
@@ -690,6 +740,12 @@ impl World {
             self.stats.holds_released += 1;
         }
         *self.stats.assignments.entry(number.to_owned()).or_default() += 1;
+        reply
+    }
+
+    /// Keeps the answer to `record` (order, key) for a repeat, forgetting
+    /// the oldest beyond [`MAX_IDEMPOTENCY_RECORDS`].
+    fn remember(&mut self, record: (String, String), request: Value, reply: Reply) {
         if self.idempotency_order.len() >= MAX_IDEMPOTENCY_RECORDS
             && let Some(oldest) = self.idempotency_order.pop_front()
         {
@@ -700,10 +756,9 @@ impl World {
             record,
             Stored {
                 fingerprint: request,
-                reply: reply.clone(),
+                reply,
             },
         );
-        reply
     }
 
     /// Creates an unknown order from the defaults, or says why not.

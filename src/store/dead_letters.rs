@@ -4,6 +4,7 @@
 use chrono::{DateTime, Utc};
 use serde::Serialize;
 use serde_json::Value;
+use sqlx::postgres::PgRow;
 use sqlx::{QueryBuilder, Row};
 use uuid::Uuid;
 
@@ -82,7 +83,7 @@ pub struct DeadLetterRecord {
 /// One time a dead letter was seen.
 #[derive(Clone, Debug, Serialize)]
 pub struct Sighting {
-    /// When.
+    /// When it came from the dead-letter queue (again).
     pub seen_at: DateTime<Utc>,
     /// Its code then.
     pub code: String,
@@ -95,11 +96,11 @@ pub struct Sighting {
 /// An operator's note.
 #[derive(Clone, Debug, Serialize)]
 pub struct Note {
-    /// When.
+    /// When it was written.
     pub written_at: DateTime<Utc>,
-    /// Who.
+    /// The operator who wrote it.
     pub operator: String,
-    /// What.
+    /// The note itself.
     pub text: String,
     /// A ticket reference.
     pub ticket: Option<String>,
@@ -129,9 +130,9 @@ pub struct DeadLetterFilter {
 /// A group of dead letters: same code, same detail signature.
 #[derive(Clone, Debug, Serialize)]
 pub struct DeadLetterGroup {
-    /// Group key.
+    /// The group's key (what `--group` takes).
     pub group: String,
-    /// Code.
+    /// The dead-letter code its members share.
     pub code: String,
     /// The detail with ids masked.
     pub signature: String,
@@ -162,11 +163,11 @@ pub struct Operation {
     pub selection: Value,
     /// `running`, `interrupted`, `done`.
     pub status: String,
-    /// Started.
+    /// When it started.
     pub created_at: DateTime<Utc>,
     /// Last progress.
     pub updated_at: DateTime<Utc>,
-    /// Ended.
+    /// When it ended; `None` while it runs, or if it was interrupted.
     pub finished_at: Option<DateTime<Utc>>,
 }
 
@@ -407,46 +408,49 @@ impl Store {
 
     /// Every sighting of a dead letter, oldest first.
     pub async fn dead_letter_sightings(&self, id: i64) -> Result<Vec<Sighting>, StoreError> {
-        let rows = sqlx::query(
+        self.dead_letter_rows(
             "SELECT seen_at, code, detail, headers FROM dead_letter_sightings
              WHERE dead_letter_id = $1 ORDER BY seen_at, id",
-        )
-        .bind(id)
-        .fetch_all(self.pool())
-        .await?;
-        Ok(rows
-            .iter()
-            .map(|r| {
-                Ok::<_, sqlx::Error>(Sighting {
+            id,
+            |r| {
+                Ok(Sighting {
                     seen_at: r.try_get("seen_at")?,
                     code: r.try_get("code")?,
                     detail: r.try_get("detail")?,
                     headers: r.try_get("headers")?,
                 })
-            })
-            .collect::<Result<_, _>>()?)
+            },
+        )
+        .await
     }
 
     /// The notes on a dead letter, oldest first.
     pub async fn dead_letter_notes(&self, id: i64) -> Result<Vec<Note>, StoreError> {
-        let rows = sqlx::query(
+        self.dead_letter_rows(
             "SELECT written_at, operator, text, ticket FROM dead_letter_notes
              WHERE dead_letter_id = $1 ORDER BY written_at, id",
-        )
-        .bind(id)
-        .fetch_all(self.pool())
-        .await?;
-        Ok(rows
-            .iter()
-            .map(|r| {
-                Ok::<_, sqlx::Error>(Note {
+            id,
+            |r| {
+                Ok(Note {
                     written_at: r.try_get("written_at")?,
                     operator: r.try_get("operator")?,
                     text: r.try_get("text")?,
                     ticket: r.try_get("ticket")?,
                 })
-            })
-            .collect::<Result<_, _>>()?)
+            },
+        )
+        .await
+    }
+
+    /// The rows `sql` selects for dead letter `id` (its `$1`), each read by `row`.
+    async fn dead_letter_rows<T>(
+        &self,
+        sql: &'static str,
+        id: i64,
+        row: impl Fn(&PgRow) -> Result<T, sqlx::Error>,
+    ) -> Result<Vec<T>, StoreError> {
+        let rows = sqlx::query(sql).bind(id).fetch_all(self.pool()).await?;
+        Ok(rows.iter().map(row).collect::<Result<_, _>>()?)
     }
 
     /// Groups of dead letters not archived, the busiest first.

@@ -51,7 +51,7 @@ pub struct DecisionStats {
 /// One case's stored event, as `rules diff` replays it.
 #[derive(Clone, Debug)]
 pub struct StoredEvent {
-    /// The case.
+    /// The case the event opened or joined.
     pub case_id: uuid::Uuid,
     /// The order's key (sales order number, else web order id).
     pub order_key: String,

@@ -24,7 +24,7 @@ pub struct OutboxRow {
     pub case_id: Uuid,
     /// Routing key on the events exchange.
     pub routing_key: String,
-    /// The envelope.
+    /// The CloudEvents envelope, published as the message body.
     pub body: Value,
     /// When it was written.
     pub created_at: DateTime<Utc>,
@@ -39,7 +39,7 @@ pub struct OutboxRow {
 /// A row that could not be published this time.
 #[derive(Clone, Debug)]
 pub struct OutboxFailure {
-    /// The row.
+    /// The id of the row that was not published.
     pub id: i64,
     /// Why, one line.
     pub error: String,

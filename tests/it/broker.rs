@@ -105,59 +105,17 @@ async fn outbox_row(store: &holdclear::store::Store, order: &str) -> uuid::Uuid 
 /// Writes `n` escalation events (distinct ids) for a fresh case through one
 /// real step commit.
 async fn outbox_rows(store: &holdclear::store::Store, order: &str, n: u32) -> uuid::Uuid {
-    use holdclear::domain::OutboundEvent;
-    use holdclear::domain::{EscalationLevel, EscalationReason, HeldOrderEvent};
-    use holdclear::store::Recorded;
     let body = serde_json::json!({
         "specversion": "1.0", "type": "commerce.order.held.v1", "source": "/t",
         "id": uuid::Uuid::new_v4().to_string(),
         "data": {"salesOrderNumber": order, "holdReason": "NO_SMART_ACCOUNT"}
     });
-    let event = HeldOrderEvent::decode(&serde_json::to_vec(&body).unwrap(), 256 * 1024)
-        .expect("a valid held-order event");
-    let id = match store
-        .record_held(std::slice::from_ref(&event))
+    let event =
+        holdclear::domain::HeldOrderEvent::decode(&serde_json::to_vec(&body).unwrap(), 256 * 1024)
+            .expect("a valid held-order event");
+    crate::support::store::escalated_with_events(store, &event, n)
         .await
-        .unwrap()
-        .as_slice()
-    {
-        [Recorded::Opened { case_id }] => *case_id,
-        other => panic!("no case opened: {other:?}"),
-    };
-    let case = store
-        .claim_due("writer#1", Duration::from_secs(30), 1)
-        .await
-        .unwrap()
-        .pop()
-        .unwrap()
-        .case
-        .unwrap();
-    let mut next = case.clone();
-    next.stage = holdclear::domain::Stage::Escalated {
-        reason: EscalationReason::NoRuleMatched,
-        progress: case.stage.progress(),
-        closed_at: chrono::Utc::now(),
-    };
-    next.next_action_at = None;
-    let envelopes: Vec<_> = (0..n)
-        .map(|i| {
-            OutboundEvent::HoldEscalated {
-                reason: EscalationReason::NoRuleMatched,
-                level: EscalationLevel::Critical,
-                held_seconds: 1,
-                detail: "no rule".into(),
-                threshold: (n > 1).then_some(i),
-            }
-            .envelope(id, 0, &case.order, chrono::Utc::now())
-        })
-        .collect();
-    assert!(
-        store
-            .commit_step("writer#1", &next, &[], &envelopes, None)
-            .await
-            .unwrap()
-    );
-    id
+        .0
 }
 
 /// Open channels of the connections whose client-given name contains `needle`.

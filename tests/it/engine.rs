@@ -6,6 +6,7 @@
 //! Cases are opened with intake's store write (`Store::record_held`); the
 //! path through RabbitMQ and the worker is in [`e2e`] (`through_the_worker`).
 
+mod by_hand;
 mod e2e;
 mod identity;
 mod scripted;
@@ -19,7 +20,6 @@ use holdclear::commerce::CommerceApi;
 use holdclear::config::{EngineSettings, EscalationThreshold, RetrySettings, SecretUrl, Topology};
 use holdclear::domain::Decision;
 use holdclear::domain::HistoryEntry;
-use holdclear::domain::OutboundEvent;
 use holdclear::domain::{
     AccountSelector, AccountType, CaseState, Domain, EscalationLevel, EscalationReason, HeldOrder,
     HeldOrderEvent, Target, VirtualAccountChoice,
@@ -109,6 +109,18 @@ fn held(so: &str, domain: &str, tweak: impl FnOnce(&mut Value)) -> HeldOrderEven
     });
     tweak(&mut v);
     HeldOrderEvent::decode(&serde_json::to_vec(&v).unwrap(), 256 * 1024).expect("valid event")
+}
+
+/// [`held`] naming the order by web order id `web` alone (no sales order
+/// number).
+fn held_by_web_order_id(web: &str, domain: &str) -> HeldOrderEvent {
+    held("0", domain, |v| {
+        v["data"]
+            .as_object_mut()
+            .unwrap()
+            .remove("salesOrderNumber");
+        v["data"]["webOrderId"] = json!(web);
+    })
 }
 
 /// Opens a case in `deciding` with intake's own write.
@@ -350,22 +362,8 @@ async fn an_expired_lease_is_claimed_again_and_a_renewed_one_is_not(pool: PgPool
 fn escalated_no_rule(
     case: &holdclear::domain::Case,
 ) -> (holdclear::domain::Case, holdclear::domain::Envelope) {
-    let mut next = case.clone();
-    next.stage = holdclear::domain::Stage::Escalated {
-        reason: EscalationReason::NoRuleMatched,
-        progress: case.stage.progress(),
-        closed_at: chrono::Utc::now(),
-    };
-    next.next_action_at = None;
-    let envelope = OutboundEvent::HoldEscalated {
-        reason: EscalationReason::NoRuleMatched,
-        level: EscalationLevel::Critical,
-        held_seconds: 1,
-        detail: "x".into(),
-        threshold: None,
-    }
-    .envelope(case.id, 0, &case.order, Utc::now());
-    (next, envelope)
+    let (next, mut envelopes) = crate::support::store::escalated_no_rule(case, 1);
+    (next, envelopes.remove(0))
 }
 
 #[sqlx::test]
@@ -545,38 +543,10 @@ async fn steps_of_several_cases_commit_together_each_fenced_by_its_lease(pool: P
 // ---- the relay ----------------------------------------------------------------
 
 /// Writes one event for a fresh case through a real step commit.
-async fn case_with_event(store: &Store, pool: &PgPool, so: &str) -> (Uuid, Uuid) {
-    let id = open_case(pool, &held(so, "acme.example", |_| {})).await;
-    let case = store
-        .claim_due("writer#1", Duration::from_secs(30), 1)
-        .await
-        .unwrap()
-        .pop()
-        .unwrap()
-        .case
-        .unwrap();
-    let mut next = case.clone();
-    next.stage = holdclear::domain::Stage::Escalated {
-        reason: EscalationReason::NoRuleMatched,
-        progress: case.stage.progress(),
-        closed_at: chrono::Utc::now(),
-    };
-    next.next_action_at = None;
-    let env = OutboundEvent::HoldEscalated {
-        reason: EscalationReason::NoRuleMatched,
-        level: EscalationLevel::Critical,
-        held_seconds: 30,
-        detail: "no default rule matches the order".into(),
-        threshold: None,
-    }
-    .envelope(id, 0, &case.order, Utc::now());
-    assert!(
-        store
-            .commit_step("writer#1", &next, &[], std::slice::from_ref(&env), None)
-            .await
-            .unwrap()
-    );
-    (id, env.id)
+async fn case_with_event(store: &Store, so: &str) -> (Uuid, Uuid) {
+    let event = held(so, "acme.example", |_| {});
+    let (id, envelopes) = crate::support::store::escalated_with_events(store, &event, 1).await;
+    (id, envelopes[0])
 }
 
 fn relay(store: &Store, topology: &Topology, prefix: &str, wake: Arc<Notify>) -> Relay {
@@ -603,7 +573,7 @@ async fn the_relay_publishes_contract_events_marks_them_sent_and_reconnects(pool
     let prefix = unique("relay");
     let topo = topology(&prefix);
     let mut events = EventQueue::bind(&topo).await;
-    let (case_id, envelope_id) = case_with_event(&store, &pool, "4001").await;
+    let (case_id, envelope_id) = case_with_event(&store, "4001").await;
     let wake = Arc::new(Notify::new());
     let cancel = CancellationToken::new();
     let task = tokio::spawn(relay(&store, &topo, &prefix, wake.clone()).run(cancel.clone()));
@@ -627,7 +597,7 @@ async fn the_relay_publishes_contract_events_marks_them_sent_and_reconnects(pool
     let pids = connections_named(&prefix);
     assert_eq!(pids.len(), 1, "the relay's one connection: {pids:?}");
     close_connection(&pids[0]);
-    let (_, second) = case_with_event(&store, &pool, "4002").await;
+    let (_, second) = case_with_event(&store, "4002").await;
     wake.notify_one();
     let got = events
         .next(DEADLINE)
@@ -726,7 +696,7 @@ async fn unroutable_events_stay_in_the_outbox_until_a_queue_is_bound(pool: PgPoo
             .unwrap();
         }
         let so = if exchange_exists { "5001" } else { "5002" };
-        let (case_id, _) = case_with_event(&store, &pool, so).await;
+        let (case_id, _) = case_with_event(&store, so).await;
         let cancel = CancellationToken::new();
         let task = tokio::spawn(
             relay(&store, &topo, &prefix, Arc::new(Notify::new())).run(cancel.clone()),

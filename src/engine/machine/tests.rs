@@ -224,6 +224,14 @@ fn order(released: bool, other: &[&str]) -> Order {
     }
 }
 
+/// [`order`] with another status.
+fn order_in(status: &str, released: bool) -> Order {
+    Order {
+        status: status.into(),
+        ..order(released, &[])
+    }
+}
+
 fn transient() -> CommerceError {
     CommerceError::Transient {
         retry_after: None,
@@ -336,6 +344,27 @@ fn every_transition() {
             ),
             vec![],
             vec![],
+            Expect::Escalated(R::AssignmentLocked),
+        ),
+        (
+            "web order id only: the order is read first, then the rules decide",
+            case_with(&web_only, Stage::Deciding),
+            vec![Reply::Order(Ok(order(false, &[])))],
+            vec!["read_order"],
+            Expect::State(S::Deciding),
+        ),
+        (
+            "web order id only, the hold released by hand already: released, nothing assigned",
+            case_with(&web_only, Stage::Deciding),
+            vec![Reply::Order(Ok(order(true, &[])))],
+            vec!["read_order"],
+            Expect::State(S::Released),
+        ),
+        (
+            "web order id only, order CANCELLED with the hold on: locked, nothing assigned",
+            case_with(&web_only, Stage::Deciding),
+            vec![Reply::Order(Ok(order_in("CANCELLED", false)))],
+            vec!["read_order"],
             Expect::Escalated(R::AssignmentLocked),
         ),
         // resolve
@@ -595,6 +624,34 @@ fn every_transition() {
             "hold still on",
             watching(),
             vec![Reply::Order(Ok(order(false, &[])))],
+            vec!["read_order"],
+            Expect::State(S::Watching),
+        ),
+        (
+            "order CANCELLED while watched, hold still on: locked, no more looks",
+            watching(),
+            vec![Reply::Order(Ok(order_in("CANCELLED", false)))],
+            vec!["read_order"],
+            Expect::Escalated(R::AssignmentLocked),
+        ),
+        (
+            "order CLOSED while watched, hold still on: locked",
+            watching(),
+            vec![Reply::Order(Ok(order_in("CLOSED", false)))],
+            vec!["read_order"],
+            Expect::Escalated(R::AssignmentLocked),
+        ),
+        (
+            "order CANCELLED and its hold released: released",
+            watching(),
+            vec![Reply::Order(Ok(order_in("CANCELLED", true)))],
+            vec!["read_order"],
+            Expect::State(S::Released),
+        ),
+        (
+            "order ENTERED, hold still on: still watched",
+            watching(),
+            vec![Reply::Order(Ok(order_in("ENTERED", false)))],
             vec!["read_order"],
             Expect::State(S::Watching),
         ),
@@ -1205,6 +1262,15 @@ proptest! {
                 },
                 7 => Outcome::Identified {
                     sales_order_number: SalesOrderNumber::parse("1").unwrap(),
+                    seen: match die % 3 {
+                        0 => HoldSeen::On { other_holds: vec![] },
+                        1 => HoldSeen::Released {
+                            released_at: None,
+                            other_holds: vec![],
+                            smart_account_domain: None,
+                        },
+                        _ => HoldSeen::Locked { status: "CANCELLED".into() },
+                    },
                 },
                 _ => Outcome::Resolved(Resolution::AlreadyActive {
                     smart_account_domain: "acme.com".into(),

@@ -14,7 +14,7 @@ use crate::support::{bin, database_url, sim};
 
 /// The demo scenario (acme.com, the decoy notacme.com, initech.com PENDING,
 /// globex-holding.com HOLDING, hooli.com INACTIVE, one order per behaviour).
-fn demo() -> Scenario {
+pub(super) fn demo() -> Scenario {
     Scenario::demo().expect("the demo scenario is valid")
 }
 
@@ -27,7 +27,7 @@ fn client(sim: &SimHandle, timeout: Duration) -> Arc<dyn CommerceApi> {
 }
 
 /// A simulator with `scenario` and `engines` engines (one client each).
-async fn start(
+pub(super) async fn start(
     pool: PgPool,
     scenario: Scenario,
     engines: usize,
@@ -87,7 +87,7 @@ async fn escalates(
 
 /// The events of case `id` up to its terminal one (a release, or an
 /// escalation other than `HOLD_PERSISTS`), each checked against the contract.
-async fn events_until_settled(w: &mut World, id: Uuid) -> Vec<Received> {
+pub(super) async fn events_until_settled(w: &mut World, id: Uuid) -> Vec<Received> {
     let case = id.to_string();
     let settles = |e: &Received| {
         e.data("caseId") == case.as_str()
@@ -111,7 +111,7 @@ async fn events_until_settled(w: &mut World, id: Uuid) -> Vec<Received> {
     mine
 }
 
-fn routing_keys(events: &[Received]) -> Vec<&str> {
+pub(super) fn routing_keys(events: &[Received]) -> Vec<&str> {
     events.iter().map(|e| e.routing_key.as_str()).collect()
 }
 
@@ -124,13 +124,7 @@ async fn a_web_order_id_found_only_inside_another_ones_is_not_found(pool: PgPool
     let mut scenario = demo();
     scenario.defaults.create_unknown = false;
     let (sim, mut w) = start(pool, scenario, 1, fast_settings()).await;
-    let ev = held("500050", "acme.com", |v| {
-        v["data"]
-            .as_object_mut()
-            .unwrap()
-            .remove("salesOrderNumber");
-        v["data"]["webOrderId"] = json!("8765432");
-    });
+    let ev = held_by_web_order_id("8765432", "acme.com");
     let id = w.open(&ev).await;
     let events = events_until_settled(&mut w, id).await;
     assert_eq!(
@@ -164,13 +158,7 @@ async fn two_orders_with_the_events_web_order_id_are_ambiguous(pool: PgPool) {
         ..OrderSpec::default()
     });
     let (sim, mut w) = start(pool, scenario, 1, fast_settings()).await;
-    let ev = held("500051", "acme.com", |v| {
-        v["data"]
-            .as_object_mut()
-            .unwrap()
-            .remove("salesOrderNumber");
-        v["data"]["webOrderId"] = json!("98765432");
-    });
+    let ev = held_by_web_order_id("98765432", "acme.com");
     let id = w.open(&ev).await;
     let events = events_until_settled(&mut w, id).await;
     assert_eq!(

@@ -17,6 +17,7 @@ use sqlx::PgPool;
 
 pub mod broker;
 pub mod sim;
+pub mod store;
 pub mod worker;
 
 /// The `holdclear` binary built for these tests.

@@ -95,6 +95,18 @@ impl Process {
         nix::sys::signal::kill(pid, signal).unwrap();
     }
 
+    /// Has it installed a handler for `signal` (so that the signal no
+    /// longer takes its default action)? Read from `/proc`, `SigCgt`.
+    pub fn catches(&self, signal: nix::sys::signal::Signal) -> bool {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id()))
+            .unwrap_or_default();
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix("SigCgt:"))
+            .and_then(|mask| u64::from_str_radix(mask.trim(), 16).ok())
+            .is_some_and(|mask| mask & (1 << (signal as i32 - 1)) != 0)
+    }
+
     /// Still running (not exited)?
     pub fn running(&mut self) -> bool {
         matches!(self.child.try_wait(), Ok(None))
