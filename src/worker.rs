@@ -551,7 +551,7 @@ fn spawn_dead_letters(
     parts: &Parts,
     store: &Store,
 ) -> Option<JoinHandle<Option<()>>> {
-    let ingesting = settings.amqp.dead_letter_ingest.then(|| {
+    settings.amqp.dead_letter_ingest.then(|| {
         let ingest = crate::broker::dlq_ingest::DeadLetterIngest::new(
             Broker::from_settings(&settings.amqp, connection_name(settings, &parts.identity)),
             settings.amqp.topology.clone(),
@@ -562,8 +562,7 @@ fn spawn_dead_letters(
             "dead-letter ingest",
             crate::intake::dead_letters::ingest(store.clone(), ingest, parts.stop.clone()),
         )
-    });
-    ingesting
+    })
 }
 
 /// Retention: one worker of the deployment at a time prunes every table.
