@@ -10,10 +10,13 @@
 //!   arrive; throughput, latency and each worker's peak memory.
 //! - [`watching`]: section 4: claiming due cases among a million watched ones.
 //! - [`memory`]: peak resident memory from `/proc`.
+//! - [`calls`]: section 7: commerce API calls per cleared order and orders
+//!   cleared per minute under the API's rate limit, on a realistic mix.
 //!
 //! The run owns a database and exchange/queue names of its own; the caller
 //! ([`crate::cli::bench`]) creates and removes them.
 
+pub mod calls;
 pub mod flow;
 pub mod intake;
 pub mod load;
@@ -106,7 +109,7 @@ pub struct BenchSettings {
     pub watching: u64,
     /// Most worker processes of section 6 (runs with 1..=workers).
     pub workers: usize,
-    /// Sections to run (1 to 6).
+    /// Sections to run (1 to 7).
     pub sections: BTreeSet<u8>,
     /// The `holdclear` executable that runs the worker processes.
     pub worker_exe: PathBuf,
@@ -117,13 +120,14 @@ pub struct BenchSettings {
 }
 
 /// The sections and what each measures.
-pub const SECTIONS: [(u8, &str); 6] = [
+pub const SECTIONS: [(u8, &str); 7] = [
     (1, "intake vs the broker's limit"),
     (2, "intake vs the database's limit"),
     (3, "end to end"),
     (4, "watching at scale"),
     (5, "memory"),
     (6, "more workers"),
+    (7, "API calls per order under the rate limit"),
 ];
 
 /// Everything a run measured; sections not run are `None`.
@@ -146,6 +150,8 @@ pub struct Report {
     pub memory: Option<memory::Memory>,
     /// Section 6: one run per number of worker processes.
     pub workers: Option<Vec<flow::Flow>>,
+    /// Section 7.
+    pub calls_per_order: Option<calls::Calls>,
 }
 
 /// Where the numbers come from.
@@ -278,6 +284,9 @@ impl Bench {
             report.machine.load_average[1] = memory::load_average();
             report
         };
+        if s.contains(&7) {
+            report.calls_per_order = Some(calls::run(self).await?);
+        }
         if s.contains(&6) {
             let mut runs: Vec<flow::Flow> = one_worker.into_iter().collect();
             for workers in 2..=self.bench.workers.max(1) {

@@ -36,8 +36,9 @@ pub struct Args {
     #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u16).range(1..=16))]
     pub workers: u16,
     /// Sections to run, e.g. `1,3,5` (1 intake vs broker, 2 intake vs
-    /// database, 3 end to end, 4 watching at scale, 5 memory, 6 more workers).
-    #[arg(long, default_value = "1,2,3,4,5,6")]
+    /// database, 3 end to end, 4 watching at scale, 5 memory, 6 more
+    /// workers, 7 API calls per order under the rate limit).
+    #[arg(long, default_value = "1,2,3,4,5,6,7")]
     pub sections: String,
     /// Print the report as JSON (for machines) instead of a table.
     #[arg(long)]
@@ -53,7 +54,7 @@ fn sections(raw: &str) -> Result<BTreeSet<u8>, super::UsageError> {
             }
             _ => {
                 return Err(super::UsageError(format!(
-                    "--sections: {part:?} is not a section (1 to 6)"
+                    "--sections: {part:?} is not a section (1 to 7)"
                 )));
             }
         }
@@ -313,7 +314,53 @@ pub fn table(r: &Report) -> Table {
             flow_rows(&mut t, &sec, f, false);
         }
     }
+    if let Some(c) = &r.calls_per_order {
+        calls_rows(&mut t, c);
+    }
     t
+}
+
+fn calls_rows(t: &mut Table, c: &crate::bench::calls::Calls) {
+    use crate::bench::calls::{MAX_CALLS_PER_ORDER, MIN_OF_FLOOR};
+    let sec = format!(
+        "7. API calls ({} orders, {} customers, {} holding, {} calls/s, time ÷ {})",
+        c.orders, c.end_customers, c.holding_accounts, c.rate_limit_per_sec, c.time_scale
+    );
+    let by_endpoint = (c.calls_by_endpoint.iter())
+        .map(|(e, n)| format!("{e} {n}"))
+        .collect::<Vec<_>>()
+        .join(", ");
+    let rows = [
+        (
+            "API calls per cleared order".to_owned(),
+            format!("{:.3}", c.api_calls_per_cleared_order),
+            format!("≤ {MAX_CALLS_PER_ORDER}"),
+        ),
+        ("calls by endpoint".to_owned(), by_endpoint, String::new()),
+        (
+            "order reads per cleared order".to_owned(),
+            format!("{:.3}", c.order_reads_per_cleared_order),
+            String::new(),
+        ),
+        (
+            "cleared / escalated, 429 answers".to_owned(),
+            format!("{} / {}, {}", c.cleared, c.escalated, c.rate_limited),
+            String::new(),
+        ),
+        (
+            "cleared per minute (real time) / floor".to_owned(),
+            format!(
+                "{:.0} / {:.0} ({})",
+                c.cleared_per_minute,
+                c.floor_per_minute,
+                pct(c.of_floor)
+            ),
+            format!("≥ {}", pct(MIN_OF_FLOOR)),
+        ),
+    ];
+    for (what, value, bar) in rows {
+        t.add_row([sec.clone(), what, value, bar]);
+    }
 }
 
 fn flow_rows(t: &mut Table, sec: &str, f: &crate::bench::flow::Flow, detailed: bool) {
@@ -369,7 +416,7 @@ mod tests {
             sections("1, 3,5").unwrap().into_iter().collect::<Vec<_>>(),
             vec![1, 3, 5]
         );
-        assert!(sections("7").is_err());
+        assert!(sections("8").is_err());
         assert!(sections("").is_err());
         assert!(sections("x").is_err());
     }

@@ -42,6 +42,7 @@ mod decisions;
 mod intake;
 mod ops;
 mod outbox;
+mod rate_budget;
 
 pub use cases::{
     CaseFilter, CaseRecord, CaseSummary, Claimed, HistoryRow, Identity, RetryCommit, StepCommit,

@@ -6,6 +6,7 @@
 //! Cases are opened with intake's store write (`Store::record_held`); the
 //! path through RabbitMQ and the worker is in [`e2e`] (`through_the_worker`).
 
+mod calls;
 mod e2e;
 mod identity;
 mod scripted;
