@@ -169,7 +169,10 @@ async fn three_workers_keep_to_one_rate_budget(pool: PgPool) {
     let (calls_end, limited_end) = api_calls(&sim.stats());
     w.stop().await;
     let used = (calls_end - calls_1s) as f64 / (RATE * window.as_secs_f64());
-    eprintln!("Budget used {used:.3}; 429s in the first second {limited_1s}, after it {}.", limited_end - limited_1s);
+    eprintln!(
+        "Budget used {used:.3}; 429s in the first second {limited_1s}, after it {}.",
+        limited_end - limited_1s
+    );
     assert_eq!(
         limited_end - limited_1s,
         0,
