@@ -408,6 +408,11 @@ pub struct CommerceSettings {
     pub rate_limit: f64,
     /// Timeout of one HTTP request.
     pub request_timeout: Duration,
+    /// How long a found ACTIVE account and a Virtual Account list are
+    /// reused by every case of the worker; zero: never (no cache).
+    pub cache_ttl: Duration,
+    /// Most account searches (and, apart, Virtual Account lists) kept.
+    pub cache_entries: usize,
     /// CA trusted for `https://` besides the built-in roots.
     pub tls_ca: Option<CaFile>,
 }
@@ -581,6 +586,8 @@ struct FileSettings {
     commerce_client_secret: Option<String>,
     commerce_rate_limit: Option<f64>,
     commerce_timeout: Option<String>,
+    commerce_cache_ttl: Option<String>,
+    commerce_cache_entries: Option<usize>,
     rules: Option<PathBuf>,
     rules_shadow_file: Option<PathBuf>,
     poll_interval: Option<String>,
@@ -772,9 +779,19 @@ pub const SETTINGS: &[Setting] = &[
     value(
         "HOLDCLEAR_COMMERCE_RATE_LIMIT",
         "10",
-        "calls per second, all tasks of one worker together",
+        "calls per second, all workers together (a budget shared through PostgreSQL)",
     ),
     value("HOLDCLEAR_COMMERCE_TIMEOUT", "10s", "one HTTP request"),
+    value(
+        "HOLDCLEAR_COMMERCE_CACHE_TTL",
+        "15m",
+        "how long a found ACTIVE Smart Account and a Virtual Account list are reused by every case of a worker (the assignment still checks them); `0` turns the cache off",
+    ),
+    value(
+        "HOLDCLEAR_COMMERCE_CACHE_ENTRIES",
+        "10000",
+        "most account searches kept, and as many Virtual Account lists",
+    ),
     value(
         "HOLDCLEAR_RULES",
         "deploy/config/rules.toml",
@@ -1390,6 +1407,17 @@ fn commerce(
     positive("HOLDCLEAR_COMMERCE_RATE_LIMIT", rate_limit)?;
     let request_timeout = r.duration("HOLDCLEAR_COMMERCE_TIMEOUT", f.commerce_timeout.take())?;
     nonzero("HOLDCLEAR_COMMERCE_TIMEOUT", request_timeout)?;
+    let cache_ttl = r.duration("HOLDCLEAR_COMMERCE_CACHE_TTL", f.commerce_cache_ttl.take())?;
+    let cache_entries = r.parsed(
+        "HOLDCLEAR_COMMERCE_CACHE_ENTRIES",
+        f.commerce_cache_entries.take(),
+    )?;
+    if !(1..=1_000_000).contains(&cache_entries) {
+        return Err(ConfigError::invalid(
+            "HOLDCLEAR_COMMERCE_CACHE_ENTRIES",
+            "must be between 1 and 1000000",
+        ));
+    }
 
     Ok(CommerceSettings {
         base_url,
@@ -1398,6 +1426,8 @@ fn commerce(
         client_secret,
         rate_limit,
         request_timeout,
+        cache_ttl,
+        cache_entries,
         tls_ca,
     })
 }
@@ -1779,6 +1809,9 @@ mod tests {
             ("HOLDCLEAR_ESCALATED_WATCH_INTERVAL", "hourly"),
             ("HOLDCLEAR_ESCALATED_WATCH_INTERVAL", "200ms"),
             ("HOLDCLEAR_ESCALATED_WATCH_FOR", "0s"),
+            ("HOLDCLEAR_COMMERCE_CACHE_TTL", "a while"),
+            ("HOLDCLEAR_COMMERCE_CACHE_ENTRIES", "0"),
+            ("HOLDCLEAR_COMMERCE_CACHE_ENTRIES", "many"),
         ];
         for (name, value) in cases {
             let err = with(&[(name, value)]).unwrap_err().to_string();
@@ -1845,6 +1878,15 @@ mod tests {
         );
         let off = with(&[("HOLDCLEAR_ESCALATED_WATCH_INTERVAL", "OFF")]).unwrap();
         assert_eq!(off.escalated_watch, None);
+    }
+
+    #[test]
+    fn the_resolve_cache_is_on_by_default_and_0_turns_it_off() {
+        let s = with(&[]).unwrap();
+        assert_eq!(s.commerce.cache_ttl, Duration::from_secs(15 * 60));
+        assert_eq!(s.commerce.cache_entries, 10_000);
+        let off = with(&[("HOLDCLEAR_COMMERCE_CACHE_TTL", "0")]).unwrap();
+        assert_eq!(off.commerce.cache_ttl, Duration::ZERO);
     }
 
     #[test]

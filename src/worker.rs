@@ -195,6 +195,9 @@ struct Parts {
     identity: WorkerIdentity,
     rules: RulesHandle,
     commerce: Arc<dyn CommerceApi>,
+    /// The settings' client, which spends the deployment's rate budget once
+    /// the store is up (`None` with another commerce API).
+    client: Option<HttpCommerce>,
     store_slot: Arc<std::sync::OnceLock<Store>>,
     supervisor: Supervisor,
     /// The worker's own shutdown: the caller's token, or a task's failure.
@@ -304,8 +307,8 @@ impl Worker {
             };
         supervisor.spawn("health server", serving);
 
-        if let Some(client) = check
-            && let Err(e) = check_credentials(&client, &settings).await
+        if let Some(client) = &check
+            && let Err(e) = check_credentials(client, &settings).await
         {
             abandon(supervisor).await;
             return Err(e);
@@ -315,6 +318,7 @@ impl Worker {
             identity: identity.clone(),
             rules,
             commerce,
+            client: check,
             store_slot,
             supervisor,
             stop: stop.clone(),
@@ -434,6 +438,9 @@ async fn work(settings: &Settings, parts: Parts, health: &Arc<Health>) -> Result
     };
     health.set_database(true);
     let _ = parts.store_slot.set(store.clone());
+    if let Some(client) = &parts.client {
+        client.share_budget(Arc::new(store.clone()));
+    }
     tracing::info!(
         worker = %parts.identity,
         host = parts.identity.host(),

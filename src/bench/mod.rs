@@ -9,13 +9,16 @@
 //!   processes and an in-process simulator until the released events
 //!   arrive; throughput, latency and each worker's peak memory.
 //! - [`watching`]: section 4: claiming due cases among a million watched ones.
-//! - [`prune`]: section 7: intake and claims while the pruner works off
+//! - [`prune`]: section 8: intake and claims while the pruner works off
 //!   millions of closed cases, and how long it takes.
 //! - [`memory`]: peak resident memory from `/proc`.
+//! - [`calls`]: section 7: commerce API calls per cleared order and orders
+//!   cleared per minute under the API's rate limit, on a realistic mix.
 //!
 //! The run owns a database and exchange/queue names of its own; the caller
 //! ([`crate::cli::bench`]) creates and removes them.
 
+pub mod calls;
 pub mod flow;
 pub mod intake;
 pub mod load;
@@ -107,11 +110,11 @@ pub struct BenchSettings {
     pub flow_orders: u64,
     /// Cases seeded in `watching` for section 4 (its large size).
     pub watching: u64,
-    /// Closed cases past their retention seeded for section 7.
+    /// Closed cases past their retention seeded for section 8.
     pub closed: u64,
     /// Most worker processes of section 6 (runs with 1..=workers).
     pub workers: usize,
-    /// Sections to run (1 to 7).
+    /// Sections to run (1 to 8).
     pub sections: BTreeSet<u8>,
     /// The `holdclear` executable that runs the worker processes.
     pub worker_exe: PathBuf,
@@ -122,14 +125,15 @@ pub struct BenchSettings {
 }
 
 /// The sections and what each measures.
-pub const SECTIONS: [(u8, &str); 7] = [
+pub const SECTIONS: [(u8, &str); 8] = [
     (1, "intake vs the broker's limit"),
     (2, "intake vs the database's limit"),
     (3, "end to end"),
     (4, "watching at scale"),
     (5, "memory"),
     (6, "more workers"),
-    (7, "pruning a backlog of closed cases"),
+    (7, "API calls per order under the rate limit"),
+    (8, "pruning a backlog of closed cases"),
 ];
 
 /// Everything a run measured; sections not run are `None`.
@@ -153,6 +157,8 @@ pub struct Report {
     /// Section 6: one run per number of worker processes.
     pub workers: Option<Vec<flow::Flow>>,
     /// Section 7.
+    pub calls_per_order: Option<calls::Calls>,
+    /// Section 8.
     pub pruning: Option<prune::Pruning>,
 }
 
@@ -282,13 +288,16 @@ impl Bench {
         if s.contains(&5) {
             report.memory = Some(memory);
         }
-        if s.contains(&7) {
+        if s.contains(&8) {
             report.pruning = Some(prune::run(self).await?);
         }
         let finish = |mut report: Report| {
             report.machine.load_average[1] = memory::load_average();
             report
         };
+        if s.contains(&7) {
+            report.calls_per_order = Some(calls::run(self).await?);
+        }
         if s.contains(&6) {
             let mut runs: Vec<flow::Flow> = one_worker.into_iter().collect();
             for workers in 2..=self.bench.workers.max(1) {

@@ -68,7 +68,7 @@ pub struct Latencies {
     pub claim_ms: Percentiles,
 }
 
-/// Runs section 7.
+/// Runs section 8.
 pub async fn run(b: &Bench) -> Result<Pruning, BenchError> {
     b.tables().truncate().await?;
     let event = serde_json::to_value(load::decoded(&load::held_body(

@@ -32,7 +32,7 @@ pub struct Args {
     /// Watched cases for section 4 (at least 10,000).
     #[arg(long, default_value_t = 1_000_000, value_parser = clap::value_parser!(u64).range(10_000..=10_000_000))]
     pub watching: u64,
-    /// Closed cases past their retention for section 7 (with their
+    /// Closed cases past their retention for section 8 (with their
     /// history, events and inbox ids).
     #[arg(long, default_value_t = 5_000_000, value_parser = clap::value_parser!(u64).range(1_000..=20_000_000))]
     pub closed: u64,
@@ -41,8 +41,9 @@ pub struct Args {
     pub workers: u16,
     /// Sections to run, e.g. `1,3,5` (1 intake vs broker, 2 intake vs
     /// database, 3 end to end, 4 watching at scale, 5 memory, 6 more
-    /// workers, 7 pruning a backlog: not run unless named).
-    #[arg(long, default_value = "1,2,3,4,5,6")]
+    /// workers, 7 API calls per order under the rate limit, 8 pruning a
+    /// backlog: not run unless named).
+    #[arg(long, default_value = "1,2,3,4,5,6,7")]
     pub sections: String,
     /// Print the report as JSON (for machines) instead of a table.
     #[arg(long)]
@@ -58,7 +59,7 @@ fn sections(raw: &str) -> Result<BTreeSet<u8>, super::UsageError> {
             }
             _ => {
                 return Err(super::UsageError(format!(
-                    "--sections: {part:?} is not a section (1 to 7)"
+                    "--sections: {part:?} is not a section (1 to 8)"
                 )));
             }
         }
@@ -235,6 +236,9 @@ pub fn table(r: &Report) -> Table {
         let sec = format!("6. {} worker(s), {} orders", f.workers, f.orders);
         flow_rows(&mut t, &sec, f, false);
     }
+    if let Some(c) = &r.calls_per_order {
+        calls_rows(&mut t, c);
+    }
     if let Some(p) = &r.pruning {
         pruning_rows(&mut t, p);
     }
@@ -345,9 +349,9 @@ fn watching_rows(t: &mut Table, w: &crate::bench::watching::Watching) {
     ]);
 }
 
-/// Section 7's rows: latencies before → during the pass, and the pass.
+/// Section 8's rows: latencies before → during the pass, and the pass.
 fn pruning_rows(t: &mut Table, p: &crate::bench::prune::Pruning) {
-    let sec = format!("7. pruning {} closed cases", p.closed);
+    let sec = format!("8. pruning {} closed cases", p.closed);
     let (b, d) = (&p.before, &p.during);
     t.add_row([
         sec.clone(),
@@ -391,6 +395,49 @@ fn pruning_rows(t: &mut Table, p: &crate::bench::prune::Pruning) {
         format!("{:.0} s", p.seed_seconds),
         String::new(),
     ]);
+}
+
+fn calls_rows(t: &mut Table, c: &crate::bench::calls::Calls) {
+    use crate::bench::calls::{MAX_CALLS_PER_ORDER, MIN_OF_FLOOR};
+    let sec = format!(
+        "7. API calls ({} orders, {} customers, {} holding, {} calls/s, time ÷ {})",
+        c.orders, c.end_customers, c.holding_accounts, c.rate_limit_per_sec, c.time_scale
+    );
+    let by_endpoint = (c.calls_by_endpoint.iter())
+        .map(|(e, n)| format!("{e} {n}"))
+        .collect::<Vec<_>>()
+        .join(", ");
+    let rows = [
+        (
+            "API calls per cleared order".to_owned(),
+            format!("{:.3}", c.api_calls_per_cleared_order),
+            format!("≤ {MAX_CALLS_PER_ORDER}"),
+        ),
+        ("calls by endpoint".to_owned(), by_endpoint, String::new()),
+        (
+            "order reads per cleared order".to_owned(),
+            format!("{:.3}", c.order_reads_per_cleared_order),
+            String::new(),
+        ),
+        (
+            "cleared / escalated, 429 answers".to_owned(),
+            format!("{} / {}, {}", c.cleared, c.escalated, c.rate_limited),
+            String::new(),
+        ),
+        (
+            "cleared per minute (real time) / floor".to_owned(),
+            format!(
+                "{:.0} / {:.0} ({})",
+                c.cleared_per_minute,
+                c.floor_per_minute,
+                pct(c.of_floor)
+            ),
+            format!("≥ {}", pct(MIN_OF_FLOOR)),
+        ),
+    ];
+    for (what, value, bar) in rows {
+        t.add_row([sec.clone(), what, value, bar]);
+    }
 }
 
 fn flow_rows(t: &mut Table, sec: &str, f: &crate::bench::flow::Flow, detailed: bool) {
@@ -447,10 +494,10 @@ mod tests {
             vec![1, 3, 5]
         );
         assert_eq!(
-            sections("7").unwrap().into_iter().collect::<Vec<_>>(),
-            vec![7]
+            sections("7,8").unwrap().into_iter().collect::<Vec<_>>(),
+            vec![7, 8]
         );
-        assert!(sections("8").is_err());
+        assert!(sections("9").is_err());
         assert!(sections("").is_err());
         assert!(sections("x").is_err());
     }

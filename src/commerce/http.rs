@@ -16,6 +16,7 @@ use reqwest::{RequestBuilder, StatusCode};
 use serde::de::DeserializeOwned;
 use url::Url;
 
+use super::cache::ResolveCache;
 use super::limiter::Limiter;
 use super::quick_retry::QuickRetry;
 use super::token::{Fresh, Lease, TokenCache};
@@ -56,6 +57,8 @@ struct Inner {
     tokens: TokenCache,
     limiter: Limiter,
     retry: QuickRetry,
+    /// Account searches and Virtual Account lists; `None` when off.
+    cache: Option<ResolveCache>,
 }
 
 impl fmt::Debug for HttpCommerce {
@@ -180,13 +183,36 @@ impl HttpCommerce {
                 tokens: TokenCache::default(),
                 limiter,
                 retry: QuickRetry::default(),
+                cache: ResolveCache::new(settings.cache_ttl, settings.cache_entries),
             }),
         })
     }
 
-    /// See [`CommerceApi::find_account`].
-    #[tracing::instrument(skip_all, fields(selector = %selector, account_type = ?account_type), err(level = "warn"))]
+    /// From now on, this client (and its clones) also spends the
+    /// deployment's rate `budget`: `HOLDCLEAR_COMMERCE_RATE_LIMIT` then
+    /// holds for all workers together (see `limiter.rs`).
+    pub fn share_budget(&self, budget: Arc<dyn super::RateBudget>) {
+        self.inner.limiter.share(budget);
+    }
+
+    /// See [`CommerceApi::find_account`]: from the resolve cache when it
+    /// holds the answer (see `cache.rs`).
     pub async fn find_account(
+        &self,
+        selector: &AccountSelector,
+        account_type: Option<AccountType>,
+    ) -> Result<Option<SmartAccount>, CommerceError> {
+        match &self.inner.cache {
+            Some(cache) => {
+                let search = || self.search_account(selector, account_type);
+                cache.account(selector, account_type, search).await.0
+            }
+            None => self.search_account(selector, account_type).await,
+        }
+    }
+
+    #[tracing::instrument(skip_all, fields(selector = %selector, account_type = ?account_type), err(level = "warn"))]
+    async fn search_account(
         &self,
         selector: &AccountSelector,
         account_type: Option<AccountType>,
@@ -221,9 +247,40 @@ impl HttpCommerce {
         select_exact(accounts, selector, account_type)
     }
 
-    /// See [`CommerceApi::virtual_accounts`].
-    #[tracing::instrument(skip_all, fields(domain = %domain), err(level = "warn"))]
+    /// See [`CommerceApi::virtual_accounts`]: from the resolve cache when
+    /// it holds the list.
     pub async fn virtual_accounts(
+        &self,
+        domain: &Domain,
+    ) -> Result<Vec<VirtualAccount>, CommerceError> {
+        self.virtual_accounts_of(domain, false).await
+    }
+
+    /// See [`CommerceApi::fresh_virtual_accounts`]: read from the API (and
+    /// kept in the cache for the next cases).
+    pub async fn fresh_virtual_accounts(
+        &self,
+        domain: &Domain,
+    ) -> Result<Vec<VirtualAccount>, CommerceError> {
+        self.virtual_accounts_of(domain, true).await
+    }
+
+    async fn virtual_accounts_of(
+        &self,
+        domain: &Domain,
+        fresh: bool,
+    ) -> Result<Vec<VirtualAccount>, CommerceError> {
+        match &self.inner.cache {
+            Some(cache) => {
+                let list = || self.list_virtual_accounts(domain);
+                cache.virtual_accounts(domain, fresh, list).await.0
+            }
+            None => self.list_virtual_accounts(domain).await,
+        }
+    }
+
+    #[tracing::instrument(skip_all, fields(domain = %domain), err(level = "warn"))]
+    async fn list_virtual_accounts(
         &self,
         domain: &Domain,
     ) -> Result<Vec<VirtualAccount>, CommerceError> {
@@ -330,13 +387,25 @@ impl HttpCommerce {
                     .header("Idempotency-Key", idempotency_key)
                     .json(&body)
             })
-            .await?;
+            .await
+            .inspect_err(|e| self.forget_if_stale(assignment, e))?;
         let envelope: Envelope = parse(Endpoint::Assign, &answer)?;
         check_envelope(Endpoint::Assign, &envelope)?;
         let answer: AssignmentAnswer = parse(Endpoint::Assign, &answer)?;
         answer
             .into_receipt()
             .map_err(|e| invalid(Endpoint::Assign, e))
+    }
+
+    /// A refusal saying the account or its Virtual Account is not what the
+    /// resolve saw drops the cached answers about it: the case resolves
+    /// again from fresh reads (the assign call stays the check).
+    fn forget_if_stale(&self, assignment: &Assignment, error: &CommerceError) {
+        if let (Some(cache), CommerceError::Permanent { code, .. }) = (&self.inner.cache, error)
+            && code.says_resolve_is_stale()
+        {
+            cache.forget_domain(&assignment.smart_account_domain);
+        }
     }
 
     /// The base URL with `segments` appended (each percent-encoded).
@@ -555,6 +624,13 @@ impl CommerceApi for HttpCommerce {
         domain: &Domain,
     ) -> Result<Vec<VirtualAccount>, CommerceError> {
         HttpCommerce::virtual_accounts(self, domain).await
+    }
+
+    async fn fresh_virtual_accounts(
+        &self,
+        domain: &Domain,
+    ) -> Result<Vec<VirtualAccount>, CommerceError> {
+        HttpCommerce::fresh_virtual_accounts(self, domain).await
     }
 
     async fn order(&self, order: &OrderId) -> Result<Order, CommerceError> {

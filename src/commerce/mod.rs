@@ -18,6 +18,7 @@ use crate::domain::{
 
 pub use crate::domain::Assignment;
 
+mod cache;
 mod http;
 mod limiter;
 mod quick_retry;
@@ -25,6 +26,7 @@ mod token;
 mod wire;
 
 pub use http::HttpCommerce;
+pub use limiter::{Grant, RateBudget};
 
 /// The contract's permanent error codes, plus the client's own.
 #[derive(Clone, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -69,6 +71,15 @@ impl ErrorCode {
             "VIRTUAL_ACCOUNT_NOT_FOUND" => Self::VirtualAccountNotFound,
             other => Self::Other(other.to_owned()),
         }
+    }
+
+    /// A refusal of an assignment that says the account or Virtual Account
+    /// is not what the resolve saw: re-resolve from fresh reads.
+    pub fn says_resolve_is_stale(&self) -> bool {
+        matches!(
+            self,
+            Self::SmartAccountNotActive | Self::SmartAccountNotFound | Self::VirtualAccountNotFound
+        )
     }
 
     /// The contract's spelling.
@@ -288,9 +299,19 @@ pub trait CommerceApi: Send + Sync {
         account_type: Option<AccountType>,
     ) -> Result<Option<SmartAccount>, CommerceError>;
 
-    /// The Virtual Accounts of the account with this domain.
+    /// The Virtual Accounts of the account with this domain (a client may
+    /// answer from a cache).
     async fn virtual_accounts(&self, domain: &Domain)
     -> Result<Vec<VirtualAccount>, CommerceError>;
+
+    /// The Virtual Accounts read from the API, never from a cache: asked
+    /// before escalating on a list that lacks the wanted account.
+    async fn fresh_virtual_accounts(
+        &self,
+        domain: &Domain,
+    ) -> Result<Vec<VirtualAccount>, CommerceError> {
+        self.virtual_accounts(domain).await
+    }
 
     /// Reads an order by sales order number, else by web order id: only
     /// an order whose web order id equals it exactly is the order (none:

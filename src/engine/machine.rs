@@ -100,6 +100,9 @@ pub enum Call {
     VirtualAccounts {
         /// The account's domain.
         domain: Domain,
+        /// Read from the API, never from the client's cache: asked before
+        /// escalating on a list that lacks the wanted account.
+        fresh: bool,
     },
     /// Read the order.
     ReadOrder {
@@ -136,7 +139,9 @@ impl Call {
                 selector,
                 account_type,
             } => json!({"selector": selector.to_string(), "accountType": account_type.as_str()}),
-            Self::VirtualAccounts { domain } => json!({"domain": domain.as_str()}),
+            Self::VirtualAccounts { domain, fresh } => {
+                json!({"domain": domain.as_str(), "fresh": fresh})
+            }
             Self::ReadOrder { order } => json!({"order": order.to_string()}),
             Self::Assign {
                 order,
@@ -514,11 +519,12 @@ pub fn plan(case: &Case, replies: &[Reply]) -> Next {
         Stage::Deciding => plan_decide(case, replies),
         Stage::Resolving { decision } => plan_resolve(case, decision, replies),
         Stage::Assigning {
+            decision,
             order,
             assignment,
             key,
             ..
-        } => plan_assign(order, assignment, key, replies),
+        } => plan_assign(case, decision, (order, assignment, key), replies),
         Stage::Watching { .. } => plan_watch(case, replies),
         Stage::Released { .. } | Stage::Escalated { .. } | Stage::Merged { .. } => Next::Stop,
     }
@@ -728,23 +734,31 @@ fn virtual_account(
             ));
         }
     };
-    match replies.next() {
-        None => ControlFlow::Break(Next::Call(Call::VirtualAccounts { domain })),
-        Some(Reply::VirtualAccounts(Ok(vas))) => {
-            match choose_virtual_account(vas, &target.virtual_account) {
-                Some(va) => ControlFlow::Continue(va.name.clone()),
-                None => ControlFlow::Break(escalate(
-                    EscalationReason::VirtualAccountNotFound,
-                    format!(
-                        "Smart Account {} has no PUBLIC virtual account {}",
-                        account.domain, target.virtual_account
-                    ),
-                )),
+    // A list (perhaps the client's cached one) that lacks the wanted
+    // account is read once more from the API before the case escalates.
+    for fresh in [false, true] {
+        match replies.next() {
+            None => {
+                return ControlFlow::Break(Next::Call(Call::VirtualAccounts { domain, fresh }));
             }
+            Some(Reply::VirtualAccounts(Ok(vas))) => {
+                if let Some(va) = choose_virtual_account(vas, &target.virtual_account) {
+                    return ControlFlow::Continue(va.name.clone());
+                }
+            }
+            Some(Reply::VirtualAccounts(Err(e))) => {
+                return ControlFlow::Break(failed("virtual_accounts", e));
+            }
+            Some(other) => return ControlFlow::Break(mismatch("virtual_accounts", other)),
         }
-        Some(Reply::VirtualAccounts(Err(e))) => ControlFlow::Break(failed("virtual_accounts", e)),
-        Some(other) => ControlFlow::Break(mismatch("virtual_accounts", other)),
     }
+    ControlFlow::Break(escalate(
+        EscalationReason::VirtualAccountNotFound,
+        format!(
+            "Smart Account {} has no PUBLIC virtual account {}",
+            account.domain, target.virtual_account
+        ),
+    ))
 }
 
 /// The case's sales order number, read from the order if still unknown.
@@ -762,10 +776,16 @@ fn sales_order_number(case: &Case, replies: &mut Replies<'_>) -> Part<SalesOrder
     }
 }
 
+/// Assign; a refusal saying the account or its Virtual Account is not what
+/// the resolve saw (perhaps from the client's cache) resolves again in the
+/// same step, from fresh reads (the client dropped what it kept about the
+/// account): the fallback, or the escalation the fresh answers call for.
+/// Fresh reads that pick the refused target again leave the refusal
+/// standing: nothing is assigned against the API's word.
 fn plan_assign(
-    order: &SalesOrderNumber,
-    assignment: &Assignment,
-    key: &str,
+    case: &Case,
+    decision: &Decision,
+    (order, assignment, key): (&SalesOrderNumber, &Assignment, &str),
     replies: &[Reply],
 ) -> Next {
     match replies.first() {
@@ -775,9 +795,29 @@ fn plan_assign(
             idempotency_key: key.to_owned(),
         }),
         Some(Reply::Assigned(Ok(receipt))) => Next::Done(Outcome::Assigned(receipt.clone())),
+        Some(Reply::Assigned(Err(e @ CommerceError::Permanent { code, .. })))
+            if code.says_resolve_is_stale() =>
+        {
+            let mut rest = replies[1..].iter();
+            let (ControlFlow::Continue(next) | ControlFlow::Break(next)) =
+                resolve(case, decision, &mut rest);
+            match next {
+                Next::Done(Outcome::Resolved(Resolution::Assign {
+                    assignment: again, ..
+                })) if same_target(&again, assignment) => failed("assign", e),
+                other => other,
+            }
+        }
         Some(Reply::Assigned(Err(e))) => failed("assign", e),
         Some(other) => mismatch("assign", other),
     }
+}
+
+fn same_target(a: &Assignment, b: &Assignment) -> bool {
+    a.smart_account_domain
+        .eq_ignore_ascii_case(&b.smart_account_domain)
+        && a.account_type == b.account_type
+        && a.virtual_account_name == b.virtual_account_name
 }
 
 fn plan_watch(case: &Case, replies: &[Reply]) -> Next {
@@ -927,6 +967,16 @@ impl<'a> Step<'a> {
         }
     }
 
+    /// The decision being resolved: a resolving case's, or an assigning
+    /// one's whose assignment was refused and resolved again.
+    fn resolving(&self) -> Result<&'a Decision, MachineError> {
+        let case: &'a Case = self.case;
+        match &case.stage {
+            Stage::Resolving { decision } | Stage::Assigning { decision, .. } => Ok(decision),
+            _ => Err(self.unexpected()),
+        }
+    }
+
     /// The order's sales order number learnt; the rules decide next while
     /// the hold is on, else the case ends as a watched one would.
     fn identified(
@@ -977,9 +1027,7 @@ impl<'a> Step<'a> {
         assignment: Assignment,
         via_fallback: bool,
     ) -> Result<(), MachineError> {
-        let Stage::Resolving { decision } = &self.case.stage else {
-            return Err(self.unexpected());
-        };
+        let decision = self.resolving()?;
         let key = idempotency_key(self.case.id, self.case.generation, &assignment);
         self.next.order.sales_order_number = Some(sales_order_number.clone());
         self.entry(
@@ -1009,9 +1057,7 @@ impl<'a> Step<'a> {
         account_type: AccountType,
         via_fallback: bool,
     ) -> Result<(), MachineError> {
-        let Stage::Resolving { decision } = &self.case.stage else {
-            return Err(self.unexpected());
-        };
+        let decision = self.resolving()?;
         let target = ResolvedTarget {
             smart_account_domain: smart_account_domain.clone(),
             account_type,

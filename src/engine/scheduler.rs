@@ -409,9 +409,14 @@ impl Inner {
                 selector,
                 account_type,
             } => Reply::Account(timed(api.find_account(selector, Some(*account_type))).await),
-            Call::VirtualAccounts { domain } => {
-                Reply::VirtualAccounts(timed(api.virtual_accounts(domain)).await)
-            }
+            Call::VirtualAccounts {
+                domain,
+                fresh: false,
+            } => Reply::VirtualAccounts(timed(api.virtual_accounts(domain)).await),
+            Call::VirtualAccounts {
+                domain,
+                fresh: true,
+            } => Reply::VirtualAccounts(timed(api.fresh_virtual_accounts(domain)).await),
             Call::ReadOrder { order } => Reply::Order(timed(api.order(order)).await),
             Call::Assign {
                 order,
@@ -987,7 +992,11 @@ fn report(before: CaseState, outcome: &Outcome, t: &Transition) {
             tracing::debug!(order = %order, polls = case.polls, "Hold still on.");
         }
         Outcome::Released { .. } => {
-            tracing::info!(order = %order, rule = %rule, "Hold released.");
+            // Reads of the order while watched: the ones that found the
+            // hold still on, and the one that found it released.
+            metrics::histogram!("holdclear_watch_reads_per_release")
+                .record(f64::from(case.polls) + 1.0);
+            tracing::info!(order = %order, rule = %rule, polls = case.polls, "Hold released.");
         }
         Outcome::Escalate { .. } => escalated(&order, rule, t),
         Outcome::Transient { .. } if case.state() == CaseState::Escalated => {

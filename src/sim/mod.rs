@@ -226,6 +226,12 @@ impl SimHandle {
         self.shared.lock().set_faults(endpoint, faults);
     }
 
+    /// Sets the status (`ACTIVE`, `PENDING`, `INACTIVE`) of the account
+    /// with `domain`; false when there is none.
+    pub fn set_account_status(&self, domain: &str, status: &str) -> bool {
+        self.shared.lock().set_account_status(domain, status)
+    }
+
     /// Forgets every issued token: the next API call of any client gets 401.
     pub fn revoke_tokens(&self) {
         self.shared.lock().revoke_tokens();

@@ -235,6 +235,16 @@ impl World {
         }
     }
 
+    /// Sets the status of the account with `domain` (as a customer
+    /// activating or an admin deactivating it would); false when there is
+    /// no such account.
+    pub(crate) fn set_account_status(&mut self, domain: &str, status: &str) -> bool {
+        let found = (self.accounts.iter_mut()).find(|a| a.domain.eq_ignore_ascii_case(domain));
+        found
+            .map(|account| account.status = status.to_owned())
+            .is_some()
+    }
+
     /// False when the call exceeds the server-side rate limit.
     pub(crate) fn within_rate_limit(&self) -> bool {
         self.rate_limit.as_ref().is_none_or(|l| l.check().is_ok())

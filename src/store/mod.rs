@@ -44,6 +44,7 @@ mod intake;
 mod ops;
 mod outbox;
 mod prune;
+mod rate_budget;
 
 pub use cases::{
     CaseFilter, CaseRecord, CaseSummary, Claimed, HistoryRow, Identity, RetryCommit, StepCommit,

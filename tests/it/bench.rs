@@ -67,6 +67,20 @@ async fn a_small_bench_reports_every_section_and_every_order_arrives() {
         assert_eq!(f["peakRssMib"].as_array().unwrap().len() as u64, workers);
         assert!(f["apiCallsPerOrder"].as_f64().unwrap() >= 2.0, "{f:#}");
     };
+    let calls = &r["callsPerOrder"];
+    assert_eq!(calls["orders"], orders, "{calls:#}");
+    assert_eq!(calls["cleared"], orders, "{calls:#}");
+    for key in [
+        "apiCallsPerClearedOrder",
+        "clearedPerMinute",
+        "floorPerMinute",
+    ] {
+        assert!(calls[key].as_f64().unwrap() > 0.0, "{key}: {calls:#}");
+    }
+    assert!(
+        calls["apiCallsPerClearedOrder"].as_f64().unwrap() >= 2.0,
+        "{calls:#}"
+    );
     every_order_released(&r["endToEnd"], 1);
     let runs = r["workers"].as_array().unwrap();
     assert_eq!(runs.len(), 2, "{r:#}");

@@ -7,6 +7,7 @@
 //! path through RabbitMQ and the worker is in [`e2e`] (`through_the_worker`).
 
 mod by_hand;
+mod calls;
 mod e2e;
 mod identity;
 mod scripted;

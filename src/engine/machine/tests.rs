@@ -161,6 +161,14 @@ fn assigning() -> Case {
     c
 }
 
+fn assigning_with_fallback() -> Case {
+    let mut c = assigning();
+    if let Stage::Assigning { decision: d, .. } = &mut c.stage {
+        *d = decision(true);
+    }
+    c
+}
+
 fn watching() -> Case {
     let mut c = assigning();
     c.stage = Stage::Watching {
@@ -442,21 +450,37 @@ fn every_transition() {
             Expect::State(S::Watching),
         ),
         (
-            "named VA is private",
+            "named VA is private, in the fresh list too",
             resolving(&STANDARD, false),
             vec![
                 account("acme.com", Active),
                 vas(&[("DEFAULT", true, false)]),
+                vas(&[("DEFAULT", true, false)]),
             ],
-            vec!["find_account", "virtual_accounts"],
+            vec!["find_account", "virtual_accounts", "virtual_accounts"],
             Expect::Escalated(R::VirtualAccountNotFound),
         ),
         (
-            "named VA is missing",
+            "named VA is missing, in the fresh list too",
             resolving(&STANDARD, false),
-            vec![account("acme.com", Active), vas(&[("Other", true, true)])],
-            vec!["find_account", "virtual_accounts"],
+            vec![
+                account("acme.com", Active),
+                vas(&[("Other", true, true)]),
+                vas(&[("Other", true, true)]),
+            ],
+            vec!["find_account", "virtual_accounts", "virtual_accounts"],
             Expect::Escalated(R::VirtualAccountNotFound),
+        ),
+        (
+            "named VA missing from a (cached) list, in the fresh one",
+            resolving(&STANDARD, false),
+            vec![
+                account("acme.com", Active),
+                vas(&[("Other", true, true)]),
+                public_default.clone(),
+            ],
+            vec!["find_account", "virtual_accounts", "virtual_accounts"],
+            Expect::State(S::Assigning),
         ),
         (
             "web order id only: the order is read for its sales order number",
@@ -556,31 +580,74 @@ fn every_transition() {
             Expect::Escalated(R::OrderNotAccessible),
         ),
         (
-            "404 account not found",
+            "404 account not found: resolved again, gone",
             assigning(),
-            vec![Reply::Assigned(Err(permanent(
-                ErrorCode::SmartAccountNotFound,
-            )))],
-            vec!["assign"],
+            vec![
+                Reply::Assigned(Err(permanent(ErrorCode::SmartAccountNotFound))),
+                Reply::Account(Ok(None)),
+            ],
+            vec!["assign", "find_account"],
             Expect::Escalated(R::SmartAccountNotFound),
         ),
         (
-            "422 account not active",
+            "422 account not active: resolved again, INACTIVE",
             assigning(),
-            vec![Reply::Assigned(Err(permanent(
-                ErrorCode::SmartAccountNotActive,
-            )))],
-            vec!["assign"],
+            vec![
+                Reply::Assigned(Err(permanent(ErrorCode::SmartAccountNotActive))),
+                account("acme.com", Inactive),
+            ],
+            vec!["assign", "find_account"],
             Expect::Escalated(R::SmartAccountNotActive),
         ),
         (
-            "422 VA not found",
+            "422 account not active: resolved again, the fallback is assigned",
+            assigning_with_fallback(),
+            vec![
+                Reply::Assigned(Err(permanent(ErrorCode::SmartAccountNotActive))),
+                account("acme.com", Inactive),
+                account("globex-holding.com", Active),
+                public_default.clone(),
+            ],
+            vec!["assign", "find_account", "find_account", "virtual_accounts"],
+            Expect::State(S::Assigning),
+        ),
+        (
+            "422 account not active, fresh reads say ACTIVE: the refusal stands",
             assigning(),
-            vec![Reply::Assigned(Err(permanent(
-                ErrorCode::VirtualAccountNotFound,
-            )))],
-            vec!["assign"],
+            vec![
+                Reply::Assigned(Err(permanent(ErrorCode::SmartAccountNotActive))),
+                account("acme.com", Active),
+                public_default.clone(),
+            ],
+            vec!["assign", "find_account", "virtual_accounts"],
+            Expect::Escalated(R::SmartAccountNotActive),
+        ),
+        (
+            "422 VA not found: resolved again, the fresh lists lack it",
+            assigning(),
+            vec![
+                Reply::Assigned(Err(permanent(ErrorCode::VirtualAccountNotFound))),
+                account("acme.com", Active),
+                vas(&[("Other", true, true)]),
+                vas(&[("Other", true, true)]),
+            ],
+            vec![
+                "assign",
+                "find_account",
+                "virtual_accounts",
+                "virtual_accounts",
+            ],
             Expect::Escalated(R::VirtualAccountNotFound),
+        ),
+        (
+            "422 VA not found: resolved again, fails transiently",
+            assigning(),
+            vec![
+                Reply::Assigned(Err(permanent(ErrorCode::VirtualAccountNotFound))),
+                Reply::Account(Err(transient())),
+            ],
+            vec!["assign", "find_account"],
+            Expect::Retried,
         ),
         (
             "400 TNC",

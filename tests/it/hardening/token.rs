@@ -57,6 +57,8 @@ async fn never_expires(expires_in: &'static str) {
         client_secret: Secret::new("forever-secret"),
         rate_limit: 1000.0,
         request_timeout: Duration::from_secs(5),
+        cache_ttl: Duration::ZERO,
+        cache_entries: 1,
         tls_ca: None,
     })
     .unwrap();
