@@ -285,7 +285,7 @@ async fn two_pruners_never_prune_at_once(pool: PgPool) {
     let store = Store::from_pool(pool.clone());
     inbox(&pool, 200, 100).await;
     let recent = inbox(&pool, 5, 1).await;
-    let a = Pruner::new(store.clone(), quick(10, Duration::from_millis(50)), "a");
+    let a = Pruner::new(store.clone(), quick(10, Duration::from_millis(100)), "a");
     let b = Pruner::new(store.clone(), quick(10, Duration::from_millis(50)), "b");
     let first = tokio::spawn(async move {
         a.pass(&CancellationToken::new(), &mut |_, _| {})
