@@ -285,7 +285,7 @@ async fn two_pruners_never_prune_at_once(pool: PgPool) {
     let store = Store::from_pool(pool.clone());
     inbox(&pool, 200, 100).await;
     let recent = inbox(&pool, 5, 1).await;
-    let a = Pruner::new(store.clone(), quick(10, Duration::from_millis(50)), "a");
+    let a = Pruner::new(store.clone(), quick(10, Duration::from_millis(100)), "a");
     let b = Pruner::new(store.clone(), quick(10, Duration::from_millis(50)), "b");
     let first = tokio::spawn(async move {
         a.pass(&CancellationToken::new(), &mut |_, _| {})
@@ -320,6 +320,39 @@ async fn two_pruners_never_prune_at_once(pool: PgPool) {
     // The lock went with the first pass: the second worker's next turn runs.
     let next = b.pass(&CancellationToken::new(), &mut |_, _| {}).await;
     assert!(matches!(next.unwrap(), Pass::Done(_)));
+}
+
+/// Stopped (shutdown, ctrl-c), a pass ends between two slices: what it
+/// deleted stays deleted, the pass is not recorded as finished, and the
+/// lock is free for the next one.
+#[sqlx::test]
+async fn a_stopped_pass_ends_between_slices_and_frees_the_lock(pool: PgPool) {
+    let store = Store::from_pool(pool.clone());
+    inbox(&pool, 50, 100).await;
+    let pruner = Pruner::new(store.clone(), quick(10, Duration::from_secs(60)), "a");
+    let stop = CancellationToken::new();
+    stop.cancel();
+    let pass = pruner.pass(&stop, &mut |_, _| {}).await.unwrap();
+    assert_eq!(
+        pass,
+        Pass::Stopped(vec![(PruneTable::Outbox, 0), (PruneTable::Inbox, 10)])
+    );
+    assert_eq!(
+        ids::<String>(&pool, "SELECT event_id FROM inbox")
+            .await
+            .len(),
+        40
+    );
+    assert_eq!(store.last_prune_pass().await.unwrap(), None);
+    let next = Pruner::new(store.clone(), quick(100, Duration::ZERO), "b")
+        .pass(&CancellationToken::new(), &mut |_, _| {})
+        .await
+        .unwrap();
+    assert!(
+        matches!(&next, Pass::Done(d) if d.contains(&(PruneTable::Inbox, 40))),
+        "{next:?}"
+    );
+    assert!(store.last_prune_pass().await.unwrap().is_some());
 }
 
 /// `holdclear prune --dry-run` counts per table and deletes nothing;
