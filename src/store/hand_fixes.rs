@@ -175,8 +175,9 @@ impl Store {
     /// The person released the hold: in one transaction, ends the watch
     /// with the fix, and writes the case's history line and its
     /// `order.hold_released` event. Fenced by the watch (still open, same
-    /// generation) and the case (still escalated): `false` when either
-    /// changed, and nothing is written.
+    /// generation), the case (still escalated) and the order (no newer
+    /// case works it: that case's release is the order's): `false` when
+    /// any changed, and nothing is written.
     pub async fn record_hand_release(
         &self,
         case: &Case,
@@ -189,7 +190,9 @@ impl Store {
                     released_at = $3, smart_account_domain = $4, virtual_account_name = $5
              FROM cases c
              WHERE w.case_id = $1 AND w.generation = $2 AND w.ended_at IS NULL
-               AND c.id = w.case_id AND c.state = 'escalated' AND c.generation = $2",
+               AND c.id = w.case_id AND c.state = 'escalated' AND c.generation = $2
+               AND NOT EXISTS (SELECT 1 FROM cases n
+                               WHERE n.order_key = c.order_key AND n.created_at > c.created_at)",
         )
         .bind(case.id)
         .bind(case.generation as i32)

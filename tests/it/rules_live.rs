@@ -626,3 +626,90 @@ async fn stats_metrics_and_diff_of_cases_the_engine_decided(pool: PgPool) {
     assert_eq!(d["report"]["unchanged"], 0, "{d:#}");
     assert_eq!(d["report"]["unreadable"], json!([]), "{d:#}");
 }
+
+/// A held event for an order whose escalated case is being watched: the
+/// same hold announced again joins that case (`held_again`) and the watch
+/// goes on; a new hold (applied after the escalation) opens a new case,
+/// which works the order: the watch ends `superseded`, and the order's
+/// release is the new case's alone (one `order.hold_released`, its rule).
+#[sqlx::test]
+async fn a_new_held_event_supersedes_the_watch_of_an_escalated_case(pool: PgPool) {
+    let dir = tempfile::tempdir().unwrap();
+    let rules = write(dir.path(), "rules.toml", LIVE);
+    let demo = holdclear::sim::Scenario::demo().unwrap();
+    let mut live = Live::start(
+        &pool,
+        demo,
+        dir.path(),
+        &[
+            ("HOLDCLEAR_RULES", &rules),
+            ("HOLDCLEAR_ESCALATED_WATCH_INTERVAL", "1s"),
+        ],
+    )
+    .await;
+    let so = "730001";
+    live.hold(so, order_of("P-500", "umbrella.example", "DE"))
+        .await;
+    live.event(so, "order.hold_escalated").await;
+    let sim = &live.sim;
+    wait_for(DEADLINE, "the watch's first look", || async move {
+        sim.order(so)
+    })
+    .await;
+    // The same hold announced again (held before the escalation) joins the
+    // escalated case, which stays watched.
+    live.hold(so, order_of("P-500", "umbrella.example", "DE"))
+        .await;
+    wait_for(DEADLINE, "the held_again line", || {
+        let pool = pool.clone();
+        async move {
+            sqlx::query_scalar::<_, i64>(
+                "SELECT count(*) FROM case_history WHERE kind = 'held_again' HAVING count(*) > 0",
+            )
+            .fetch_optional(&pool)
+            .await
+            .unwrap()
+        }
+    })
+    .await;
+    let watching: i64 =
+        sqlx::query_scalar("SELECT count(*) FROM hand_watches WHERE ended_at IS NULL")
+            .fetch_one(&pool)
+            .await
+            .unwrap();
+    assert_eq!(watching, 1);
+    // A new hold (applied after the escalation), now with acme as its end
+    // customer: a new case.
+    live.hold(so, |ev| {
+        ev["data"]["heldAt"] = json!(chrono::Utc::now().to_rfc3339());
+    })
+    .await;
+    let released = live.event(so, "order.hold_released").await;
+    assert_eq!(released.data("rule"), &json!("acme"));
+    let watch = wait_for(DEADLINE, "the watch to end", || {
+        let pool = pool.clone();
+        async move {
+            sqlx::query_scalar::<_, String>(
+                "SELECT outcome FROM hand_watches WHERE ended_at IS NOT NULL",
+            )
+            .fetch_optional(&pool)
+            .await
+            .unwrap()
+        }
+    })
+    .await;
+    assert_eq!(watch, "superseded");
+    live.events.assert_quiet(Duration::from_millis(2500)).await;
+    let releases = (live.events.seen.iter())
+        .filter(|e| e.routing_key == "order.hold_released")
+        .count();
+    assert_eq!(releases, 1, "{:#?}", live.events.seen);
+    let states: Vec<String> =
+        sqlx::query_scalar("SELECT state FROM cases WHERE order_key = $1 ORDER BY created_at")
+            .bind(so)
+            .fetch_all(&pool)
+            .await
+            .unwrap();
+    assert_eq!(states, ["escalated", "released"]);
+    live.worker.terminate();
+}
