@@ -248,6 +248,16 @@ async fn shadow_rules_are_recorded_never_acted_on_and_follow_a_reload(pool: PgPo
     );
     assert!(text.contains("Newly unmatched (1): 700002"), "{text}");
 
+    let out = run(&["cases", "show", "700002"], &db);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.contains(&format!(
+            "shadow rules (sha256 {}…) would decide no rule; the rules in force decided \"acme\"",
+            &sha256_of(SHADOW_JAPAN)[..12]
+        )),
+        "{text}"
+    );
+
     // Nothing was acted on: both cases carry the live rule's account.
     let targets: Vec<String> =
         sqlx::query_scalar("SELECT target->>'smart_account_domain' FROM cases ORDER BY order_key")
