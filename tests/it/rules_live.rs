@@ -723,3 +723,74 @@ async fn a_new_held_event_supersedes_the_watch_of_an_escalated_case(pool: PgPool
     assert_eq!(states, ["escalated", "released"]);
     live.worker.terminate();
 }
+
+/// `cases retry` re-opens a watched escalated case: that watch ends, and
+/// when the re-run escalates again the case is watched in its new
+/// generation; a person's release then ends it as for any other.
+#[sqlx::test]
+async fn a_retried_case_is_watched_again_in_its_new_generation(pool: PgPool) {
+    let dir = tempfile::tempdir().unwrap();
+    let rules = write(dir.path(), "rules.toml", LIVE);
+    let demo = holdclear::sim::Scenario::demo().unwrap();
+    let mut live = Live::start(
+        &pool,
+        demo,
+        dir.path(),
+        &[
+            ("HOLDCLEAR_RULES", &rules),
+            ("HOLDCLEAR_ESCALATED_WATCH_INTERVAL", "1s"),
+        ],
+    )
+    .await;
+    let db = database_url(&pool).await;
+    let so = "740001";
+    live.hold(so, order_of("P-500", "umbrella.example", "DE"))
+        .await;
+    live.event(so, "order.hold_escalated").await;
+    let watch_of = |generation: i32| {
+        let pool = pool.clone();
+        move || {
+            let pool = pool.clone();
+            async move {
+                sqlx::query_scalar::<_, i32>(
+                    "SELECT generation FROM hand_watches WHERE ended_at IS NULL AND generation = $1",
+                )
+                .bind(generation)
+                .fetch_optional(&pool)
+                .await
+                .unwrap()
+            }
+        }
+    };
+    wait_for(DEADLINE, "the watch of generation 0", watch_of(0)).await;
+    let out = run(&["cases", "retry", so], &db);
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    wait_for(DEADLINE, "the watch of generation 1", watch_of(1)).await;
+    let sim = &live.sim;
+    wait_for(
+        DEADLINE,
+        "a look at the order",
+        || async move { sim.order(so) },
+    )
+    .await;
+    live.sim
+        .assign_by_hand(so, "globex-holding.com", "Holding")
+        .unwrap();
+    let released = live.event(so, "order.hold_released").await;
+    assert_eq!(
+        released.data("smartAccountDomain"),
+        &json!("globex-holding.com")
+    );
+    let (generation, outcome): (i32, String) =
+        sqlx::query_as("SELECT generation, outcome FROM hand_watches")
+            .fetch_one(&pool)
+            .await
+            .unwrap();
+    assert_eq!((generation, outcome.as_str()), (1, "released"));
+    live.worker.terminate();
+}
