@@ -1132,7 +1132,7 @@ mod suggest {
         );
         assert_eq!(s.account_type, "HOLDING");
         let too_few: Vec<(String, u64)> = (learned.too_few.iter())
-            .map(|(g, n)| (g.describe(), *n))
+            .map(|t| (t.when.describe(), t.fixes))
             .collect();
         assert_eq!(
             too_few,

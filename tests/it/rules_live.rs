@@ -406,7 +406,8 @@ async fn hand_fixes_of_escalated_orders_are_seen_and_become_a_suggested_rule(poo
     assert_eq!(diff["unchanged"], 1, "{s:#}");
     assert_eq!(diff["counts"][0]["kind"], "newly_matched", "{s:#}");
     assert_eq!(diff["counts"][0]["orders"], 2, "{s:#}");
-    assert_eq!(s["too_few"][0][1], 1, "{s:#}");
+    assert_eq!(s["too_few"][0]["fixes"], 1, "{s:#}");
+    assert_eq!(s["too_few"][0]["when"]["partner_id"], "P-600", "{s:#}");
 
     // Pasted into the rules file, the suggestion passes `rules check`, and
     // decides those orders as the person did.
