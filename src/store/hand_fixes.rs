@@ -254,7 +254,8 @@ impl Store {
         Ok(())
     }
 
-    /// The hand fixes of the holds released since `since`, oldest first,
+    /// The hand fixes of the holds released since `since`, oldest first
+    /// (the order shows the release to the second: then the older case),
     /// streamed, each with its case's event (or why it cannot be read).
     pub fn hand_fixes(
         &self,
@@ -274,7 +275,7 @@ impl Store {
                     w.smart_account_domain, w.virtual_account_name, c.event::text
              FROM hand_watches w JOIN cases c ON c.id = w.case_id
              WHERE w.outcome = 'released' AND w.released_at >= $1
-             ORDER BY w.released_at, c.id",
+             ORDER BY w.released_at, c.created_at, c.id",
         )
         .bind(since)
         .fetch(self.pool())
