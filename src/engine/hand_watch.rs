@@ -96,7 +96,9 @@ impl HandWatcher {
         self.store
             .enroll_hand_watches(s.watch_for, s.interval, ENROLL_PER_ROUND)
             .await?;
-        self.store.end_stale_hand_watches(s.watch_for).await?;
+        (self.store)
+            .end_stale_hand_watches(s.watch_for, 4 * LOOKS_PER_ROUND)
+            .await?;
         let due = (self.store)
             .claim_hand_watches(s.interval, LOOKS_PER_ROUND)
             .await?;
