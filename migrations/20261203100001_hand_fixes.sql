@@ -6,6 +6,7 @@
 CREATE TABLE hand_watches (
     case_id              uuid        PRIMARY KEY REFERENCES cases (id) ON DELETE CASCADE,
     generation           integer     NOT NULL,      -- the case's generation when the watch began
+    escalated_at         timestamptz NOT NULL,      -- the case's closed_at: new escalations are found after the latest
     started_at           timestamptz NOT NULL DEFAULT now(),
     next_look_at         timestamptz NOT NULL,
     looks                integer     NOT NULL DEFAULT 0,
@@ -20,5 +21,6 @@ CREATE TABLE hand_watches (
 );
 CREATE INDEX hand_watches_due ON hand_watches (next_look_at) WHERE ended_at IS NULL;
 CREATE INDEX hand_watches_released ON hand_watches (released_at) WHERE outcome = 'released';
+CREATE INDEX hand_watches_escalated ON hand_watches (escalated_at);
 -- Finding the escalated cases to watch.
 CREATE INDEX cases_escalated_closed ON cases (closed_at) WHERE state = 'escalated';

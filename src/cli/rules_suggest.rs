@@ -167,15 +167,15 @@ fn print(
         );
         for g in &learned.disagreements {
             let chosen: Vec<String> = (g.chosen.iter())
-                .map(|(c, n)| format!("{} ×{n}", c.smart_account_domain))
+                .map(|c| format!("{} ×{}", c.chosen.smart_account_domain, c.fixes))
                 .collect();
             println!("  {}: {}", g.when.describe(), chosen.join(", "));
         }
     }
     if !learned.too_few.is_empty() {
         println!("\nNot suggested yet: fewer hand fixes than --min:");
-        for (g, n) in &learned.too_few {
-            println!("  {}: {n}", g.describe());
+        for t in &learned.too_few {
+            println!("  {}: {}", t.when.describe(), t.fixes);
         }
     }
     if !unlearnable.is_empty() {

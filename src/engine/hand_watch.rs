@@ -15,9 +15,13 @@
 //!   to read it: the watch ends;
 //! - a transient failure or the hold still on: the next look, an interval
 //!   later;
-//! - a newer case of the order (a new held event: that case works the
-//!   order now), a re-opened case, or the watch time over: the watch ends
-//!   without a look.
+//! - a newer case of the order (a new hold: that case works the order
+//!   now), a re-opened case, or the watch time over: the watch ends
+//!   without a look. A release is recorded only while no newer case of the
+//!   order exists (checked in its transaction), so an order never has two
+//!   cases emitting its release. (The same hold announced again joins the
+//!   escalated case as `held_again`, as for any closed case; the watch goes
+//!   on.)
 //!
 //! Bounded: one look per case per interval, at most [`LOOKS_PER_ROUND`] per
 //! round, through the same commerce client as the engine (its rate limit
@@ -92,7 +96,9 @@ impl HandWatcher {
         self.store
             .enroll_hand_watches(s.watch_for, s.interval, ENROLL_PER_ROUND)
             .await?;
-        self.store.end_stale_hand_watches(s.watch_for).await?;
+        (self.store)
+            .end_stale_hand_watches(s.watch_for, 4 * LOOKS_PER_ROUND)
+            .await?;
         let due = (self.store)
             .claim_hand_watches(s.interval, LOOKS_PER_ROUND)
             .await?;

@@ -64,7 +64,9 @@ pub use diff::{
 };
 pub use explain::{Explanation, Failure, OrderFacts, Outcome, RuleExplanation};
 pub use reload::{RulesHandle, listen_for_hangups};
-pub use suggest::{Chosen, Disagreement, FixGroup, Learned, Learner, Suggestion};
+pub use suggest::{
+    Chosen, ChosenTimes, Disagreement, FixGroup, Learned, Learner, Suggestion, TooFew,
+};
 
 pub use crate::domain::Decision;
 

@@ -95,7 +95,26 @@ pub struct Disagreement {
     /// The group.
     pub when: FixGroup,
     /// Each account chosen and how often.
-    pub chosen: Vec<(Chosen, u64)>,
+    pub chosen: Vec<ChosenTimes>,
+}
+
+/// An account chosen by hand, and how often.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct ChosenTimes {
+    /// The account (and Virtual Account).
+    #[serde(flatten)]
+    pub chosen: Chosen,
+    /// How many fixes chose it.
+    pub fixes: u64,
+}
+
+/// A group with fewer agreeing fixes than the minimum.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct TooFew {
+    /// The group.
+    pub when: FixGroup,
+    /// Its fixes.
+    pub fixes: u64,
 }
 
 /// What was learned from the fixes of a window.
@@ -106,7 +125,7 @@ pub struct Learned {
     /// Rules to add, most evidence first.
     pub suggestions: Vec<Suggestion>,
     /// Groups with too few fixes (fewer than the minimum), by size.
-    pub too_few: Vec<(FixGroup, u64)>,
+    pub too_few: Vec<TooFew>,
     /// Groups whose fixes chose different accounts.
     pub disagreements: Vec<Disagreement>,
 }
@@ -146,12 +165,20 @@ impl Learner {
             if facts.is_empty() || chosen.len() > 1 {
                 learned.disagreements.push(Disagreement {
                     when: facts,
-                    chosen: chosen.into_iter().map(|(c, n)| (c.clone(), n)).collect(),
+                    chosen: (chosen.into_iter())
+                        .map(|(c, fixes)| ChosenTimes {
+                            chosen: c.clone(),
+                            fixes,
+                        })
+                        .collect(),
                 });
                 continue;
             }
             if n < min {
-                learned.too_few.push((facts, n));
+                learned.too_few.push(TooFew {
+                    when: facts,
+                    fixes: n,
+                });
                 continue;
             }
             let assign = fixes[0].1.clone();
@@ -164,7 +191,7 @@ impl Learner {
         learned
             .suggestions
             .sort_by_key(|s| std::cmp::Reverse(s.fixes));
-        learned.too_few.sort_by_key(|(_, n)| std::cmp::Reverse(*n));
+        learned.too_few.sort_by_key(|t| std::cmp::Reverse(t.fixes));
         learned
     }
 }

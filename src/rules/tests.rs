@@ -753,6 +753,39 @@ mod reload {
             .expect("no panic");
     }
 
+    #[test]
+    fn the_shadow_rules_reload_with_the_rules_in_force_or_neither_does() {
+        let dir = tempfile::tempdir().expect("a temp dir");
+        let (path, shadow) = (
+            dir.path().join("rules.toml"),
+            dir.path().join("shadow.toml"),
+        );
+        std::fs::write(&path, rule("one", "", ACME, None)).expect("write");
+        std::fs::write(&shadow, rule("shadow-one", "", ACME, None)).expect("write");
+        let handle = RulesHandle::load(&path, Some(&shadow)).expect("both valid");
+        let names = |r: Option<std::sync::Arc<Rules>>| -> Vec<String> {
+            r.map(|r| r.names().map(str::to_owned).collect())
+                .unwrap_or_default()
+        };
+        assert_eq!(names(handle.shadow()), ["shadow-one"]);
+
+        std::fs::write(&path, rule("two", "", ACME, None)).expect("write");
+        std::fs::write(&shadow, "[[rule]]\nname = \"\"\n").expect("write");
+        let err = handle.reload(&path).expect_err("a bad shadow file");
+        assert!(err.to_string().contains("shadow.toml"), "{err}");
+        assert_eq!(names(Some(handle.current())), ["one"], "neither changes");
+        assert_eq!(names(handle.shadow()), ["shadow-one"]);
+
+        std::fs::write(&shadow, rule("shadow-two", "", ACME, None)).expect("write");
+        handle.reload(&path).expect("both valid");
+        assert_eq!(names(Some(handle.current())), ["two"]);
+        assert_eq!(names(handle.shadow()), ["shadow-two"]);
+
+        let err = RulesHandle::load(&path, Some(&dir.path().join("missing.toml")))
+            .expect_err("a missing shadow file");
+        assert!(err.to_string().contains("missing.toml"), "{err}");
+    }
+
     #[tokio::test]
     async fn sighup_reloads_until_cancelled() {
         // Listening first installs the handler, so a SIGHUP can never take
@@ -1161,7 +1194,7 @@ mod suggest {
         );
         assert_eq!(s.account_type, "HOLDING");
         let too_few: Vec<(String, u64)> = (learned.too_few.iter())
-            .map(|(g, n)| (g.describe(), *n))
+            .map(|t| (t.when.describe(), t.fixes))
             .collect();
         assert_eq!(
             too_few,

@@ -17,6 +17,9 @@ use super::case_row::{CaseRow, case_columns};
 use super::{Store, StoreError};
 use crate::domain::{Case, Envelope, HeldOrderEvent};
 
+/// How far before the latest escalation watched a round looks for new ones.
+pub const ENROLL_MARGIN: Duration = Duration::from_secs(300);
+
 /// SQL: the case `c` is escalated and still watched for a person's fix
 /// (for whoever deletes closed cases: such a case is not closed yet).
 pub const WATCHED_CASE: &str =
@@ -78,8 +81,12 @@ pub struct RecordedFix {
 impl Store {
     /// Starts watching (at most `limit` of) the cases escalated within
     /// `watch_for` that carry a sales order number and are not watched in
-    /// their generation yet; their first look is `first_look` after the
-    /// escalation. An order that could not be read is not watched.
+    /// their generation yet, oldest first; their first look is
+    /// `first_look` after the escalation. An order that could not be read
+    /// is not watched. Only escalations from a little before the latest
+    /// one watched are looked for (a step commits within its lease, far
+    /// less than [`ENROLL_MARGIN`]), so a round does not scan every case
+    /// watched already.
     pub async fn enroll_hand_watches(
         &self,
         watch_for: Duration,
@@ -87,50 +94,66 @@ impl Store {
         limit: i64,
     ) -> Result<u64, StoreError> {
         let done = sqlx::query(
-            "INSERT INTO hand_watches (case_id, generation, next_look_at)
-             SELECT c.id, c.generation, c.closed_at + make_interval(secs => $2::float8)
+            "INSERT INTO hand_watches (case_id, generation, escalated_at, next_look_at)
+             SELECT c.id, c.generation, c.closed_at, c.closed_at + make_interval(secs => $2::float8)
              FROM cases c
-             WHERE c.state = 'escalated' AND c.closed_at >= now() - make_interval(secs => $1::float8)
+             WHERE c.state = 'escalated'
+               AND c.closed_at >= (
+                   SELECT greatest(max(escalated_at) - make_interval(secs => $4::float8),
+                                   now() - make_interval(secs => $1::float8))
+                   FROM hand_watches)
                AND c.sales_order_number IS NOT NULL
                AND c.escalation_reason IS DISTINCT FROM 'ORDER_NOT_ACCESSIBLE'
                AND NOT EXISTS (SELECT 1 FROM hand_watches w
                                WHERE w.case_id = c.id AND w.generation = c.generation)
              ORDER BY c.closed_at LIMIT $3
              ON CONFLICT (case_id) DO UPDATE SET
-                 generation = EXCLUDED.generation, started_at = now(),
-                 next_look_at = EXCLUDED.next_look_at, looks = 0, ended_at = NULL,
-                 outcome = NULL, detail = NULL, released_at = NULL,
+                 generation = EXCLUDED.generation, escalated_at = EXCLUDED.escalated_at,
+                 started_at = now(), next_look_at = EXCLUDED.next_look_at, looks = 0,
+                 ended_at = NULL, outcome = NULL, detail = NULL, released_at = NULL,
                  smart_account_domain = NULL, virtual_account_name = NULL",
         )
         .bind(watch_for.as_secs_f64())
         .bind(first_look.as_secs_f64())
         .bind(limit)
+        .bind(ENROLL_MARGIN.as_secs_f64())
         .execute(self.pool())
         .await?;
         Ok(done.rows_affected())
     }
 
-    /// Ends the watches that no longer apply: the case was re-opened
-    /// (`cases retry`), a newer case of the order took over (a new held
-    /// event), or it escalated longer than `watch_for` ago.
-    pub async fn end_stale_hand_watches(&self, watch_for: Duration) -> Result<u64, StoreError> {
+    /// Ends, of the `limit` watches due first, those that no longer apply:
+    /// the case was re-opened (`cases retry`), a newer case of the order
+    /// took over (a new hold), or it escalated longer than `watch_for` ago.
+    /// (A watch that is not due yet is ended when it is.)
+    pub async fn end_stale_hand_watches(
+        &self,
+        watch_for: Duration,
+        limit: i64,
+    ) -> Result<u64, StoreError> {
         let done = sqlx::query(
-            "WITH stale AS (
+            "WITH due AS (
+                 SELECT case_id FROM hand_watches
+                 WHERE ended_at IS NULL AND next_look_at <= now()
+                 ORDER BY next_look_at LIMIT $2
+             ),
+             stale AS (
                  SELECT w.case_id,
                         CASE WHEN c.state <> 'escalated' OR c.generation <> w.generation THEN 'reopened'
                              WHEN c.closed_at < now() - make_interval(secs => $1::float8) THEN 'expired'
                              ELSE 'superseded' END AS outcome
-                 FROM hand_watches w JOIN cases c ON c.id = w.case_id
-                 WHERE w.ended_at IS NULL
-                   AND (c.state <> 'escalated' OR c.generation <> w.generation
-                        OR c.closed_at < now() - make_interval(secs => $1::float8)
-                        OR EXISTS (SELECT 1 FROM cases n
-                                   WHERE n.order_key = c.order_key AND n.created_at > c.created_at))
+                 FROM due JOIN hand_watches w ON w.case_id = due.case_id
+                 JOIN cases c ON c.id = w.case_id
+                 WHERE c.state <> 'escalated' OR c.generation <> w.generation
+                       OR c.closed_at < now() - make_interval(secs => $1::float8)
+                       OR EXISTS (SELECT 1 FROM cases n
+                                  WHERE n.order_key = c.order_key AND n.created_at > c.created_at)
              )
              UPDATE hand_watches w SET ended_at = now(), outcome = s.outcome
              FROM stale s WHERE w.case_id = s.case_id",
         )
         .bind(watch_for.as_secs_f64())
+        .bind(limit)
         .execute(self.pool())
         .await?;
         Ok(done.rows_affected())
@@ -175,8 +198,9 @@ impl Store {
     /// The person released the hold: in one transaction, ends the watch
     /// with the fix, and writes the case's history line and its
     /// `order.hold_released` event. Fenced by the watch (still open, same
-    /// generation) and the case (still escalated): `false` when either
-    /// changed, and nothing is written.
+    /// generation), the case (still escalated) and the order (no newer
+    /// case works it: that case's release is the order's): `false` when
+    /// any changed, and nothing is written.
     pub async fn record_hand_release(
         &self,
         case: &Case,
@@ -189,7 +213,9 @@ impl Store {
                     released_at = $3, smart_account_domain = $4, virtual_account_name = $5
              FROM cases c
              WHERE w.case_id = $1 AND w.generation = $2 AND w.ended_at IS NULL
-               AND c.id = w.case_id AND c.state = 'escalated' AND c.generation = $2",
+               AND c.id = w.case_id AND c.state = 'escalated' AND c.generation = $2
+               AND NOT EXISTS (SELECT 1 FROM cases n
+                               WHERE n.order_key = c.order_key AND n.created_at > c.created_at)",
         )
         .bind(case.id)
         .bind(case.generation as i32)
@@ -251,7 +277,8 @@ impl Store {
         Ok(())
     }
 
-    /// The hand fixes of the holds released since `since`, oldest first,
+    /// The hand fixes of the holds released since `since`, oldest first
+    /// (the order shows the release to the second: then the older case),
     /// streamed, each with its case's event (or why it cannot be read).
     pub fn hand_fixes(
         &self,
@@ -271,7 +298,7 @@ impl Store {
                     w.smart_account_domain, w.virtual_account_name, c.event::text
              FROM hand_watches w JOIN cases c ON c.id = w.case_id
              WHERE w.outcome = 'released' AND w.released_at >= $1
-             ORDER BY w.released_at, c.id",
+             ORDER BY w.released_at, c.created_at, c.id",
         )
         .bind(since)
         .fetch(self.pool())

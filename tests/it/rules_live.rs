@@ -248,6 +248,16 @@ async fn shadow_rules_are_recorded_never_acted_on_and_follow_a_reload(pool: PgPo
     );
     assert!(text.contains("Newly unmatched (1): 700002"), "{text}");
 
+    let out = run(&["cases", "show", "700002"], &db);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.contains(&format!(
+            "shadow rules (sha256 {}…) would decide no rule; the rules in force decided \"acme\"",
+            &sha256_of(SHADOW_JAPAN)[..12]
+        )),
+        "{text}"
+    );
+
     // Nothing was acted on: both cases carry the live rule's account.
     let targets: Vec<String> =
         sqlx::query_scalar("SELECT target->>'smart_account_domain' FROM cases ORDER BY order_key")
@@ -396,7 +406,8 @@ async fn hand_fixes_of_escalated_orders_are_seen_and_become_a_suggested_rule(poo
     assert_eq!(diff["unchanged"], 1, "{s:#}");
     assert_eq!(diff["counts"][0]["kind"], "newly_matched", "{s:#}");
     assert_eq!(diff["counts"][0]["orders"], 2, "{s:#}");
-    assert_eq!(s["too_few"][0][1], 1, "{s:#}");
+    assert_eq!(s["too_few"][0]["fixes"], 1, "{s:#}");
+    assert_eq!(s["too_few"][0]["when"]["partner_id"], "P-600", "{s:#}");
 
     // Pasted into the rules file, the suggestion passes `rules check`, and
     // decides those orders as the person did.
@@ -625,4 +636,162 @@ async fn stats_metrics_and_diff_of_cases_the_engine_decided(pool: PgPool) {
     );
     assert_eq!(d["report"]["unchanged"], 0, "{d:#}");
     assert_eq!(d["report"]["unreadable"], json!([]), "{d:#}");
+}
+
+/// A held event for an order whose escalated case is being watched: the
+/// same hold announced again joins that case (`held_again`) and the watch
+/// goes on; a new hold (applied after the escalation) opens a new case,
+/// which works the order: the watch ends `superseded`, and the order's
+/// release is the new case's alone (one `order.hold_released`, its rule).
+#[sqlx::test]
+async fn a_new_held_event_supersedes_the_watch_of_an_escalated_case(pool: PgPool) {
+    let dir = tempfile::tempdir().unwrap();
+    let rules = write(dir.path(), "rules.toml", LIVE);
+    let demo = holdclear::sim::Scenario::demo().unwrap();
+    let mut live = Live::start(
+        &pool,
+        demo,
+        dir.path(),
+        &[
+            ("HOLDCLEAR_RULES", &rules),
+            ("HOLDCLEAR_ESCALATED_WATCH_INTERVAL", "1s"),
+        ],
+    )
+    .await;
+    let so = "730001";
+    live.hold(so, order_of("P-500", "umbrella.example", "DE"))
+        .await;
+    live.event(so, "order.hold_escalated").await;
+    let sim = &live.sim;
+    wait_for(DEADLINE, "the watch's first look", || async move {
+        sim.order(so)
+    })
+    .await;
+    // The same hold announced again (held before the escalation) joins the
+    // escalated case, which stays watched.
+    live.hold(so, order_of("P-500", "umbrella.example", "DE"))
+        .await;
+    wait_for(DEADLINE, "the held_again line", || {
+        let pool = pool.clone();
+        async move {
+            sqlx::query_scalar::<_, i64>(
+                "SELECT count(*) FROM case_history WHERE kind = 'held_again' HAVING count(*) > 0",
+            )
+            .fetch_optional(&pool)
+            .await
+            .unwrap()
+        }
+    })
+    .await;
+    let watching: i64 =
+        sqlx::query_scalar("SELECT count(*) FROM hand_watches WHERE ended_at IS NULL")
+            .fetch_one(&pool)
+            .await
+            .unwrap();
+    assert_eq!(watching, 1);
+    // A new hold (applied after the escalation), now with acme as its end
+    // customer: a new case.
+    live.hold(so, |ev| {
+        ev["data"]["heldAt"] = json!(chrono::Utc::now().to_rfc3339());
+    })
+    .await;
+    let released = live.event(so, "order.hold_released").await;
+    assert_eq!(released.data("rule"), &json!("acme"));
+    let watch = wait_for(DEADLINE, "the watch to end", || {
+        let pool = pool.clone();
+        async move {
+            sqlx::query_scalar::<_, String>(
+                "SELECT outcome FROM hand_watches WHERE ended_at IS NOT NULL",
+            )
+            .fetch_optional(&pool)
+            .await
+            .unwrap()
+        }
+    })
+    .await;
+    assert_eq!(watch, "superseded");
+    live.events.assert_quiet(Duration::from_millis(2500)).await;
+    let releases = (live.events.seen.iter())
+        .filter(|e| e.routing_key == "order.hold_released")
+        .count();
+    assert_eq!(releases, 1, "{:#?}", live.events.seen);
+    let states: Vec<String> =
+        sqlx::query_scalar("SELECT state FROM cases WHERE order_key = $1 ORDER BY created_at")
+            .bind(so)
+            .fetch_all(&pool)
+            .await
+            .unwrap();
+    assert_eq!(states, ["escalated", "released"]);
+    live.worker.terminate();
+}
+
+/// `cases retry` re-opens a watched escalated case: that watch ends, and
+/// when the re-run escalates again the case is watched in its new
+/// generation; a person's release then ends it as for any other.
+#[sqlx::test]
+async fn a_retried_case_is_watched_again_in_its_new_generation(pool: PgPool) {
+    let dir = tempfile::tempdir().unwrap();
+    let rules = write(dir.path(), "rules.toml", LIVE);
+    let demo = holdclear::sim::Scenario::demo().unwrap();
+    let mut live = Live::start(
+        &pool,
+        demo,
+        dir.path(),
+        &[
+            ("HOLDCLEAR_RULES", &rules),
+            ("HOLDCLEAR_ESCALATED_WATCH_INTERVAL", "1s"),
+        ],
+    )
+    .await;
+    let db = database_url(&pool).await;
+    let so = "740001";
+    live.hold(so, order_of("P-500", "umbrella.example", "DE"))
+        .await;
+    live.event(so, "order.hold_escalated").await;
+    let watch_of = |generation: i32| {
+        let pool = pool.clone();
+        move || {
+            let pool = pool.clone();
+            async move {
+                sqlx::query_scalar::<_, i32>(
+                    "SELECT generation FROM hand_watches WHERE ended_at IS NULL AND generation = $1",
+                )
+                .bind(generation)
+                .fetch_optional(&pool)
+                .await
+                .unwrap()
+            }
+        }
+    };
+    wait_for(DEADLINE, "the watch of generation 0", watch_of(0)).await;
+    let out = run(&["cases", "retry", so], &db);
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    wait_for(DEADLINE, "the watch of generation 1", watch_of(1)).await;
+    let sim = &live.sim;
+    wait_for(
+        DEADLINE,
+        "a look at the order",
+        || async move { sim.order(so) },
+    )
+    .await;
+    live.sim
+        .assign_by_hand(so, "globex-holding.com", "Holding")
+        .unwrap();
+    let released = live.event(so, "order.hold_released").await;
+    assert_eq!(
+        released.data("smartAccountDomain"),
+        &json!("globex-holding.com")
+    );
+    let (generation, outcome): (i32, String) =
+        sqlx::query_as("SELECT generation, outcome FROM hand_watches")
+            .fetch_one(&pool)
+            .await
+            .unwrap();
+    assert_eq!((generation, outcome.as_str()), (1, "released"));
+    live.worker.terminate();
 }
