@@ -10,11 +10,13 @@
 //! - [`commerce`]: the commerce API client (token, rate limit, error classes).
 //! - [`store`]: PostgreSQL (the only module that writes SQL): inbox, cases, history, outbox, dead letters, operations.
 //! - [`outbox`]: the relay that publishes committed events with confirms.
+//! - [`operations`]: what operators do (replay, archive, claim, note; case retry and close), audited, for the CLI and the console.
 //! - [`retry`]: delay policies (the one module that uses `backoff`).
 //! - [`ops`]: logs, health, readiness and metrics.
 //! - [`sim`]: the commerce-API simulator (`holdclear sim`).
 //! - [`worker`]: `holdclear run` assembled: HTTP server, store, consumer and intake, graceful shutdown.
 //! - [`bench`]: `holdclear bench`: intake, end to end, watching at scale and memory, against the machine's limits.
+//! - [`console`]: `holdclear console`: the operators' web console (pages, actions, sign-in, CSRF, CSP).
 //! - [`cli`]: one file per subcommand.
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
@@ -24,9 +26,11 @@ pub mod broker;
 pub mod cli;
 pub mod commerce;
 pub mod config;
+pub mod console;
 pub mod domain;
 pub mod engine;
 pub mod intake;
+pub mod operations;
 pub mod ops;
 pub mod outbox;
 pub mod retry;

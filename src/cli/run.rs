@@ -59,7 +59,7 @@ fn log_panics() {
 }
 
 /// The signals `holdclear run` handles, listened for from its first line.
-struct Signals {
+pub(crate) struct Signals {
     terminate: Signal,
     interrupt: Signal,
     /// Only held: once tokio listens for SIGHUP, a SIGHUP no longer
@@ -68,7 +68,7 @@ struct Signals {
 }
 
 impl Signals {
-    fn install() -> anyhow::Result<Self> {
+    pub(crate) fn install() -> anyhow::Result<Self> {
         let listen = |kind: SignalKind, name: &str| {
             signal(kind).with_context(|| format!("cannot listen for {name}"))
         };
@@ -80,7 +80,7 @@ impl Signals {
     }
 
     /// Cancels `cancel` on the first SIGTERM or ctrl-c (SIGINT).
-    async fn stop_on_signal(mut self, cancel: CancellationToken) {
+    pub(crate) async fn stop_on_signal(mut self, cancel: CancellationToken) {
         let signal = tokio::select! {
             _ = self.interrupt.recv() => "SIGINT",
             _ = self.terminate.recv() => "SIGTERM",

@@ -37,14 +37,19 @@ macro_rules! terminal_states {
 pub mod bench;
 mod case_row;
 mod cases;
+mod console;
 mod dead_letters;
 mod decisions;
 mod intake;
+mod operator;
 mod ops;
 mod outbox;
 
 pub use cases::{
     CaseFilter, CaseRecord, CaseSummary, Claimed, HistoryRow, Identity, RetryCommit, StepCommit,
+};
+pub use console::{
+    CaseMarks, EscalationFilter, EscalationGroup, EscalationRow, MAX_ESCALATIONS, WorkerSeen,
 };
 pub use dead_letters::{
     DeadLetterFilter, DeadLetterGroup, DeadLetterRecord, DeadLetterSummary, Note, Operation,
@@ -52,6 +57,7 @@ pub use dead_letters::{
 };
 pub use decisions::{DecisionStats, RuleHits, StoredEvent, UnmatchedGroup};
 pub use intake::Recorded;
+pub use operator::{Audited, CaseNote, Closed};
 pub use ops::OpsSnapshot;
 pub use outbox::{OutboxBatch, OutboxFailure, OutboxRow};
 
