@@ -164,27 +164,26 @@ impl Auth {
     /// The session of a request: the trusted header's user, else a valid,
     /// unexpired cookie's.
     pub fn session(&self, headers: &HeaderMap) -> Option<Session> {
-        if let Some(h) = &self.trusted_header {
-            if let Some(name) = (headers.get(h.as_str()))
-                .and_then(|v| v.to_str().ok())
-                .map(str::trim)
-                .filter(|n| !n.is_empty() && n.len() <= 200)
-            {
-                let role = if self.trusted_operators.iter().any(|o| o == name) {
-                    Role::Operator
-                } else {
-                    Role::Viewer
-                };
-                return Some(Session {
-                    user: Some(User {
-                        name: name.to_owned(),
-                        role,
-                    }),
-                    // The proxy's user keys their CSRF token.
-                    nonce: format!("proxy:{name}"),
-                    expires: i64::MAX,
-                });
-            }
+        let proxy_user = (self.trusted_header.as_deref())
+            .and_then(|h| headers.get(h))
+            .and_then(|v| v.to_str().ok())
+            .map(str::trim)
+            .filter(|n| !n.is_empty() && n.len() <= 200);
+        if let Some(name) = proxy_user {
+            let role = if self.trusted_operators.iter().any(|o| o == name) {
+                Role::Operator
+            } else {
+                Role::Viewer
+            };
+            return Some(Session {
+                user: Some(User {
+                    name: name.to_owned(),
+                    role,
+                }),
+                // The proxy's user keys their CSRF token.
+                nonce: format!("proxy:{name}"),
+                expires: i64::MAX,
+            });
         }
         let raw = cookie_value(headers, COOKIE_NAME)?;
         self.read_cookie(raw)
@@ -251,8 +250,8 @@ mod tests {
     use axum::http::HeaderValue;
     use std::time::Duration;
 
-    fn auth() -> Auth {
-        Auth::new(&ConsoleSettings {
+    fn settings() -> ConsoleSettings {
+        ConsoleSettings {
             addr: "127.0.0.1:0".parse().unwrap(),
             tokens: vec![ConsoleToken {
                 user: "ann".into(),
@@ -264,7 +263,11 @@ mod tests {
             session_key: None,
             session_ttl: Duration::from_secs(60),
             secure_cookie: true,
-        })
+        }
+    }
+
+    fn auth() -> Auth {
+        Auth::new(&settings())
     }
 
     fn with_cookie(set_cookie: &str) -> HeaderMap {
@@ -297,5 +300,32 @@ mod tests {
         assert!(auth().session(&with_cookie(&cookie)).is_none());
         // Another session's CSRF token is refused.
         assert!(!a.csrf_ok(&a.new_session(None), &a.csrf(&s)));
+    }
+
+    #[test]
+    fn a_trusted_header_names_the_user_and_only_listed_users_act() {
+        let a = Auth::new(&ConsoleSettings {
+            tokens: vec![],
+            trusted_header: Some("x-forwarded-user".into()),
+            trusted_operators: vec!["ann".into()],
+            ..settings()
+        });
+        let with = |user: &str| {
+            let mut h = HeaderMap::new();
+            h.insert("X-Forwarded-User", HeaderValue::from_str(user).unwrap());
+            a.session(&h).and_then(|s| s.user)
+        };
+        assert_eq!(with("ann").map(|u| u.role), Some(Role::Operator));
+        assert_eq!(with("bob").map(|u| u.role), Some(Role::Viewer));
+        assert_eq!(with("  ").map(|u| u.role), None);
+        // Without the header (and without a cookie): nobody.
+        assert!(a.session(&HeaderMap::new()).is_none());
+        // Another proxy user's CSRF token is not yours.
+        let mut h = HeaderMap::new();
+        h.insert("X-Forwarded-User", HeaderValue::from_static("ann"));
+        let ann = a.session(&h).unwrap();
+        h.insert("X-Forwarded-User", HeaderValue::from_static("bob"));
+        let bob = a.session(&h).unwrap();
+        assert!(!a.csrf_ok(&bob, &a.csrf(&ann)));
     }
 }
