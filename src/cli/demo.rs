@@ -202,15 +202,9 @@ pub async fn execute(base: Settings, args: Args) -> anyhow::Result<ExitCode> {
     let cancel = CancellationToken::new();
     let worker = Worker::start(settings.clone(), cancel.clone()).await?;
     let mut result = drive(&settings, &topology, timeout).await;
-    let mut printed = false;
-    if args.console
-        && let Ok((table, dead_letters, _)) = &result
-    {
-        println!("{table}\n{dead_letters}");
-        printed = true;
-        if let Err(e) = console_until_ctrl_c(settings.clone()).await {
-            result = Err(e);
-        }
+    let printed = args.console && result.is_ok();
+    if printed {
+        result = console_after(result, &settings).await;
     }
 
     worker.shutdown().await.ok();
@@ -237,6 +231,17 @@ pub async fn execute(base: Settings, args: Args) -> anyhow::Result<ExitCode> {
         writeln!(out, "Timed out before every order had an outcome.")?;
         Ok(ExitCode::FAILURE)
     }
+}
+
+/// Prints the demo's outcome, then serves the console until ctrl-c.
+async fn console_after(
+    result: anyhow::Result<(Table, String, bool)>,
+    settings: &Settings,
+) -> anyhow::Result<(Table, String, bool)> {
+    let (table, dead_letters, complete) = result?;
+    println!("{table}\n{dead_letters}");
+    console_until_ctrl_c(settings.clone()).await?;
+    Ok((table, dead_letters, complete))
 }
 
 /// Serves the console over the demo's database and broker until ctrl-c;

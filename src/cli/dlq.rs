@@ -256,9 +256,7 @@ pub async fn execute(settings: Settings, cmd: Command) -> anyhow::Result<ExitCod
         } => {
             let mut filter = filter.filter(Vec::new())?;
             filter.include_archived = archived;
-            let rows = store
-                .list_dead_letters(&filter, limit.max(0), offset.max(0))
-                .await?;
+            let rows = (store.list_dead_letters(&filter, limit.max(0), offset.max(0))).await?;
             list(&mut out, &rows, json)?;
         }
         Command::Show { id, json } => show_one(&mut out, &store, id, json).await?,
@@ -614,26 +612,10 @@ async fn replay(settings: &Settings, store: &Store, args: ReplayArgs) -> anyhow:
                 return Ok(ExitCode::SUCCESS);
             }
         },
-        None => {
-            let options = args.options()?;
-            options.check(args.all).map_err(refused)?;
-            let preview = replay::preview(store, &options).await?;
-            print_preview(&mut out, &preview, args.dry_run)?;
-            if args.dry_run {
-                return Ok(ExitCode::SUCCESS);
-            }
-            if preview.chosen.is_empty() {
-                writeln!(out, "Nothing to replay.")?;
-                return Ok(if preview.refused.is_empty() {
-                    ExitCode::SUCCESS
-                } else {
-                    ExitCode::FAILURE
-                });
-            }
-            let who = operator(args.operator.clone());
-            let id = replay::start(store, &who, &options, &preview).await?;
-            (id, options)
-        }
+        None => match begin(store, &args, &mut out).await? {
+            Ok(started) => started,
+            Err(code) => return Ok(code),
+        },
     };
     writeln!(out, "Operation {operation}.")?;
     out.flush()?;
@@ -684,6 +666,33 @@ async fn replay(settings: &Settings, store: &Store, args: ReplayArgs) -> anyhow:
     } else {
         ExitCode::SUCCESS
     })
+}
+
+/// A new replay: the preview printed, then (not a dry run, something to
+/// send) the operation started; else the exit code.
+async fn begin(
+    store: &Store,
+    args: &ReplayArgs,
+    out: &mut impl Write,
+) -> anyhow::Result<Result<(Uuid, ReplayOptions), ExitCode>> {
+    let options = args.options()?;
+    options.check(args.all).map_err(refused)?;
+    let preview = replay::preview(store, &options).await?;
+    print_preview(out, &preview, args.dry_run)?;
+    if args.dry_run {
+        return Ok(Err(ExitCode::SUCCESS));
+    }
+    if preview.chosen.is_empty() {
+        writeln!(out, "Nothing to replay.")?;
+        return Ok(Err(if preview.refused.is_empty() {
+            ExitCode::SUCCESS
+        } else {
+            ExitCode::FAILURE
+        }));
+    }
+    let who = operator(args.operator.clone());
+    let id = replay::start(store, &who, &options, &preview).await?;
+    Ok(Ok((id, options)))
 }
 
 fn print_preview(out: &mut impl Write, p: &Preview, dry_run: bool) -> std::io::Result<()> {
