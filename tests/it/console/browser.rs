@@ -171,6 +171,14 @@ async fn overview_shows_escalations_and_dead_letters(pool: PgPool) {
     );
     assert!(text.contains("MALFORMED_JSON"), "{text}");
     assert!(text.contains("olga · operator"), "{text}");
+    // The script (allowed by the CSP: same origin) refreshes the live parts.
+    wait_for(Duration::from_secs(15), "a live refresh", || async {
+        let at = d
+            .js("return document.documentElement.dataset.refreshed || null")
+            .await;
+        (!at.is_null()).then_some(())
+    })
+    .await;
     d.screenshot("overview").await;
     d.close().await;
     stage.stop().await;

@@ -484,3 +484,60 @@ async fn console_cancels_a_running_replay(pool: PgPool) {
     assert_eq!(stage.operations("cancel", "olga").await, 1);
     stage.stop().await;
 }
+
+/// The CLI acts on cases as the console does, through the same code:
+/// claim, note, close by hand, each an operation naming the operator.
+#[sqlx::test]
+async fn the_cases_cli_claims_notes_and_closes_like_the_console(pool: PgPool) {
+    let stage = Stage::new(&pool).await;
+    let case = stage.escalated("905000009").await;
+    let db = crate::support::database_url(&pool).await;
+    let cases = |args: &[&str]| {
+        let out = bin()
+            .arg("cases")
+            .args(args)
+            .env("HOLDCLEAR_DATABASE_URL", &db)
+            .env("USER", "carla")
+            .output()
+            .unwrap();
+        (
+            out.status.code(),
+            String::from_utf8_lossy(&out.stdout).into_owned()
+                + &String::from_utf8_lossy(&out.stderr),
+        )
+    };
+    let (code, out) = cases(&["claim", "905000009"]);
+    assert_eq!(code, Some(0), "{out}");
+    assert!(out.contains("claimed by carla"), "{out}");
+    let (code, out) = cases(&[
+        "note",
+        "905000009",
+        "--text",
+        "called them",
+        "--ticket",
+        "INC-9",
+    ]);
+    assert_eq!(code, Some(0), "{out}");
+    let (code, out) = cases(&["close", "905000009", "--note", " "]);
+    assert_eq!(code, Some(64), "an empty note is refused: {out}");
+    let (code, out) = cases(&["close", "905000009", "--note", "assigned by hand"]);
+    assert_eq!(code, Some(0), "{out}");
+    let (code, out) = cases(&["close", "905000999", "--note", "x"]);
+    assert_eq!(code, Some(64), "{out}");
+    assert!(out.contains("no case for order 905000999"), "{out}");
+    for kind in ["case claim", "case note", "case close"] {
+        assert_eq!(stage.operations(kind, "carla").await, 1, "{kind}");
+    }
+    let olga = stage.sign_in(OPERATOR_TOKEN).await;
+    let (_, page) = olga.get(&format!("/cases/{case}")).await;
+    for part in [
+        "Claimed by",
+        "carla",
+        "called them [ticket INC-9]",
+        "Closed by hand",
+        "assigned by hand",
+    ] {
+        assert!(page.contains(part), "{part}: {page}");
+    }
+    stage.stop().await;
+}
