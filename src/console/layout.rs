@@ -15,6 +15,7 @@ pub fn page(v: &Viewer, current: &str, title: &str, body: Markup) -> Markup {
         ("/escalations", "Escalations"),
         ("/dead-letters", "Dead letters"),
         ("/operations", "Operations"),
+        ("/rules", "Rules"),
     ];
     html! {
         (DOCTYPE)

@@ -11,7 +11,8 @@
 //!   cookies, CSRF tokens.
 //! - `layout`: the page shell and the small pieces pages share.
 //! - `overview`, `escalations` (and the case page), `dead_letters`,
-//!   `operations`: the pages, with their actions.
+//!   `operations`: the pages, with their actions; `rules`: the rules in
+//!   force and how they decided.
 
 pub mod auth;
 mod dead_letters;
@@ -19,6 +20,7 @@ mod escalations;
 mod layout;
 mod operations;
 mod overview;
+mod rules;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -164,6 +166,7 @@ fn router(shared: AppState) -> Router {
             get(operations::replay_form).post(operations::replay),
         )
         .route("/operations", get(operations::list))
+        .route("/rules", get(rules::page))
         .route("/operations/{id}", get(operations::report))
         .route("/operations/{id}/cancel", post(operations::cancel))
         .route("/logout", post(logout))

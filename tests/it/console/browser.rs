@@ -345,6 +345,7 @@ async fn a_phone_sees_no_horizontal_scrolling(pool: PgPool) {
         "/dead-letters/list".into(),
         format!("/dead-letters/{id}"),
         "/operations".into(),
+        "/rules".into(),
     ];
     for p in &pages {
         d.client.goto(&format!("{}{p}", stage.base)).await.unwrap();

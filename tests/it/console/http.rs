@@ -331,6 +331,11 @@ async fn console_case_actions_change_the_store_and_are_audited(pool: PgPool) {
         .get("/escalations/list?reason=SMART_ACCOUNT_NOT_ACTIVE")
         .await;
     assert!(!list.contains(&format!("/cases/{case}")), "{list}");
+    let (_, rules) = olga.get("/rules").await;
+    assert!(
+        rules.contains("any-end-customer") && rules.contains("acme-direct"),
+        "{rules}"
+    );
     let (_, ops) = olga.get("/operations").await;
     for kind in ["case claim", "case note", "case retry", "case close"] {
         assert!(ops.contains(kind), "{kind}: {ops}");
