@@ -217,7 +217,7 @@ def check_compose() -> dict:
     where = rel(path)
     compose = yaml.safe_load(path.read_text())
     services = compose["services"]
-    for name in ("rabbitmq", "postgres", "sim", "migrate", "worker"):
+    for name in ("rabbitmq", "postgres", "sim", "migrate", "worker", "console"):
         check(name in services, where, f"service {name} missing")
 
     # One-shot services (restart "no": migrate, tls) are waited for until
@@ -247,6 +247,10 @@ def check_compose() -> dict:
     check(env.get("HOLDCLEAR_HTTP_ADDR", "").startswith("0.0.0.0:"), where, "worker must listen on 0.0.0.0 in a container")
     check(worker.get("deploy", {}).get("replicas") == 1, where, "worker starts with one replica")
     check(services.get("migrate", {}).get("command") == ["migrate"], where, "migrate runs `holdclear migrate`")
+    console = services.get("console", {})
+    check(console.get("command") == ["console"], where, "console runs `holdclear console`")
+    check(console.get("environment", {}).get("HOLDCLEAR_CONSOLE_ADDR", "").startswith("0.0.0.0:"), where,
+          "console must listen on 0.0.0.0 in a container")
     return compose
 
 
@@ -324,8 +328,39 @@ def check_k8s(defs: dict) -> None:
             ref = v.get("configMap", {}).get("name")
             check(ref is None or ref in generated, where, f"{kind}: ConfigMap volume {ref} is not generated")
 
-    deployments = by_kind.get("Deployment", [])
-    check(len(deployments) == 1, kwhere, "exactly one Deployment")
+    def component(d: dict) -> str:
+        return d["metadata"].get("labels", {}).get("app.kubernetes.io/component", "")
+
+    all_deployments = by_kind.get("Deployment", [])
+    deployments = [d for d in all_deployments if component(d) == "worker"]
+    consoles = [d for d in all_deployments if component(d) == "console"]
+    check(len(deployments) == 1, kwhere, "exactly one worker Deployment")
+    check(len(consoles) == 1 and len(all_deployments) == 2, kwhere,
+          "one console Deployment besides the worker's, and no other")
+    for con in consoles:
+        where = "deploy/k8s/console.yaml"
+        spec = con["spec"]["template"]["spec"]
+        labels = con["spec"]["template"]["metadata"]["labels"]
+        check(matches(con["spec"]["selector"]["matchLabels"], labels), where, "selector does not match the pod labels")
+        pod_checks(where, spec, "console Deployment")
+        c = spec["containers"][0]
+        check(c.get("args") == ["console"], where, "the console runs `holdclear console`")
+        env = {e["name"]: e for e in c.get("env", [])}
+        check(env.get("HOLDCLEAR_CONSOLE_ADDR", {}).get("value", "").endswith(":8090")
+              and any(p["containerPort"] == 8090 for p in c.get("ports", [])), where, "console port 8090")
+        check(all("valueFrom" in env.get(k, {}) for k in
+                  ("HOLDCLEAR_CONSOLE_OPERATOR_TOKENS", "HOLDCLEAR_CONSOLE_SESSION_KEY")), where,
+              "console tokens and session key come from a Secret")
+        check(c.get("livenessProbe", {}).get("httpGet", {}).get("path") == "/healthz", where, "liveness on /healthz")
+        svcs = [v for v in by_kind.get("Service", []) if component(v) == "console"]
+        check(len(svcs) == 1 and all(matches(v["spec"]["selector"], labels) for v in svcs), where,
+              "one Service selects the console")
+        pols = [p for p in by_kind.get("NetworkPolicy", []) if matches(p["spec"]["podSelector"]["matchLabels"], labels)]
+        if check(len(pols) == 1, where, "one NetworkPolicy selects the console"):
+            eg = {p["port"] for r in pols[0]["spec"]["egress"] for p in r.get("ports", [])}
+            check(eg == {53, 5671, 5672, 5432}, where, f"console egress ports {sorted(eg)} must be DNS, AMQP(S), PostgreSQL")
+            ing = {p["port"] for r in pols[0]["spec"].get("ingress", []) for p in r.get("ports", [])}
+            check(ing == {8090}, where, "console ingress: 8090 only")
     for dep in deployments:
         where = "deploy/k8s/deployment.yaml"
         spec = dep["spec"]["template"]["spec"]
@@ -350,7 +385,7 @@ def check_k8s(defs: dict) -> None:
         check(ann.get("prometheus.io/scrape") == "true" and ann.get("prometheus.io/port") == "9090", where,
               "Prometheus scrape annotations")
 
-        for svc in by_kind.get("Service", []):
+        for svc in [v for v in by_kind.get("Service", []) if component(v) != "console"]:
             check(matches(svc["spec"]["selector"], labels), "deploy/k8s/service.yaml", "selector does not match the worker")
             check(any(p["name"] == "metrics" for p in svc["spec"]["ports"]), "deploy/k8s/service.yaml", "port `metrics`")
             for sm in by_kind.get("ServiceMonitor", []):

@@ -550,6 +550,73 @@ pub struct Settings {
     pub shutdown_timeout: Duration,
     /// Retention and the pruner.
     pub prune: PruneSettings,
+    /// `holdclear console`.
+    pub console: ConsoleSettings,
+}
+
+/// A console user's role.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Role {
+    /// Reads everything, changes nothing.
+    Viewer,
+    /// Reads and acts.
+    Operator,
+}
+
+impl Role {
+    /// `viewer` or `operator`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Viewer => "viewer",
+            Self::Operator => "operator",
+        }
+    }
+}
+
+/// One console sign-in token: who signs in with it, and as what.
+#[derive(Clone, Debug)]
+pub struct ConsoleToken {
+    /// The user's name (recorded as the operator of what they do).
+    pub user: String,
+    /// The role.
+    pub role: Role,
+    /// The token (redacted in `Debug`).
+    pub token: Secret,
+}
+
+/// `holdclear console`: where it listens and who may sign in.
+#[derive(Clone, Debug)]
+pub struct ConsoleSettings {
+    /// Listen address.
+    pub addr: SocketAddr,
+    /// Sign-in tokens, operators' and viewers'.
+    pub tokens: Vec<ConsoleToken>,
+    /// A header an authenticating proxy sets to the user's name.
+    pub trusted_header: Option<String>,
+    /// Users (from the trusted header) who are operators; the others are viewers.
+    pub trusted_operators: Vec<String>,
+    /// Key that signs session cookies; `None`: a random one per process.
+    pub session_key: Option<Secret>,
+    /// How long a sign-in lasts.
+    pub session_ttl: Duration,
+    /// Session cookies carry `Secure` (the console is served over HTTPS).
+    pub secure_cookie: bool,
+}
+
+/// Shortest console token accepted.
+pub const MIN_CONSOLE_TOKEN: usize = 16;
+
+impl ConsoleSettings {
+    /// The console takes no anonymous user: at least one token or a trusted header.
+    pub fn check_credentials(&self) -> Result<(), ConfigError> {
+        if self.tokens.is_empty() && self.trusted_header.is_none() {
+            return Err(ConfigError::invalid(
+                "HOLDCLEAR_CONSOLE_OPERATOR_TOKENS",
+                "the console has no credential: set it (or HOLDCLEAR_CONSOLE_VIEWER_TOKENS, or HOLDCLEAR_CONSOLE_TRUSTED_HEADER behind an authenticating proxy); it never serves anonymous users",
+            ));
+        }
+        Ok(())
+    }
 }
 
 /// The settings file: every key optional, unknown keys rejected.
@@ -614,6 +681,14 @@ struct FileSettings {
     database_tls_ca_file: Option<PathBuf>,
     commerce_tls_ca_file: Option<PathBuf>,
     commerce_allow_plaintext: Option<bool>,
+    console_addr: Option<String>,
+    console_operator_tokens: Option<String>,
+    console_viewer_tokens: Option<String>,
+    console_trusted_header: Option<String>,
+    console_trusted_operators: Option<String>,
+    console_session_key: Option<String>,
+    console_session_ttl: Option<String>,
+    console_secure_cookie: Option<bool>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -955,6 +1030,46 @@ pub const SETTINGS: &[Setting] = &[
         "how often to look for others' work",
     ),
     value("HOLDCLEAR_SHUTDOWN_TIMEOUT", "20s", "drain time on SIGTERM"),
+    value(
+        "HOLDCLEAR_CONSOLE_ADDR",
+        "127.0.0.1:8090",
+        "where `holdclear console` listens",
+    ),
+    computed(
+        "HOLDCLEAR_CONSOLE_OPERATOR_TOKENS",
+        "none",
+        "console users who act: `name:token,name:token` (tokens of 16 characters or more; secret). The console refuses to start with no token and no trusted header",
+    ),
+    computed(
+        "HOLDCLEAR_CONSOLE_VIEWER_TOKENS",
+        "none",
+        "console users who only read, same form (secret)",
+    ),
+    computed(
+        "HOLDCLEAR_CONSOLE_TRUSTED_HEADER",
+        "none",
+        "a header an authenticating proxy sets to the user's name (e.g. `X-Forwarded-User`); only behind such a proxy",
+    ),
+    computed(
+        "HOLDCLEAR_CONSOLE_TRUSTED_OPERATORS",
+        "none",
+        "users of the trusted header who act (comma-separated); the others only read",
+    ),
+    computed(
+        "HOLDCLEAR_CONSOLE_SESSION_KEY",
+        "random per process",
+        "signs the console's session cookies (secret, 32 characters or more); set it when several replicas serve the console",
+    ),
+    value(
+        "HOLDCLEAR_CONSOLE_SESSION_TTL",
+        "12h",
+        "how long a console sign-in lasts",
+    ),
+    value(
+        "HOLDCLEAR_CONSOLE_SECURE_COOKIE",
+        "false",
+        "mark the session cookie `Secure` (set it when the console is served over HTTPS)",
+    ),
 ];
 
 /// The default of `env` from [`SETTINGS`] (a setting missing there, or one
@@ -1167,6 +1282,7 @@ impl Settings {
         let shutdown_timeout =
             r.duration("HOLDCLEAR_SHUTDOWN_TIMEOUT", f.shutdown_timeout.take())?;
         let prune = prune(&r, f)?;
+        let console = console(&r, f)?;
 
         Ok(Self {
             database_url,
@@ -1183,8 +1299,125 @@ impl Settings {
             log_format,
             shutdown_timeout,
             prune,
+            console,
         })
     }
+}
+
+/// `holdclear console`'s settings (their presence is checked when the console starts).
+fn console(r: &Reader<'_>, f: &mut FileSettings) -> Result<ConsoleSettings, ConfigError> {
+    let raw = r.string("HOLDCLEAR_CONSOLE_ADDR", f.console_addr.take());
+    let addr = raw.trim().parse().map_err(|_| {
+        ConfigError::invalid(
+            "HOLDCLEAR_CONSOLE_ADDR",
+            format!("{raw:?} is not an address like 127.0.0.1:8090"),
+        )
+    })?;
+    let mut tokens = Vec::new();
+    for (env, file, role) in [
+        (
+            "HOLDCLEAR_CONSOLE_OPERATOR_TOKENS",
+            f.console_operator_tokens.take(),
+            Role::Operator,
+        ),
+        (
+            "HOLDCLEAR_CONSOLE_VIEWER_TOKENS",
+            f.console_viewer_tokens.take(),
+            Role::Viewer,
+        ),
+    ] {
+        if let Some(list) = r.env.var(env).or(file) {
+            tokens.extend(console_tokens(env, &list, role)?);
+        }
+    }
+    let trusted_header = (r.env.var("HOLDCLEAR_CONSOLE_TRUSTED_HEADER"))
+        .or(f.console_trusted_header.take())
+        .map(|h| h.trim().to_ascii_lowercase())
+        .filter(|h| !h.is_empty());
+    if let Some(h) = &trusted_header
+        && axum::http::HeaderName::from_bytes(h.as_bytes()).is_err()
+    {
+        return Err(ConfigError::invalid(
+            "HOLDCLEAR_CONSOLE_TRUSTED_HEADER",
+            format!("{h:?} is not a header name"),
+        ));
+    }
+    let trusted_operators = (r.env.var("HOLDCLEAR_CONSOLE_TRUSTED_OPERATORS"))
+        .or(f.console_trusted_operators.take())
+        .map(|l| {
+            l.split(',')
+                .map(|u| u.trim().to_owned())
+                .filter(|u| !u.is_empty())
+                .collect()
+        })
+        .unwrap_or_default();
+    let session_key = (r.env.var("HOLDCLEAR_CONSOLE_SESSION_KEY"))
+        .or(f.console_session_key.take())
+        .map(Secret::new);
+    if session_key.as_ref().is_some_and(|k| k.expose().len() < 32) {
+        return Err(ConfigError::invalid(
+            "HOLDCLEAR_CONSOLE_SESSION_KEY",
+            "is shorter than 32 characters",
+        ));
+    }
+    let session_ttl = r.duration(
+        "HOLDCLEAR_CONSOLE_SESSION_TTL",
+        f.console_session_ttl.take(),
+    )?;
+    nonzero("HOLDCLEAR_CONSOLE_SESSION_TTL", session_ttl)?;
+    Ok(ConsoleSettings {
+        addr,
+        tokens,
+        trusted_header,
+        trusted_operators,
+        session_key,
+        session_ttl,
+        secure_cookie: r.parsed(
+            "HOLDCLEAR_CONSOLE_SECURE_COOKIE",
+            f.console_secure_cookie.take(),
+        )?,
+    })
+}
+
+/// `name:token,name:token`; the error names the setting, never a token.
+fn console_tokens(env: &str, list: &str, role: Role) -> Result<Vec<ConsoleToken>, ConfigError> {
+    let mut out = Vec::new();
+    for (i, entry) in list.split(',').map(str::trim).enumerate() {
+        if entry.is_empty() {
+            continue;
+        }
+        let Some((user, token)) = entry.split_once(':') else {
+            return Err(ConfigError::invalid(
+                env,
+                format!("entry {} is not name:token", i + 1),
+            ));
+        };
+        let user = user.trim();
+        let valid_name = !user.is_empty()
+            && user.len() <= 64
+            && (user.chars()).all(|c| c.is_ascii_alphanumeric() || "._@-".contains(c));
+        if !valid_name {
+            return Err(ConfigError::invalid(
+                env,
+                format!(
+                    "entry {}: the name must be 1 to 64 of A-Z a-z 0-9 . _ @ -",
+                    i + 1
+                ),
+            ));
+        }
+        if token.trim().len() < MIN_CONSOLE_TOKEN {
+            return Err(ConfigError::invalid(
+                env,
+                format!("the token of {user} is shorter than {MIN_CONSOLE_TOKEN} characters"),
+            ));
+        }
+        out.push(ConsoleToken {
+            user: user.to_owned(),
+            role,
+            token: Secret::new(token.trim()),
+        });
+    }
+    Ok(out)
 }
 
 /// Each dependency's CA file (RabbitMQ, PostgreSQL, the commerce API): its
@@ -1950,6 +2183,91 @@ mod tests {
         assert!(!shown.contains("s3cr3t-value"), "{shown}");
         assert!(!shown.contains("hunter2"), "{shown}");
         assert!(shown.contains("[redacted]"));
+    }
+
+    #[test]
+    fn console_tokens_roles_and_their_mistakes() {
+        let s = with(&[
+            (
+                "HOLDCLEAR_CONSOLE_OPERATOR_TOKENS",
+                "ann:0123456789abcdef-ann, bob:0123456789abcdef-bob",
+            ),
+            (
+                "HOLDCLEAR_CONSOLE_VIEWER_TOKENS",
+                "vic:0123456789abcdef-vic",
+            ),
+            ("HOLDCLEAR_CONSOLE_SESSION_KEY", &"k".repeat(32)),
+        ])
+        .unwrap();
+        let c = &s.console;
+        assert_eq!(c.addr.to_string(), "127.0.0.1:8090");
+        let users: Vec<(&str, Role)> = c.tokens.iter().map(|t| (t.user.as_str(), t.role)).collect();
+        assert_eq!(
+            users,
+            [
+                ("ann", Role::Operator),
+                ("bob", Role::Operator),
+                ("vic", Role::Viewer)
+            ]
+        );
+        assert!(c.check_credentials().is_ok());
+        let shown = format!("{s:?}");
+        assert!(!shown.contains("0123456789abcdef"), "{shown}");
+        assert!(!shown.contains("kkkk"), "{shown}");
+
+        // Nothing configured: the console refuses to start, naming the setting.
+        let e = with(&[]).unwrap().console.check_credentials().unwrap_err();
+        assert!(
+            e.to_string().contains("HOLDCLEAR_CONSOLE_OPERATOR_TOKENS"),
+            "{e}"
+        );
+        // A trusted header is a credential.
+        let h = with(&[("HOLDCLEAR_CONSOLE_TRUSTED_HEADER", "X-Forwarded-User")]).unwrap();
+        assert_eq!(
+            h.console.trusted_header.as_deref(),
+            Some("x-forwarded-user")
+        );
+        assert!(h.console.check_credentials().is_ok());
+
+        for (var, value, says) in [
+            (
+                "HOLDCLEAR_CONSOLE_OPERATOR_TOKENS",
+                "ann:short-token",
+                "shorter than 16",
+            ),
+            (
+                "HOLDCLEAR_CONSOLE_VIEWER_TOKENS",
+                "no-colon-here-0123456789",
+                "not name:token",
+            ),
+            (
+                "HOLDCLEAR_CONSOLE_OPERATOR_TOKENS",
+                "a b:0123456789abcdef",
+                "the name must",
+            ),
+            (
+                "HOLDCLEAR_CONSOLE_SESSION_KEY",
+                "too-short-key",
+                "shorter than 32",
+            ),
+            (
+                "HOLDCLEAR_CONSOLE_TRUSTED_HEADER",
+                "bad header",
+                "not a header name",
+            ),
+            ("HOLDCLEAR_CONSOLE_ADDR", "localhost", "not an address"),
+            ("HOLDCLEAR_CONSOLE_SECURE_COOKIE", "maybe", "maybe"),
+        ] {
+            let e = with(&[(var, value)]).unwrap_err().to_string();
+            assert!(e.contains(var) && e.contains(says), "{var}: {e}");
+            if var != "HOLDCLEAR_CONSOLE_TRUSTED_HEADER"
+                && var != "HOLDCLEAR_CONSOLE_ADDR"
+                && var != "HOLDCLEAR_CONSOLE_SECURE_COOKIE"
+            {
+                let secret = value.split(':').next_back().unwrap();
+                assert!(!e.contains(secret), "{var} shows its value: {e}");
+            }
+        }
     }
 
     #[test]

@@ -11,11 +11,13 @@
 //! - [`store`]: PostgreSQL (the only module that writes SQL): inbox, cases, history, outbox, dead letters, operations.
 //! - [`outbox`]: the relay that publishes committed events with confirms.
 //! - [`prune`]: built-in retention: closed cases, published events, old event ids and handled dead letters deleted in small slices, one worker at a time.
+//! - [`operations`]: what operators do (replay, archive, claim, note; case retry and close), audited, for the CLI and the console.
 //! - [`retry`]: delay policies (the one module that uses `backoff`).
 //! - [`ops`]: logs, health, readiness and metrics.
 //! - [`sim`]: the commerce-API simulator (`holdclear sim`).
 //! - [`worker`]: `holdclear run` assembled: HTTP server, store, consumer and intake, graceful shutdown.
 //! - [`bench`]: `holdclear bench`: intake, end to end, watching at scale and memory, against the machine's limits.
+//! - [`console`]: `holdclear console`: the operators' web console (pages, actions, sign-in, CSRF, CSP).
 //! - [`cli`]: one file per subcommand.
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
@@ -25,9 +27,11 @@ pub mod broker;
 pub mod cli;
 pub mod commerce;
 pub mod config;
+pub mod console;
 pub mod domain;
 pub mod engine;
 pub mod intake;
+pub mod operations;
 pub mod ops;
 pub mod outbox;
 pub mod prune;

@@ -1,6 +1,7 @@
-//! `holdclear cases list | show ORDER | retry ORDER`: the state of held
-//! orders, one case's full history, and re-running an escalated case after
-//! a person fixed its cause.
+//! `holdclear cases list | show ORDER | retry ORDER | close ORDER | claim
+//! ORDER | note ORDER`: the state of held orders, one case's full history,
+//! re-running an escalated case after a person fixed its cause, closing one
+//! handled by hand; each action an audited operation.
 
 use std::process::ExitCode;
 
@@ -9,9 +10,10 @@ use comfy_table::{ContentArrangement, Table, presets::UTF8_FULL_CONDENSED};
 use serde_json::{Value, json};
 
 use super::UsageError;
+use super::dlq::refused;
 use crate::config::Settings;
 use crate::domain::CaseState;
-use crate::engine::{EngineError, retry_case};
+use crate::operations::{actions, operator_name};
 use crate::ops::identity::WorkerIdentity;
 use crate::store::{CaseFilter, CaseRecord, HistoryRow, OutboxRow, Store};
 
@@ -37,8 +39,47 @@ pub enum Command {
     /// Re-run the order's escalated case (e.g. after the customer activated
     /// the Smart Account).
     Retry {
-        /// Sales order number or web order id.
+        /// Sales order number or web order id (or the case id).
         order: String,
+        /// Who runs it (default: $USER).
+        #[arg(long)]
+        operator: Option<String>,
+    },
+    /// Close the order's escalated case as handled by hand, with a note.
+    Close {
+        /// Sales order number or web order id (or the case id).
+        order: String,
+        /// What was done.
+        #[arg(long)]
+        note: String,
+        /// A ticket reference.
+        #[arg(long)]
+        ticket: Option<String>,
+        /// Who closes it (default: $USER).
+        #[arg(long)]
+        operator: Option<String>,
+    },
+    /// Take the order's case (the console and `cases show` name who has it).
+    Claim {
+        /// Sales order number or web order id (or the case id).
+        order: String,
+        /// Who takes it (default: $USER).
+        #[arg(long)]
+        operator: Option<String>,
+    },
+    /// Add a note (and a ticket reference) to the order's case.
+    Note {
+        /// Sales order number or web order id (or the case id).
+        order: String,
+        /// The note.
+        #[arg(long)]
+        text: String,
+        /// A ticket reference.
+        #[arg(long)]
+        ticket: Option<String>,
+        /// Who writes it (default: $USER).
+        #[arg(long)]
+        operator: Option<String>,
     },
 }
 
@@ -73,7 +114,39 @@ pub async fn execute(settings: Settings, cmd: Command) -> anyhow::Result<ExitCod
     match cmd {
         Command::List(args) => list(&store, args).await?,
         Command::Show { order, json } => show(&store, &order, json).await?,
-        Command::Retry { order } => retry(&store, &order).await?,
+        Command::Retry { order, operator } => retry(&store, &who(operator), &order).await?,
+        Command::Close {
+            order,
+            note,
+            ticket,
+            operator,
+        } => {
+            let case = actions::case_id(&store, &order).await.map_err(refused)?;
+            actions::close(&store, &who(operator), case, &note, ticket.as_deref())
+                .await
+                .map_err(refused)?;
+            println!("Case {case} of order {order} closed as handled by hand.");
+        }
+        Command::Claim { order, operator } => {
+            let who = who(operator);
+            let case = actions::case_id(&store, &order).await.map_err(refused)?;
+            actions::claim_case(&store, &who, case)
+                .await
+                .map_err(refused)?;
+            println!("Case {case} of order {order} claimed by {who}.");
+        }
+        Command::Note {
+            order,
+            text,
+            ticket,
+            operator,
+        } => {
+            let case = actions::case_id(&store, &order).await.map_err(refused)?;
+            actions::note_case(&store, &who(operator), case, &text, ticket.as_deref())
+                .await
+                .map_err(refused)?;
+            println!("Note added to case {case} of order {order}.");
+        }
     }
     Ok(ExitCode::SUCCESS)
 }
@@ -177,32 +250,6 @@ fn last_worker(history: &[HistoryRow]) -> Option<(&str, DateTime<Utc>)> {
         .find_map(|h| h.detail.get("worker")?.as_str().map(|w| (w, h.at)))
 }
 
-/// One history line's particulars, compact.
-fn summary(h: &HistoryRow) -> String {
-    let d = &h.detail;
-    if h.kind == "call" {
-        let args = d.get("args").map(Value::to_string).unwrap_or_default();
-        let result = d.get("result").map(Value::to_string).unwrap_or_default();
-        let ms = d.get("ms").and_then(Value::as_u64).unwrap_or_default();
-        let call = d.get("call").and_then(Value::as_str).unwrap_or("?");
-        return format!("{call} {args} → {result} ({ms} ms)");
-    }
-    if h.kind == "shadow" {
-        let rule = |side: &str| match d.get(side) {
-            Some(Value::Null) | None => "no rule".to_owned(),
-            Some(v) => format!("{:?}", v.get("rule").and_then(Value::as_str).unwrap_or("?")),
-        };
-        let hash = d.get("shadowHash").and_then(Value::as_str).unwrap_or("?");
-        return format!(
-            "shadow rules (sha256 {}…) would decide {}; the rules in force decided {}",
-            hash.get(..12).unwrap_or(hash),
-            rule("shadow"),
-            rule("live")
-        );
-    }
-    d.to_string()
-}
-
 async fn show(store: &Store, order: &str, as_json: bool) -> anyhow::Result<()> {
     let record = store
         .latest_case(order)
@@ -233,7 +280,7 @@ async fn show(store: &Store, order: &str, as_json: bool) -> anyhow::Result<()> {
             line.at.format("%H:%M:%S%.3f").to_string(),
             line.kind.clone(),
             line.state.clone(),
-            summary(line),
+            line.summary(),
         ]);
     }
     println!("History ({} entries, times in UTC):\n{h}", history.len());
@@ -380,18 +427,19 @@ fn events_table(events: &[OutboxRow]) -> Table {
     t
 }
 
-async fn retry(store: &Store, order: &str) -> anyhow::Result<()> {
-    match retry_case(store, order).await {
-        Ok(case) => {
-            println!(
-                "Case {} of order {order} re-opened: it resumes at {} (generation {}).",
-                case.id,
-                case.state(),
-                case.generation
-            );
-            Ok(())
-        }
-        Err(EngineError::Store(e)) => Err(e.into()),
-        Err(e) => Err(UsageError(e.to_string()).into()),
-    }
+fn who(given: Option<String>) -> String {
+    operator_name(given.or_else(|| std::env::var("USER").ok()).as_deref())
+}
+
+async fn retry(store: &Store, operator: &str, order: &str) -> anyhow::Result<()> {
+    let (case, _) = actions::retry(store, operator, order)
+        .await
+        .map_err(refused)?;
+    println!(
+        "Case {} of order {order} re-opened: it resumes at {} (generation {}).",
+        case.id,
+        case.state(),
+        case.generation
+    );
+    Ok(())
 }

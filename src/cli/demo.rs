@@ -49,6 +49,11 @@ pub struct Args {
     /// Give up waiting for the outcomes after this long.
     #[arg(long, default_value = "60s")]
     pub timeout: String,
+    /// Then keep the worker and the simulator running and serve the
+    /// operators' console on HOLDCLEAR_CONSOLE_ADDR: its address and a
+    /// sign-in token are printed; ctrl-c ends the demo.
+    #[arg(long)]
+    pub console: bool,
 }
 
 /// One held order of the demo and what the reader should expect of it.
@@ -196,7 +201,11 @@ pub async fn execute(base: Settings, args: Args) -> anyhow::Result<ExitCode> {
 
     let cancel = CancellationToken::new();
     let worker = Worker::start(settings.clone(), cancel.clone()).await?;
-    let result = drive(&settings, &topology, timeout).await;
+    let mut result = drive(&settings, &topology, timeout).await;
+    let printed = args.console && result.is_ok();
+    if printed {
+        result = console_after(result, &settings).await;
+    }
 
     worker.shutdown().await.ok();
     // Its last words: `holdclear rules stats` of the run, read before the
@@ -215,8 +224,10 @@ pub async fn execute(base: Settings, args: Args) -> anyhow::Result<ExitCode> {
 
     let (table, dead_letters, complete) = result?;
     let mut out = std::io::stdout().lock();
-    writeln!(out, "{table}")?;
-    writeln!(out, "{dead_letters}")?;
+    if !printed {
+        writeln!(out, "{table}")?;
+        writeln!(out, "{dead_letters}")?;
+    }
     drop(out);
     match &stats {
         Ok((report, window)) => {
@@ -232,6 +243,52 @@ pub async fn execute(base: Settings, args: Args) -> anyhow::Result<ExitCode> {
         writeln!(out, "Timed out before every order had an outcome.")?;
         Ok(ExitCode::FAILURE)
     }
+}
+
+/// Prints the demo's outcome, then serves the console until ctrl-c.
+async fn console_after(
+    result: anyhow::Result<(Table, String, bool)>,
+    settings: &Settings,
+) -> anyhow::Result<(Table, String, bool)> {
+    let (table, dead_letters, complete) = result?;
+    println!("{table}\n{dead_letters}");
+    console_until_ctrl_c(settings.clone()).await?;
+    Ok((table, dead_letters, complete))
+}
+
+/// Serves the console over the demo's database and broker until ctrl-c;
+/// without a configured credential, with a sign-in token made for this run
+/// (printed: it opens only this demo's console, which ends with it).
+async fn console_until_ctrl_c(mut settings: Settings) -> anyhow::Result<()> {
+    use crate::config::{ConsoleToken, Role, Secret};
+    let c = &mut settings.console;
+    let token = if c.tokens.is_empty() && c.trusted_header.is_none() {
+        let token = uuid::Uuid::new_v4().simple().to_string();
+        c.tokens.push(ConsoleToken {
+            user: "demo".into(),
+            role: Role::Operator,
+            token: Secret::new(token.clone()),
+        });
+        Some(token)
+    } else {
+        None
+    };
+    let store =
+        crate::store::Store::connect(&settings.database_url, settings.database_tls_ca.as_ref(), 4)
+            .await?;
+    let handle = crate::console::start(settings, store, CancellationToken::new()).await?;
+    let sign_in = match token {
+        Some(t) => format!("sign in with the demo token {t}"),
+        None => "sign in with a token of HOLDCLEAR_CONSOLE_OPERATOR_TOKENS".to_owned(),
+    };
+    println!(
+        "The console is on http://{}/ : {sign_in}. The worker and the simulator keep running; ctrl-c ends the demo.",
+        handle.addr
+    );
+    std::io::stdout().flush()?;
+    tokio::signal::ctrl_c().await?;
+    handle.shutdown().await?;
+    Ok(())
 }
 
 async fn drive(
@@ -410,42 +467,28 @@ async fn dead_letters_story(settings: &Settings) -> anyhow::Result<String> {
         store.pool().close().await;
         return Ok(String::from_utf8_lossy(&text).into_owned());
     }
-    let operation = store
-        .create_operation(
-            "replay",
-            "holdclear demo",
-            &serde_json::json!({"demo": true, "force": true}),
-            &ids,
-        )
-        .await?;
-    let broker = Broker::from_settings(&settings.amqp, "holdclear demo replay");
-    let mut replayer =
-        crate::broker::replay::Replayer::open(&broker, settings.amqp.confirm_timeout).await?;
-    for &id in &ids {
-        let Some(l) = store.dead_letter(id).await? else {
-            continue;
-        };
-        let sent = replayer
-            .send(
-                l.summary
-                    .origin_exchange
-                    .as_deref()
-                    .unwrap_or(&settings.amqp.topology.orders_exchange),
-                l.summary
-                    .origin_routing_key
-                    .as_deref()
-                    .unwrap_or(&settings.amqp.topology.held_routing_key),
-                &l.body,
-                &l.raw_properties,
-            )
-            .await;
-        let error = sent.err().map(|e| e.to_string());
-        store
-            .settle_operation_item(operation, id, error.as_deref())
-            .await?;
+    let options = crate::operations::replay::ReplayOptions {
+        filter: crate::store::DeadLetterFilter {
+            ids,
+            ..crate::store::DeadLetterFilter::default()
+        },
+        rate: 1000.0,
+        batch: 100,
+        force: true,
+        to_exchange: None,
+    };
+    let preview = crate::operations::replay::preview(&store, &options).await?;
+    let operation =
+        crate::operations::replay::start(&store, "holdclear demo", &options, &preview).await?;
+    crate::operations::replay::Run {
+        store: &store,
+        amqp: &settings.amqp,
+        operation,
+        options: &options,
+        stop: tokio_util::sync::CancellationToken::new(),
     }
-    replayer.close().await;
-    store.set_operation_status(operation, "done").await?;
+    .execute(|_| {})
+    .await?;
     // Wait (briefly) until every sent message has an outcome.
     let started = Instant::now();
     while started.elapsed() < Duration::from_secs(10) {

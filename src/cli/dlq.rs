@@ -8,19 +8,23 @@
 
 use std::io::Write;
 use std::process::ExitCode;
-use std::time::Duration;
 
 use chrono::{DateTime, Utc};
 use comfy_table::{Table, presets::UTF8_FULL_CONDENSED};
 use serde_json::{Value, json};
 use uuid::Uuid;
 
+use tokio_util::sync::CancellationToken;
+
 use super::UsageError;
 use crate::broker::Broker;
-use crate::broker::replay::{Replayer, SendError};
 use crate::config::{Settings, parse_duration};
-use crate::domain::dead_letter::cause_is_in_message;
-use crate::store::{DeadLetterFilter, DeadLetterRecord, DeadLetterSummary, OperationItem, Store};
+use crate::domain::dead_letter::body_text;
+use crate::operations::replay::{self, Ending, Preview, ReplayOptions};
+use crate::operations::{OperationError, actions, operator_name};
+use crate::store::{
+    DeadLetterFilter, DeadLetterRecord, DeadLetterSummary, Operation, OperationItem, Store,
+};
 
 /// Subcommands of `holdclear dlq`.
 #[derive(Debug, clap::Subcommand)]
@@ -220,42 +224,25 @@ impl FilterArgs {
             include_archived: false,
         })
     }
-
-    fn is_empty(&self) -> bool {
-        self.code.is_none()
-            && self.group.is_none()
-            && self.order.is_none()
-            && self.since.is_none()
-            && self.until.is_none()
-            && self.text.is_none()
-    }
 }
 
 fn operator(given: Option<String>) -> String {
-    given
-        .or_else(|| std::env::var("USER").ok())
-        .filter(|s| !s.trim().is_empty())
-        .unwrap_or_else(|| "unknown".to_owned())
+    operator_name(given.or_else(|| std::env::var("USER").ok()).as_deref())
+}
+
+/// A library error as the command says it: the operator's mistakes exit 64.
+pub(crate) fn refused(e: OperationError) -> anyhow::Error {
+    match e {
+        OperationError::Refused(m) | OperationError::NotFound(m) => UsageError(m).into(),
+        e => e.into(),
+    }
 }
 
 /// Runs `holdclear dlq …`.
 pub async fn execute(settings: Settings, cmd: Command) -> anyhow::Result<ExitCode> {
     super::quiet_logs();
     if let Command::Queue = cmd {
-        let queue = &settings.amqp.topology.dead_letter_queue;
-        let broker = Broker::from_settings(&settings.amqp, "holdclear-dlq");
-        let conn = broker.connect("dlq").await?;
-        let depth = crate::broker::dlq::depth(&conn, queue).await;
-        crate::broker::close(&conn).await;
-        let mut out = std::io::stdout().lock();
-        match depth? {
-            0 => writeln!(out, "{queue} is empty.")?,
-            n => writeln!(
-                out,
-                "{n} message(s) wait in {queue}; `holdclear run` stores them (HOLDCLEAR_DLQ_INGEST)."
-            )?,
-        }
-        return Ok(ExitCode::SUCCESS);
+        return queue(&settings).await;
     }
     let store = super::open_store(&settings).await?;
     let mut out = std::io::stdout().lock();
@@ -269,124 +256,41 @@ pub async fn execute(settings: Settings, cmd: Command) -> anyhow::Result<ExitCod
         } => {
             let mut filter = filter.filter(Vec::new())?;
             filter.include_archived = archived;
-            let rows = store
-                .list_dead_letters(&filter, limit.max(0), offset.max(0))
-                .await?;
-            if json {
-                serde_json::to_writer_pretty(&mut out, &rows)?;
-                writeln!(out)?;
-            } else if rows.is_empty() {
-                writeln!(out, "No dead letters.")?;
-            } else {
-                writeln!(out, "{}", table(&rows))?;
-                writeln!(out, "{} dead letter(s).", rows.len())?;
-            }
+            let rows = (store.list_dead_letters(&filter, limit.max(0), offset.max(0))).await?;
+            list(&mut out, &rows, json)?;
         }
-        Command::Show { id, json } => {
-            let Some(letter) = store.dead_letter(id).await? else {
-                return Err(UsageError(format!("no dead letter {id}")).into());
-            };
-            let sightings = store.dead_letter_sightings(id).await?;
-            let notes = store.dead_letter_notes(id).await?;
-            if json {
-                let mut v = serde_json::to_value(&letter)?;
-                v["body"] = json!(body_text(&letter.body));
-                v["sightings"] = serde_json::to_value(&sightings)?;
-                v["notes"] = serde_json::to_value(&notes)?;
-                serde_json::to_writer_pretty(&mut out, &v)?;
-                writeln!(out)?;
-            } else {
-                show(&mut out, &letter)?;
-                writeln!(out, "sightings:")?;
-                for s in &sightings {
-                    writeln!(
-                        out,
-                        "  {}  {}  {}",
-                        s.seen_at.to_rfc3339(),
-                        s.code,
-                        s.detail
-                    )?;
-                }
-                if !notes.is_empty() {
-                    writeln!(out, "notes:")?;
-                    for n in &notes {
-                        writeln!(
-                            out,
-                            "  {}  {}: {}{}",
-                            n.written_at.to_rfc3339(),
-                            n.operator,
-                            n.text,
-                            n.ticket
-                                .as_ref()
-                                .map(|t| format!(" [{t}]"))
-                                .unwrap_or_default()
-                        )?;
-                    }
-                }
-            }
-        }
+        Command::Show { id, json } => show_one(&mut out, &store, id, json).await?,
         Command::Groups { json } => {
-            let groups = store.dead_letter_groups().await?;
             if json {
-                serde_json::to_writer_pretty(&mut out, &groups)?;
-                writeln!(out)?;
+                print_json(&mut out, &store.dead_letter_groups().await?)?;
             } else {
                 print_groups(&mut out, &store).await?;
             }
         }
         Command::Archive { ids, group } => {
-            let ids = chosen(&store, ids, group).await?;
-            let n = store.archive_dead_letters(&ids).await?;
-            writeln!(out, "{n} dead letter(s) archived.")?;
+            let ids = actions::chosen(&store, ids, group).await.map_err(refused)?;
+            let who = operator(None);
+            let done = actions::archive(&store, &who, &ids).await?;
+            writeln!(out, "{} dead letter(s) archived.", done.changed)?;
         }
         Command::Purge {
             ids,
             archived_before,
             all,
             dry_run,
-        } => {
-            let chosen = match (ids.is_empty(), archived_before, all) {
-                (false, None, false) => ids,
-                (true, Some(before), false) => {
-                    store
-                        .archived_before(when("--archived-before", &before)?, i64::MAX)
-                        .await?
-                }
-                (true, None, true) => {
-                    store
-                        .dead_letter_ids(&DeadLetterFilter {
-                            include_archived: true,
-                            ..DeadLetterFilter::default()
-                        })
-                        .await?
-                }
-                (true, None, false) => {
-                    return Err(UsageError(
-                        "say which dead letters to purge: IDs, --archived-before or --all".into(),
-                    )
-                    .into());
-                }
-                _ => {
-                    return Err(
-                        UsageError("give one of IDs, --archived-before and --all".into()).into(),
-                    );
-                }
-            };
-            if dry_run {
-                writeln!(out, "{} dead letter(s) would be purged.", chosen.len())?;
-            } else {
-                let n = store.delete_dead_letters(&chosen).await?;
-                writeln!(out, "{n} dead letter(s) purged.")?;
-            }
-        }
+        } => purge(&mut out, &store, ids, archived_before, all, dry_run).await?,
         Command::Claim {
             ids,
             group,
             operator,
         } => {
-            let ids = chosen(&store, ids, group).await?;
-            let n = store.claim_dead_letters(&ids, &operator).await?;
-            writeln!(out, "{n} dead letter(s) claimed by {operator}.")?;
+            let ids = actions::chosen(&store, ids, group).await.map_err(refused)?;
+            let done = actions::claim(&store, &operator, &ids).await?;
+            writeln!(
+                out,
+                "{} dead letter(s) claimed by {operator}.",
+                done.changed
+            )?;
         }
         Command::Note {
             id,
@@ -394,13 +298,9 @@ pub async fn execute(settings: Settings, cmd: Command) -> anyhow::Result<ExitCod
             ticket,
             operator: who,
         } => {
-            let who = operator(who);
-            if !store
-                .note_dead_letter(id, &who, &text, ticket.as_deref())
-                .await?
-            {
-                return Err(UsageError(format!("no dead letter {id}")).into());
-            }
+            actions::note(&store, &operator(who), id, &text, ticket.as_deref())
+                .await
+                .map_err(refused)?;
             writeln!(out, "Note added to dead letter {id}.")?;
         }
         Command::Queue => unreachable!("answered above"),
@@ -409,34 +309,7 @@ pub async fn execute(settings: Settings, cmd: Command) -> anyhow::Result<ExitCod
             return replay(&settings, &store, args).await;
         }
         Command::Operations { limit, json } => {
-            let ops = store.operations(limit.max(0)).await?;
-            if json {
-                serde_json::to_writer_pretty(&mut out, &ops)?;
-                writeln!(out)?;
-            } else {
-                let mut t = Table::new();
-                t.load_preset(UTF8_FULL_CONDENSED).set_header([
-                    "operation",
-                    "kind",
-                    "operator",
-                    "status",
-                    "started",
-                    "finished",
-                ]);
-                for o in &ops {
-                    t.add_row([
-                        o.id.to_string(),
-                        o.kind.clone(),
-                        o.operator.clone(),
-                        o.status.clone(),
-                        o.created_at.format("%Y-%m-%d %H:%M:%S").to_string(),
-                        o.finished_at
-                            .map(|t| t.format("%Y-%m-%d %H:%M:%S").to_string())
-                            .unwrap_or_default(),
-                    ]);
-                }
-                writeln!(out, "{t}")?;
-            }
+            operations(&mut out, &store.operations(limit.max(0)).await?, json)?
         }
         Command::Operation { id, json } => {
             drop(out);
@@ -446,18 +319,155 @@ pub async fn execute(settings: Settings, cmd: Command) -> anyhow::Result<ExitCod
     Ok(ExitCode::SUCCESS)
 }
 
-/// The dead letters named by id, or every one of a group.
-async fn chosen(store: &Store, ids: Vec<i64>, group: Option<String>) -> anyhow::Result<Vec<i64>> {
-    match (ids.is_empty(), group) {
-        (false, None) => Ok(ids),
-        (true, Some(group)) => Ok(store
-            .dead_letter_ids(&DeadLetterFilter {
-                group: Some(group),
-                ..DeadLetterFilter::default()
-            })
-            .await?),
-        _ => Err(UsageError("give dead letter IDs or --group GROUP (not both)".into()).into()),
+fn print_json(out: &mut impl Write, v: &impl serde::Serialize) -> anyhow::Result<()> {
+    serde_json::to_writer_pretty(&mut *out, v)?;
+    writeln!(out)?;
+    Ok(())
+}
+
+/// `dlq queue`: the depth of the dead-letter queue itself.
+async fn queue(settings: &Settings) -> anyhow::Result<ExitCode> {
+    let queue = &settings.amqp.topology.dead_letter_queue;
+    let broker = Broker::from_settings(&settings.amqp, "holdclear-dlq");
+    let conn = broker.connect("dlq").await?;
+    let depth = crate::broker::dlq::depth(&conn, queue).await;
+    crate::broker::close(&conn).await;
+    let mut out = std::io::stdout().lock();
+    match depth? {
+        0 => writeln!(out, "{queue} is empty.")?,
+        n => writeln!(
+            out,
+            "{n} message(s) wait in {queue}; `holdclear run` stores them (HOLDCLEAR_DLQ_INGEST)."
+        )?,
     }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn list(out: &mut impl Write, rows: &[DeadLetterSummary], json: bool) -> anyhow::Result<()> {
+    if json {
+        print_json(out, &rows)?;
+    } else if rows.is_empty() {
+        writeln!(out, "No dead letters.")?;
+    } else {
+        writeln!(out, "{}", table(rows))?;
+        writeln!(out, "{} dead letter(s).", rows.len())?;
+    }
+    Ok(())
+}
+
+/// `dlq show ID`.
+async fn show_one(out: &mut impl Write, store: &Store, id: i64, json: bool) -> anyhow::Result<()> {
+    let Some(letter) = store.dead_letter(id).await? else {
+        return Err(UsageError(format!("no dead letter {id}")).into());
+    };
+    let sightings = store.dead_letter_sightings(id).await?;
+    let notes = store.dead_letter_notes(id).await?;
+    if json {
+        let mut v = serde_json::to_value(&letter)?;
+        v["body"] = json!(body_text(&letter.body));
+        v["sightings"] = serde_json::to_value(&sightings)?;
+        v["notes"] = serde_json::to_value(&notes)?;
+        return print_json(out, &v);
+    }
+    show(out, &letter)?;
+    writeln!(out, "sightings:")?;
+    for s in &sightings {
+        writeln!(
+            out,
+            "  {}  {}  {}",
+            s.seen_at.to_rfc3339(),
+            s.code,
+            s.detail
+        )?;
+    }
+    if !notes.is_empty() {
+        writeln!(out, "notes:")?;
+        for n in &notes {
+            let ticket = n.ticket.as_ref().map(|t| format!(" [{t}]"));
+            writeln!(
+                out,
+                "  {}  {}: {}{}",
+                n.written_at.to_rfc3339(),
+                n.operator,
+                n.text,
+                ticket.unwrap_or_default()
+            )?;
+        }
+    }
+    Ok(())
+}
+
+/// `dlq purge`.
+async fn purge(
+    out: &mut impl Write,
+    store: &Store,
+    ids: Vec<i64>,
+    archived_before: Option<String>,
+    all: bool,
+    dry_run: bool,
+) -> anyhow::Result<()> {
+    let chosen = match (ids.is_empty(), archived_before, all) {
+        (false, None, false) => ids,
+        (true, Some(before), false) => {
+            store
+                .archived_before(when("--archived-before", &before)?, i64::MAX)
+                .await?
+        }
+        (true, None, true) => {
+            store
+                .dead_letter_ids(&DeadLetterFilter {
+                    include_archived: true,
+                    ..DeadLetterFilter::default()
+                })
+                .await?
+        }
+        (true, None, false) => {
+            return Err(UsageError(
+                "say which dead letters to purge: IDs, --archived-before or --all".into(),
+            )
+            .into());
+        }
+        _ => {
+            return Err(UsageError("give one of IDs, --archived-before and --all".into()).into());
+        }
+    };
+    if dry_run {
+        writeln!(out, "{} dead letter(s) would be purged.", chosen.len())?;
+    } else {
+        let n = store.delete_dead_letters(&chosen).await?;
+        writeln!(out, "{n} dead letter(s) purged.")?;
+    }
+    Ok(())
+}
+
+/// `dlq operations`.
+fn operations(out: &mut impl Write, ops: &[Operation], json: bool) -> anyhow::Result<()> {
+    if json {
+        return print_json(out, &ops);
+    }
+    let mut t = Table::new();
+    t.load_preset(UTF8_FULL_CONDENSED).set_header([
+        "operation",
+        "kind",
+        "operator",
+        "status",
+        "started",
+        "finished",
+    ]);
+    for o in ops {
+        t.add_row([
+            o.id.to_string(),
+            o.kind.clone(),
+            o.operator.clone(),
+            o.status.clone(),
+            o.created_at.format("%Y-%m-%d %H:%M:%S").to_string(),
+            o.finished_at
+                .map(|t| t.format("%Y-%m-%d %H:%M:%S").to_string())
+                .unwrap_or_default(),
+        ]);
+    }
+    writeln!(out, "{t}")?;
+    Ok(())
 }
 
 /// Prints the groups as a table (also the end of `holdclear demo`).
@@ -526,22 +536,6 @@ fn table(rows: &[DeadLetterSummary]) -> Table {
     t
 }
 
-/// The body for a reader: pretty JSON, else the text with control
-/// characters escaped, else (not UTF-8) hex.
-pub fn body_text(body: &[u8]) -> String {
-    match std::str::from_utf8(body) {
-        Ok(text) => match serde_json::from_str::<Value>(text) {
-            Ok(v) => serde_json::to_string_pretty(&v).unwrap_or_else(|_| text.to_owned()),
-            Err(_) => text.escape_debug().to_string(),
-        },
-        Err(_) => format!(
-            "(not UTF-8, {} bytes, hex) {}",
-            body.len(),
-            hex::encode(body)
-        ),
-    }
-}
-
 fn show(out: &mut impl Write, l: &DeadLetterRecord) -> std::io::Result<()> {
     let s = &l.summary;
     writeln!(out, "dead letter {}", s.id)?;
@@ -593,14 +587,16 @@ fn show(out: &mut impl Write, l: &DeadLetterRecord) -> std::io::Result<()> {
     writeln!(out, "{}", body_text(&l.body))
 }
 
-/// The options of a replay, kept in the operation's selection for `--resume`.
-#[derive(Debug, serde::Serialize, serde::Deserialize)]
-struct ReplayOptions {
-    filter: DeadLetterFilter,
-    rate: f64,
-    batch: usize,
-    force: bool,
-    to_exchange: Option<String>,
+impl ReplayArgs {
+    fn options(&self) -> Result<ReplayOptions, UsageError> {
+        Ok(ReplayOptions {
+            filter: self.filter.filter(self.ids.clone())?,
+            rate: self.rate,
+            batch: self.batch.max(1),
+            force: self.force,
+            to_exchange: self.to_exchange.clone(),
+        })
+    }
 }
 
 async fn replay(settings: &Settings, store: &Store, args: ReplayArgs) -> anyhow::Result<ExitCode> {
@@ -609,178 +605,60 @@ async fn replay(settings: &Settings, store: &Store, args: ReplayArgs) -> anyhow:
     }
     let mut out = std::io::stdout().lock();
     let (operation, options) = match args.resume {
-        Some(id) => {
-            let Some(op) = store.operation(id).await? else {
-                return Err(UsageError(format!("no operation {id}")).into());
-            };
-            if op.status == "done" {
-                writeln!(out, "Operation {id} is done; nothing to resume.")?;
+        Some(id) => match replay::resume(store, id).await.map_err(refused)? {
+            Some(options) => (id, options),
+            None => {
+                writeln!(out, "Operation {id} has ended; nothing to resume.")?;
                 return Ok(ExitCode::SUCCESS);
             }
-            let options: ReplayOptions = serde_json::from_value(op.selection.clone())?;
-            store.set_operation_status(id, "running").await?;
-            (id, options)
-        }
-        None => {
-            if args.ids.is_empty() && args.filter.is_empty() && !args.all {
-                return Err(UsageError(
-                    "say which dead letters to replay: IDs, --group, --code, --order, --text, --since/--until or --all"
-                        .into(),
-                )
-                .into());
-            }
-            let filter = args.filter.filter(args.ids.clone())?;
-            let ids = store.dead_letter_ids(&filter).await?;
-            let mut chosen = Vec::new();
-            let mut refused = Vec::new();
-            let mut orders = Vec::new();
-            for id in ids {
-                let Some(l) = store.dead_letter(id).await? else {
-                    continue;
-                };
-                if cause_is_in_message(&l.summary.code) && !args.force {
-                    refused.push(l.summary);
-                } else {
-                    if let Some(o) = l
-                        .summary
-                        .sales_order_number
-                        .clone()
-                        .or(l.summary.web_order_id.clone())
-                    {
-                        orders.push(o);
-                    }
-                    chosen.push(id);
-                }
-            }
-            for l in &refused {
-                writeln!(
-                    out,
-                    "refused: dead letter {} ({}): its cause is the message itself and is unchanged; fix it upstream, or add --force",
-                    l.id, l.code
-                )?;
-            }
-            if args.dry_run {
-                writeln!(
-                    out,
-                    "{} dead letter(s) would be replayed; {} refused. Orders: {}",
-                    chosen.len(),
-                    refused.len(),
-                    if orders.is_empty() {
-                        "-".to_owned()
-                    } else {
-                        orders.join(", ")
-                    }
-                )?;
-                return Ok(ExitCode::SUCCESS);
-            }
-            if chosen.is_empty() {
-                writeln!(out, "Nothing to replay.")?;
-                return Ok(if refused.is_empty() {
-                    ExitCode::SUCCESS
-                } else {
-                    ExitCode::FAILURE
-                });
-            }
-            let options = ReplayOptions {
-                filter,
-                rate: args.rate,
-                batch: args.batch.max(1),
-                force: args.force,
-                to_exchange: args.to_exchange.clone(),
-            };
-            let id = store
-                .create_operation(
-                    "replay",
-                    &operator(args.operator.clone()),
-                    &serde_json::to_value(&options)?,
-                    &chosen,
-                )
-                .await?;
-            (id, options)
-        }
+        },
+        None => match begin(store, &args, &mut out).await? {
+            Ok(started) => started,
+            Err(code) => return Ok(code),
+        },
     };
     writeln!(out, "Operation {operation}.")?;
     out.flush()?;
-    let todo = store.operation_todo(operation).await?;
-    let broker = Broker::from_settings(&settings.amqp, "holdclear-dlq");
-    let mut replayer = Replayer::open(&broker, settings.amqp.confirm_timeout).await?;
-    let orders_exchange = &settings.amqp.topology.orders_exchange;
-    let pause = Duration::from_secs_f64(1.0 / options.rate);
-    let mut next_slot = tokio::time::Instant::now();
-    let mut interrupted = false;
-    let mut broken = None;
-    'batches: for (n, batch) in todo.chunks(options.batch).enumerate() {
-        for &id in batch {
-            tokio::select! {
-                () = tokio::time::sleep_until(next_slot) => {}
-                _ = tokio::signal::ctrl_c() => { interrupted = true; break 'batches; }
-            }
-            next_slot = tokio::time::Instant::now() + pause;
-            let Some(l) = store.dead_letter(id).await? else {
-                store
-                    .settle_operation_item(operation, id, Some("the dead letter was purged"))
-                    .await?;
-                continue;
-            };
-            // Only to the configured orders exchange, or to the one the
-            // operator named with --to-exchange.
-            let exchange = match &l.summary.origin_exchange {
-                Some(origin)
-                    if origin == orders_exchange
-                        || options.to_exchange.as_deref() == Some(origin.as_str()) =>
-                {
-                    origin.clone()
-                }
-                origin => {
-                    let origin = origin.as_deref().unwrap_or("");
-                    let reason = format!(
-                        "it came from exchange '{origin}', not the configured orders exchange '{orders_exchange}'; replay it with --to-exchange {origin}"
-                    );
-                    store
-                        .settle_operation_item(operation, id, Some(&reason))
-                        .await?;
-                    continue;
-                }
-            };
-            let routing_key = l
-                .summary
-                .origin_routing_key
-                .clone()
-                .unwrap_or_else(|| settings.amqp.topology.held_routing_key.clone());
-            match replayer
-                .send(&exchange, &routing_key, &l.body, &l.raw_properties)
-                .await
-            {
-                Ok(()) => store.settle_operation_item(operation, id, None).await?,
-                Err(SendError::Broker(e)) => {
-                    broken = Some(e);
-                    break 'batches;
-                }
-                Err(e) => {
-                    store
-                        .settle_operation_item(operation, id, Some(&e.to_string()))
-                        .await?
-                }
-            }
+    let stop = CancellationToken::new();
+    let on_ctrl_c = stop.clone();
+    let watcher = tokio::spawn(async move {
+        if tokio::signal::ctrl_c().await.is_ok() {
+            on_ctrl_c.cancel();
         }
-        if !args.json {
-            writeln!(out, "batch {} sent.", n + 1)?;
-            out.flush()?;
+    });
+    let run = replay::Run {
+        store,
+        amqp: &settings.amqp,
+        operation,
+        options: &options,
+        stop,
+    };
+    let ending = run
+        .execute(|n| {
+            if !args.json {
+                let _ = writeln!(out, "batch {n} sent.");
+                let _ = out.flush();
+            }
+        })
+        .await;
+    watcher.abort();
+    match ending? {
+        Ending::Done => {}
+        Ending::Cancelled => {
+            writeln!(out, "Operation {operation} cancelled.")?;
+            return Ok(ExitCode::FAILURE);
+        }
+        ending => {
+            writeln!(
+                out,
+                "Operation {operation} interrupted; continue it with `holdclear dlq replay --resume {operation}`."
+            )?;
+            if let Ending::Broken(e) = ending {
+                return Err(e.into());
+            }
+            return Ok(ExitCode::FAILURE);
         }
     }
-    replayer.close().await;
-    if interrupted || broken.is_some() {
-        store.set_operation_status(operation, "interrupted").await?;
-        writeln!(
-            out,
-            "Operation {operation} interrupted; continue it with `holdclear dlq replay --resume {operation}`."
-        )?;
-        if let Some(e) = broken {
-            return Err(e.into());
-        }
-        return Ok(ExitCode::FAILURE);
-    }
-    store.set_operation_status(operation, "done").await?;
     drop(out);
     let failed = report(store, operation, args.json).await?;
     Ok(if failed > 0 {
@@ -788,6 +666,57 @@ async fn replay(settings: &Settings, store: &Store, args: ReplayArgs) -> anyhow:
     } else {
         ExitCode::SUCCESS
     })
+}
+
+/// A new replay: the preview printed, then (not a dry run, something to
+/// send) the operation started; else the exit code.
+async fn begin(
+    store: &Store,
+    args: &ReplayArgs,
+    out: &mut impl Write,
+) -> anyhow::Result<Result<(Uuid, ReplayOptions), ExitCode>> {
+    let options = args.options()?;
+    options.check(args.all).map_err(refused)?;
+    let preview = replay::preview(store, &options).await?;
+    print_preview(out, &preview, args.dry_run)?;
+    if args.dry_run {
+        return Ok(Err(ExitCode::SUCCESS));
+    }
+    if preview.chosen.is_empty() {
+        writeln!(out, "Nothing to replay.")?;
+        return Ok(Err(if preview.refused.is_empty() {
+            ExitCode::SUCCESS
+        } else {
+            ExitCode::FAILURE
+        }));
+    }
+    let who = operator(args.operator.clone());
+    let id = replay::start(store, &who, &options, &preview).await?;
+    Ok(Ok((id, options)))
+}
+
+fn print_preview(out: &mut impl Write, p: &Preview, dry_run: bool) -> std::io::Result<()> {
+    for l in &p.refused {
+        writeln!(
+            out,
+            "refused: dead letter {} ({}): its cause is the message itself and is unchanged; fix it upstream, or add --force",
+            l.id, l.code
+        )?;
+    }
+    if dry_run {
+        writeln!(
+            out,
+            "{} dead letter(s) would be replayed; {} refused. Orders: {}",
+            p.chosen.len(),
+            p.refused.len(),
+            if p.orders.is_empty() {
+                "-".to_owned()
+            } else {
+                p.orders.join(", ")
+            }
+        )?;
+    }
+    Ok(())
 }
 
 /// Prints an operation's report; returns how many items could not be sent.
@@ -802,63 +731,49 @@ pub async fn report_to(
     id: Uuid,
     json: bool,
 ) -> anyhow::Result<usize> {
-    let Some(op) = store.operation(id).await? else {
-        return Err(UsageError(format!("no operation {id}")).into());
-    };
-    let items = store.operation_items(id).await?;
-    let count = |what: &str| items.iter().filter(|i| i.outcome() == what).count();
-    let summary = json!({
-        "sent": items.iter().filter(|i| i.sent_at.is_some()).count(),
-        "became_cases": count("became a case"),
-        "failed_again": count("failed again"),
-        "pending": count("pending"),
-        "send_failed": count("send failed"),
-        "not_sent": count("not sent"),
-    });
+    let r = replay::report(store, id).await.map_err(refused)?;
+    let s = &r.summary;
     if json {
-        let v = json!({"operation": op, "summary": summary, "items": items.iter().map(item_json).collect::<Vec<_>>()});
-        serde_json::to_writer_pretty(&mut *out, &v)?;
-        writeln!(out)?;
-    } else {
-        writeln!(
-            out,
-            "operation {} ({}, by {}, {})",
-            op.id, op.kind, op.operator, op.status
-        )?;
-        let mut t = Table::new();
-        t.load_preset(UTF8_FULL_CONDENSED).set_header([
-            "dead letter",
-            "order",
-            "sent at",
-            "outcome",
-            "case / reason",
-        ]);
-        for i in &items {
-            t.add_row([
-                i.dead_letter_id.to_string(),
-                i.order.clone().unwrap_or_default(),
-                i.sent_at
-                    .map(|t| t.format("%Y-%m-%d %H:%M:%S").to_string())
-                    .unwrap_or_default(),
-                i.outcome().to_owned(),
-                i.case_id
-                    .map(|c| c.to_string())
-                    .or(i.error.clone())
-                    .unwrap_or_default(),
-            ]);
-        }
-        writeln!(out, "{t}")?;
-        writeln!(
-            out,
-            "sent {}; became cases {}; failed again {}; still pending {}; could not be sent {}.",
-            summary["sent"],
-            summary["became_cases"],
-            summary["failed_again"],
-            summary["pending"],
-            summary["send_failed"]
-        )?;
+        let items: Vec<Value> = r.items.iter().map(item_json).collect();
+        let v = json!({"operation": r.operation, "summary": s, "items": items});
+        print_json(out, &v)?;
+        return Ok(s.send_failed);
     }
-    Ok(count("send failed"))
+    let op = &r.operation;
+    writeln!(
+        out,
+        "operation {} ({}, by {}, {})",
+        op.id, op.kind, op.operator, op.status
+    )?;
+    let mut t = Table::new();
+    t.load_preset(UTF8_FULL_CONDENSED).set_header([
+        "dead letter",
+        "order",
+        "sent at",
+        "outcome",
+        "case / reason",
+    ]);
+    for i in &r.items {
+        t.add_row([
+            i.dead_letter_id.to_string(),
+            i.order.clone().unwrap_or_default(),
+            i.sent_at
+                .map(|t| t.format("%Y-%m-%d %H:%M:%S").to_string())
+                .unwrap_or_default(),
+            i.outcome().to_owned(),
+            i.case_id
+                .map(|c| c.to_string())
+                .or(i.error.clone())
+                .unwrap_or_default(),
+        ]);
+    }
+    writeln!(out, "{t}")?;
+    writeln!(
+        out,
+        "sent {}; became cases {}; failed again {}; still pending {}; could not be sent {}.",
+        s.sent, s.became_cases, s.failed_again, s.pending, s.send_failed
+    )?;
+    Ok(s.send_failed)
 }
 
 fn item_json(i: &OperationItem) -> Value {

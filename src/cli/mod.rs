@@ -12,6 +12,7 @@ use crate::config::{ConfigError, LogFormat, SecretUrl, Settings, Topology};
 
 pub mod bench;
 pub mod cases;
+pub mod console;
 pub mod demo;
 pub mod dlq;
 pub mod migrate;
@@ -49,9 +50,11 @@ pub enum Command {
     /// Dead letters kept in PostgreSQL: list, show, group, archive, purge, replay.
     #[command(subcommand)]
     Dlq(dlq::Command),
-    /// The state of held orders, one case's history, and re-running a case.
+    /// The state of held orders, one case's history, and acting on a case.
     #[command(subcommand)]
     Cases(cases::Command),
+    /// The operators' web console (its own process and port).
+    Console(console::Args),
     /// The commerce-API simulator.
     Sim(sim::Args),
     /// The whole loop on one machine, ending in a summary.
@@ -120,6 +123,7 @@ async fn execute(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Rules(cmd) => rules::execute(config, cmd).await,
         Command::Dlq(cmd) => dlq::execute(load(config)?, cmd).await,
         Command::Cases(cmd) => cases::execute(load(config)?, cmd).await,
+        Command::Console(args) => console::execute(config, args).await,
         Command::Sim(args) => sim::execute(args).await,
         Command::Demo(args) => demo::execute(load(config)?, args).await,
         Command::Bench(args) => bench::execute(load(config)?, args).await,
@@ -132,10 +136,9 @@ pub fn load(config: Option<&std::path::Path>) -> Result<Settings, ConfigError> {
     Settings::load(config)
 }
 
-/// The store of a one-shot command that reads or changes cases: never
-/// creates the database; a missing one, or one without the current schema,
-/// is named with what to do.
-pub(crate) async fn open_store(settings: &Settings) -> anyhow::Result<crate::store::Store> {
+/// The store of a one-shot command: two connections, and never a database
+/// it creates (a missing or unmigrated one is named, with what to do).
+pub async fn open_store(settings: &Settings) -> anyhow::Result<crate::store::Store> {
     let store = crate::store::Store::open(
         &settings.database_url,
         settings.database_tls_ca.as_ref(),

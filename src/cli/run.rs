@@ -60,7 +60,7 @@ fn log_panics() {
 }
 
 /// The signals that stop `holdclear run`, listened for from its first line.
-struct Signals {
+pub(crate) struct Signals {
     terminate: Signal,
     interrupt: Signal,
 }
@@ -68,7 +68,7 @@ struct Signals {
 impl Signals {
     /// Listens for SIGTERM, SIGINT and SIGHUP (the last one's stream is the
     /// rules reload's).
-    fn install() -> anyhow::Result<(Self, Signal)> {
+    pub(crate) fn install() -> anyhow::Result<(Self, Signal)> {
         let listen = |kind: SignalKind, name: &str| {
             signal(kind).with_context(|| format!("cannot listen for {name}"))
         };
@@ -81,7 +81,7 @@ impl Signals {
     }
 
     /// Cancels `cancel` on the first SIGTERM or ctrl-c (SIGINT).
-    async fn stop_on_signal(mut self, cancel: CancellationToken) {
+    pub(crate) async fn stop_on_signal(mut self, cancel: CancellationToken) {
         let signal = tokio::select! {
             _ = self.interrupt.recv() => "SIGINT",
             _ = self.terminate.recv() => "SIGTERM",

@@ -24,6 +24,22 @@ pub const UNCHANGED_CAUSE_CODES: [&str; 4] = [
     "PAYLOAD_TOO_LARGE",
 ];
 
+/// The body for a reader: pretty JSON, else the text with control
+/// characters escaped, else (not UTF-8) hex.
+pub fn body_text(body: &[u8]) -> String {
+    match std::str::from_utf8(body) {
+        Ok(text) => match serde_json::from_str::<Value>(text) {
+            Ok(v) => serde_json::to_string_pretty(&v).unwrap_or_else(|_| text.to_owned()),
+            Err(_) => text.escape_debug().to_string(),
+        },
+        Err(_) => format!(
+            "(not UTF-8, {} bytes, hex) {}",
+            body.len(),
+            hex::encode(body)
+        ),
+    }
+}
+
 /// True when a dead letter with this code would fail again if replayed as is.
 pub fn cause_is_in_message(code: &str) -> bool {
     UNCHANGED_CAUSE_CODES.contains(&code)

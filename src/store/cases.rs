@@ -178,6 +178,21 @@ pub struct HistoryRow {
     pub detail: Value,
 }
 
+impl HistoryRow {
+    /// The line's particulars, compact: a call as `call args → result (ms)`.
+    pub fn summary(&self) -> String {
+        let d = &self.detail;
+        if self.kind == "call" {
+            let args = d.get("args").map(Value::to_string).unwrap_or_default();
+            let result = d.get("result").map(Value::to_string).unwrap_or_default();
+            let ms = d.get("ms").and_then(Value::as_u64).unwrap_or_default();
+            let call = d.get("call").and_then(Value::as_str).unwrap_or("?");
+            return format!("{call} {args} → {result} ({ms} ms)");
+        }
+        d.to_string()
+    }
+}
+
 /// What [`Store::identify_order`] did with a sales order number the engine
 /// learned for a case that did not know it.
 #[derive(Clone, Debug, PartialEq, Eq)]

@@ -150,20 +150,24 @@ pub struct DeadLetterGroup {
     pub growing: bool,
 }
 
-/// An operation (a replay) and its items.
+/// An operation: a replay, or one operator's action (audited).
 #[derive(Clone, Debug, Serialize)]
 pub struct Operation {
     /// Its id.
     pub id: Uuid,
-    /// `replay`.
+    /// `replay`, `archive`, `claim`, `note`, `case retry`, `case close`, `case claim`, `case note`.
     pub kind: String,
     /// Who ran it.
     pub operator: String,
     /// What it selected, and its options.
     pub selection: Value,
-    /// `running`, `interrupted`, `done`.
+    /// `running`, `interrupted`, `cancelled`, `done`.
     pub status: String,
-    /// When it started.
+    /// The case it acted on (case actions).
+    pub case_id: Option<Uuid>,
+    /// Someone asked it to stop.
+    pub cancel_requested_at: Option<DateTime<Utc>>,
+    /// Started.
     pub created_at: DateTime<Utc>,
     /// Last progress.
     pub updated_at: DateTime<Utc>,
@@ -495,17 +499,6 @@ impl Store {
             .collect::<Result<_, _>>()?)
     }
 
-    /// Hides dead letters from lists (they stay stored); returns how many.
-    pub async fn archive_dead_letters(&self, ids: &[i64]) -> Result<u64, StoreError> {
-        Ok(sqlx::query(
-            "UPDATE dead_letters SET archived_at = now() WHERE id = ANY($1) AND archived_at IS NULL",
-        )
-        .bind(ids)
-        .execute(self.pool())
-        .await?
-        .rows_affected())
-    }
-
     /// Deletes dead letters for good; returns how many.
     pub async fn delete_dead_letters(&self, ids: &[i64]) -> Result<u64, StoreError> {
         Ok(sqlx::query("DELETE FROM dead_letters WHERE id = ANY($1)")
@@ -528,40 +521,6 @@ impl Store {
         .bind(limit)
         .fetch_all(self.pool())
         .await?)
-    }
-
-    /// Marks dead letters as taken by an operator; returns how many.
-    pub async fn claim_dead_letters(&self, ids: &[i64], operator: &str) -> Result<u64, StoreError> {
-        Ok(sqlx::query(
-            "UPDATE dead_letters SET claimed_by = $2, claimed_at = now() WHERE id = ANY($1)",
-        )
-        .bind(ids)
-        .bind(operator)
-        .execute(self.pool())
-        .await?
-        .rows_affected())
-    }
-
-    /// Adds a note to a dead letter; false when there is no such dead letter.
-    pub async fn note_dead_letter(
-        &self,
-        id: i64,
-        operator: &str,
-        text: &str,
-        ticket: Option<&str>,
-    ) -> Result<bool, StoreError> {
-        Ok(sqlx::query(
-            "INSERT INTO dead_letter_notes (dead_letter_id, operator, text, ticket)
-             SELECT id, $2, $3, $4 FROM dead_letters WHERE id = $1",
-        )
-        .bind(id)
-        .bind(operator)
-        .bind(text)
-        .bind(ticket)
-        .execute(self.pool())
-        .await?
-        .rows_affected()
-            == 1)
     }
 
     /// Count of dead letters not archived per code, and the age in seconds
@@ -681,11 +640,11 @@ impl Store {
         Ok(())
     }
 
-    /// Sets an operation's status (`running`, `interrupted`, `done`).
+    /// Sets an operation's status (`running`, `interrupted`, `cancelled`, `done`).
     pub async fn set_operation_status(&self, id: Uuid, status: &str) -> Result<(), StoreError> {
         sqlx::query(
             "UPDATE operations SET status = $2, updated_at = now(),
-                 finished_at = CASE WHEN $2 = 'done' THEN now() END
+                 finished_at = CASE WHEN $2 IN ('done', 'cancelled') THEN now() END
              WHERE id = $1",
         )
         .bind(id)
@@ -698,7 +657,8 @@ impl Store {
     /// Operations, newest first.
     pub async fn operations(&self, limit: i64) -> Result<Vec<Operation>, StoreError> {
         let rows = sqlx::query(
-            "SELECT id, kind, operator, selection, status, created_at, updated_at, finished_at
+            "SELECT id, kind, operator, selection, status, case_id, cancel_requested_at,
+                    created_at, updated_at, finished_at
              FROM operations ORDER BY created_at DESC LIMIT $1",
         )
         .bind(limit)
@@ -710,7 +670,8 @@ impl Store {
     /// One operation.
     pub async fn operation(&self, id: Uuid) -> Result<Option<Operation>, StoreError> {
         let row = sqlx::query(
-            "SELECT id, kind, operator, selection, status, created_at, updated_at, finished_at
+            "SELECT id, kind, operator, selection, status, case_id, cancel_requested_at,
+                    created_at, updated_at, finished_at
              FROM operations WHERE id = $1",
         )
         .bind(id)
@@ -752,13 +713,15 @@ impl Store {
     }
 }
 
-fn operation(r: &sqlx::postgres::PgRow) -> Result<Operation, sqlx::Error> {
+pub(super) fn operation(r: &sqlx::postgres::PgRow) -> Result<Operation, sqlx::Error> {
     Ok(Operation {
         id: r.try_get("id")?,
         kind: r.try_get("kind")?,
         operator: r.try_get("operator")?,
         selection: r.try_get("selection")?,
         status: r.try_get("status")?,
+        case_id: r.try_get("case_id")?,
+        cancel_requested_at: r.try_get("cancel_requested_at")?,
         created_at: r.try_get("created_at")?,
         updated_at: r.try_get("updated_at")?,
         finished_at: r.try_get("finished_at")?,

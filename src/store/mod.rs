@@ -37,10 +37,12 @@ macro_rules! terminal_states {
 pub mod bench;
 mod case_row;
 mod cases;
+mod console;
 mod dead_letters;
 mod decisions;
 mod hand_fixes;
 mod intake;
+mod operator;
 mod ops;
 mod outbox;
 mod prune;
@@ -48,6 +50,9 @@ mod rate_budget;
 
 pub use cases::{
     CaseFilter, CaseRecord, CaseSummary, Claimed, HistoryRow, Identity, RetryCommit, StepCommit,
+};
+pub use console::{
+    CaseMarks, EscalationFilter, EscalationGroup, EscalationRow, MAX_ESCALATIONS, WorkerSeen,
 };
 pub use dead_letters::{
     DeadLetterFilter, DeadLetterGroup, DeadLetterRecord, DeadLetterSummary, Note, Operation,
@@ -58,6 +63,7 @@ pub use decisions::{
 };
 pub use hand_fixes::{HandFix, HandWatch, RecordedFix, WATCHED_CASE, WatchEnd};
 pub use intake::Recorded;
+pub use operator::{Audited, CaseNote, Closed};
 pub use ops::OpsSnapshot;
 pub use outbox::{OutboxBatch, OutboxFailure, OutboxRow};
 pub use prune::{Cutoffs, PRUNE_LOCK, Prunable, PruneSession, PruneTable, SIZED_TABLES};

@@ -87,3 +87,78 @@ async fn the_demo_ends_with_every_order_accounted_for() {
         .unwrap();
     assert_eq!(left, 0, "the demo left its database behind");
 }
+
+/// `holdclear demo --console` prints the console's address and a sign-in
+/// token, serves the demo's cases (sign-in works, the escalations show)
+/// until ctrl-c, then ends cleanly.
+#[tokio::test]
+async fn the_demo_serves_the_console_until_ctrl_c() {
+    use std::io::BufRead;
+    let mut child = bin()
+        .args(["demo", "--console"])
+        .env("HOLDCLEAR_AMQP_URL", amqp_url())
+        .env(
+            "HOLDCLEAR_DATABASE_URL",
+            "postgres://postgres@127.0.0.1:5432/holdclear",
+        )
+        .env("HOLDCLEAR_CONSOLE_ADDR", "127.0.0.1:0")
+        .env_remove("HOLDCLEAR_CONSOLE_OPERATOR_TOKENS")
+        .env_remove("HOLDCLEAR_CONSOLE_VIEWER_TOKENS")
+        .env_remove("HOLDCLEAR_CONSOLE_TRUSTED_HEADER")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let stdout = child.stdout.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in std::io::BufReader::new(stdout)
+            .lines()
+            .map_while(Result::ok)
+        {
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    let line = loop {
+        let line = rx
+            .recv_timeout(std::time::Duration::from_secs(120))
+            .expect("the demo prints the console's address");
+        if line.starts_with("The console is on http://") {
+            break line;
+        }
+    };
+    let base = line
+        .trim_start_matches("The console is on ")
+        .split(' ')
+        .next()
+        .unwrap()
+        .trim_end_matches('/')
+        .to_owned();
+    let token = line
+        .split("sign in with the demo token ")
+        .nth(1)
+        .and_then(|rest| rest.split('.').next())
+        .expect("a demo token")
+        .to_owned();
+    let browser = crate::console::Browser::sign_in(&base, &token).await;
+    let (status, page) = browser.get("/").await;
+    assert_eq!(status, 200, "{page}");
+    assert!(page.contains("SMART_ACCOUNT_NOT_ACTIVE"), "{page}");
+    assert!(page.contains("MALFORMED_JSON"), "{page}");
+    let pid = nix::unistd::Pid::from_raw(child.id() as i32);
+    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGINT).unwrap();
+    let started = std::time::Instant::now();
+    let status = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break status;
+        }
+        assert!(
+            started.elapsed() < std::time::Duration::from_secs(30),
+            "the demo did not end after ctrl-c"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    };
+    assert!(status.success(), "{status:?}");
+}

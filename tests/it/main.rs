@@ -7,6 +7,7 @@ mod broker;
 mod chaos;
 mod cli;
 mod commerce;
+mod console;
 mod demo;
 mod deploy;
 mod dlq;

@@ -138,6 +138,46 @@ impl Rabbit {
         self.publish(&msgs).await;
     }
 
+    /// Publishes `body` to the dead-letter exchange as the worker
+    /// dead-letters a message: `x-holdclear-error-code` `code`, its detail,
+    /// and the orders exchange and held routing key as its origin.
+    pub async fn dead_letter(&self, message_id: &str, code: &str, detail: &str, body: &[u8]) {
+        use lapin::options::BasicPublishOptions;
+        use lapin::types::{AMQPValue, LongString, ShortString};
+        let t = &self.topology;
+        let mut headers = FieldTable::default();
+        let text = |s: &str| AMQPValue::LongString(LongString::from(s));
+        for (k, v) in [
+            ("x-holdclear-error-code", code),
+            ("x-holdclear-error-detail", detail),
+            ("x-holdclear-failed-at", "2026-12-01T10:00:00Z"),
+            ("x-holdclear-original-exchange", t.orders_exchange.as_str()),
+            (
+                "x-holdclear-original-routing-key",
+                t.held_routing_key.as_str(),
+            ),
+        ] {
+            headers.insert(ShortString::from(k), text(v));
+        }
+        let props = BasicProperties::default()
+            .with_message_id(ShortString::from(message_id))
+            .with_content_type(ShortString::from("application/cloudevents+json"))
+            .with_delivery_mode(2)
+            .with_headers(headers);
+        self.channel
+            .basic_publish(
+                t.dead_letter_exchange.as_str().into(),
+                "".into(),
+                BasicPublishOptions::default(),
+                body,
+                props,
+            )
+            .await
+            .unwrap()
+            .await
+            .unwrap();
+    }
+
     /// Ready messages in `queue` (unacknowledged ones not counted).
     pub async fn depth(&self, queue: &str) -> u32 {
         self.declare_passive(queue).await.message_count()
