@@ -95,8 +95,9 @@ pub async fn list(
             label.check { input type="checkbox" name="archived" checked[filter.include_archived]; "archived too" }
             button type="submit" { "Filter" }
         }
-        @if let Some(g) = &filter.group {
-            p { a.button href={ "/replay?group=" (url_encode(g)) } { "Replay this group…" } }
+        @let selected = replay_query(&filter);
+        @if !rows.is_empty() && !selected.is_empty() {
+            p { a.button href={ "/replay?" (selected) } { "Replay these…" } }
         }
         p { (rows.len()) " dead letter(s)" @if rows.len() == 500 { " (the newest 500)" } "." }
         div.table {
@@ -119,6 +120,20 @@ pub async fn list(
         }
     };
     Ok(layout::page(&v, "/dead-letters", "Dead letters", body))
+}
+
+/// The list's filter as the replay form's query.
+fn replay_query(f: &DeadLetterFilter) -> String {
+    [
+        ("group", &f.group),
+        ("code", &f.code),
+        ("order", &f.order),
+        ("text", &f.text),
+    ]
+    .iter()
+    .filter_map(|(k, v)| v.as_ref().map(|v| format!("{k}={}", url_encode(v))))
+    .collect::<Vec<_>>()
+    .join("&")
 }
 
 fn pretty(v: &serde_json::Value) -> String {

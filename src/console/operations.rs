@@ -16,13 +16,17 @@ use super::{AppState, PageError, Shared, Viewer, may_act};
 use crate::operations::replay::{self, Ending, ReplayOptions};
 use crate::store::DeadLetterFilter;
 
-/// What a replay takes: a group, or one dead letter; and its options.
+/// What a replay takes: a group, one dead letter, or a selection (the
+/// list's code, order and text filters); and its options.
 #[derive(Clone, Default, Deserialize)]
 #[serde(default)]
 pub struct ReplayQuery {
     csrf: String,
     group: Option<String>,
     ids: Option<i64>,
+    code: Option<String>,
+    order: Option<String>,
+    text: Option<String>,
     force: Option<String>,
     rate: Option<f64>,
     batch: Option<usize>,
@@ -30,10 +34,14 @@ pub struct ReplayQuery {
 
 impl ReplayQuery {
     fn options(&self) -> Result<ReplayOptions, PageError> {
+        let some = |o: &Option<String>| o.clone().filter(|s| !s.trim().is_empty());
         let options = ReplayOptions {
             filter: DeadLetterFilter {
                 ids: self.ids.into_iter().collect(),
-                group: self.group.clone().filter(|g| !g.is_empty()),
+                group: some(&self.group),
+                code: some(&self.code),
+                order: some(&self.order),
+                text: some(&self.text),
                 ..DeadLetterFilter::default()
             },
             rate: self.rate.unwrap_or(50.0),
@@ -55,8 +63,8 @@ pub async fn replay_form(
 ) -> Result<Markup, PageError> {
     let options = q.options()?;
     let p = replay::preview(&s.store, &options).await?;
-    let what = match (&q.group, q.ids) {
-        (Some(g), _) if !g.is_empty() => format!("group {g}"),
+    let what = match (&options.filter.group, q.ids) {
+        (Some(g), _) => format!("group {g}"),
         (_, Some(id)) => format!("dead letter {id}"),
         _ => "the selection".to_owned(),
     };
@@ -68,15 +76,14 @@ pub async fn replay_form(
             @if !p.refused.is_empty() {
                 p.warn { "Refused: their cause is the message itself and is unchanged (fix it upstream, or force)." }
                 ul.plain { @for l in p.refused.iter().take(50) { li { a href={ "/dead-letters/" (l.id) } { (l.id) } " " (l.code) ": " (l.detail) } } }
-                p { a href={ "/replay?" (selection_query(&q)) "&force=on" } { "Preview with force" } }
+                p { a href={ "/replay?" (selection_query(&options, q.ids)) "&force=on" } { "Preview with force" } }
             }
         }
         section.card {
             h2 { "Replay" }
             @if p.chosen.is_empty() { p { "Nothing to replay." } } @else {
                 (action_form(&v, "/replay", &format!("Replay {} message(s)", p.chosen.len()), html! {
-                    @if let Some(g) = &options.filter.group { input type="hidden" name="group" value=(g); }
-                    @if let Some(id) = q.ids { input type="hidden" name="ids" value=(id); }
+                    @for (name, value) in selection(&options, q.ids) { input type="hidden" name=(name) value=(value); }
                     @if options.force { input type="hidden" name="force" value="on"; }
                     label { "Rate (messages per second)" input type="number" name="rate" min="0.1" step="any" value=(options.rate); }
                     label { "Batch size" input type="number" name="batch" min="1" max="10000" value=(options.batch); }
@@ -92,12 +99,28 @@ pub async fn replay_form(
     ))
 }
 
-fn selection_query(q: &ReplayQuery) -> String {
-    match (&q.group, q.ids) {
-        (Some(g), _) if !g.is_empty() => format!("group={}", url_encode(g)),
-        (_, Some(id)) => format!("ids={id}"),
-        _ => String::new(),
+/// The fields that say which dead letters, as the forms carry them.
+fn selection(options: &ReplayOptions, id: Option<i64>) -> Vec<(&'static str, String)> {
+    let f = &options.filter;
+    let mut out: Vec<(&str, String)> = id.map(|i| ("ids", i.to_string())).into_iter().collect();
+    for (name, value) in [
+        ("group", &f.group),
+        ("code", &f.code),
+        ("order", &f.order),
+        ("text", &f.text),
+    ] {
+        if let Some(v) = value {
+            out.push((name, v.clone()));
+        }
     }
+    out
+}
+
+fn selection_query(options: &ReplayOptions, id: Option<i64>) -> String {
+    (selection(options, id).iter())
+        .map(|(k, v)| format!("{k}={}", url_encode(v)))
+        .collect::<Vec<_>>()
+        .join("&")
 }
 
 /// `POST /replay`: starts the operation, runs it in this process, and
