@@ -189,6 +189,19 @@ impl HistoryRow {
             let call = d.get("call").and_then(Value::as_str).unwrap_or("?");
             return format!("{call} {args} → {result} ({ms} ms)");
         }
+        if self.kind == "shadow" {
+            let rule = |side: &str| match d.get(side) {
+                Some(Value::Null) | None => "no rule".to_owned(),
+                Some(v) => format!("{:?}", v.get("rule").and_then(Value::as_str).unwrap_or("?")),
+            };
+            let hash = d.get("shadowHash").and_then(Value::as_str).unwrap_or("?");
+            return format!(
+                "shadow rules (sha256 {}…) would decide {}; the rules in force decided {}",
+                hash.get(..12).unwrap_or(hash),
+                rule("shadow"),
+                rule("live")
+            );
+        }
         d.to_string()
     }
 }
