@@ -96,9 +96,10 @@ impl BenchTables {
         }
     }
 
-    /// Empties every table of the service (the benchmark's own database only).
+    /// Empties every table of the service (the benchmark's own database only),
+    /// and with `CASCADE` every table whose rows point at a case.
     pub async fn truncate(&self) -> Result<(), StoreError> {
-        sqlx::query("TRUNCATE inbox, outbox, case_history, cases")
+        sqlx::query("TRUNCATE inbox, outbox, case_history, cases CASCADE")
             .execute(&self.pool)
             .await?;
         Ok(())
