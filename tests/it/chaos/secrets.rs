@@ -92,7 +92,7 @@ async fn secrets_never_shown(pool: PgPool) {
     // workers leave the queue to the checker) stores it for `dlq list`.
     let mut ingesting = stage.env.clone();
     ingesting.insert("HOLDCLEAR_DLQ_INGEST".into(), "true".into());
-    let _ingester = super::WorkerProcess::start(ingesting, stage.dir.path());
+    let mut ingester = super::WorkerProcess::start(ingesting, stage.dir.path());
     wait_for(
         Duration::from_secs(30),
         "the dead letter stored",
@@ -192,6 +192,15 @@ async fn secrets_never_shown(pool: PgPool) {
         "{}",
         worker.tail()
     );
+    // The ingester is a whole worker with the right secret: stopped, so the
+    // orders below reach the worker with the wrong one.
+    assert_eq!(
+        ingester.terminate(Duration::from_secs(15)).await,
+        Some(0),
+        "{}",
+        ingester.tail()
+    );
+    shown.push(("ingesting worker logs (stderr)".into(), ingester.logs()));
     // A worker with the wrong secret: refused tokens, logged as such.
     let mut wrong = WorkerProcess::start(
         with("HOLDCLEAR_COMMERCE_CLIENT_SECRET", WRONG),
@@ -206,10 +215,21 @@ async fn secrets_never_shown(pool: PgPool) {
         || async { (stage.sim.stats().responses(SimEndpoint::Token, 401) > refused).then_some(()) },
     )
     .await;
+    wait_for(
+        Duration::from_secs(30),
+        "the refusal in the logs",
+        || async {
+            let logs = wrong.logs();
+            logs.contains("The token endpoint refused the client credentials")
+                .then_some(())
+        },
+    )
+    .await;
     let _ = wrong.terminate(Duration::from_secs(15)).await;
     let logs = worker.logs();
     assert!(logs.contains("Worker stopped."), "{}", worker.tail());
     shown.push(("worker logs (stderr)".into(), logs));
+    shown.push(("wrong-secret worker logs (stderr)".into(), wrong.logs()));
 
     let leaks: Vec<&str> = shown
         .iter()
