@@ -642,7 +642,7 @@ async fn replay(settings: &Settings, store: &Store, args: ReplayArgs) -> anyhow:
         })
         .await;
     watcher.abort();
-    match ending? {
+    match ending.map_err(refused)? {
         Ending::Done => {}
         Ending::Cancelled => {
             writeln!(out, "Operation {operation} cancelled.")?;

@@ -169,8 +169,27 @@ pub struct Run<'a> {
 
 impl Run<'_> {
     /// Sends what is left of the operation, `on_batch(n)` after each batch,
-    /// and sets its status.
-    pub async fn execute(&self, mut on_batch: impl FnMut(usize)) -> Result<Ending, OperationError> {
+    /// and sets its status. Refused while another process runs the same
+    /// operation (a resume beside a run still going would send each
+    /// remaining message twice); a run that died holds nothing.
+    pub async fn execute(&self, on_batch: impl FnMut(usize)) -> Result<Ending, OperationError> {
+        let Some(lock) = self.store.try_lock_operation(self.operation).await? else {
+            return Err(OperationError::Refused(format!(
+                "operation {} is being run by another process; wait for it to end, or cancel it on the console's operations page",
+                self.operation
+            )));
+        };
+        let ending = self.execute_locked(on_batch).await;
+        if let Err(e) = lock.release().await {
+            tracing::warn!(error = %e, "Could not release the replay's lock; it goes with the connection.");
+        }
+        ending
+    }
+
+    async fn execute_locked(
+        &self,
+        mut on_batch: impl FnMut(usize),
+    ) -> Result<Ending, OperationError> {
         let todo = self.store.operation_todo(self.operation).await?;
         let broker = Broker::from_settings(self.amqp, "holdclear-replay");
         let mut replayer = match Replayer::open(&broker, self.amqp.confirm_timeout).await {

@@ -47,6 +47,7 @@ mod ops;
 mod outbox;
 mod prune;
 mod rate_budget;
+mod session_lock;
 
 pub use cases::{
     CaseFilter, CaseRecord, CaseSummary, Claimed, HistoryRow, Identity, RetryCommit, StepCommit,
@@ -67,6 +68,7 @@ pub use operator::{Audited, CaseNote, Closed};
 pub use ops::OpsSnapshot;
 pub use outbox::{OutboxBatch, OutboxFailure, OutboxRow};
 pub use prune::{Cutoffs, PRUNE_LOCK, Prunable, PruneSession, PruneTable, SIZED_TABLES};
+pub use session_lock::SessionLock;
 
 /// The migrations in `migrations/`, embedded in the binary.
 pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");

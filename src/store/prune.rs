@@ -8,8 +8,8 @@
 //! that dies mid-pass closes the connection and the lock goes with it.
 
 use chrono::{DateTime, Utc};
-use sqlx::{Connection, PgConnection};
 
+use super::session_lock::SessionLock;
 use super::{Store, StoreError};
 
 /// The advisory lock key of the pruner ("holdprun" in ASCII).
@@ -129,24 +129,15 @@ pub struct Prunable {
 /// A session holding the pruner's advisory lock (see the module's doc).
 /// Dropped, its connection closes and the lock is released.
 pub struct PruneSession {
-    conn: PgConnection,
+    lock: SessionLock,
 }
 
 impl Store {
     /// The pruner's session, or `None` when another worker holds the lock.
     pub async fn try_prune_session(&self) -> Result<Option<PruneSession>, StoreError> {
-        // Detached: the lock must not stay behind in a pooled connection.
-        let mut conn = self.pool().acquire().await?.detach();
-        let locked: bool = sqlx::query_scalar("SELECT pg_try_advisory_lock($1)")
-            .bind(PRUNE_LOCK)
-            .fetch_one(&mut conn)
-            .await?;
-        if locked {
-            Ok(Some(PruneSession { conn }))
-        } else {
-            let _ = conn.close().await;
-            Ok(None)
-        }
+        Ok(SessionLock::try_acquire(self.pool(), PRUNE_LOCK)
+            .await?
+            .map(|lock| PruneSession { lock }))
     }
 
     /// What a pass with `cutoffs` would delete now, per table (a table
@@ -285,7 +276,7 @@ impl PruneSession {
         )))
         .bind(cutoff)
         .bind(limit)
-        .execute(&mut self.conn)
+        .execute(self.lock.conn())
         .await?
         .rows_affected())
     }
@@ -299,18 +290,13 @@ impl PruneSession {
         .bind(cutoffs.cases)
         .bind(cutoffs.escalated_cases)
         .bind(limit)
-        .execute(&mut self.conn)
+        .execute(self.lock.conn())
         .await?
         .rows_affected())
     }
 
     /// Releases the lock and closes the session.
-    pub async fn release(mut self) -> Result<(), StoreError> {
-        sqlx::query("SELECT pg_advisory_unlock($1)")
-            .bind(PRUNE_LOCK)
-            .execute(&mut self.conn)
-            .await?;
-        self.conn.close().await?;
-        Ok(())
+    pub async fn release(self) -> Result<(), StoreError> {
+        self.lock.release().await
     }
 }

@@ -551,7 +551,7 @@ async fn dlq_cli_lists_shows_groups_claims_notes_archives_and_purges(pool: PgPoo
 }
 
 #[sqlx::test]
-async fn dlq_replay_refuses_unchanged_causes_and_is_resumable(pool: PgPool) {
+async fn dlq_replay_refuses_unchanged_causes_runs_once_and_is_resumable(pool: PgPool) {
     let f = Fixture::new(&pool).await;
     let t = topology(&f.prefix);
     let now = chrono::Utc::now().to_rfc3339();
@@ -614,7 +614,7 @@ async fn dlq_replay_refuses_unchanged_causes_and_is_resumable(pool: PgPool) {
             "--code",
             "DELIVERY_LIMIT",
             "--rate",
-            "3",
+            "1",
             "--batch",
             "2",
         ])
@@ -634,6 +634,15 @@ async fn dlq_replay_refuses_unchanged_causes_and_is_resumable(pool: PgPool) {
             .then_some(())
     })
     .await;
+    // While it runs, a second run of the same operation is refused: two
+    // would send every remaining message twice.
+    let running: uuid::Uuid = sqlx::query_scalar("SELECT id FROM operations")
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+    let (code, out, err) = f.dlq(&["replay", "--resume", &running.to_string()]);
+    assert_eq!(code, 64, "{out}{err}");
+    assert!(err.contains("being run by another process"), "{out}{err}");
     nix::sys::signal::kill(
         nix::unistd::Pid::from_raw(child.id() as i32),
         nix::sys::signal::Signal::SIGINT,
