@@ -463,6 +463,15 @@ async fn work(settings: &Settings, parts: Parts, health: &Arc<Health>) -> Result
             parts.background.clone(),
         ),
     );
+    parts.supervisor.spawn(
+        "heartbeat",
+        crate::ops::heartbeat::beat(
+            store.clone(),
+            parts.identity.clone(),
+            Arc::clone(health),
+            parts.background.clone(),
+        ),
+    );
     let cases_opened = Arc::new(Notify::new());
     let (consuming, intaking) =
         spawn_intake(settings, &parts, health, &store, &abort, &cases_opened);

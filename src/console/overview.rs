@@ -10,7 +10,8 @@ use maud::{Markup, html};
 use super::layout::{self, age, url_encode, when};
 use super::{AppState, PageError, Viewer};
 use crate::domain::EscalationReason;
-use crate::store::{DeadLetterGroup, EscalationGroup, WorkerSeen};
+use crate::ops::heartbeat::LOST_AFTER;
+use crate::store::{DeadLetterGroup, EscalationGroup, WorkerRow};
 
 /// `GET /`.
 pub async fn page(
@@ -22,7 +23,7 @@ pub async fn page(
     let escalations = store.escalation_groups().await?;
     let groups = store.dead_letter_groups().await?;
     let per_hour = store.released_per_hour().await?;
-    let workers = store.workers_seen().await?;
+    let workers = store.workers().await?;
     let open: i64 = (snapshot.cases_by_state.iter())
         .filter(|(state, _)| !matches!(state.as_str(), "released" | "escalated" | "merged"))
         .map(|(_, n)| n)
@@ -114,14 +115,41 @@ fn dead_letter_table(groups: &[DeadLetterGroup]) -> Markup {
     }
 }
 
-fn workers_list(workers: &[WorkerSeen]) -> Markup {
+/// What a worker's heartbeats say of it now.
+fn worker_status(w: &WorkerRow) -> (&'static str, &'static str) {
+    let silent = (Utc::now() - w.last_beat).to_std().unwrap_or_default();
+    match (w.stopped_at, silent > LOST_AFTER, w.ready) {
+        (Some(_), _, _) => ("stopped", "status-done"),
+        (None, true, _) => ("lost", "status-lost"),
+        (None, false, true) => ("up", "status-running"),
+        (None, false, false) => ("up, not ready", "status-interrupted"),
+    }
+}
+
+fn workers_list(workers: &[WorkerRow]) -> Markup {
     html! {
         @if workers.is_empty() {
-            p.warn { "No worker seen at work in the last 10 minutes (from leases and case steps; an idle worker does not show)." }
+            p.warn { "No worker has reported in the last day." }
         } @else {
-            ul.plain {
-                @for w in workers {
-                    li { code { (w.worker) } " · last seen " (age(w.last_seen)) " ago · " (w.leases) " lease(s)" }
+            div.table {
+                table.workers {
+                    thead { tr { th { "Worker" } th { "Status" } th { "Last beat" } th { "Started" } th { "Leases" } th { "Version" } } }
+                    tbody {
+                        @for w in workers {
+                            @let (status, class) = worker_status(w);
+                            tr {
+                                td data-label="Worker" { code { (w.id) } br; small { (w.host) " · pid " (w.pid) } }
+                                td data-label="Status" {
+                                    span class={ "badge " (class) } { (status) }
+                                    @if let Some(at) = w.stopped_at { " " (age(at)) " ago" }
+                                }
+                                td data-label="Last beat" { (age(w.last_beat)) " ago" }
+                                td data-label="Started" { (when(w.started_at)) }
+                                td data-label="Leases" { (w.leases) }
+                                td data-label="Version" { (w.version) }
+                            }
+                        }
+                    }
                 }
             }
         }

@@ -54,6 +54,11 @@ impl WorkerIdentity {
         self.pid
     }
 
+    /// When it started.
+    pub fn started_at(&self) -> DateTime<Utc> {
+        self.started_at
+    }
+
     /// The lease token of this worker's claim number `n`: `<uuid>#<n>`.
     /// Unique to this process and this claim, whatever else runs.
     pub fn lease_owner(&self, n: u64) -> String {

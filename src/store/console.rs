@@ -89,17 +89,6 @@ pub struct EscalationFilter {
     pub min_age_hours: Option<i64>,
 }
 
-/// A worker seen at work.
-#[derive(Clone, Debug, Serialize)]
-pub struct WorkerSeen {
-    /// Its identity (the lease token's first part).
-    pub worker: String,
-    /// Last seen working.
-    pub last_seen: DateTime<Utc>,
-    /// Leases it holds now.
-    pub leases: i64,
-}
-
 /// What the operators changed on a case.
 #[derive(Clone, Debug, Default, Serialize)]
 pub struct CaseMarks {
@@ -210,38 +199,6 @@ impl Store {
         )
         .fetch_all(self.pool())
         .await?)
-    }
-
-    /// Workers seen in the last 10 minutes: those holding leases, and
-    /// those that wrote one of the latest 1000 case history lines.
-    pub async fn workers_seen(&self) -> Result<Vec<WorkerSeen>, StoreError> {
-        let rows = sqlx::query(
-            "WITH leases AS (
-                 SELECT split_part(lease_owner, '#', 1) AS worker, count(*) AS n, now() AS at
-                 FROM cases WHERE lease_expires_at > now() GROUP BY 1),
-             steps AS (
-                 SELECT split_part(detail->>'worker', '#', 1) AS worker, max(at) AS at
-                 FROM case_history
-                 WHERE id > (SELECT coalesce(max(id), 0) - 1000 FROM case_history)
-                   AND detail ? 'worker' AND at > now() - interval '10 minutes'
-                 GROUP BY 1)
-             SELECT coalesce(l.worker, s.worker) AS worker,
-                    greatest(l.at, s.at) AS last_seen, coalesce(l.n, 0) AS leases
-             FROM leases l FULL JOIN steps s ON s.worker = l.worker
-             ORDER BY 1 LIMIT 100",
-        )
-        .fetch_all(self.pool())
-        .await?;
-        Ok(rows
-            .iter()
-            .map(|r| {
-                Ok::<_, sqlx::Error>(WorkerSeen {
-                    worker: r.try_get("worker")?,
-                    last_seen: r.try_get("last_seen")?,
-                    leases: r.try_get("leases")?,
-                })
-            })
-            .collect::<Result<_, _>>()?)
     }
 
     /// Who claimed or closed the case by hand.

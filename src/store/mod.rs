@@ -48,13 +48,12 @@ mod outbox;
 mod prune;
 mod rate_budget;
 mod session_lock;
+mod workers;
 
 pub use cases::{
     CaseFilter, CaseRecord, CaseSummary, Claimed, HistoryRow, Identity, RetryCommit, StepCommit,
 };
-pub use console::{
-    CaseMarks, EscalationFilter, EscalationGroup, EscalationRow, MAX_ESCALATIONS, WorkerSeen,
-};
+pub use console::{CaseMarks, EscalationFilter, EscalationGroup, EscalationRow, MAX_ESCALATIONS};
 pub use dead_letters::{
     DeadLetterFilter, DeadLetterGroup, DeadLetterRecord, DeadLetterSummary, Note, Operation,
     OperationItem, RecordedDeadLetter, Sighting,
@@ -69,6 +68,7 @@ pub use ops::OpsSnapshot;
 pub use outbox::{OutboxBatch, OutboxFailure, OutboxRow};
 pub use prune::{Cutoffs, PRUNE_LOCK, Prunable, PruneSession, PruneTable, SIZED_TABLES};
 pub use session_lock::SessionLock;
+pub use workers::{Beat, WorkerRow};
 
 /// The migrations in `migrations/`, embedded in the binary.
 pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");

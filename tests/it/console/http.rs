@@ -3,7 +3,7 @@
 
 use sqlx::PgPool;
 
-use super::{Browser, OPERATOR_TOKEN, Stage, VIEWER_TOKEN, client};
+use super::{Browser, DEADLINE, OPERATOR_TOKEN, Stage, VIEWER_TOKEN, client};
 use crate::support::{bin, wait_for};
 
 /// `holdclear console` with no token and no trusted header does not start:
@@ -544,5 +544,53 @@ async fn the_cases_cli_claims_notes_and_closes_like_the_console(pool: PgPool) {
     ] {
         assert!(page.contains(part), "{part}: {page}");
     }
+    stage.stop().await;
+}
+
+/// The overview's workers come from their heartbeats: a running worker is
+/// up (with its host and version), a worker stopped gracefully says so, and
+/// one that stopped beating without a stop (SIGKILL, a lost network) is
+/// lost, whether or not any of them holds a lease.
+#[sqlx::test]
+async fn console_lists_workers_from_their_heartbeats(pool: PgPool) {
+    let mut stage = Stage::new(&pool).await;
+    let id = stage.worker.as_ref().unwrap().identity.to_string();
+    // What a worker killed two minutes ago left behind.
+    let killed = uuid::Uuid::new_v4();
+    sqlx::query(
+        "INSERT INTO workers (id, host, pid, version, started_at, last_beat, ready)
+         VALUES ($1, 'pod-killed', 1, '0.0.9', now() - interval '1 hour',
+                 now() - interval '2 minutes', true)",
+    )
+    .bind(killed)
+    .execute(&pool)
+    .await
+    .unwrap();
+    let victor = stage.sign_in(VIEWER_TOKEN).await;
+    let row_of = |page: &str, worker: &str| -> String {
+        let at = page
+            .find(worker)
+            .unwrap_or_else(|| panic!("{worker} listed: {page}"));
+        let end = page[at..].find("</tr>").map_or(page.len(), |e| at + e);
+        page[at..end].to_owned()
+    };
+    wait_for(DEADLINE, "the worker up on the overview", || async {
+        let (_, page) = victor.get("/").await;
+        (page.contains(&id) && row_of(&page, &id).contains(">up<")).then_some(())
+    })
+    .await;
+    let (_, page) = victor.get("/").await;
+    let up = row_of(&page, &id);
+    assert!(up.contains(env!("CARGO_PKG_VERSION")), "{up}");
+    let lost = row_of(&page, &killed.to_string());
+    assert!(
+        lost.contains(">lost<") && lost.contains("pod-killed"),
+        "{lost}"
+    );
+
+    stage.worker.take().unwrap().shutdown().await.unwrap();
+    let (_, page) = victor.get("/").await;
+    let stopped = row_of(&page, &id);
+    assert!(stopped.contains(">stopped<"), "{stopped}");
     stage.stop().await;
 }
