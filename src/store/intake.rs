@@ -78,22 +78,30 @@ WITH input AS (
 firsts AS (
     SELECT DISTINCT ON (event_id) * FROM input ORDER BY event_id, ord
 ),
-open_cases AS (
-    SELECT c.id, c.order_key, c.sales_order_number, c.web_order_id, c.state
-    FROM cases c
-    WHERE (c.order_key = ANY($3::text[]) OR c.web_order_id = ANY($4::text[]))
-      AND "#,
-    open_case!(c),
-    r#"
-    ORDER BY c.id -- locks in id order, as the engine's step commits take them
-    FOR SHARE
-),
-closed_cases AS (
-    SELECT c.id, c.order_key, c.web_order_id, c.state,
+known AS (
+    -- The batch's orders' cases, open and ended, locked: a case its
+    -- engine is ending as this runs is read again once the engine has
+    -- committed, and is then an ended case (its hold's events join it),
+    -- never neither open nor ended.
+    SELECT c.id, c.order_key, c.sales_order_number, c.web_order_id, c.state,
            coalesce(c.released_at, c.closed_at) AS ended_at
     FROM cases c
     WHERE (c.order_key = ANY($3::text[]) OR c.web_order_id = ANY($4::text[]))
-      AND c.state IN ('released', 'escalated')
+      AND c.state <> 'merged'
+    ORDER BY c.id -- locks in id order, as the engine's step commits take them
+    FOR SHARE
+),
+open_cases AS (
+    SELECT c.id, c.order_key, c.sales_order_number, c.web_order_id, c.state
+    FROM known c
+    WHERE "#,
+    open_case!(c),
+    r#"
+),
+closed_cases AS (
+    SELECT c.id, c.order_key, c.web_order_id, c.state, c.ended_at
+    FROM known c
+    WHERE c.state IN ('released', 'escalated')
 ),
 grps AS (
     SELECT DISTINCT ON (grp) grp, sales_order_number, web_order_id,

@@ -500,3 +500,58 @@ async fn an_event_of_an_ended_hold_joins_its_case_and_a_new_hold_opens_one(pool:
     };
     assert_ne!(new, case_id);
 }
+
+/// An event written while its order's case is being ended (the engine's
+/// commit holds the row) joins that case once it has ended: intake reads
+/// the case again after the lock, and sees it ended, not gone. Before, the
+/// case dropped out of the open ones when the lock came free and was
+/// missing from the ended ones too (read before the commit), so the event
+/// opened a second case for the same hold, which escalated again.
+#[sqlx::test]
+async fn an_event_written_while_its_case_ends_joins_that_case(pool: PgPool) {
+    let store = Store::from_pool(pool.clone());
+    let o = TestOrder::new(78_100_000);
+    let [Recorded::Opened { case_id }] = intake(&store, &[o.event(Naming::SalesOrder)]).await[..]
+    else {
+        panic!("opened");
+    };
+    // The engine's escalation, committed only once intake waits on it.
+    let mut ending = pool.begin().await.unwrap();
+    sqlx::query(
+        "UPDATE cases SET state = 'escalated', escalation_reason = 'NO_RULE_MATCHED', \
+         closed_at = now() WHERE id = $1",
+    )
+    .bind(case_id)
+    .execute(&mut *ending)
+    .await
+    .unwrap();
+    let writer = {
+        let store = store.clone();
+        let event = o.event(Naming::Both);
+        tokio::spawn(async move { store.record_held(&[event]).await })
+    };
+    crate::support::wait_for(
+        Duration::from_secs(10),
+        "intake waiting on the case",
+        || async {
+            let waiting: i64 = sqlx::query_scalar(
+                "SELECT count(*) FROM pg_stat_activity \
+             WHERE wait_event_type = 'Lock' AND query LIKE '%WITH input AS%' \
+               AND datname = current_database()",
+            )
+            .fetch_one(&pool)
+            .await
+            .unwrap();
+            (waiting > 0).then_some(())
+        },
+    )
+    .await;
+    ending.commit().await.unwrap();
+    let recorded = writer.await.unwrap().expect("intake records");
+    assert_eq!(recorded, [Recorded::HeldAgain { case_id }]);
+    let cases: i64 = sqlx::query_scalar("SELECT count(*) FROM cases")
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+    assert_eq!(cases, 1, "one case for one hold");
+}
