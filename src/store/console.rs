@@ -218,7 +218,7 @@ impl Store {
         let rows = sqlx::query(
             "WITH leases AS (
                  SELECT split_part(lease_owner, '#', 1) AS worker, count(*) AS n, now() AS at
-                 FROM cases WHERE lease_expires_at > now() GROUP BY 1),
+                 FROM case_schedule WHERE lease_expires_at > now() GROUP BY 1),
              steps AS (
                  SELECT split_part(detail->>'worker', '#', 1) AS worker, max(at) AS at
                  FROM case_history
