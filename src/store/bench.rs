@@ -16,36 +16,37 @@ use sqlx::PgPool;
 use super::{Store, StoreError};
 
 /// Makes the `$1` open cases due last due a second ago.
-const MAKE_DUE: &str = concat!(
-    "UPDATE cases SET next_action_at = now() - interval '1 second' \
-     WHERE id IN (SELECT id FROM cases WHERE ",
-    open_case!(),
-    " \
-                  ORDER BY next_action_at DESC LIMIT $1)"
-);
+const MAKE_DUE: &str = "UPDATE case_schedule SET due_at = now() - interval '1 second' \
+     WHERE case_id IN (SELECT case_id FROM case_schedule ORDER BY due_at DESC LIMIT $1)";
 
-/// Seeds cases `from..from + n` in state `watching` (see [`BenchTables::seed_watching`]).
+/// Seeds cases `from..from + n` in state `watching`, each with its
+/// schedule row (see [`BenchTables::seed_watching`]).
 const SEED_WATCHING: &str = r#"
-INSERT INTO cases (id, order_key, sales_order_number, state, event_id, event, hold_reason,
-                   held_at, next_action_at, watching_since, assigned_at, polls,
-                   idempotency_key, assignment_id, created_at, updated_at)
-SELECT gen_random_uuid(),
-       'bench-w' || g,
-       'bench-w' || g,
-       'watching',
-       'bench-watch-' || g,
-       $3::jsonb,
-       'NO_SMART_ACCOUNT',
-       $4::timestamptz,
-       $4::timestamptz + make_interval(secs => $5::float8 + random() * $6::float8),
-       $4::timestamptz,
-       $4::timestamptz,
-       1,
-       'bench-key-' || g,
-       'bench-assignment-' || g,
-       $4::timestamptz,
-       $4::timestamptz
-FROM generate_series($1::bigint, $1::bigint + $2::bigint - 1) AS g
+WITH c AS (
+    INSERT INTO cases (id, order_key, sales_order_number, state, event_id, event, hold_reason,
+                       held_at, watching_since, assigned_at, polls,
+                       idempotency_key, assignment_id, created_at, updated_at)
+    SELECT gen_random_uuid(),
+           'bench-w' || g,
+           'bench-w' || g,
+           'watching',
+           'bench-watch-' || g,
+           $3::jsonb,
+           'NO_SMART_ACCOUNT',
+           $4::timestamptz,
+           $4::timestamptz,
+           $4::timestamptz,
+           1,
+           'bench-key-' || g,
+           'bench-assignment-' || g,
+           $4::timestamptz,
+           $4::timestamptz
+    FROM generate_series($1::bigint, $1::bigint + $2::bigint - 1) AS g
+    RETURNING id
+)
+INSERT INTO case_schedule (case_id, due_at)
+SELECT id, $4::timestamptz + make_interval(secs => $5::float8 + random() * $6::float8)
+FROM c
 "#;
 
 /// History lines of each seeded closed case (see [`SEED_CLOSED`]).
@@ -55,10 +56,10 @@ pub const CLOSED_HISTORY_PER_CASE: u64 = 6;
 const SEED_CLOSED: &str = r#"
 WITH c AS (
     INSERT INTO cases (id, order_key, sales_order_number, state, event_id, event, hold_reason,
-                       held_at, next_action_at, assigned_at, polls, idempotency_key,
+                       held_at, assigned_at, polls, idempotency_key,
                        assignment_id, created_at, updated_at, released_at, closed_at)
     SELECT gen_random_uuid(), 'bench-c' || g, 'bench-c' || g, 'released',
-           'bench-closed-' || g, $3::jsonb, 'NO_SMART_ACCOUNT', t, t, t, 1,
+           'bench-closed-' || g, $3::jsonb, 'NO_SMART_ACCOUNT', t, t, 1,
            'bench-key-c' || g, 'bench-assignment-c' || g,
            t, t + interval '1 hour', t + interval '1 hour', t + interval '1 hour'
     FROM generate_series($1::bigint, $1::bigint + $2::bigint - 1) AS g,
@@ -99,7 +100,7 @@ impl BenchTables {
     /// Empties every table of the service (the benchmark's own database only),
     /// and with `CASCADE` every table whose rows point at a case.
     pub async fn truncate(&self) -> Result<(), StoreError> {
-        sqlx::query("TRUNCATE inbox, outbox, case_history, cases CASCADE")
+        sqlx::query("TRUNCATE inbox, outbox, case_history, case_schedule, cases CASCADE")
             .execute(&self.pool)
             .await?;
         Ok(())
@@ -153,16 +154,16 @@ impl BenchTables {
 
     /// `VACUUM ANALYZE` of every table intake, the engine and the pruner use.
     pub async fn vacuum_all(&self) -> Result<(), StoreError> {
-        sqlx::query("VACUUM ANALYZE cases, case_history, outbox, inbox")
+        sqlx::query("VACUUM ANALYZE cases, case_schedule, case_history, outbox, inbox")
             .execute(&self.pool)
             .await?;
         Ok(())
     }
 
-    /// Refreshes the planner's statistics of the cases table (autovacuum
-    /// would, a little later).
+    /// Refreshes the planner's statistics of the cases and their schedule
+    /// (autovacuum would, a little later).
     pub async fn analyze(&self) -> Result<(), StoreError> {
-        sqlx::query("VACUUM ANALYZE cases")
+        sqlx::query("VACUUM ANALYZE cases, case_schedule")
             .execute(&self.pool)
             .await?;
         Ok(())

@@ -1,6 +1,7 @@
-//! The one mapping between a [`Case`] and a row of `cases`: the columns read
-//! ([`case_columns!`], [`CaseRow`]), the columns a step writes
-//! ([`case_input!`], [`case_set!`], [`CaseColumns`]), and the two functions
+//! The one mapping between a [`Case`] and a row of `cases` with its
+//! `case_schedule` row: the columns read ([`case_columns!`], [`CaseRow`]),
+//! the columns a step writes ([`case_input!`], [`case_set!`],
+//! [`schedule_set!`], [`CaseColumns`]), and the two functions
 //! that cross between them ([`CaseRow::decode`], [`CaseColumns::push`]).
 //! Every statement that reads or writes a whole case uses these.
 
@@ -20,14 +21,24 @@ use crate::domain::{
     Progress, ResolvedTarget, SalesOrderNumber, Stage, WebOrderId,
 };
 
-/// The columns a [`CaseRow`] is read from, in every `SELECT`/`RETURNING`.
+/// The columns a [`CaseRow`] is read from, in every `SELECT`/`RETURNING`:
+/// the case's from `cases c`, its schedule's (due time, lease) from
+/// `case_schedule s`, which a closed case has none of ([`case_from!`]).
 macro_rules! case_columns {
     () => {
-        "id, order_key, sales_order_number, web_order_id, state, event, held_at, decision, \
-         target, idempotency_key, assignment_id, assigned_at, watching_since, attempt, \
-         retry_since, polls, escalation_reason, escalation_level, released_at, closed_at, \
-         generation, next_action_at, lease_owner, lease_expires_at, created_at, updated_at, \
-         merged_into"
+        "c.id, c.order_key, c.sales_order_number, c.web_order_id, c.state, c.event, c.held_at, \
+         c.decision, c.target, c.idempotency_key, c.assignment_id, c.assigned_at, \
+         c.watching_since, c.attempt, c.retry_since, c.polls, c.escalation_reason, \
+         c.escalation_level, c.released_at, c.closed_at, c.generation, \
+         s.due_at AS next_action_at, s.lease_owner, s.lease_expires_at, c.created_at, \
+         c.updated_at, c.merged_into"
+    };
+}
+
+/// The relation [`case_columns!`] reads: a case and its schedule row, if any.
+macro_rules! case_from {
+    () => {
+        "cases c LEFT JOIN case_schedule s ON s.case_id = c.id"
     };
 }
 
@@ -50,7 +61,7 @@ macro_rules! case_input {
 /// `UPDATE cases c SET` this `FROM` a [`case_input!`] relation `i`. An id,
 /// once known, is never unlearned; a new one is learned through
 /// `identify_order` first, so the `coalesce`s change nothing in practice.
-/// With `hold` the lease is kept and extended, else given back.
+/// The due time and the lease are the schedule's ([`schedule_set!`]).
 macro_rules! case_set {
     () => {
         "state = i.state, \
@@ -62,17 +73,25 @@ macro_rules! case_set {
          watching_since = i.watching_since, attempt = i.attempt, retry_since = i.retry_since, \
          polls = i.polls, escalation_reason = i.escalation_reason, \
          escalation_level = i.escalation_level, released_at = i.released_at, \
-         closed_at = i.closed_at, generation = i.generation, \
-         next_action_at = CASE WHEN i.hold IS NULL THEN coalesce(i.next_action_at, now()) \
-                               ELSE now() + make_interval(secs => i.hold) END, \
-         lease_owner = CASE WHEN i.hold IS NULL THEN NULL ELSE c.lease_owner END, \
-         lease_expires_at = CASE WHEN i.hold IS NULL THEN NULL \
-                                 ELSE now() + make_interval(secs => i.hold) END, \
-         updated_at = now() "
+         closed_at = i.closed_at, generation = i.generation, updated_at = now() "
     };
 }
 
-pub(super) use {case_columns, case_input, case_set};
+/// `UPDATE case_schedule s SET` this `FROM` a [`case_input!`] relation `i`
+/// (an open case's schedule after its step). With `hold` the lease is kept
+/// and extended (the case stays out of the due set as long), else given back
+/// and the case is due at its next action.
+macro_rules! schedule_set {
+    () => {
+        "due_at = CASE WHEN i.hold IS NULL THEN coalesce(i.next_action_at, now()) \
+                       ELSE now() + make_interval(secs => i.hold) END, \
+         lease_owner = CASE WHEN i.hold IS NULL THEN NULL ELSE s.lease_owner END, \
+         lease_expires_at = CASE WHEN i.hold IS NULL THEN NULL \
+                                 ELSE now() + make_interval(secs => i.hold) END "
+    };
+}
+
+pub(super) use {case_columns, case_from, case_input, case_set, schedule_set};
 
 pub(super) fn corrupt(detail: impl Into<String>) -> StoreError {
     StoreError::Corrupt {
@@ -81,7 +100,7 @@ pub(super) fn corrupt(detail: impl Into<String>) -> StoreError {
     }
 }
 
-/// One row of `cases` as stored ([`case_columns!`]).
+/// One row of `cases` with its schedule's columns, as stored ([`case_columns!`]).
 #[derive(sqlx::FromRow)]
 pub(super) struct CaseRow {
     id: Uuid,
@@ -105,7 +124,7 @@ pub(super) struct CaseRow {
     released_at: Option<DateTime<Utc>>,
     closed_at: Option<DateTime<Utc>>,
     generation: i32,
-    next_action_at: DateTime<Utc>,
+    next_action_at: Option<DateTime<Utc>>,
     lease_owner: Option<String>,
     lease_expires_at: Option<DateTime<Utc>>,
     created_at: DateTime<Utc>,
@@ -184,7 +203,8 @@ impl CaseRow {
             polls: count(self.polls, "polls")?,
             escalation_level: count(self.escalation_level.into(), "escalation_level")?,
             generation: count(self.generation, "generation")?,
-            next_action_at: (!state.is_terminal()).then_some(self.next_action_at),
+            // An open case's due time is its schedule row's; a closed one has none.
+            next_action_at: self.next_action_at.filter(|_| !state.is_terminal()),
             event,
         };
         Ok(CaseRecord {

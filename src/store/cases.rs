@@ -9,31 +9,41 @@ use serde_json::Value;
 use sqlx::{Postgres, Row, Transaction};
 use uuid::Uuid;
 
-use super::case_row::{CaseColumns, CaseRow, case_columns, case_input, case_set, corrupt};
+use super::case_row::{
+    CaseColumns, CaseRow, case_columns, case_from, case_input, case_set, corrupt, schedule_set,
+};
 use super::{Store, StoreError};
 use crate::domain::{Case, CaseState, Envelope, HistoryEntry, SalesOrderNumber};
 
 /// The claim of [`Store::claim_due`]: `$1` lease owner, `$2` lease in
-/// seconds, `$3` most cases. (The benchmark EXPLAINs this very statement.)
+/// seconds, `$3` most cases. It writes the narrow `case_schedule` rows
+/// alone (only open cases have one) and reads the claimed cases by their
+/// key. The rows it locked are updated by their `ctid` (stable while this
+/// statement holds their lock), not found again through the primary key.
+/// (The benchmark EXPLAINs this very statement.)
 pub(super) const CLAIM_DUE: &str = concat!(
-    "UPDATE cases SET lease_owner = $1, \
-        lease_expires_at = now() + make_interval(secs => $2::float8), \
-        next_action_at = now() + make_interval(secs => $2::float8) \
-     WHERE id IN (SELECT id FROM cases \
-                  WHERE ",
-    open_case!(),
-    " AND next_action_at <= now() \
-                  ORDER BY next_action_at LIMIT $3 FOR UPDATE SKIP LOCKED) \
-     RETURNING ",
-    case_columns!()
+    "WITH due AS ( \
+         SELECT ctid FROM case_schedule WHERE due_at <= now() \
+         ORDER BY due_at LIMIT $3 FOR UPDATE SKIP LOCKED), \
+     s AS ( \
+         UPDATE case_schedule t SET lease_owner = $1, \
+             lease_expires_at = now() + make_interval(secs => $2::float8), \
+             due_at = now() + make_interval(secs => $2::float8) \
+         FROM due WHERE t.ctid = due.ctid \
+         RETURNING t.case_id, t.due_at, t.lease_owner, t.lease_expires_at) \
+     SELECT ",
+    case_columns!(),
+    " FROM s JOIN cases c ON c.id = s.case_id"
 );
 
 /// Step commits of several cases in one statement (one implicit
 /// transaction, one round trip). Per case (`$1..$22`, arrays, one element
-/// each, [`case_input!`]): the new columns, fenced by the lease owner; rows
-/// are locked in id order so that two writers never wait on each other in a
-/// cycle. History (`$23..$27`) and outbox rows (`$28..$31`) carry their case
-/// id and are written only for the cases whose fence held. Returns those
+/// each, [`case_input!`]): the new columns, fenced by the lease owner of its
+/// schedule row; case and schedule rows are locked in id order so that two
+/// writers never wait on each other in a cycle. The schedule row of a case
+/// left open gets its due time and lease; that of a closed case is deleted.
+/// History (`$23..$27`) and outbox rows (`$28..$31`) carry their case id
+/// and are written only for the cases whose fence held. Returns those
 /// cases' ids.
 const COMMIT_STEPS: &str = concat!(
     "WITH input AS (SELECT * FROM ",
@@ -41,16 +51,33 @@ const COMMIT_STEPS: &str = concat!(
     "),
 locked AS (
     SELECT c.id
-    FROM cases c JOIN input i ON c.id = i.id AND c.lease_owner = i.lease_owner
+    FROM cases c
+    JOIN case_schedule s ON s.case_id = c.id
+    JOIN input i ON c.id = i.id AND s.lease_owner = i.lease_owner
     ORDER BY c.id
-    FOR UPDATE OF c
+    FOR UPDATE OF c, s
 ),
 step AS (
     UPDATE cases c SET ",
     case_set!(),
     "FROM input i
-    WHERE c.id = i.id AND c.lease_owner = i.lease_owner AND c.id IN (SELECT id FROM locked)
+    WHERE c.id = i.id AND c.id IN (SELECT id FROM locked)
     RETURNING c.id
+),
+scheduled AS (
+    UPDATE case_schedule s SET ",
+    schedule_set!(),
+    "FROM input i
+    WHERE s.case_id = i.id AND i.id IN (SELECT id FROM locked)
+      AND i.state NOT IN ",
+    terminal_states!(),
+    "
+),
+unscheduled AS (
+    DELETE FROM case_schedule s USING input i
+    WHERE s.case_id = i.id AND i.id IN (SELECT id FROM locked) AND i.state IN ",
+    terminal_states!(),
+    "
 ),
 history AS (
     INSERT INTO case_history (case_id, at, kind, state, detail)
@@ -74,13 +101,22 @@ SELECT id FROM step"
 );
 
 /// A re-opened case ([`case_input!`] with one element), fenced by its
-/// previous generation (`$23`) and escalated state.
+/// previous generation (`$23`) and escalated state; it is scheduled again,
+/// due at its next action.
 const COMMIT_RETRY: &str = concat!(
-    "UPDATE cases c SET ",
-    case_set!(),
-    "FROM (SELECT * FROM ",
+    "WITH i AS (SELECT * FROM ",
     case_input!(),
-    ") i WHERE c.id = i.id AND c.generation = $23 AND c.state = 'escalated'"
+    "),
+reopened AS (
+    UPDATE cases c SET ",
+    case_set!(),
+    "FROM i WHERE c.id = i.id AND c.generation = $23 AND c.state = 'escalated'
+    RETURNING c.id
+)
+INSERT INTO case_schedule (case_id, due_at)
+SELECT r.id, coalesce(i.next_action_at, now()) FROM reopened r JOIN i ON i.id = r.id
+ON CONFLICT (case_id) DO UPDATE
+SET due_at = EXCLUDED.due_at, lease_owner = NULL, lease_expires_at = NULL"
 );
 
 /// One step's commit, for [`Store::commit_steps`].
@@ -311,13 +347,18 @@ async fn merge(
 ) -> Result<(), StoreError> {
     sqlx::query(
         "UPDATE cases SET state = 'merged', merged_into = $2, closed_at = now(), \
-            lease_owner = NULL, lease_expires_at = NULL, updated_at = now() \
+            updated_at = now() \
          WHERE id = $1",
     )
     .bind(id)
     .bind(into)
     .execute(&mut **tx)
     .await?;
+    // Closed: no longer scheduled (its lease goes with the row).
+    sqlx::query("DELETE FROM case_schedule WHERE case_id = $1")
+        .bind(id)
+        .execute(&mut **tx)
+        .await?;
     // Its web order id is free now: the order's case learns it, unless it
     // knows one already or another open case has it.
     let into_state: String = sqlx::query_scalar(
@@ -421,12 +462,11 @@ impl Store {
         lease_owner: &str,
         lease: Duration,
     ) -> Result<bool, StoreError> {
-        let done = sqlx::query(concat!(
-            "UPDATE cases SET lease_expires_at = now() + make_interval(secs => $3::float8), \
-                next_action_at = now() + make_interval(secs => $3::float8) \
-             WHERE id = $1 AND lease_owner = $2 AND ",
-            open_case!()
-        ))
+        let done = sqlx::query(
+            "UPDATE case_schedule SET lease_expires_at = now() + make_interval(secs => $3::float8), \
+                due_at = now() + make_interval(secs => $3::float8) \
+             WHERE case_id = $1 AND lease_owner = $2",
+        )
         .bind(id)
         .bind(lease_owner)
         .bind(secs(lease))
@@ -443,9 +483,9 @@ impl Store {
         delay: Duration,
     ) -> Result<bool, StoreError> {
         let done = sqlx::query(
-            "UPDATE cases SET next_action_at = now() + make_interval(secs => $3::float8), \
-                lease_owner = NULL, lease_expires_at = NULL, updated_at = now() \
-             WHERE id = $1 AND lease_owner = $2",
+            "UPDATE case_schedule SET due_at = now() + make_interval(secs => $3::float8), \
+                lease_owner = NULL, lease_expires_at = NULL \
+             WHERE case_id = $1 AND lease_owner = $2",
         )
         .bind(id)
         .bind(lease_owner)
@@ -607,12 +647,13 @@ impl Store {
             String,
         );
         let row: Option<Row> = sqlx::query_as(concat!(
-            "SELECT sales_order_number, web_order_id, created_at, held_at, state FROM cases \
-             WHERE id = $1 AND lease_owner = $2 \
+            "SELECT c.sales_order_number, c.web_order_id, c.created_at, c.held_at, c.state \
+             FROM cases c JOIN case_schedule s ON s.case_id = c.id \
+             WHERE c.id = $1 AND s.lease_owner = $2 \
                AND ",
-            open_case!(),
+            open_case!(c),
             " \
-             FOR UPDATE"
+             FOR UPDATE OF c, s"
         ))
         .bind(id)
         .bind(lease_owner)
@@ -637,14 +678,11 @@ impl Store {
         Ok(Identity::Merged { into })
     }
 
-    /// The earliest `next_action_at` of the open cases, if any.
+    /// The earliest due time of the open cases (their schedule rows), if any.
     pub async fn next_due(&self) -> Result<Option<DateTime<Utc>>, StoreError> {
-        Ok(sqlx::query_scalar(concat!(
-            "SELECT min(next_action_at) FROM cases WHERE ",
-            open_case!()
-        ))
-        .fetch_one(&self.pool)
-        .await?)
+        Ok(sqlx::query_scalar("SELECT min(due_at) FROM case_schedule")
+            .fetch_one(&self.pool)
+            .await?)
     }
 
     /// One case by id.
@@ -652,7 +690,9 @@ impl Store {
         sqlx::query(concat!(
             "SELECT ",
             case_columns!(),
-            " FROM cases WHERE id = $1"
+            " FROM ",
+            case_from!(),
+            " WHERE c.id = $1"
         ))
         .bind(id)
         .fetch_optional(&self.pool)
@@ -669,9 +709,11 @@ impl Store {
         sqlx::query(concat!(
             "SELECT ",
             case_columns!(),
-            " FROM cases WHERE order_key = $1 OR sales_order_number = $1 OR web_order_id = $1 \
-                 OR id = $2 \
-              ORDER BY state = 'merged', created_at DESC, id DESC LIMIT 1"
+            " FROM ",
+            case_from!(),
+            " WHERE c.order_key = $1 OR c.sales_order_number = $1 OR c.web_order_id = $1 \
+                 OR c.id = $2 \
+              ORDER BY c.state = 'merged', c.created_at DESC, c.id DESC LIMIT 1"
         ))
         .bind(order)
         .bind(Uuid::parse_str(order).ok())
@@ -706,12 +748,14 @@ impl Store {
     /// Cases for `holdclear cases list`, newest first.
     pub async fn list_cases(&self, filter: &CaseFilter) -> Result<Vec<CaseSummary>, StoreError> {
         let rows = sqlx::query(
-            "SELECT id, order_key, state, rule_name, target->>'smart_account_domain' AS account, \
-                    escalation_reason, created_at, updated_at, next_action_at \
-             FROM cases \
-             WHERE ($1::text IS NULL OR state = $1) \
-               AND ($2::text IS NULL OR order_key = $2 OR sales_order_number = $2 OR web_order_id = $2) \
-             ORDER BY created_at DESC, id DESC LIMIT $3",
+            "SELECT c.id, c.order_key, c.state, c.rule_name, \
+                    c.target->>'smart_account_domain' AS account, c.escalation_reason, \
+                    c.created_at, c.updated_at, s.due_at AS next_action_at \
+             FROM cases c LEFT JOIN case_schedule s ON s.case_id = c.id \
+             WHERE ($1::text IS NULL OR c.state = $1) \
+               AND ($2::text IS NULL OR c.order_key = $2 OR c.sales_order_number = $2 \
+                    OR c.web_order_id = $2) \
+             ORDER BY c.created_at DESC, c.id DESC LIMIT $3",
         )
         .bind(filter.state.map(|s| s.as_str()))
         .bind(filter.order.as_deref())
@@ -722,7 +766,7 @@ impl Store {
             .map(|row| {
                 let state: String = row.try_get("state")?;
                 let open = CaseState::parse(&state).is_some_and(|s| !s.is_terminal());
-                let next: DateTime<Utc> = row.try_get("next_action_at")?;
+                let next: Option<DateTime<Utc>> = row.try_get("next_action_at")?;
                 Ok(CaseSummary {
                     id: row.try_get("id")?,
                     order: row.try_get("order_key")?,
@@ -732,7 +776,7 @@ impl Store {
                     escalation_reason: row.try_get("escalation_reason")?,
                     created_at: row.try_get("created_at")?,
                     updated_at: row.try_get("updated_at")?,
-                    next_action_at: open.then_some(next),
+                    next_action_at: next.filter(|_| open),
                 })
             })
             .collect()

@@ -13,7 +13,7 @@ use chrono::{DateTime, Utc};
 use futures_util::{Stream, StreamExt};
 use uuid::Uuid;
 
-use super::case_row::{CaseRow, case_columns};
+use super::case_row::{CaseRow, case_columns, case_from};
 use super::{Store, StoreError};
 use crate::domain::{Case, Envelope, HeldOrderEvent};
 
@@ -179,7 +179,9 @@ impl Store {
              )
              SELECT claimed.looks, ",
             case_columns!(),
-            " FROM claimed JOIN cases ON cases.id = claimed.case_id"
+            " FROM claimed JOIN (",
+            case_from!(),
+            ") ON c.id = claimed.case_id"
         ))
         .bind(interval.as_secs_f64())
         .bind(limit)

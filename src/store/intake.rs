@@ -176,13 +176,17 @@ openers AS (
 ),
 opened AS (
     INSERT INTO cases (id, order_key, sales_order_number, web_order_id, state, event_id,
-                       event, hold_reason, held_at, next_action_at)
+                       event, hold_reason, held_at)
     SELECT case_id, coalesce(sales_order_number, 'web:' || web_order_id), sales_order_number,
-           web_order_id, 'deciding', event_id, event, hold_reason, coalesce(held_at, now()), now()
+           web_order_id, 'deciding', event_id, event, hold_reason, coalesce(held_at, now())
     FROM openers
     ORDER BY grp
     ON CONFLICT DO NOTHING
     RETURNING id, event_id
+),
+scheduled AS (
+    -- A new case is due now (the column's default).
+    INSERT INTO case_schedule (case_id) SELECT id FROM opened
 ),
 settled AS (
     SELECT f.ord, f.event_id, f.case_id, f.held_at, f.grp,

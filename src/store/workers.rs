@@ -95,7 +95,7 @@ impl Store {
                     w.stopped_at, coalesce(l.n, 0) AS leases \
              FROM workers w \
              LEFT JOIN (SELECT split_part(lease_owner, '#', 1) AS worker, count(*) AS n \
-                        FROM cases WHERE lease_expires_at > now() GROUP BY 1) l \
+                        FROM case_schedule WHERE lease_expires_at > now() GROUP BY 1) l \
                     ON l.worker = w.id::text \
              ORDER BY w.stopped_at IS NOT NULL, w.last_beat DESC LIMIT 100",
         )

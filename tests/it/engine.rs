@@ -10,6 +10,7 @@ mod by_hand;
 mod calls;
 mod e2e;
 mod identity;
+mod schedule;
 mod scripted;
 
 use std::sync::Arc;
@@ -313,7 +314,7 @@ async fn two_claimers_never_get_the_same_case(pool: PgPool) {
             .is_empty()
     );
     let owners: Vec<(String, i64)> = sqlx::query_as(
-        "SELECT lease_owner, count(*) FROM cases GROUP BY lease_owner ORDER BY lease_owner",
+        "SELECT lease_owner, count(*) FROM case_schedule GROUP BY lease_owner ORDER BY lease_owner",
     )
     .fetch_all(&pool)
     .await
@@ -485,7 +486,7 @@ async fn steps_of_several_cases_commit_together_each_fenced_by_its_lease(pool: P
     assert_eq!(claimed.len(), 3);
     // The second case's lease goes to someone else meanwhile.
     let stolen = claimed[1].id;
-    sqlx::query("UPDATE cases SET lease_owner = 'other#1' WHERE id = $1")
+    sqlx::query("UPDATE case_schedule SET lease_owner = 'other#1' WHERE case_id = $1")
         .bind(stolen)
         .execute(&pool)
         .await

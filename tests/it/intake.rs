@@ -103,8 +103,9 @@ async fn a_batch_resolves_duplicates_and_orders_within_itself(pool: PgPool) {
     assert_eq!(
         count(
             &pool,
-            "SELECT count(*) FROM cases WHERE state = 'deciding' AND next_action_at <= now() \
-             AND lease_owner IS NULL AND attempt = 0"
+            "SELECT count(*) FROM cases c JOIN case_schedule s ON s.case_id = c.id \
+             WHERE c.state = 'deciding' AND s.due_at <= now() \
+             AND s.lease_owner IS NULL AND c.attempt = 0"
         )
         .await,
         3,
@@ -127,11 +128,15 @@ async fn a_batch_resolves_duplicates_and_orders_within_itself(pool: PgPool) {
             Recorded::HeldAgain { case_id: case_100 }
         ]
     );
-    sqlx::query("UPDATE cases SET state = 'released' WHERE id = $1")
-        .bind(case_100)
-        .execute(&pool)
-        .await
-        .unwrap();
+    // Closed as the engine closes a case: no longer scheduled.
+    sqlx::query(
+        "WITH c AS (UPDATE cases SET state = 'released' WHERE id = $1 RETURNING id) \
+         DELETE FROM case_schedule WHERE case_id IN (SELECT id FROM c)",
+    )
+    .bind(case_100)
+    .execute(&pool)
+    .await
+    .unwrap();
     let got = store
         .record_held(&[event(&held_event("e-7", "100"))])
         .await

@@ -316,11 +316,13 @@ account_type = "HOLDING"
     /// was resolved (released).
     async fn decided(pool: &PgPool, case: Uuid, rule: &str, hash: &str, via_fallback: bool) {
         sqlx::query(
-            "UPDATE cases SET state = 'released', rule_name = $2, rules_hash = $3,
+            "WITH c AS (
+                 UPDATE cases SET state = 'released', rule_name = $2, rules_hash = $3,
                     target = jsonb_build_object('smart_account_domain', 'acme.com',
                         'account_type', 'CUSTOMER', 'virtual_account_name', 'DEFAULT',
                         'via_fallback', $4::boolean)
-             WHERE id = $1",
+                 WHERE id = $1 RETURNING id)
+             DELETE FROM case_schedule WHERE case_id IN (SELECT id FROM c)",
         )
         .bind(case)
         .bind(rule)
@@ -334,8 +336,10 @@ account_type = "HOLDING"
     /// The columns the engine writes when no rule matched.
     async fn no_rule(pool: &PgPool, case: Uuid) {
         sqlx::query(
-            "UPDATE cases SET state = 'escalated', escalation_reason = 'NO_RULE_MATCHED',
-                    escalation_level = 1 WHERE id = $1",
+            "WITH c AS (
+                 UPDATE cases SET state = 'escalated', escalation_reason = 'NO_RULE_MATCHED',
+                    escalation_level = 1 WHERE id = $1 RETURNING id)
+             DELETE FROM case_schedule WHERE case_id IN (SELECT id FROM c)",
         )
         .bind(case)
         .execute(pool)

@@ -265,8 +265,9 @@ pub async fn check(
         r.problem(format!("order {order}: {n} cases"));
     }
     let stuck: Vec<(String, String)> = sqlx::query_as(
-        "SELECT order_key, state FROM cases WHERE state NOT IN ('released', 'escalated', 'merged') \
-         AND next_action_at < now() - interval '30 seconds'",
+        "SELECT c.order_key, c.state FROM cases c LEFT JOIN case_schedule s ON s.case_id = c.id \
+         WHERE c.state NOT IN ('released', 'escalated', 'merged') \
+         AND (s.due_at IS NULL OR s.due_at < now() - interval '30 seconds')",
     )
     .fetch_all(&stage.pool)
     .await

@@ -31,8 +31,7 @@ fn started_as(worker: &WorkerProcess) -> Option<(String, u64)> {
 /// The open cases whose lease `worker` holds, with their lease tokens.
 async fn leased_by(pool: &PgPool, worker: &str) -> Vec<(Uuid, String)> {
     sqlx::query_as(
-        "SELECT id, lease_owner FROM cases WHERE lease_owner LIKE $1 || '#%' \
-         AND state NOT IN ('released', 'escalated')",
+        "SELECT case_id, lease_owner FROM case_schedule WHERE lease_owner LIKE $1 || '#%'",
     )
     .bind(worker)
     .fetch_all(pool)
@@ -100,12 +99,15 @@ async fn frozen_replicas(pool: PgPool) {
             Duration::from_secs(30),
             "the other worker to take the frozen one's cases over",
             || async {
-                let now: Vec<(Uuid, Option<String>)> =
-                    sqlx::query_as("SELECT id, lease_owner FROM cases WHERE id = ANY($1)")
-                        .bind(held.iter().map(|(id, _)| *id).collect::<Vec<_>>())
-                        .fetch_all(&stage.pool)
-                        .await
-                        .unwrap();
+                let now: Vec<(Uuid, Option<String>)> = sqlx::query_as(
+                    "SELECT c.id, s.lease_owner \
+                         FROM cases c LEFT JOIN case_schedule s ON s.case_id = c.id \
+                         WHERE c.id = ANY($1)",
+                )
+                .bind(held.iter().map(|(id, _)| *id).collect::<Vec<_>>())
+                .fetch_all(&stage.pool)
+                .await
+                .unwrap();
                 let taken = now.iter().filter(|(id, owner)| {
                     !held.contains(&(*id, owner.clone().unwrap_or_default()))
                 });

@@ -480,8 +480,9 @@ async fn an_event_of_an_ended_hold_joins_its_case_and_a_new_hold_opens_one(pool:
         panic!("opened");
     };
     sqlx::query(
-        "UPDATE cases SET state = 'escalated', escalation_reason = 'NO_RULE_MATCHED', \
-         closed_at = now() WHERE id = $1",
+        "WITH c AS (UPDATE cases SET state = 'escalated', escalation_reason = 'NO_RULE_MATCHED', \
+         closed_at = now() WHERE id = $1 RETURNING id) \
+         DELETE FROM case_schedule WHERE case_id IN (SELECT id FROM c)",
     )
     .bind(case_id)
     .execute(&pool)

@@ -75,7 +75,8 @@ async fn a_replica_that_wakes_after_its_lease_is_fenced_out(pool: PgPool) {
     };
     wait_for(DEADLINE, "replica A's lease to run out", || async {
         let expired: Option<bool> = sqlx::query_scalar(
-            "SELECT lease_expires_at < now() FROM cases WHERE id = $1 AND lease_owner IS NOT NULL",
+            "SELECT lease_expires_at < now() FROM case_schedule \
+             WHERE case_id = $1 AND lease_owner IS NOT NULL",
         )
         .bind(case)
         .fetch_optional(&pool)
