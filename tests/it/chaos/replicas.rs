@@ -93,8 +93,16 @@ async fn frozen_replicas(pool: PgPool) {
         )
         .await;
         workers[frozen].signal(Signal::SIGSTOP);
-        // Its leases run out; the other worker claims its cases.
+        let frozen_at: chrono::DateTime<chrono::Utc> = sqlx::query_scalar("SELECT now()")
+            .fetch_one(&stage.pool)
+            .await
+            .unwrap();
+        // Its leases run out; the other worker claims its cases: none is
+        // still under the frozen worker's lease, and the other worker holds
+        // one of them now or has written a step of one since the freeze (a
+        // case it stepped and gave back, or closed, holds no lease).
         let held: HashSet<(Uuid, String)> = held.into_iter().collect();
+        let held_ids: Vec<Uuid> = held.iter().map(|(id, _)| *id).collect();
         wait_for(
             Duration::from_secs(30),
             "the other worker to take the frozen one's cases over",
@@ -104,18 +112,30 @@ async fn frozen_replicas(pool: PgPool) {
                          FROM cases c LEFT JOIN case_schedule s ON s.case_id = c.id \
                          WHERE c.id = ANY($1)",
                 )
-                .bind(held.iter().map(|(id, _)| *id).collect::<Vec<_>>())
+                .bind(&held_ids)
                 .fetch_all(&stage.pool)
                 .await
                 .unwrap();
                 let taken = now.iter().filter(|(id, owner)| {
                     !held.contains(&(*id, owner.clone().unwrap_or_default()))
                 });
-                let by_other = now.iter().any(|(_, owner)| {
-                    owner
-                        .as_deref()
-                        .is_some_and(|o| o.starts_with(ids[other].as_str()))
-                });
+                let stepped: bool = sqlx::query_scalar(
+                    "SELECT EXISTS (SELECT 1 FROM case_history \
+                         WHERE case_id = ANY($1) AND at > $2 \
+                           AND detail->>'worker' LIKE $3 || '#%')",
+                )
+                .bind(&held_ids)
+                .bind(frozen_at)
+                .bind(&ids[other])
+                .fetch_one(&stage.pool)
+                .await
+                .unwrap();
+                let by_other = stepped
+                    || now.iter().any(|(_, owner)| {
+                        owner
+                            .as_deref()
+                            .is_some_and(|o| o.starts_with(ids[other].as_str()))
+                    });
                 (taken.count() == now.len() && by_other).then_some(())
             },
         )
