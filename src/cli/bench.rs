@@ -310,7 +310,37 @@ fn intake_rows(t: &mut Table, r: &Report) {
             String::new(),
         ]);
         if let Some(ratio) = s.ratio {
-            t.add_row([sec, "intake / database".into(), pct(ratio), String::new()]);
+            t.add_row([
+                sec.clone(),
+                "intake / its statement alone".into(),
+                pct(ratio),
+                String::new(),
+            ]);
+        }
+        for run in &s.reference {
+            t.add_row([
+                sec.clone(),
+                format!(
+                    "reference: the same rows by {}, {} at a time",
+                    run.how, run.concurrency
+                ),
+                per_sec(run.per_sec),
+                String::new(),
+            ]);
+        }
+        t.add_row([
+            sec.clone(),
+            "record_held alone / reference".into(),
+            pct(s.statement_vs_reference),
+            String::new(),
+        ]);
+        if let Some(ratio) = s.intake_vs_reference {
+            t.add_row([
+                sec,
+                "intake / reference (the database's limit)".into(),
+                pct(ratio),
+                format!("≥ {}", pct(s.target_vs_reference)),
+            ]);
         }
     }
 }
