@@ -48,6 +48,11 @@ pub struct Args {
     /// Print the report as JSON (for machines) instead of a table.
     #[arg(long)]
     pub json: bool,
+    /// Also write SVG plots of the run into this directory: orders cleared
+    /// over time under the rate limit (section 7), claim p50 / p99 against
+    /// watched cases (section 4).
+    #[arg(long, value_name = "DIR")]
+    pub plot: Option<std::path::PathBuf>,
 }
 
 fn sections(raw: &str) -> Result<BTreeSet<u8>, super::UsageError> {
@@ -119,6 +124,11 @@ pub async fn execute(base: Settings, args: Args) -> anyhow::Result<ExitCode> {
         }
     };
 
+    if let Some(dir) = &args.plot {
+        for path in crate::bench::plot::write(&report, dir)? {
+            writeln!(err, "Plot written: {}", path.display())?;
+        }
+    }
     let mut out = std::io::stdout().lock();
     if args.json {
         writeln!(out, "{}", serde_json::to_string_pretty(&report)?)?;

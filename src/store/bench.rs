@@ -85,8 +85,8 @@ SELECT c.event_id, c.id, c.closed_at - interval '1 hour' FROM c
 "#;
 
 /// The reference write of section 2, as `INSERT … SELECT unnest(…)`: the
-/// rows intake makes durable for new orders (inbox id, case, `opened`
-/// history line), and nothing else: no lookup of open or closed cases, no
+/// rows intake makes durable for new orders (inbox id and case), and
+/// nothing else: no lookup of open or closed cases, no
 /// conflict handling, no outcome per event.
 const REFERENCE_UNNEST: &str = r#"
 WITH input AS (
@@ -96,12 +96,6 @@ WITH input AS (
 ),
 inbox_rows AS (
     INSERT INTO inbox (event_id, case_id) SELECT event_id, case_id FROM input
-),
-history AS (
-    INSERT INTO case_history (case_id, kind, state, detail)
-    SELECT case_id, 'opened', 'deciding',
-           jsonb_strip_nulls(jsonb_build_object('eventId', event_id, 'heldAt', held_at))
-    FROM input
 )
 INSERT INTO cases (id, order_key, sales_order_number, web_order_id, state, event_id,
                    event, hold_reason, held_at, next_action_at)
@@ -251,7 +245,7 @@ impl BenchTables {
     }
 
     /// Section 2's reference: makes `events` durable as new orders (each a
-    /// new case, its inbox id and its `opened` line) in one transaction,
+    /// new case and its inbox id) in one transaction,
     /// the cheapest way `how` can, checking nothing. Returns the events
     /// written.
     pub async fn write_reference(
@@ -302,10 +296,6 @@ impl BenchTables {
                          event_id, event, hold_reason, held_at, next_action_at) FROM STDIN",
                         rows.cases,
                     ),
-                    (
-                        "COPY case_history (case_id, kind, state, detail) FROM STDIN",
-                        rows.history,
-                    ),
                 ] {
                     let mut copy = tx.copy_in_raw(statement).await?;
                     copy.send(data).await?;
@@ -329,7 +319,6 @@ impl BenchTables {
 struct CopyRows {
     inbox: Vec<u8>,
     cases: Vec<u8>,
-    history: Vec<u8>,
 }
 
 impl CopyRows {
@@ -340,7 +329,7 @@ impl CopyRows {
         now: DateTime<Utc>,
     ) -> Result<Self, StoreError> {
         use std::fmt::Write;
-        let (mut inbox, mut cases, mut history) = (String::new(), String::new(), String::new());
+        let (mut inbox, mut cases) = (String::new(), String::new());
         let now = now.to_rfc3339();
         for ((e, id), held) in events.iter().zip(case_ids).zip(held_at) {
             let event_id = copy_text(e.id.as_str());
@@ -357,7 +346,6 @@ impl CopyRows {
                 table: "cases",
                 detail: format!("event not serialisable: {err}"),
             })?;
-            let detail = serde_json::json!({"eventId": e.id.as_str(), "heldAt": held});
             let opt = |v: Option<String>| v.map_or_else(|| "\\N".to_owned(), |v| copy_text(&v));
             // Writing to a String cannot fail.
             let _ = writeln!(inbox, "{event_id}\t{id}");
@@ -370,16 +358,10 @@ impl CopyRows {
                 copy_text(&json),
                 e.data.hold_reason.as_str(),
             );
-            let _ = writeln!(
-                history,
-                "{id}\topened\tdeciding\t{}",
-                copy_text(&detail.to_string())
-            );
         }
         Ok(Self {
             inbox: inbox.into_bytes(),
             cases: cases.into_bytes(),
-            history: history.into_bytes(),
         })
     }
 }
