@@ -51,9 +51,8 @@ fn cleared(c: &Calls, path: &Path) -> Result<(), String> {
     let mut chart = ChartBuilder::on(&root)
         .caption(
             format!(
-                "Orders cleared under the rate limit ({:.0} calls/s, time ÷ {:.0})",
-                c.rate_limit_per_sec / c.time_scale,
-                c.time_scale
+                "Orders cleared under the rate limit ({:.0} calls/s; run at time ÷ {:.0})",
+                c.rate_limit_per_sec, c.time_scale
             ),
             ("sans-serif", 18),
         )
