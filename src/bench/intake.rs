@@ -1,8 +1,11 @@
 //! Sections 1 and 2: how fast the worker's intake turns held orders into
 //! cases, next to the broker's limit (a consumer that only acknowledges,
-//! with the worker's prefetch) and the database's limit (intake's own
-//! statement, [`crate::store::Store::record_held`], in intake's batches,
-//! as many at once as intake writes), measured on the same orders.
+//! with the worker's prefetch) and the database's limit (the cheapest
+//! write of the same rows, [`BenchTables::write_reference`], by `unnest`
+//! and by `COPY`, with intake's and with the pool's number of transactions
+//! at once; the best is the limit), measured on the same orders. Intake's
+//! own statement ([`crate::store::Store::record_held`]) is timed alone
+//! beside it.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -17,6 +20,7 @@ use crate::broker::{self, Broker, Consumer, ConsumerSettings};
 use crate::domain::HeldOrderEvent;
 use crate::intake::{Intake, IntakeSettings};
 use crate::ops::health::Health;
+use crate::store::bench::{BenchTables, ReferenceWrite};
 
 /// Give up when nothing moved for this long.
 const STALL: Duration = Duration::from_secs(60);
@@ -60,8 +64,30 @@ pub struct IntakeVsDatabase {
     pub database_per_sec: f64,
     /// Section 1's intake, per second, when it ran.
     pub intake_per_sec: Option<f64>,
-    /// `intake / database`.
+    /// `intake / database` (intake's statement alone).
     pub ratio: Option<f64>,
+    /// The cheapest writes of the same rows, each way and concurrency tried.
+    pub reference: Vec<ReferenceRun>,
+    /// The fastest of `reference`, per second: the database's limit.
+    pub reference_per_sec: f64,
+    /// `intake / reference_per_sec`, when section 1 ran.
+    pub intake_vs_reference: Option<f64>,
+    /// `record_held alone / reference_per_sec`.
+    pub statement_vs_reference: f64,
+    /// The bar for `intake_vs_reference`.
+    pub target_vs_reference: f64,
+}
+
+/// One run of the reference write.
+#[derive(Clone, Debug, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ReferenceRun {
+    /// `unnest` or `copy`.
+    pub how: &'static str,
+    /// Transactions at once.
+    pub concurrency: usize,
+    /// Events made durable per second.
+    pub per_sec: f64,
 }
 
 /// Runs section 1; also returns this process's peak memory while intake
@@ -235,25 +261,23 @@ pub async fn against_database(
                 .collect::<Result<Vec<_>, _>>()?
         }
     };
-    b.tables().truncate().await?;
-    b.tables().checkpoint().await;
     let batch = b.settings.amqp.intake_batch.max(1);
-    let bar = b.bar(n, "2. database: intake's statement, directly");
-    let started = Instant::now();
     let concurrency = crate::intake::IntakeSettings::from(&b.settings.amqp).in_flight;
-    let mut writes = futures_util::stream::iter(events.chunks(batch))
-        .map(|chunk| async move { b.store.record_held(chunk).await.map(|r| r.len() as u64) })
-        .buffer_unordered(concurrency);
-    let mut done = 0u64;
-    while let Some(written) = writes.next().await {
-        done += written?;
-        bar.set_position(done);
-    }
-    let elapsed = started.elapsed();
+    let bar = b.bar(n, "2. database: intake's statement, directly");
+    let database_per_sec = timed(
+        b,
+        &events,
+        concurrency,
+        &|d| bar.set_position(d),
+        |chunk| async move { b.store.record_held(chunk).await.map(|r| r.len() as u64) },
+    )
+    .await?;
     bar.finish_and_clear();
-    let database_per_sec = rate(done, elapsed);
+    let reference = reference_runs(b, &events, concurrency).await?;
+    let reference_per_sec = reference.iter().map(|r| r.per_sec).fold(0.0, f64::max);
+    let vs = |x: f64| (reference_per_sec > 0.0).then(|| x / reference_per_sec);
     Ok(IntakeVsDatabase {
-        orders: done,
+        orders: events.len() as u64,
         batch,
         concurrency,
         database_per_sec,
@@ -261,7 +285,79 @@ pub async fn against_database(
         ratio: intake_per_sec
             .filter(|_| database_per_sec > 0.0)
             .map(|i| i / database_per_sec),
+        intake_vs_reference: intake_per_sec.and_then(vs),
+        statement_vs_reference: vs(database_per_sec).unwrap_or(0.0),
+        reference,
+        reference_per_sec,
+        target_vs_reference: 0.8,
     })
+}
+
+/// The reference write, by `unnest` and by `COPY`, with intake's number of
+/// transactions at once and with the bench pool's (8).
+async fn reference_runs(
+    b: &Bench,
+    events: &[HeldOrderEvent],
+    intake_concurrency: usize,
+) -> Result<Vec<ReferenceRun>, BenchError> {
+    let mut concurrencies = vec![intake_concurrency, REFERENCE_MAX_CONCURRENCY];
+    concurrencies.dedup();
+    let mut runs = Vec::new();
+    for how in [ReferenceWrite::Unnest, ReferenceWrite::Copy] {
+        for &concurrency in &concurrencies {
+            let label = format!("2. reference: {}, {concurrency} at once", how.name());
+            let bar = b.bar(events.len() as u64, &label);
+            let tables = b.tables();
+            let tables = &tables;
+            let per_sec = timed(
+                b,
+                events,
+                concurrency,
+                &|d| bar.set_position(d),
+                |chunk| async move { tables.write_reference(how, chunk).await },
+            )
+            .await?;
+            bar.finish_and_clear();
+            runs.push(ReferenceRun {
+                how: how.name(),
+                concurrency,
+                per_sec,
+            });
+        }
+    }
+    Ok(runs)
+}
+
+/// Transactions at once of the reference's second try: the bench's pool.
+const REFERENCE_MAX_CONCURRENCY: usize = 8;
+
+/// Empties the tables, then writes `events` in intake's batches with
+/// `concurrency` writes at once; events per second.
+async fn timed<'a, F, Fut>(
+    b: &Bench,
+    events: &'a [HeldOrderEvent],
+    concurrency: usize,
+    progress: &dyn Fn(u64),
+    write: F,
+) -> Result<f64, BenchError>
+where
+    F: Fn(&'a [HeldOrderEvent]) -> Fut,
+    Fut: std::future::Future<Output = Result<u64, crate::store::StoreError>>,
+{
+    let tables: BenchTables = b.tables();
+    tables.truncate().await?;
+    tables.checkpoint().await;
+    let batch = b.settings.amqp.intake_batch.max(1);
+    let started = Instant::now();
+    let mut writes = futures_util::stream::iter(events.chunks(batch))
+        .map(write)
+        .buffer_unordered(concurrency.max(1));
+    let mut done = 0u64;
+    while let Some(written) = writes.next().await {
+        done += written?;
+        progress(done);
+    }
+    Ok(rate(done, started.elapsed()))
 }
 
 /// Event ids are unique per run: the run's database name ends with its tag.

@@ -23,6 +23,7 @@ pub mod flow;
 pub mod intake;
 pub mod load;
 pub mod memory;
+pub mod plot;
 pub mod prune;
 pub mod watching;
 

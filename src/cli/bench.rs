@@ -48,6 +48,11 @@ pub struct Args {
     /// Print the report as JSON (for machines) instead of a table.
     #[arg(long)]
     pub json: bool,
+    /// Also write SVG plots of the run into this directory: orders cleared
+    /// over time under the rate limit (section 7), claim p50 / p99 against
+    /// watched cases (section 4).
+    #[arg(long, value_name = "DIR")]
+    pub plot: Option<std::path::PathBuf>,
 }
 
 fn sections(raw: &str) -> Result<BTreeSet<u8>, super::UsageError> {
@@ -119,6 +124,11 @@ pub async fn execute(base: Settings, args: Args) -> anyhow::Result<ExitCode> {
         }
     };
 
+    if let Some(dir) = &args.plot {
+        for path in crate::bench::plot::write(&report, dir)? {
+            writeln!(err, "Plot written: {}", path.display())?;
+        }
+    }
     let mut out = std::io::stdout().lock();
     if args.json {
         writeln!(out, "{}", serde_json::to_string_pretty(&report)?)?;
@@ -310,7 +320,37 @@ fn intake_rows(t: &mut Table, r: &Report) {
             String::new(),
         ]);
         if let Some(ratio) = s.ratio {
-            t.add_row([sec, "intake / database".into(), pct(ratio), String::new()]);
+            t.add_row([
+                sec.clone(),
+                "intake / its statement alone".into(),
+                pct(ratio),
+                String::new(),
+            ]);
+        }
+        for run in &s.reference {
+            t.add_row([
+                sec.clone(),
+                format!(
+                    "reference: the same rows by {}, {} at a time",
+                    run.how, run.concurrency
+                ),
+                per_sec(run.per_sec),
+                String::new(),
+            ]);
+        }
+        t.add_row([
+            sec.clone(),
+            "record_held alone / reference".into(),
+            pct(s.statement_vs_reference),
+            String::new(),
+        ]);
+        if let Some(ratio) = s.intake_vs_reference {
+            t.add_row([
+                sec,
+                "intake / reference (the database's limit)".into(),
+                pct(ratio),
+                format!("≥ {}", pct(s.target_vs_reference)),
+            ]);
         }
     }
 }

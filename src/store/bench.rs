@@ -10,10 +10,13 @@ use std::time::Duration;
 use chrono::{DateTime, Utc};
 use serde_json::Value;
 use sqlx::Row;
+use sqlx::types::Json;
+use uuid::Uuid;
 
 use sqlx::PgPool;
 
 use super::{Store, StoreError};
+use crate::domain::HeldOrderEvent;
 
 /// Makes the `$1` open cases due last due a second ago.
 const MAKE_DUE: &str = "UPDATE case_schedule SET due_at = now() - interval '1 second' \
@@ -81,6 +84,45 @@ o AS (
 INSERT INTO inbox (event_id, case_id, received_at)
 SELECT c.event_id, c.id, c.closed_at - interval '1 hour' FROM c
 "#;
+
+/// The reference write of section 2, as `INSERT … SELECT unnest(…)`: the
+/// rows intake makes durable for new orders (inbox id and case), and
+/// nothing else: no lookup of open or closed cases, no
+/// conflict handling, no outcome per event.
+const REFERENCE_UNNEST: &str = r#"
+WITH input AS (
+    SELECT * FROM unnest($1::text[], $2::uuid[], $3::text[], $4::text[], $5::text[],
+                         $6::timestamptz[], $7::jsonb[])
+         AS t(event_id, case_id, sales_order_number, web_order_id, hold_reason, held_at, event)
+),
+inbox_rows AS (
+    INSERT INTO inbox (event_id, case_id) SELECT event_id, case_id FROM input
+)
+INSERT INTO cases (id, order_key, sales_order_number, web_order_id, state, event_id,
+                   event, hold_reason, held_at, next_action_at)
+SELECT case_id, coalesce(sales_order_number, 'web:' || web_order_id), sales_order_number,
+       web_order_id, 'deciding', event_id, event, hold_reason, coalesce(held_at, now()), now()
+FROM input
+"#;
+
+/// How the reference write of section 2 sends its rows.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ReferenceWrite {
+    /// One statement of arrays ([`REFERENCE_UNNEST`]).
+    Unnest,
+    /// `COPY … FROM STDIN` (text format) into each table, in one transaction.
+    Copy,
+}
+
+impl ReferenceWrite {
+    /// Its name in the report.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Unnest => "unnest",
+            Self::Copy => "copy",
+        }
+    }
+}
 
 /// The benchmark's own database, for the statements only the benchmark
 /// runs (`TRUNCATE` of every table among them).
@@ -203,10 +245,139 @@ impl BenchTables {
             .collect()
     }
 
+    /// Section 2's reference: makes `events` durable as new orders (each a
+    /// new case and its inbox id) in one transaction,
+    /// the cheapest way `how` can, checking nothing. Returns the events
+    /// written.
+    pub async fn write_reference(
+        &self,
+        how: ReferenceWrite,
+        events: &[HeldOrderEvent],
+    ) -> Result<u64, StoreError> {
+        let now = Utc::now();
+        let case_ids: Vec<Uuid> = events.iter().map(|_| Uuid::new_v4()).collect();
+        let held_at: Vec<Option<DateTime<Utc>>> =
+            events.iter().map(|e| e.data.held_at.or(e.time)).collect();
+        let mut tx = self.pool.begin().await?;
+        match how {
+            ReferenceWrite::Unnest => {
+                let order = |e: &HeldOrderEvent| e.data.order.clone();
+                sqlx::query(REFERENCE_UNNEST)
+                    .bind(events.iter().map(|e| e.id.as_str()).collect::<Vec<_>>())
+                    .bind(&case_ids)
+                    .bind(
+                        events
+                            .iter()
+                            .map(|e| order(e).sales_order_number.map(|s| s.to_string()))
+                            .collect::<Vec<_>>(),
+                    )
+                    .bind(
+                        events
+                            .iter()
+                            .map(|e| order(e).web_order_id.map(|w| w.to_string()))
+                            .collect::<Vec<_>>(),
+                    )
+                    .bind(
+                        events
+                            .iter()
+                            .map(|e| e.data.hold_reason.as_str())
+                            .collect::<Vec<_>>(),
+                    )
+                    .bind(&held_at)
+                    .bind(events.iter().map(Json).collect::<Vec<_>>())
+                    .execute(&mut *tx)
+                    .await?;
+            }
+            ReferenceWrite::Copy => {
+                let rows = CopyRows::of(events, &case_ids, &held_at, now)?;
+                for (statement, data) in [
+                    ("COPY inbox (event_id, case_id) FROM STDIN", rows.inbox),
+                    (
+                        "COPY cases (id, order_key, sales_order_number, web_order_id, state, \
+                         event_id, event, hold_reason, held_at, next_action_at) FROM STDIN",
+                        rows.cases,
+                    ),
+                ] {
+                    let mut copy = tx.copy_in_raw(statement).await?;
+                    copy.send(data).await?;
+                    copy.finish().await?;
+                }
+            }
+        }
+        tx.commit().await?;
+        Ok(events.len() as u64)
+    }
+
     /// The server's version (`SHOW server_version`).
     pub async fn server_version(&self) -> Result<String, StoreError> {
         Ok(sqlx::query_scalar("SHOW server_version")
             .fetch_one(&self.pool)
             .await?)
     }
+}
+
+/// The reference's rows in `COPY`'s text format, one buffer per table.
+struct CopyRows {
+    inbox: Vec<u8>,
+    cases: Vec<u8>,
+}
+
+impl CopyRows {
+    fn of(
+        events: &[HeldOrderEvent],
+        case_ids: &[Uuid],
+        held_at: &[Option<DateTime<Utc>>],
+        now: DateTime<Utc>,
+    ) -> Result<Self, StoreError> {
+        use std::fmt::Write;
+        let (mut inbox, mut cases) = (String::new(), String::new());
+        let now = now.to_rfc3339();
+        for ((e, id), held) in events.iter().zip(case_ids).zip(held_at) {
+            let event_id = copy_text(e.id.as_str());
+            let held = held.map_or_else(|| now.clone(), |h| h.to_rfc3339());
+            let so = e
+                .data
+                .order
+                .sales_order_number
+                .as_ref()
+                .map(|s| s.to_string());
+            let web = e.data.order.web_order_id.as_ref().map(|w| w.to_string());
+            let key = e.data.order.key();
+            let json = serde_json::to_string(e).map_err(|err| StoreError::Corrupt {
+                table: "cases",
+                detail: format!("event not serialisable: {err}"),
+            })?;
+            let opt = |v: Option<String>| v.map_or_else(|| "\\N".to_owned(), |v| copy_text(&v));
+            // Writing to a String cannot fail.
+            let _ = writeln!(inbox, "{event_id}\t{id}");
+            let _ = writeln!(
+                cases,
+                "{id}\t{}\t{}\t{}\tdeciding\t{event_id}\t{}\t{}\t{held}\t{now}",
+                copy_text(&key),
+                opt(so),
+                opt(web),
+                copy_text(&json),
+                e.data.hold_reason.as_str(),
+            );
+        }
+        Ok(Self {
+            inbox: inbox.into_bytes(),
+            cases: cases.into_bytes(),
+        })
+    }
+}
+
+/// A value in `COPY`'s text format: backslash, tab and line breaks escaped.
+fn copy_text(v: &str) -> String {
+    let mut out = String::with_capacity(v.len() + 8);
+    for c in v.chars() {
+        match c {
+            '\\' => out.push_str("\\\\"),
+            '\t' => out.push_str("\\t"),
+            '\n' => out.push_str("\\n"),
+            '\r' => out.push_str("\\r"),
+            c => out.push(c),
+        }
+    }
+    out
 }

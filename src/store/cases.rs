@@ -782,10 +782,17 @@ impl Store {
             .collect()
     }
 
-    /// A case's history, oldest first (at most `limit` lines).
+    /// A case's history, oldest first (at most `limit` lines). Its first
+    /// line, `opened` (id 0), is read from the case row, which intake writes
+    /// instead of a history row (older cases' `opened` rows are skipped).
     pub async fn case_history(&self, id: Uuid, limit: u32) -> Result<Vec<HistoryRow>, StoreError> {
         let rows = sqlx::query(
-            "SELECT id, at, kind, state, detail FROM case_history WHERE case_id = $1 \
+            "SELECT 0::bigint AS id, created_at AS at, 'opened' AS kind, 'deciding' AS state, \
+                    jsonb_build_object('eventId', event_id, 'heldAt', held_at) AS detail \
+             FROM cases WHERE id = $1 \
+             UNION ALL \
+             SELECT id, at, kind, state, detail FROM case_history \
+             WHERE case_id = $1 AND kind <> 'opened' \
              ORDER BY id LIMIT $2",
         )
         .bind(id)

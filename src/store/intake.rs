@@ -1,5 +1,7 @@
 //! Intake's writes: a batch of validated held-order events becomes inbox
-//! rows, cases and `opened` / `held_again` history rows in one transaction.
+//! rows, cases and `held_again` history rows in one transaction. A new
+//! case gets no history row: its row says when it was opened and by which
+//! event, and [`Store::case_history`] shows that as its `opened` line.
 //!
 //! The batch is written set-based: one statement (arrays through `unnest`,
 //! data-modifying CTEs with `ON CONFLICT DO NOTHING … RETURNING`) claims the
@@ -209,8 +211,9 @@ history AS (
                                    'webOrderId', CASE WHEN l.learns_web_order_id THEN m.web_order_id END))
                           END))
     FROM settled s
-    LEFT JOIN matched m ON m.grp = s.grp AND NOT s.opens
+    LEFT JOIN matched m ON m.grp = s.grp
     LEFT JOIN learned l ON l.id = m.id
+    WHERE NOT s.opens -- the new case's row is its opened line
     ORDER BY s.ord
 )
 SELECT i.ord,
@@ -232,8 +235,8 @@ const RELEASE_CLAIMS: &str = "DELETE FROM inbox WHERE event_id = ANY($1::text[])
 
 impl Store {
     /// Records a batch of held-order events in one transaction: per event an
-    /// inbox row, and a new case (`deciding`, due now) with an `opened`
-    /// history row, or a `held_again` history row on the order's open case;
+    /// inbox row, and a new case (`deciding`, due now; its row is its
+    /// `opened` line), or a `held_again` history row on the order's open case;
     /// nothing for an event id seen before. The result has one entry per
     /// input event, in order.
     #[tracing::instrument(skip_all, fields(events = events.len()))]

@@ -97,7 +97,8 @@ async fn a_batch_resolves_duplicates_and_orders_within_itself(pool: PgPool) {
             .fetch_all(&pool)
             .await
             .unwrap();
-    assert_eq!(kinds.iter().filter(|(k, _)| k == "opened").count(), 3);
+    // A new case's row is its opened line: intake writes no history row for it.
+    assert_eq!(kinds.iter().filter(|(k, _)| k == "opened").count(), 0);
     assert_eq!(kinds.iter().filter(|(k, _)| k == "held_again").count(), 1);
     assert_eq!(count(&pool, "SELECT count(*) FROM inbox").await, 4);
     assert_eq!(
@@ -212,7 +213,8 @@ async fn an_order_opened_by_another_writer_mid_batch_is_held_again(pool: PgPool)
             .fetch_all(&pool)
             .await
             .unwrap();
-    assert_eq!(history.len(), 3, "{history:?}");
+    // The two held again; the case mine-2 opened has its row, no history row.
+    assert_eq!(history.len(), 2, "{history:?}");
     assert_eq!(
         history
             .iter()
@@ -262,7 +264,17 @@ async fn parallel_writers_open_one_case_per_order(pool: PgPool) {
         0,
         "every inbox row names an existing case"
     );
-    assert_eq!(count(&pool, "SELECT count(*) FROM case_history").await, 400);
+    // One held_again row per event that found its order's case; a new
+    // case's row is its opened line.
+    assert_eq!(
+        count(
+            &pool,
+            "SELECT count(*) FROM case_history WHERE kind = 'held_again'"
+        )
+        .await,
+        200
+    );
+    assert_eq!(count(&pool, "SELECT count(*) FROM case_history").await, 200);
 }
 
 // ── The worker: RabbitMQ in, cases out ──────────────────────────────────
@@ -321,12 +333,15 @@ async fn a_held_order_becomes_one_case_once(pool: PgPool) {
         event(&first),
         "the stored event is the validated event"
     );
-    let history: Vec<(String, String)> =
-        sqlx::query_as("SELECT kind, state FROM case_history WHERE case_id = $1 ORDER BY id")
-            .bind(case_id)
-            .fetch_all(&pool)
-            .await
-            .unwrap();
+    // The history as `cases show` and the console read it: opened first,
+    // from the case row.
+    let history: Vec<(String, String)> = holdclear::store::Store::from_pool(pool.clone())
+        .case_history(case_id, 100)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|h| (h.kind, h.state))
+        .collect();
     assert_eq!(history[0], ("opened".to_owned(), "deciding".to_owned()));
     assert_eq!(
         history.iter().filter(|(kind, _)| kind == "opened").count(),
@@ -347,14 +362,15 @@ async fn a_held_order_becomes_one_case_once(pool: PgPool) {
     })
     .await;
     assert_eq!(count(&pool, "SELECT count(*) FROM cases").await, 1);
-    // Intake's rows: one opened, one held again (the engine adds its own).
+    // Intake's rows: one held again (the opened line is the case row; the
+    // engine adds its own).
     assert_eq!(
         count(
             &pool,
             "SELECT count(*) FROM case_history WHERE kind IN ('opened', 'held_again')"
         )
         .await,
-        2
+        1
     );
     assert_eq!(count(&pool, "SELECT count(*) FROM inbox").await, 2);
 
@@ -384,10 +400,11 @@ async fn a_thousand_events_become_a_thousand_cases(pool: PgPool) {
     assert_eq!(
         count(
             &pool,
-            "SELECT count(*) FROM case_history WHERE kind = 'opened'"
+            "SELECT count(*) FROM inbox i JOIN cases c ON c.id = i.case_id AND c.event_id = i.event_id"
         )
         .await,
-        1000
+        1000,
+        "each event opened its own case"
     );
     assert_eq!(rabbit.depth(&rabbit.topology.held_queue).await, 0);
 }
