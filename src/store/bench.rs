@@ -97,12 +97,15 @@ WITH input AS (
 ),
 inbox_rows AS (
     INSERT INTO inbox (event_id, case_id) SELECT event_id, case_id FROM input
+),
+case_rows AS (
+    INSERT INTO cases (id, order_key, sales_order_number, web_order_id, state, event_id,
+                       event, hold_reason, held_at)
+    SELECT case_id, coalesce(sales_order_number, 'web:' || web_order_id), sales_order_number,
+           web_order_id, 'deciding', event_id, event, hold_reason, coalesce(held_at, now())
+    FROM input
 )
-INSERT INTO cases (id, order_key, sales_order_number, web_order_id, state, event_id,
-                   event, hold_reason, held_at, next_action_at)
-SELECT case_id, coalesce(sales_order_number, 'web:' || web_order_id), sales_order_number,
-       web_order_id, 'deciding', event_id, event, hold_reason, coalesce(held_at, now()), now()
-FROM input
+INSERT INTO case_schedule (case_id) SELECT case_id FROM input
 "#;
 
 /// How the reference write of section 2 sends its rows.
@@ -294,9 +297,10 @@ impl BenchTables {
                     ("COPY inbox (event_id, case_id) FROM STDIN", rows.inbox),
                     (
                         "COPY cases (id, order_key, sales_order_number, web_order_id, state, \
-                         event_id, event, hold_reason, held_at, next_action_at) FROM STDIN",
+                         event_id, event, hold_reason, held_at) FROM STDIN",
                         rows.cases,
                     ),
+                    ("COPY case_schedule (case_id) FROM STDIN", rows.schedule),
                 ] {
                     let mut copy = tx.copy_in_raw(statement).await?;
                     copy.send(data).await?;
@@ -320,6 +324,7 @@ impl BenchTables {
 struct CopyRows {
     inbox: Vec<u8>,
     cases: Vec<u8>,
+    schedule: Vec<u8>,
 }
 
 impl CopyRows {
@@ -330,7 +335,7 @@ impl CopyRows {
         now: DateTime<Utc>,
     ) -> Result<Self, StoreError> {
         use std::fmt::Write;
-        let (mut inbox, mut cases) = (String::new(), String::new());
+        let (mut inbox, mut cases, mut schedule) = (String::new(), String::new(), String::new());
         let now = now.to_rfc3339();
         for ((e, id), held) in events.iter().zip(case_ids).zip(held_at) {
             let event_id = copy_text(e.id.as_str());
@@ -350,9 +355,10 @@ impl CopyRows {
             let opt = |v: Option<String>| v.map_or_else(|| "\\N".to_owned(), |v| copy_text(&v));
             // Writing to a String cannot fail.
             let _ = writeln!(inbox, "{event_id}\t{id}");
+            let _ = writeln!(schedule, "{id}");
             let _ = writeln!(
                 cases,
-                "{id}\t{}\t{}\t{}\tdeciding\t{event_id}\t{}\t{}\t{held}\t{now}",
+                "{id}\t{}\t{}\t{}\tdeciding\t{event_id}\t{}\t{}\t{held}",
                 copy_text(&key),
                 opt(so),
                 opt(web),
@@ -363,6 +369,7 @@ impl CopyRows {
         Ok(Self {
             inbox: inbox.into_bytes(),
             cases: cases.into_bytes(),
+            schedule: schedule.into_bytes(),
         })
     }
 }
