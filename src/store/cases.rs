@@ -21,8 +21,7 @@ use crate::domain::{Case, CaseState, Envelope, HistoryEntry, SalesOrderNumber};
 /// key. The rows it locked are updated by their `ctid` (stable while this
 /// statement holds their lock), not found again through the primary key.
 /// (The benchmark EXPLAINs this very statement.)
-pub(super) const CLAIM_DUE: &str = concat!(
-    "WITH due AS ( \
+pub(super) const CLAIM_DUE: &str = "WITH due AS ( \
          SELECT ctid FROM case_schedule WHERE due_at <= now() \
          ORDER BY due_at LIMIT $3 FOR UPDATE SKIP LOCKED), \
      s AS ( \
@@ -30,10 +29,20 @@ pub(super) const CLAIM_DUE: &str = concat!(
              lease_expires_at = now() + make_interval(secs => $2::float8), \
              due_at = now() + make_interval(secs => $2::float8) \
          FROM due WHERE t.ctid = due.ctid \
-         RETURNING t.case_id, t.due_at, t.lease_owner, t.lease_expires_at) \
-     SELECT ",
+         RETURNING t.case_id) \
+     SELECT case_id FROM s";
+
+/// The claimed cases, read by a statement of their own after the claim:
+/// the claim's own snapshot may predate a step another worker committed
+/// while the claim waited to lock its schedule row (the row comes back due
+/// from that commit), and the claimed case must be the committed one, not
+/// the one before it. Once claimed, no other worker's commit passes the
+/// fence, so this read is the case the claimer steps from.
+const CLAIMED: &str = concat!(
+    "SELECT ",
     case_columns!(),
-    " FROM s JOIN cases c ON c.id = s.case_id"
+    " FROM case_schedule s JOIN cases c ON c.id = s.case_id \
+     WHERE s.case_id = ANY($1) AND s.lease_owner = $2"
 );
 
 /// Step commits of several cases in one statement (one implicit
@@ -432,10 +441,18 @@ impl Store {
         limit: usize,
     ) -> Result<Vec<Claimed>, StoreError> {
         let limit = i64::try_from(limit).unwrap_or(i64::MAX);
-        let rows = sqlx::query(CLAIM_DUE)
+        let ids: Vec<Uuid> = sqlx::query_scalar(CLAIM_DUE)
             .bind(lease_owner)
             .bind(secs(lease))
             .bind(limit)
+            .fetch_all(&self.pool)
+            .await?;
+        if ids.is_empty() {
+            return Ok(Vec::new());
+        }
+        let rows = sqlx::query(CLAIMED)
+            .bind(&ids)
+            .bind(lease_owner)
             .fetch_all(&self.pool)
             .await?;
         let now = Utc::now();

@@ -107,7 +107,8 @@ async fn metrics_describe_a_real_run_and_readiness_follows_the_database(pool: sq
 }
 
 /// A busy pool is not a database that is down: with two connections, both
-/// held by statements waiting behind another session's lock on `cases`,
+/// held by statements waiting behind another session's lock on `cases`
+/// and `case_schedule`,
 /// the probe cannot get a connection for as long as the lock lasts, and
 /// `/readyz` keeps answering 200 (it flapped to 503 before).
 #[sqlx::test]
@@ -142,7 +143,8 @@ async fn readiness_holds_while_the_pool_is_busy(pool: sqlx::PgPool) {
     );
 
     let mut locker = pool.begin().await.unwrap();
-    sqlx::query("LOCK TABLE cases IN ACCESS EXCLUSIVE MODE")
+    // Intake waits on `cases`, the engine's claim on `case_schedule`.
+    sqlx::query("LOCK TABLE cases, case_schedule IN ACCESS EXCLUSIVE MODE")
         .execute(&mut *locker)
         .await
         .unwrap();
