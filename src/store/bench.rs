@@ -248,6 +248,15 @@ impl BenchTables {
             .collect()
     }
 
+    /// The plan PostgreSQL picks for intake's statement on `events`
+    /// ([`Store::record_held`]), as text lines.
+    pub async fn explain_intake(
+        &self,
+        events: &[HeldOrderEvent],
+    ) -> Result<Vec<String>, StoreError> {
+        super::intake::explain(&self.pool, events).await
+    }
+
     /// Section 2's reference: makes `events` durable as new orders (each a
     /// new case and its inbox id) in one transaction,
     /// the cheapest way `how` can, checking nothing. Returns the events

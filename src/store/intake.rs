@@ -80,6 +80,34 @@ WITH input AS (
 firsts AS (
     SELECT DISTINCT ON (event_id) * FROM input ORDER BY event_id, ord
 ),
+ids AS (
+    SELECT DISTINCT sales_order_number, web_order_id FROM input
+),
+found AS (
+    -- Every lookup has one plan whatever the statistics say (a table
+    -- that grows faster than autovacuum analyses it must not be read
+    -- whole, batch after batch): the open case of each id through the
+    -- unique indexes of open cases, and each id's three most recent
+    -- cases through an index in creation order (an order's cases follow
+    -- one another, so its last ended case is among them).
+    SELECT c.id FROM cases c
+    WHERE c.order_key = ANY($3::text[]) AND "#,
+    open_case!(c),
+    r#"
+    UNION
+    SELECT c.id FROM cases c
+    WHERE c.web_order_id = ANY($4::text[]) AND "#,
+    open_case!(c),
+    r#"
+    UNION
+    SELECT r.id FROM ids CROSS JOIN LATERAL (
+        SELECT c.id FROM cases c WHERE c.order_key = ids.sales_order_number
+        ORDER BY c.created_at DESC LIMIT 3) r
+    UNION
+    SELECT r.id FROM ids CROSS JOIN LATERAL (
+        SELECT c.id FROM cases c WHERE c.web_order_id = ids.web_order_id
+        ORDER BY c.created_at DESC LIMIT 3) r
+),
 known AS (
     -- The batch's orders' cases, open and ended, locked: a case its
     -- engine is ending as this runs is read again once the engine has
@@ -88,7 +116,7 @@ known AS (
     SELECT c.id, c.order_key, c.sales_order_number, c.web_order_id, c.state,
            coalesce(c.released_at, c.closed_at) AS ended_at
     FROM cases c
-    WHERE (c.order_key = ANY($3::text[]) OR c.web_order_id = ANY($4::text[]))
+    WHERE c.id = ANY(ARRAY(SELECT id FROM found))
       AND c.state <> 'merged'
     ORDER BY c.id -- locks in id order, as the engine's step commits take them
     FOR SHARE
@@ -318,6 +346,24 @@ impl Store {
             pending.len()
         )))
     }
+}
+
+/// The plan PostgreSQL picks for [`Store::record_held`]'s statement on
+/// `events` (planned, not run), as text lines.
+pub(super) async fn explain(
+    pool: &sqlx::PgPool,
+    events: &[HeldOrderEvent],
+) -> Result<Vec<String>, StoreError> {
+    let positions: Vec<usize> = (0..events.len()).collect();
+    // A fixed prefix on a constant statement: nothing from outside.
+    let sql = sqlx::AssertSqlSafe(format!("EXPLAIN {RECORD_HELD}"));
+    let rows = Batch::of(events, &positions)
+        .bind(sqlx::query(sql))
+        .fetch_all(pool)
+        .await?;
+    rows.iter()
+        .map(|r| r.try_get::<String, _>(0).map_err(StoreError::from))
+        .collect()
 }
 
 fn corrupt(detail: String) -> StoreError {

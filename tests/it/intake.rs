@@ -156,6 +156,36 @@ async fn a_batch_resolves_duplicates_and_orders_within_itself(pool: PgPool) {
     );
 }
 
+/// A `cases` table that grew since PostgreSQL last analysed it (a new
+/// deployment's first burst, a backlog after an outage) must not be read
+/// whole for every batch: intake looks its orders up by index whatever the
+/// statistics say.
+#[sqlx::test]
+async fn intake_looks_orders_up_by_index_on_a_table_grown_since_its_last_analyze(pool: PgPool) {
+    let store = Store::from_pool(pool.clone());
+    let tables = holdclear::store::bench::BenchTables::new(&store);
+    let seeded = held_event("seed", "1");
+    let now = chrono::Utc::now();
+    let hour = Duration::from_secs(3600);
+    tables
+        .seed_watching(0, 20_000, &seeded, now, hour, hour)
+        .await
+        .unwrap();
+    let batch: Vec<HeldOrderEvent> = (0..256)
+        .map(|i| event(&held_event(&format!("e-{i}"), &format!("{}", 900_000 + i))))
+        .collect();
+    let plan = tables.explain_intake(&batch).await.unwrap();
+    let scans: Vec<&String> = plan
+        .iter()
+        .filter(|line| line.contains("Seq Scan on cases"))
+        .collect();
+    assert!(
+        scans.is_empty(),
+        "intake's plan reads every case: {scans:?}\n{}",
+        plan.join("\n")
+    );
+}
+
 #[sqlx::test]
 async fn an_order_opened_by_another_writer_mid_batch_is_held_again(pool: PgPool) {
     let store = Store::from_pool(pool.clone());
