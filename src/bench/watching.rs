@@ -22,6 +22,8 @@ const CLAIMS: usize = 200;
 const SMALL: u64 = 10_000;
 /// Cases inserted per statement while seeding.
 const SEED_CHUNK: u64 = 100_000;
+/// The claimer's name.
+const OWNER: &str = "holdclear-bench";
 /// The claims' lease: long enough that a claimed case is not due again
 /// during the section.
 const LEASE: Duration = Duration::from_secs(3600);
@@ -58,8 +60,15 @@ pub struct Claims {
     pub waiting: u64,
     /// Cases claimed per claim, on average (about [`DUE`]).
     pub claimed_per_claim: f64,
-    /// One claim, milliseconds.
+    /// One claim as the engine makes it ([`crate::store::Store::claim_due`]):
+    /// the claim, then the read of the claimed cases, milliseconds.
     pub claim_ms: Percentiles,
+    /// Its first half alone: the claim statement on the narrow schedule
+    /// (the bar), milliseconds.
+    pub claim_statement_ms: Percentiles,
+    /// Its second half alone: reading and decoding the claimed cases,
+    /// milliseconds.
+    pub read_ms: Percentiles,
     /// The median claim divided by the cases it claimed, microseconds.
     pub per_case_us: f64,
 }
@@ -129,21 +138,31 @@ pub async fn run(b: &Bench) -> Result<Watching, BenchError> {
 /// Makes [`DUE`] cases due, times one claim, [`CLAIMS`] times.
 async fn claims(b: &Bench, waiting: u64, label: &str) -> Result<Claims, BenchError> {
     let bar = b.bar(CLAIMS as u64, label);
-    let mut times = Vec::with_capacity(CLAIMS);
+    let (mut times, mut claims, mut reads) = (
+        Vec::with_capacity(CLAIMS),
+        Vec::with_capacity(CLAIMS),
+        Vec::with_capacity(CLAIMS),
+    );
     let mut claimed = 0usize;
+    let ms = |d: Duration| d.as_secs_f64() * 1e3;
     for i in 0..CLAIMS {
         b.tables().make_due(DUE).await?;
+        // `Store::claim_due`, in its two halves, each timed.
         let started = Instant::now();
-        let got = b
-            .store
-            .claim_due("holdclear-bench", LEASE, DUE as usize)
-            .await?;
-        times.push(started.elapsed().as_secs_f64() * 1e3);
+        let ids = b.store.claim_due_ids(OWNER, LEASE, DUE as usize).await?;
+        let claim = started.elapsed();
+        let got = b.store.read_claimed(&ids, OWNER).await?;
+        let whole = started.elapsed();
+        times.push(ms(whole));
+        claims.push(ms(claim));
+        reads.push(ms(whole - claim));
         claimed += got.len();
         bar.set_position(i as u64 + 1);
     }
     bar.finish_and_clear();
     let claim_ms = Percentiles::of(times);
+    let claim_statement_ms = Percentiles::of(claims);
+    let read_ms = Percentiles::of(reads);
     let claimed_per_claim = claimed as f64 / CLAIMS as f64;
     Ok(Claims {
         waiting,
@@ -154,5 +173,7 @@ async fn claims(b: &Bench, waiting: u64, label: &str) -> Result<Claims, BenchErr
             0.0
         },
         claim_ms,
+        claim_statement_ms,
+        read_ms,
     })
 }

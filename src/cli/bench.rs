@@ -371,6 +371,17 @@ fn watching_rows(t: &mut Table, w: &crate::bench::watching::Watching) {
                 String::new()
             },
         ]);
+        for (part, p) in [
+            ("the claim statement", &c.claim_statement_ms),
+            ("reading the claimed cases", &c.read_ms),
+        ] {
+            t.add_row([
+                format!("4. watching ({label} waiting)"),
+                format!("  of which {part}: p50 / p99"),
+                format!("{:.2} / {:.2} ms", p.p50, p.p99),
+                String::new(),
+            ]);
+        }
     }
     t.add_row([
         "4. watching".to_owned(),

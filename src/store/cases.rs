@@ -440,18 +440,41 @@ impl Store {
         lease: Duration,
         limit: usize,
     ) -> Result<Vec<Claimed>, StoreError> {
+        let ids = self.claim_due_ids(lease_owner, lease, limit).await?;
+        self.read_claimed(&ids, lease_owner).await
+    }
+
+    /// The first half of [`Store::claim_due`]: the claim itself, on the
+    /// narrow schedule alone; the ids of the cases now leased to
+    /// `lease_owner`.
+    pub async fn claim_due_ids(
+        &self,
+        lease_owner: &str,
+        lease: Duration,
+        limit: usize,
+    ) -> Result<Vec<Uuid>, StoreError> {
         let limit = i64::try_from(limit).unwrap_or(i64::MAX);
-        let ids: Vec<Uuid> = sqlx::query_scalar(CLAIM_DUE)
+        Ok(sqlx::query_scalar(CLAIM_DUE)
             .bind(lease_owner)
             .bind(secs(lease))
             .bind(limit)
             .fetch_all(&self.pool)
-            .await?;
+            .await?)
+    }
+
+    /// The second half of [`Store::claim_due`]: the cases of `ids` that
+    /// `lease_owner` holds, read after the claim committed (see
+    /// [`CLAIMED`]).
+    pub async fn read_claimed(
+        &self,
+        ids: &[Uuid],
+        lease_owner: &str,
+    ) -> Result<Vec<Claimed>, StoreError> {
         if ids.is_empty() {
             return Ok(Vec::new());
         }
         let rows = sqlx::query(CLAIMED)
-            .bind(&ids)
+            .bind(ids)
             .bind(lease_owner)
             .fetch_all(&self.pool)
             .await?;
@@ -721,14 +744,17 @@ impl Store {
 
     /// The newest case of an order, found by sales order number, web order id
     /// or order key (or one case by its id); a case merged into another
-    /// comes last.
+    /// comes last. A case's order key is its sales order number when it has
+    /// one (`cases_order_key_is_identity`), so the key's index finds it by
+    /// that number too; an arm on `sales_order_number` itself, which has no
+    /// index, would make the plan read every case.
     pub async fn latest_case(&self, order: &str) -> Result<Option<CaseRecord>, StoreError> {
         sqlx::query(concat!(
             "SELECT ",
             case_columns!(),
             " FROM ",
             case_from!(),
-            " WHERE c.order_key = $1 OR c.sales_order_number = $1 OR c.web_order_id = $1 \
+            " WHERE c.order_key = $1 OR c.web_order_id = $1 \
                  OR c.id = $2 \
               ORDER BY c.state = 'merged', c.created_at DESC, c.id DESC LIMIT 1"
         ))
