@@ -88,8 +88,9 @@ found AS (
     -- that grows faster than autovacuum analyses it must not be read
     -- whole, batch after batch): the open case of each id through the
     -- unique indexes of open cases, and each id's three most recent
-    -- cases through an index in creation order (an order's cases follow
-    -- one another, so its last ended case is among them).
+    -- cases (not merged away) through an index in creation order (an
+    -- order's cases follow one another, so its last ended case is among
+    -- them).
     SELECT c.id FROM cases c
     WHERE c.order_key = ANY($3::text[]) AND "#,
     open_case!(c),
@@ -101,11 +102,11 @@ found AS (
     r#"
     UNION
     SELECT r.id FROM ids CROSS JOIN LATERAL (
-        SELECT c.id FROM cases c WHERE c.order_key = ids.sales_order_number
+        SELECT c.id FROM cases c WHERE c.order_key = ids.sales_order_number AND c.state <> 'merged'
         ORDER BY c.created_at DESC LIMIT 3) r
     UNION
     SELECT r.id FROM ids CROSS JOIN LATERAL (
-        SELECT c.id FROM cases c WHERE c.web_order_id = ids.web_order_id
+        SELECT c.id FROM cases c WHERE c.web_order_id = ids.web_order_id AND c.state <> 'merged'
         ORDER BY c.created_at DESC LIMIT 3) r
 ),
 known AS (

@@ -186,6 +186,61 @@ async fn intake_looks_orders_up_by_index_on_a_table_grown_since_its_last_analyze
     );
 }
 
+/// A late event of a hold whose case ended joins that case, even when
+/// newer cases of the order were merged away since (intake looks at each
+/// id's most recent cases, and merged ones are not among them).
+#[sqlx::test]
+async fn a_late_event_joins_the_ended_case_behind_merged_ones(pool: PgPool) {
+    let store = Store::from_pool(pool.clone());
+    let first = store
+        .record_held(&[event(&held_event("e-1", "8100"))])
+        .await
+        .unwrap();
+    let [Recorded::Opened { case_id }] = first[..] else {
+        panic!("{first:?}");
+    };
+    // The hold was released after the events below were sent (heldAt 09:10).
+    sqlx::query(
+        "UPDATE cases SET state = 'released', released_at = '2026-11-23T10:00:00Z', \
+         closed_at = '2026-11-23T10:00:00Z' WHERE id = $1",
+    )
+    .bind(case_id)
+    .execute(&pool)
+    .await
+    .unwrap();
+    sqlx::query("DELETE FROM case_schedule WHERE case_id = $1")
+        .bind(case_id)
+        .execute(&pool)
+        .await
+        .unwrap();
+    // Three newer cases of the order, merged into it.
+    for i in 0..3 {
+        sqlx::query(
+            "INSERT INTO cases (id, order_key, sales_order_number, web_order_id, state, \
+             merged_into, event_id, event, hold_reason, held_at, closed_at, created_at) \
+             SELECT $1, order_key, sales_order_number, web_order_id, 'merged', id, $2, event, \
+             hold_reason, held_at, now(), now() + make_interval(secs => $3) FROM cases WHERE id = $4",
+        )
+        .bind(Uuid::new_v4())
+        .bind(format!("merged-{i}"))
+        .bind(f64::from(i + 1))
+        .bind(case_id)
+        .execute(&pool)
+        .await
+        .unwrap();
+    }
+    let late = store
+        .record_held(&[event(&held_event("e-2", "8100"))])
+        .await
+        .unwrap();
+    assert_eq!(late, [Recorded::HeldAgain { case_id }]);
+    assert_eq!(
+        count(&pool, "SELECT count(*) FROM cases WHERE state <> 'merged'").await,
+        1,
+        "no second case for the released hold"
+    );
+}
+
 #[sqlx::test]
 async fn an_order_opened_by_another_writer_mid_batch_is_held_again(pool: PgPool) {
     let store = Store::from_pool(pool.clone());
