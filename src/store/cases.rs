@@ -83,10 +83,15 @@ scheduled AS (
     "
 ),
 unscheduled AS (
-    DELETE FROM case_schedule s USING input i
-    WHERE s.case_id = i.id AND i.id IN (SELECT id FROM locked) AND i.state IN ",
+    -- The closed cases' ids first, once (an array), then their rows by key:
+    -- joined to `input` directly, the delete compared every locked row
+    -- with every input row.
+    DELETE FROM case_schedule s
+    WHERE s.case_id = ANY(ARRAY(
+        SELECT i.id FROM input i
+        WHERE i.id IN (SELECT id FROM locked) AND i.state IN ",
     terminal_states!(),
-    "
+    "))
 ),
 history AS (
     INSERT INTO case_history (case_id, at, kind, state, detail)
