@@ -139,17 +139,14 @@ grps AS (
            max(coalesce(held_at, now())) OVER (PARTITION BY grp) AS held_at
     FROM input ORDER BY grp, ord
 ),
-stale AS (
-    -- Groups without an open case whose holds were all applied before the
-    -- order's last case ended (released, or escalated to a person): they
-    -- tell of that case's hold, and join it (nothing to do).
-    SELECT DISTINCT ON (g.grp) g.grp, r.id, r.state
-    FROM grps g
-    JOIN closed_cases r ON (r.order_key = g.sales_order_number OR r.web_order_id = g.web_order_id)
-                       AND r.ended_at >= g.held_at
-    WHERE NOT EXISTS (SELECT 1 FROM open_cases o
-                      WHERE o.order_key = g.sales_order_number OR o.web_order_id = g.web_order_id)
-    ORDER BY g.grp, r.ended_at DESC
+pairs AS (
+    -- Each group's open cases, by either id: two equality joins (hashed),
+    -- not one join on an OR, which compared every group with every case.
+    SELECT g.grp, o.id, true AS by_sales_order_number
+    FROM grps g JOIN open_cases o ON o.order_key = g.sales_order_number
+    UNION ALL
+    SELECT g.grp, o.id, false
+    FROM grps g JOIN open_cases o ON o.web_order_id = g.web_order_id
 ),
 matched AS (
     -- The open case of the group's sales order number, else of its web order id.
@@ -163,9 +160,28 @@ matched AS (
                                WHERE x.web_order_id = g.web_order_id AND x.id <> o.id)
                AS learns_web_order_id,
            g.sales_order_number, g.web_order_id
-    FROM grps g
-    JOIN open_cases o ON o.order_key = g.sales_order_number OR o.web_order_id = g.web_order_id
-    ORDER BY g.grp, (o.order_key = g.sales_order_number) DESC NULLS LAST, o.id
+    FROM pairs p
+    JOIN grps g ON g.grp = p.grp
+    JOIN open_cases o ON o.id = p.id
+    ORDER BY g.grp, p.by_sales_order_number DESC, o.id
+),
+ended AS (
+    -- Each group's ended cases, by either id (as `pairs`).
+    SELECT g.grp, r.id, r.state, r.ended_at, g.held_at
+    FROM grps g JOIN closed_cases r ON r.order_key = g.sales_order_number
+    UNION ALL
+    SELECT g.grp, r.id, r.state, r.ended_at, g.held_at
+    FROM grps g JOIN closed_cases r ON r.web_order_id = g.web_order_id
+),
+stale AS (
+    -- Groups without an open case whose holds were all applied before the
+    -- order's last case ended (released, or escalated to a person): they
+    -- tell of that case's hold, and join it (nothing to do).
+    SELECT DISTINCT ON (e.grp) e.grp, e.id, e.state
+    FROM ended e
+    WHERE e.ended_at >= e.held_at
+      AND e.grp NOT IN (SELECT grp FROM matched)
+    ORDER BY e.grp, e.ended_at DESC
 ),
 planned AS (
     SELECT f.*,
