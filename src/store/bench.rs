@@ -237,15 +237,13 @@ impl BenchTables {
     pub async fn explain_claim(&self, limit: i64) -> Result<Vec<String>, StoreError> {
         // A fixed prefix on a constant statement: nothing from outside.
         let sql = sqlx::AssertSqlSafe(format!("EXPLAIN {}", super::cases::CLAIM_DUE));
-        let rows = sqlx::query(sql)
-            .bind("bench-explain")
-            .bind(30.0f64)
-            .bind(limit)
-            .fetch_all(&self.pool)
-            .await?;
-        rows.iter()
-            .map(|r| r.try_get::<String, _>(0).map_err(StoreError::from))
-            .collect()
+        self.plan(
+            sqlx::query(sql)
+                .bind("bench-explain")
+                .bind(30.0f64)
+                .bind(limit),
+        )
+        .await
     }
 
     /// The plan PostgreSQL picks for intake's statement on `events`
@@ -254,7 +252,18 @@ impl BenchTables {
         &self,
         events: &[HeldOrderEvent],
     ) -> Result<Vec<String>, StoreError> {
-        super::intake::explain(&self.pool, events).await
+        self.plan(super::intake::explain_query(events)).await
+    }
+
+    /// The lines an `EXPLAIN` query prints.
+    async fn plan(
+        &self,
+        explain: sqlx::query::Query<'_, sqlx::Postgres, sqlx::postgres::PgArguments>,
+    ) -> Result<Vec<String>, StoreError> {
+        let rows = explain.fetch_all(&self.pool).await?;
+        rows.iter()
+            .map(|r| r.try_get::<String, _>(0).map_err(StoreError::from))
+            .collect()
     }
 
     /// Section 2's reference: makes `events` durable as new orders (each a

@@ -365,22 +365,16 @@ impl Store {
     }
 }
 
-/// The plan PostgreSQL picks for [`Store::record_held`]'s statement on
-/// `events` (planned, not run), as text lines.
-pub(super) async fn explain(
-    pool: &sqlx::PgPool,
+/// [`Store::record_held`]'s statement bound to `events`, prefixed with
+/// `EXPLAIN`: it plans the statement and runs nothing (for the benchmark's
+/// plan checks).
+pub(super) fn explain_query(
     events: &[HeldOrderEvent],
-) -> Result<Vec<String>, StoreError> {
+) -> sqlx::query::Query<'_, sqlx::Postgres, sqlx::postgres::PgArguments> {
     let positions: Vec<usize> = (0..events.len()).collect();
     // A fixed prefix on a constant statement: nothing from outside.
     let sql = sqlx::AssertSqlSafe(format!("EXPLAIN {RECORD_HELD}"));
-    let rows = Batch::of(events, &positions)
-        .bind(sqlx::query(sql))
-        .fetch_all(pool)
-        .await?;
-    rows.iter()
-        .map(|r| r.try_get::<String, _>(0).map_err(StoreError::from))
-        .collect()
+    Batch::of(events, &positions).bind(sqlx::query(sql))
 }
 
 fn corrupt(detail: String) -> StoreError {
