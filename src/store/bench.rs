@@ -108,6 +108,38 @@ case_rows AS (
 INSERT INTO case_schedule (case_id) SELECT case_id FROM input
 "#;
 
+/// The statements run per event or per step, whose plans must stay on the
+/// indexes however the tables grew (see [`BenchTables::explain_generic`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Hot {
+    /// Intake's statement ([`Store::record_held`]).
+    Intake,
+    /// The claim's statement (the first half of [`Store::claim_due`]).
+    Claim,
+    /// The read of the claimed cases (its second half).
+    ReadClaimed,
+    /// The engine's step commit.
+    CommitSteps,
+}
+
+impl Hot {
+    /// Every one of them.
+    pub const ALL: [Hot; 4] = [Hot::Intake, Hot::Claim, Hot::ReadClaimed, Hot::CommitSteps];
+
+    /// The statement and its number of parameters.
+    fn sql(self) -> (&'static str, usize) {
+        match self {
+            Hot::Intake => (super::intake::RECORD_HELD, 8),
+            Hot::Claim => (super::cases::CLAIM_DUE, 3),
+            Hot::ReadClaimed => (super::cases::CLAIMED, 2),
+            Hot::CommitSteps => (
+                super::cases::COMMIT_STEPS,
+                super::cases::COMMIT_STEPS_PARAMS,
+            ),
+        }
+    }
+}
+
 /// How the reference write of section 2 sends its rows.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum ReferenceWrite {
@@ -253,6 +285,40 @@ impl BenchTables {
         events: &[HeldOrderEvent],
     ) -> Result<Vec<String>, StoreError> {
         self.plan(super::intake::explain_query(events)).await
+    }
+
+    /// The generic plan PostgreSQL would cache for `statement` after its
+    /// fifth run on a session (`plan_cache_mode = force_generic_plan`,
+    /// `PREPARE`, `EXPLAIN EXECUTE`), as text lines. A generic plan is made
+    /// once from the statistics of that moment and kept while the tables
+    /// grow: one made on an empty table must still use the indexes.
+    pub async fn explain_generic(&self, statement: Hot) -> Result<Vec<String>, StoreError> {
+        let (sql, params) = statement.sql();
+        let mut conn = self.pool.acquire().await?;
+        sqlx::query("SET plan_cache_mode = force_generic_plan")
+            .execute(&mut *conn)
+            .await?;
+        // Constant statements: nothing from outside.
+        sqlx::raw_sql(sqlx::AssertSqlSafe(format!(
+            "PREPARE bench_generic AS {sql}"
+        )))
+        .execute(&mut *conn)
+        .await?;
+        let nulls = vec!["NULL"; params].join(", ");
+        let rows = sqlx::raw_sql(sqlx::AssertSqlSafe(format!(
+            "EXPLAIN EXECUTE bench_generic({nulls})"
+        )))
+        .fetch_all(&mut *conn)
+        .await;
+        let cleanup = sqlx::raw_sql("DEALLOCATE bench_generic; RESET plan_cache_mode")
+            .execute(&mut *conn)
+            .await;
+        let lines = rows?
+            .iter()
+            .map(|r| r.try_get::<String, _>(0).map_err(StoreError::from))
+            .collect::<Result<Vec<_>, _>>()?;
+        cleanup?;
+        Ok(lines)
     }
 
     /// The lines an `EXPLAIN` query prints.

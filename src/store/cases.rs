@@ -38,12 +38,15 @@ pub(super) const CLAIM_DUE: &str = "WITH due AS ( \
 /// from that commit), and the claimed case must be the committed one, not
 /// the one before it. Once claimed, no other worker's commit passes the
 /// fence, so this read is the case the claimer steps from.
-const CLAIMED: &str = concat!(
+pub(super) const CLAIMED: &str = concat!(
     "SELECT ",
     case_columns!(),
     " FROM case_schedule s JOIN cases c ON c.id = s.case_id \
      WHERE s.case_id = ANY($1) AND s.lease_owner = $2"
 );
+
+/// [`COMMIT_STEPS`]' number of parameters.
+pub(super) const COMMIT_STEPS_PARAMS: usize = 31;
 
 /// Step commits of several cases in one statement (one implicit
 /// transaction, one round trip). Per case (`$1..$22`, arrays, one element
@@ -54,17 +57,21 @@ const CLAIMED: &str = concat!(
 /// History (`$23..$27`) and outbox rows (`$28..$31`) carry their case id
 /// and are written only for the cases whose fence held. Returns those
 /// cases' ids.
-const COMMIT_STEPS: &str = concat!(
+pub(super) const COMMIT_STEPS: &str = concat!(
     "WITH input AS (SELECT * FROM ",
     case_input!(),
     "),
 locked AS (
-    SELECT c.id
-    FROM cases c
-    JOIN case_schedule s ON s.case_id = c.id
-    JOIN input i ON c.id = i.id AND s.lease_owner = i.lease_owner
-    ORDER BY c.id
-    FOR UPDATE OF c, s
+    -- Per case, its rows by key (a plan made on an empty table stays on
+    -- the keys), in id order.
+    SELECT x.*
+    FROM (SELECT id, lease_owner FROM input ORDER BY id) i
+    CROSS JOIN LATERAL (
+        SELECT c.id
+        FROM cases c
+        JOIN case_schedule s ON s.case_id = c.id
+        WHERE c.id = i.id AND s.lease_owner = i.lease_owner
+        FOR UPDATE OF c, s) x
 ),
 step AS (
     UPDATE cases c SET ",

@@ -68,7 +68,7 @@ const MAX_ROUNDS: usize = 5;
 /// open case has it (the unique indexes of open cases decide; a case that
 /// later learns a sales order number another case has is merged by the
 /// engine, see `Store::identify_order`).
-const RECORD_HELD: &str = concat!(
+pub(super) const RECORD_HELD: &str = concat!(
     r#"
 WITH input AS (
     SELECT *
@@ -91,15 +91,15 @@ found AS (
     -- cases (not merged away) through an index in creation order (an
     -- order's cases follow one another, so its last ended case is among
     -- them).
-    SELECT c.id FROM cases c
-    WHERE c.order_key = ANY($3::text[]) AND "#,
+    SELECT r.id FROM ids CROSS JOIN LATERAL (
+        SELECT c.id FROM cases c WHERE c.order_key = ids.sales_order_number AND "#,
     open_case!(c),
-    r#"
+    r#" LIMIT 1) r
     UNION
-    SELECT c.id FROM cases c
-    WHERE c.web_order_id = ANY($4::text[]) AND "#,
+    SELECT r.id FROM ids CROSS JOIN LATERAL (
+        SELECT c.id FROM cases c WHERE c.web_order_id = ids.web_order_id AND "#,
     open_case!(c),
-    r#"
+    r#" LIMIT 1) r
     UNION
     SELECT r.id FROM ids CROSS JOIN LATERAL (
         SELECT c.id FROM cases c WHERE c.order_key = ids.sales_order_number AND c.state <> 'merged'
@@ -114,13 +114,14 @@ known AS (
     -- engine is ending as this runs is read again once the engine has
     -- committed, and is then an ended case (its hold's events join it),
     -- never neither open nor ended.
-    SELECT c.id, c.order_key, c.sales_order_number, c.web_order_id, c.state,
-           coalesce(c.released_at, c.closed_at) AS ended_at
-    FROM cases c
-    WHERE c.id = ANY(ARRAY(SELECT id FROM found))
-      AND c.state <> 'merged'
-    ORDER BY c.id -- locks in id order, as the engine's step commits take them
-    FOR SHARE
+    SELECT c.*
+    FROM (SELECT DISTINCT id FROM found ORDER BY id) f -- locks in id order, as the engine's step commits take them
+    CROSS JOIN LATERAL (
+        SELECT c.id, c.order_key, c.sales_order_number, c.web_order_id, c.state,
+               coalesce(c.released_at, c.closed_at) AS ended_at
+        FROM cases c
+        WHERE c.id = f.id AND c.state <> 'merged'
+        FOR SHARE) c
 ),
 open_cases AS (
     SELECT c.id, c.order_key, c.sales_order_number, c.web_order_id, c.state
