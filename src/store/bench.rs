@@ -120,11 +120,22 @@ pub enum Hot {
     ReadClaimed,
     /// The engine's step commit.
     CommitSteps,
+    /// The outbox relay's take of unsent rows.
+    OutboxTake,
+    /// The outbox relay's look for the next unsent row's time.
+    OutboxNextDue,
 }
 
 impl Hot {
     /// Every one of them.
-    pub const ALL: [Hot; 4] = [Hot::Intake, Hot::Claim, Hot::ReadClaimed, Hot::CommitSteps];
+    pub const ALL: [Hot; 6] = [
+        Hot::Intake,
+        Hot::Claim,
+        Hot::ReadClaimed,
+        Hot::CommitSteps,
+        Hot::OutboxTake,
+        Hot::OutboxNextDue,
+    ];
 
     /// The statement and its number of parameters.
     fn sql(self) -> (&'static str, usize) {
@@ -136,6 +147,8 @@ impl Hot {
                 super::cases::COMMIT_STEPS,
                 super::cases::COMMIT_STEPS_PARAMS,
             ),
+            Hot::OutboxTake => (super::outbox::OUTBOX_TAKE, 1),
+            Hot::OutboxNextDue => (super::outbox::OUTBOX_NEXT_DUE, 0),
         }
     }
 }
@@ -304,9 +317,12 @@ impl BenchTables {
         )))
         .execute(&mut *conn)
         .await?;
-        let nulls = vec!["NULL"; params].join(", ");
+        let args = match params {
+            0 => String::new(),
+            n => format!("({})", vec!["NULL"; n].join(", ")),
+        };
         let rows = sqlx::raw_sql(sqlx::AssertSqlSafe(format!(
-            "EXPLAIN EXECUTE bench_generic({nulls})"
+            "EXPLAIN EXECUTE bench_generic{args}"
         )))
         .fetch_all(&mut *conn)
         .await;

@@ -69,6 +69,17 @@ fn outbox_row(row: &PgRow) -> Result<OutboxRow, StoreError> {
     })
 }
 
+/// Up to `$1` unsent rows that are due, oldest first, locked, skipping rows
+/// another relay holds.
+pub(super) const OUTBOX_TAKE: &str = "SELECT id, envelope_id, case_id, routing_key, body, \
+         created_at, attempts, sent_at, last_error \
+     FROM outbox WHERE sent_at IS NULL AND next_attempt_at <= now() \
+     ORDER BY id LIMIT $1 FOR UPDATE SKIP LOCKED";
+
+/// When the next unsent row is due.
+pub(super) const OUTBOX_NEXT_DUE: &str =
+    "SELECT min(next_attempt_at) FROM outbox WHERE sent_at IS NULL";
+
 impl OutboxBatch {
     /// The rows, in id order.
     pub fn rows(&self) -> &[OutboxRow] {
@@ -115,26 +126,19 @@ impl Store {
     #[tracing::instrument(skip_all, fields(limit = limit), err(level = "debug"))]
     pub async fn outbox_take(&self, limit: usize) -> Result<OutboxBatch, StoreError> {
         let mut tx = self.pool.begin().await?;
-        let rows = sqlx::query(
-            "SELECT id, envelope_id, case_id, routing_key, body, created_at, attempts, sent_at, \
-                    last_error \
-             FROM outbox WHERE sent_at IS NULL AND next_attempt_at <= now() \
-             ORDER BY id LIMIT $1 FOR UPDATE SKIP LOCKED",
-        )
-        .bind(i64::try_from(limit).unwrap_or(i64::MAX))
-        .fetch_all(&mut *tx)
-        .await?;
+        let rows = sqlx::query(OUTBOX_TAKE)
+            .bind(i64::try_from(limit).unwrap_or(i64::MAX))
+            .fetch_all(&mut *tx)
+            .await?;
         let rows = rows.iter().map(outbox_row).collect::<Result<_, _>>()?;
         Ok(OutboxBatch { tx, rows })
     }
 
     /// When the next unsent row is due, if there is one.
     pub async fn outbox_next_due(&self) -> Result<Option<DateTime<Utc>>, StoreError> {
-        Ok(
-            sqlx::query_scalar("SELECT min(next_attempt_at) FROM outbox WHERE sent_at IS NULL")
-                .fetch_one(&self.pool)
-                .await?,
-        )
+        Ok(sqlx::query_scalar(OUTBOX_NEXT_DUE)
+            .fetch_one(&self.pool)
+            .await?)
     }
 
     /// The events of a case, sent or not, in order (at most 1000).

@@ -857,7 +857,9 @@ async fn hot_statements_read_by_index_in_a_generic_plan_made_on_empty_tables(poo
                 continue;
             };
             let relation = scan.split("  (").next().unwrap_or(scan);
-            let hot = relation.starts_with("cases ") || relation.starts_with("case_schedule ");
+            let hot = ["cases ", "case_schedule ", "outbox "]
+                .iter()
+                .any(|table| relation.starts_with(table) || relation == table.trim_end());
             if hot && !targets.iter().any(|t| t == relation) {
                 seq_scans.push(format!("{statement:?}: {}", line.trim()));
             }
