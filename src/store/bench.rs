@@ -137,20 +137,38 @@ impl Hot {
         Hot::OutboxNextDue,
     ];
 
-    /// The statement and its number of parameters.
-    fn sql(self) -> (&'static str, usize) {
+    /// The statement.
+    fn sql(self) -> &'static str {
         match self {
-            Hot::Intake => (super::intake::RECORD_HELD, 8),
-            Hot::Claim => (super::cases::CLAIM_DUE, 3),
-            Hot::ReadClaimed => (super::cases::CLAIMED, 2),
-            Hot::CommitSteps => (
-                super::cases::COMMIT_STEPS,
-                super::cases::COMMIT_STEPS_PARAMS,
-            ),
-            Hot::OutboxTake => (super::outbox::OUTBOX_TAKE, 1),
-            Hot::OutboxNextDue => (super::outbox::OUTBOX_NEXT_DUE, 0),
+            Hot::Intake => super::intake::RECORD_HELD,
+            Hot::Claim => super::cases::CLAIM_DUE,
+            Hot::ReadClaimed => super::cases::CLAIMED,
+            Hot::CommitSteps => super::cases::COMMIT_STEPS,
+            Hot::OutboxTake => super::outbox::OUTBOX_TAKE,
+            Hot::OutboxNextDue => super::outbox::OUTBOX_NEXT_DUE,
         }
     }
+}
+
+/// The number of parameters of `sql`: its highest `$n`.
+fn parameters(sql: &str) -> usize {
+    sql.split('$')
+        .skip(1)
+        .filter_map(|rest| {
+            let digits = rest
+                .find(|c: char| !c.is_ascii_digit())
+                .unwrap_or(rest.len());
+            rest[..digits].parse().ok()
+        })
+        .max()
+        .unwrap_or(0)
+}
+
+/// The text lines of an `EXPLAIN`'s rows.
+fn plan_lines(rows: &[sqlx::postgres::PgRow]) -> Result<Vec<String>, StoreError> {
+    rows.iter()
+        .map(|r| r.try_get::<String, _>(0).map_err(StoreError::from))
+        .collect()
 }
 
 /// How the reference write of section 2 sends its rows.
@@ -306,35 +324,24 @@ impl BenchTables {
     /// once from the statistics of that moment and kept while the tables
     /// grow: one made on an empty table must still use the indexes.
     pub async fn explain_generic(&self, statement: Hot) -> Result<Vec<String>, StoreError> {
-        let (sql, params) = statement.sql();
-        let mut conn = self.pool.acquire().await?;
-        sqlx::query("SET plan_cache_mode = force_generic_plan")
-            .execute(&mut *conn)
-            .await?;
-        // Constant statements: nothing from outside.
-        sqlx::raw_sql(sqlx::AssertSqlSafe(format!(
-            "PREPARE bench_generic AS {sql}"
-        )))
-        .execute(&mut *conn)
-        .await?;
-        let args = match params {
+        let sql = statement.sql();
+        let args = match parameters(sql) {
             0 => String::new(),
             n => format!("({})", vec!["NULL"; n].join(", ")),
         };
+        // A session of its own, closed afterwards: the setting and the
+        // prepared statement go with it. Constant statements: nothing from
+        // outside.
+        let mut conn = self.pool.acquire().await?;
         let rows = sqlx::raw_sql(sqlx::AssertSqlSafe(format!(
-            "EXPLAIN EXECUTE bench_generic{args}"
+            "SET plan_cache_mode = force_generic_plan; \
+             PREPARE bench_generic AS {sql}; \
+             EXPLAIN EXECUTE bench_generic{args}"
         )))
         .fetch_all(&mut *conn)
         .await;
-        let cleanup = sqlx::raw_sql("DEALLOCATE bench_generic; RESET plan_cache_mode")
-            .execute(&mut *conn)
-            .await;
-        let lines = rows?
-            .iter()
-            .map(|r| r.try_get::<String, _>(0).map_err(StoreError::from))
-            .collect::<Result<Vec<_>, _>>()?;
-        cleanup?;
-        Ok(lines)
+        conn.close().await?;
+        plan_lines(&rows?)
     }
 
     /// The lines an `EXPLAIN` query prints.
@@ -342,10 +349,7 @@ impl BenchTables {
         &self,
         explain: sqlx::query::Query<'_, sqlx::Postgres, sqlx::postgres::PgArguments>,
     ) -> Result<Vec<String>, StoreError> {
-        let rows = explain.fetch_all(&self.pool).await?;
-        rows.iter()
-            .map(|r| r.try_get::<String, _>(0).map_err(StoreError::from))
-            .collect()
+        plan_lines(&explain.fetch_all(&self.pool).await?)
     }
 
     /// Section 2's reference: makes `events` durable as new orders (each a

@@ -45,9 +45,6 @@ pub(super) const CLAIMED: &str = concat!(
      WHERE s.case_id = ANY($1) AND s.lease_owner = $2"
 );
 
-/// [`COMMIT_STEPS`]' number of parameters.
-pub(super) const COMMIT_STEPS_PARAMS: usize = 31;
-
 /// Step commits of several cases in one statement (one implicit
 /// transaction, one round trip). Per case (`$1..$22`, arrays, one element
 /// each, [`case_input!`]): the new columns, fenced by the lease owner of its

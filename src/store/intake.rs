@@ -115,7 +115,7 @@ known AS (
     -- committed, and is then an ended case (its hold's events join it),
     -- never neither open nor ended.
     SELECT c.*
-    FROM (SELECT DISTINCT id FROM found ORDER BY id) f -- locks in id order, as the engine's step commits take them
+    FROM (SELECT id FROM found ORDER BY id) f -- locks in id order, as the engine's step commits take them
     CROSS JOIN LATERAL (
         SELECT c.id, c.order_key, c.sales_order_number, c.web_order_id, c.state,
                coalesce(c.released_at, c.closed_at) AS ended_at
