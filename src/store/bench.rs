@@ -16,7 +16,10 @@ use uuid::Uuid;
 use sqlx::PgPool;
 
 use super::{Store, StoreError};
-use crate::domain::HeldOrderEvent;
+use crate::domain::{
+    AccountSelector, AccountType, Decision, Domain, HeldOrderEvent, ResolvedTarget, Target,
+    VirtualAccountChoice,
+};
 
 /// Makes the `$1` open cases due last due a second ago.
 const MAKE_DUE: &str = "UPDATE case_schedule SET due_at = now() - interval '1 second' \
@@ -28,7 +31,8 @@ const SEED_WATCHING: &str = r#"
 WITH c AS (
     INSERT INTO cases (id, order_key, sales_order_number, state, event_id, event, hold_reason,
                        held_at, watching_since, assigned_at, polls,
-                       idempotency_key, assignment_id, created_at, updated_at)
+                       idempotency_key, assignment_id, created_at, updated_at,
+                       rule_name, rules_hash, decision, target)
     SELECT gen_random_uuid(),
            'bench-w' || g,
            'bench-w' || g,
@@ -43,7 +47,11 @@ WITH c AS (
            'bench-key-' || g,
            'bench-assignment-' || g,
            $4::timestamptz,
-           $4::timestamptz
+           $4::timestamptz,
+           $7::jsonb->>'rule',
+           $7::jsonb->>'rules_hash',
+           $7::jsonb,
+           $8::jsonb
     FROM generate_series($1::bigint, $1::bigint + $2::bigint - 1) AS g
     RETURNING id
 )
@@ -51,6 +59,34 @@ INSERT INTO case_schedule (case_id, due_at)
 SELECT id, $4::timestamptz + make_interval(secs => $5::float8 + random() * $6::float8)
 FROM c
 "#;
+
+/// The decision of every seeded watched case: a rule's customer account,
+/// found by its domain, and that account's default Virtual Account.
+fn watched_decision() -> Decision {
+    let target = Target {
+        account: AccountSelector::Domain(
+            Domain::parse("acme.example").expect("a constant, valid domain"),
+        ),
+        account_type: AccountType::Customer,
+        virtual_account: VirtualAccountChoice::AccountDefault,
+    };
+    Decision {
+        rule: "bench".into(),
+        rules_hash: "0".repeat(64),
+        target,
+        fallback: None,
+    }
+}
+
+/// What [`watched_decision`] resolved to and was assigned.
+fn watched_target() -> ResolvedTarget {
+    ResolvedTarget {
+        smart_account_domain: "acme.example".into(),
+        account_type: AccountType::Customer,
+        virtual_account_name: Some("DEFAULT".into()),
+        via_fallback: false,
+    }
+}
 
 /// History lines of each seeded closed case (see [`SEED_CLOSED`]).
 pub const CLOSED_HISTORY_PER_CASE: u64 = 6;
@@ -224,7 +260,10 @@ impl BenchTables {
     /// Inserts `n` cases in state `watching`, numbered from `from`, whose
     /// next look falls at a random moment between `start` plus `offset` and
     /// `start` plus `offset + spread` seconds; each carries `event` (a valid
-    /// held-order event, as intake would have stored it). One statement.
+    /// held-order event, as intake would have stored it) and what the engine
+    /// wrote on the way to watching (the decision, the resolved target, the
+    /// assignment), so a claim reads cases the engine can step. One
+    /// statement.
     pub async fn seed_watching(
         &self,
         from: i64,
@@ -241,6 +280,8 @@ impl BenchTables {
             .bind(start)
             .bind(offset.as_secs_f64())
             .bind(spread.as_secs_f64())
+            .bind(Json(watched_decision()))
+            .bind(Json(watched_target()))
             .execute(&self.pool)
             .await?;
         Ok(())

@@ -24,7 +24,7 @@ use holdclear::domain::Decision;
 use holdclear::domain::HistoryEntry;
 use holdclear::domain::{
     AccountSelector, AccountType, CaseState, Domain, EscalationLevel, EscalationReason, HeldOrder,
-    HeldOrderEvent, Target, VirtualAccountChoice,
+    HeldOrderEvent, Stage, Target, VirtualAccountChoice,
 };
 use holdclear::engine::{DecisionSource, Engine};
 use holdclear::ops::identity::WorkerIdentity;

@@ -239,3 +239,43 @@ async fn the_migration_moves_open_cases_with_their_leases(pool: PgPool) {
     .unwrap();
     assert_eq!(left, 0, "one source of truth");
 }
+
+/// `holdclear bench`'s section 4 times claims of the watched cases it
+/// seeds: they must be cases the engine can step (a watched case with its
+/// decision, target and assignment), or the bench times the path of a
+/// corrupt row instead of a claim.
+#[sqlx::test]
+async fn the_benchs_watched_cases_are_cases_the_engine_steps(pool: PgPool) {
+    let store = Store::from_pool(pool.clone());
+    let tables = holdclear::store::bench::BenchTables::new(&store);
+    let event = serde_json::to_value(held("5301", "acme.example", |_| {})).unwrap();
+    let hour = Duration::from_secs(3600);
+    tables
+        .seed_watching(0, 50, &event, Utc::now(), hour, hour)
+        .await
+        .unwrap();
+    assert_eq!(tables.make_due(20).await.unwrap(), 20);
+    let claimed = store
+        .claim_due("bench#1", Duration::from_secs(60), 100)
+        .await
+        .unwrap();
+    assert_eq!(claimed.len(), 20);
+    for c in claimed {
+        let case = c
+            .case
+            .unwrap_or_else(|e| panic!("case {} does not decode: {e}", c.id));
+        assert!(
+            matches!(
+                case.stage,
+                Stage::Watching {
+                    decision: Some(_),
+                    assignment: Some(_),
+                    key: Some(_),
+                    ..
+                }
+            ),
+            "{:?}",
+            case.stage
+        );
+    }
+}
