@@ -163,7 +163,7 @@ async fn measure(settings: &Settings, bench: BenchSettings) -> anyhow::Result<Re
     };
     let report = tokio::select! {
         r = b.run() => r.map_err(anyhow::Error::from),
-        () = interrupted() => Err(anyhow::anyhow!("interrupted")),
+        () = super::interrupted() => Err(anyhow::anyhow!("interrupted")),
     };
     store.pool().close().await;
     report
@@ -193,15 +193,6 @@ fn keep_worker_logs(work_dir: &std::path::Path) {
                 std::fs::remove_file(entry.path()).ok();
             }
         }
-    }
-}
-
-/// Resolves on ctrl-c or SIGTERM.
-async fn interrupted() {
-    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();
-    tokio::select! {
-        _ = tokio::signal::ctrl_c() => {}
-        Some(()) = async { match term.as_mut() { Some(t) => t.recv().await, None => None } } => {}
     }
 }
 

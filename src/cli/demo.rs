@@ -158,6 +158,9 @@ pub async fn execute(base: Settings, args: Args) -> anyhow::Result<ExitCode> {
     crate::ops::logs::init(crate::config::LogFormat::Pretty, "off,holdclear=error");
     let timeout = crate::config::parse_duration(&args.timeout)
         .map_err(|e| super::UsageError(format!("--timeout: {e}")))?;
+    // From here on ctrl-c and SIGTERM end the demo through its clean-up.
+    let stop = super::interrupted();
+    tokio::pin!(stop);
     let super::ScratchRun {
         run,
         database_url,
@@ -201,10 +204,14 @@ pub async fn execute(base: Settings, args: Args) -> anyhow::Result<ExitCode> {
 
     let cancel = CancellationToken::new();
     let worker = Worker::start(settings.clone(), cancel.clone()).await?;
-    let mut result = drive(&settings, &topology, timeout).await;
+    // Stopped half-way (ctrl-c, SIGTERM), it still removes what it made.
+    let mut result = tokio::select! {
+        r = drive(&settings, &topology, timeout) => r,
+        () = &mut stop => Err(anyhow::anyhow!("interrupted")),
+    };
     let printed = args.console && result.is_ok();
     if printed {
-        result = console_after(result, &settings).await;
+        result = console_after(result, &settings, stop).await;
     }
 
     worker.shutdown().await.ok();
@@ -245,21 +252,26 @@ pub async fn execute(base: Settings, args: Args) -> anyhow::Result<ExitCode> {
     }
 }
 
-/// Prints the demo's outcome, then serves the console until ctrl-c.
+/// Prints the demo's outcome, then serves the console until ctrl-c (or
+/// SIGTERM).
 async fn console_after(
     result: anyhow::Result<(Table, String, bool)>,
     settings: &Settings,
+    stop: impl std::future::Future<Output = ()>,
 ) -> anyhow::Result<(Table, String, bool)> {
     let (table, dead_letters, complete) = result?;
     println!("{table}\n{dead_letters}");
-    console_until_ctrl_c(settings.clone()).await?;
+    console_until_ctrl_c(settings.clone(), stop).await?;
     Ok((table, dead_letters, complete))
 }
 
 /// Serves the console over the demo's database and broker until ctrl-c;
 /// without a configured credential, with a sign-in token made for this run
 /// (printed: it opens only this demo's console, which ends with it).
-async fn console_until_ctrl_c(mut settings: Settings) -> anyhow::Result<()> {
+async fn console_until_ctrl_c(
+    mut settings: Settings,
+    stop: impl std::future::Future<Output = ()>,
+) -> anyhow::Result<()> {
     use crate::config::{ConsoleToken, Role, Secret};
     let c = &mut settings.console;
     let token = if c.tokens.is_empty() && c.trusted_header.is_none() {
@@ -286,7 +298,7 @@ async fn console_until_ctrl_c(mut settings: Settings) -> anyhow::Result<()> {
         handle.addr
     );
     std::io::stdout().flush()?;
-    tokio::signal::ctrl_c().await?;
+    stop.await;
     handle.shutdown().await?;
     Ok(())
 }

@@ -168,6 +168,31 @@ pub fn quiet_logs() {
     crate::ops::logs::init(format, "off,holdclear=warn");
 }
 
+/// Resolves on ctrl-c or SIGTERM: the commands that make scratch
+/// databases and queues (`bench`, `demo`) stop on either and remove them.
+/// Both signals are taken over when this is called, not when it is first
+/// awaited: one that comes in between is kept for it, never the default
+/// end of the process with the scratch left behind.
+pub(crate) fn interrupted() -> impl std::future::Future<Output = ()> {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut int = signal(SignalKind::interrupt()).ok();
+    let mut term = signal(SignalKind::terminate()).ok();
+    async fn next(s: Option<&mut tokio::signal::unix::Signal>) {
+        match s {
+            Some(s) => {
+                s.recv().await;
+            }
+            None => std::future::pending().await,
+        }
+    }
+    async move {
+        tokio::select! {
+            () = next(int.as_mut()) => {}
+            () = next(term.as_mut()) => {}
+        }
+    }
+}
+
 /// The database and broker names of one run of a command that works on its
 /// own (`demo`, `bench`): `run` is `<pid>_<6 hex>`, the database
 /// `holdclear_<what>_<run>` beside the configured one, the exchanges and

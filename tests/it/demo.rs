@@ -162,3 +162,114 @@ async fn the_demo_serves_the_console_until_ctrl_c() {
     };
     assert!(status.success(), "{status:?}");
 }
+
+/// A demo stopped half-way, by ctrl-c or by SIGTERM (a terminal closed, a
+/// `timeout`, a container stopped), still removes what it made: its
+/// database and its exchanges and queues.
+#[tokio::test]
+async fn the_demo_interrupted_removes_its_database_and_queues() {
+    use std::io::BufRead;
+
+    use lapin::options::QueueDeclareOptions;
+    use lapin::types::FieldTable;
+    use nix::sys::signal::Signal;
+
+    let admin = sqlx::PgPool::connect("postgres://postgres@127.0.0.1:5432/postgres")
+        .await
+        .unwrap();
+    let broker = lapin::Connection::connect(&amqp_url(), lapin::ConnectionProperties::default())
+        .await
+        .unwrap();
+    for signal in [Signal::SIGTERM, Signal::SIGINT] {
+        let mut child = bin()
+            .arg("demo")
+            .env("HOLDCLEAR_AMQP_URL", amqp_url())
+            .env(
+                "HOLDCLEAR_DATABASE_URL",
+                "postgres://postgres@127.0.0.1:5432/holdclear",
+            )
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        // Its first line names the run: "… prefixed holdclear-demo-<run>."
+        // The rest is read to the end, so that the demo never writes into
+        // a closed pipe.
+        let (tx, rx) = std::sync::mpsc::channel();
+        let stderr = child.stderr.take().unwrap();
+        std::thread::spawn(move || {
+            for line in std::io::BufReader::new(stderr)
+                .lines()
+                .map_while(Result::ok)
+            {
+                tx.send(line).ok();
+            }
+        });
+        let first = rx
+            .recv_timeout(std::time::Duration::from_secs(60))
+            .expect("the demo says what it made");
+        let prefix = first
+            .split("prefixed ")
+            .nth(1)
+            .unwrap_or_else(|| panic!("{first}"))
+            .trim_end_matches('.')
+            .to_owned();
+        let run = prefix.trim_start_matches("holdclear-demo-").to_owned();
+        let topology = holdclear::config::Topology::prefixed(&format!("{prefix}."));
+        let queues = || async {
+            let mut left = Vec::new();
+            for queue in [&topology.held_queue, &topology.dead_letter_queue] {
+                // A passive declare of a missing queue closes its channel.
+                let ch = broker.create_channel().await.unwrap();
+                let passive = QueueDeclareOptions {
+                    passive: true,
+                    ..Default::default()
+                };
+                if ch
+                    .queue_declare(queue.as_str().into(), passive, FieldTable::default())
+                    .await
+                    .is_ok()
+                {
+                    left.push(queue.clone());
+                }
+            }
+            left
+        };
+        let databases = || async {
+            sqlx::query_scalar::<_, i64>("SELECT count(*) FROM pg_database WHERE datname = $1")
+                .bind(format!("holdclear_demo_{run}"))
+                .fetch_one(&admin)
+                .await
+                .unwrap()
+        };
+        // Interrupted once its database and queues are there: under way.
+        let started = std::time::Instant::now();
+        while databases().await == 0 || queues().await.len() < 2 {
+            assert!(
+                started.elapsed() < std::time::Duration::from_secs(60),
+                "the demo made no database or queues"
+            );
+            assert!(child.try_wait().unwrap().is_none(), "the demo ended early");
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        }
+        nix::sys::signal::kill(nix::unistd::Pid::from_raw(child.id() as i32), signal).unwrap();
+        let stopped = std::time::Instant::now();
+        let status = loop {
+            if let Some(status) = child.try_wait().unwrap() {
+                break status;
+            }
+            assert!(
+                stopped.elapsed() < std::time::Duration::from_secs(30),
+                "the demo did not end after {signal}"
+            );
+            tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        };
+        assert!(!status.success(), "an interrupted demo says so: {status:?}");
+        assert_eq!(databases().await, 0, "{signal}: the demo left its database");
+        assert_eq!(
+            queues().await,
+            Vec::<String>::new(),
+            "{signal}: the demo left its queues"
+        );
+    }
+}
