@@ -79,6 +79,8 @@ fn sections(raw: &str) -> Result<BTreeSet<u8>, super::UsageError> {
 pub async fn execute(base: Settings, args: Args) -> anyhow::Result<ExitCode> {
     crate::ops::logs::init(crate::config::LogFormat::Pretty, "off,holdclear=error");
     let sections = sections(&args.sections)?;
+    // From here on ctrl-c and SIGTERM end the run through its clean-up.
+    let stop = super::interrupted();
     let scratch = super::ScratchRun::new(&base, "bench")?;
     let work_dir = std::env::temp_dir().join(format!("holdclear-bench-{}", scratch.run));
     {
@@ -110,7 +112,7 @@ pub async fn execute(base: Settings, args: Args) -> anyhow::Result<ExitCode> {
         scratch.database_url, scratch.run
     )?;
 
-    let result = measure(&settings, bench).await;
+    let result = measure(&settings, bench, stop).await;
     clean_up(&settings, &scratch).await;
     let report = match result {
         Ok(report) => {
@@ -119,7 +121,10 @@ pub async fn execute(base: Settings, args: Args) -> anyhow::Result<ExitCode> {
         }
         Err(e) => {
             keep_worker_logs(&work_dir);
-            writeln!(err, "Worker logs, if any: {}", work_dir.display())?;
+            // Removed if nothing is left in it (no worker ran).
+            if std::fs::remove_dir(&work_dir).is_err() {
+                writeln!(err, "Worker logs: {}", work_dir.display())?;
+            }
             return Err(e);
         }
     };
@@ -141,7 +146,11 @@ pub async fn execute(base: Settings, args: Args) -> anyhow::Result<ExitCode> {
 /// Runs the sections on the scratch database of `settings`, until done or
 /// interrupted (ctrl-c, SIGTERM: worker processes are killed as the run is
 /// dropped).
-async fn measure(settings: &Settings, bench: BenchSettings) -> anyhow::Result<Report> {
+async fn measure(
+    settings: &Settings,
+    bench: BenchSettings,
+    stop: impl std::future::Future<Output = ()>,
+) -> anyhow::Result<Report> {
     // Seeding a million cases, VACUUM ANALYZE and CHECKPOINT may rightly
     // take longer than a worker's statement may.
     let timeouts = crate::config::DatabaseTimeouts {
@@ -163,7 +172,7 @@ async fn measure(settings: &Settings, bench: BenchSettings) -> anyhow::Result<Re
     };
     let report = tokio::select! {
         r = b.run() => r.map_err(anyhow::Error::from),
-        () = super::interrupted() => Err(anyhow::anyhow!("interrupted")),
+        () = stop => Err(anyhow::anyhow!("interrupted")),
     };
     store.pool().close().await;
     report
