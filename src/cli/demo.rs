@@ -261,14 +261,15 @@ async fn console_after(
 ) -> anyhow::Result<(Table, String, bool)> {
     let (table, dead_letters, complete) = result?;
     println!("{table}\n{dead_letters}");
-    console_until_ctrl_c(settings.clone(), stop).await?;
+    console_until_stopped(settings.clone(), stop).await?;
     Ok((table, dead_letters, complete))
 }
 
-/// Serves the console over the demo's database and broker until ctrl-c;
+/// Serves the console over the demo's database and broker until `stop`
+/// (ctrl-c or SIGTERM);
 /// without a configured credential, with a sign-in token made for this run
 /// (printed: it opens only this demo's console, which ends with it).
-async fn console_until_ctrl_c(
+async fn console_until_stopped(
     mut settings: Settings,
     stop: impl std::future::Future<Output = ()>,
 ) -> anyhow::Result<()> {

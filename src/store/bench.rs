@@ -60,12 +60,15 @@ SELECT id, $4::timestamptz + make_interval(secs => $5::float8 + random() * $6::f
 FROM c
 "#;
 
+/// The customer account of every seeded watched case.
+const WATCHED_DOMAIN: &str = "acme.example";
+
 /// The decision of every seeded watched case: a rule's customer account,
 /// found by its domain, and that account's default Virtual Account.
 fn watched_decision() -> Decision {
     let target = Target {
         account: AccountSelector::Domain(
-            Domain::parse("acme.example").expect("a constant, valid domain"),
+            Domain::parse(WATCHED_DOMAIN).expect("a constant, valid domain"),
         ),
         account_type: AccountType::Customer,
         virtual_account: VirtualAccountChoice::AccountDefault,
@@ -81,7 +84,7 @@ fn watched_decision() -> Decision {
 /// What [`watched_decision`] resolved to and was assigned.
 fn watched_target() -> ResolvedTarget {
     ResolvedTarget {
-        smart_account_domain: "acme.example".into(),
+        smart_account_domain: WATCHED_DOMAIN.into(),
         account_type: AccountType::Customer,
         virtual_account_name: Some("DEFAULT".into()),
         via_fallback: false,

@@ -2,15 +2,22 @@
 
 use crate::support::{amqp_url, bin};
 
-#[tokio::test]
-async fn the_demo_ends_with_every_order_accounted_for() {
-    let child = bin()
-        .arg("demo")
+/// `holdclear demo` with `args`, on the local RabbitMQ and PostgreSQL.
+fn demo(args: &[&str]) -> std::process::Command {
+    let mut demo = bin();
+    demo.arg("demo")
+        .args(args)
         .env("HOLDCLEAR_AMQP_URL", amqp_url())
         .env(
             "HOLDCLEAR_DATABASE_URL",
             "postgres://postgres@127.0.0.1:5432/holdclear",
-        )
+        );
+    demo
+}
+
+#[tokio::test]
+async fn the_demo_ends_with_every_order_accounted_for() {
+    let child = demo(&[])
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::piped())
         .spawn()
@@ -94,13 +101,7 @@ async fn the_demo_ends_with_every_order_accounted_for() {
 #[tokio::test]
 async fn the_demo_serves_the_console_until_ctrl_c() {
     use std::io::BufRead;
-    let mut child = bin()
-        .args(["demo", "--console"])
-        .env("HOLDCLEAR_AMQP_URL", amqp_url())
-        .env(
-            "HOLDCLEAR_DATABASE_URL",
-            "postgres://postgres@127.0.0.1:5432/holdclear",
-        )
+    let mut child = demo(&["--console"])
         .env("HOLDCLEAR_CONSOLE_ADDR", "127.0.0.1:0")
         .env_remove("HOLDCLEAR_CONSOLE_OPERATOR_TOKENS")
         .env_remove("HOLDCLEAR_CONSOLE_VIEWER_TOKENS")
@@ -181,13 +182,7 @@ async fn the_demo_interrupted_removes_its_database_and_queues() {
         .await
         .unwrap();
     for signal in [Signal::SIGTERM, Signal::SIGINT] {
-        let mut child = bin()
-            .arg("demo")
-            .env("HOLDCLEAR_AMQP_URL", amqp_url())
-            .env(
-                "HOLDCLEAR_DATABASE_URL",
-                "postgres://postgres@127.0.0.1:5432/holdclear",
-            )
+        let mut child = demo(&[])
             .stdout(std::process::Stdio::null())
             .stderr(std::process::Stdio::piped())
             .spawn()
