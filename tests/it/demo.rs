@@ -15,6 +15,25 @@ fn demo(args: &[&str]) -> std::process::Command {
     demo
 }
 
+/// Sends `signal` to the demo and waits (30 s at most) for it to end.
+async fn stop(
+    child: &mut std::process::Child,
+    signal: nix::sys::signal::Signal,
+) -> std::process::ExitStatus {
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(child.id() as i32), signal).unwrap();
+    let stopped = std::time::Instant::now();
+    loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            return status;
+        }
+        assert!(
+            stopped.elapsed() < std::time::Duration::from_secs(30),
+            "the demo did not end after {signal}"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+}
+
 #[tokio::test]
 async fn the_demo_ends_with_every_order_accounted_for() {
     let child = demo(&[])
@@ -148,19 +167,7 @@ async fn the_demo_serves_the_console_until_ctrl_c() {
     assert_eq!(status, 200, "{page}");
     assert!(page.contains("SMART_ACCOUNT_NOT_ACTIVE"), "{page}");
     assert!(page.contains("MALFORMED_JSON"), "{page}");
-    let pid = nix::unistd::Pid::from_raw(child.id() as i32);
-    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGINT).unwrap();
-    let started = std::time::Instant::now();
-    let status = loop {
-        if let Some(status) = child.try_wait().unwrap() {
-            break status;
-        }
-        assert!(
-            started.elapsed() < std::time::Duration::from_secs(30),
-            "the demo did not end after ctrl-c"
-        );
-        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
-    };
+    let status = stop(&mut child, nix::sys::signal::Signal::SIGINT).await;
     assert!(status.success(), "{status:?}");
 }
 
@@ -247,18 +254,7 @@ async fn the_demo_interrupted_removes_its_database_and_queues() {
             assert!(child.try_wait().unwrap().is_none(), "the demo ended early");
             tokio::time::sleep(std::time::Duration::from_millis(50)).await;
         }
-        nix::sys::signal::kill(nix::unistd::Pid::from_raw(child.id() as i32), signal).unwrap();
-        let stopped = std::time::Instant::now();
-        let status = loop {
-            if let Some(status) = child.try_wait().unwrap() {
-                break status;
-            }
-            assert!(
-                stopped.elapsed() < std::time::Duration::from_secs(30),
-                "the demo did not end after {signal}"
-            );
-            tokio::time::sleep(std::time::Duration::from_millis(100)).await;
-        };
+        let status = stop(&mut child, signal).await;
         assert!(!status.success(), "an interrupted demo says so: {status:?}");
         assert_eq!(databases().await, 0, "{signal}: the demo left its database");
         assert_eq!(
